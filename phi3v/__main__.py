@@ -1,0 +1,5 @@
+import sys
+
+from phi3v.cli import main
+
+sys.exit(main())

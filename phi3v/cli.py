@@ -1,0 +1,100 @@
+"""Command line: ``python -m phi3v --model DIR [--image PATH]... --prompt TEXT``.
+
+Streams the answer to stdout, or prints the result object with ``--json``. Errors end the program
+with one readable line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from phi3v.errors import Phi3VError
+from phi3v.pipeline import DEFAULT_MAX_NEW_TOKENS, Pipeline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m phi3v",
+        description="Ask Phi-3 Vision about images, on the CPU with onnxruntime.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="model folder holding genai_config.json and the .onnx files",
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image file; repeat for several (<|image_N|> in the prompt)",
+    )
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="at most this many tokens in the answer",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 is greedy decoding; higher samples more freely",
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument(
+        "--num-crops",
+        type=int,
+        default=None,
+        help="image detail, 1-16 tiles of 336 px (default: the model's, 16)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (default: one per physical core)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON (text, token ids, input ids, stop reason, "
+        "timings) instead of streaming",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_crops=args.num_crops,
+    )
+    try:
+        pipe = Pipeline.load(args.model, num_threads=args.threads)
+        if args.json:
+            result = pipe.generate(args.prompt, args.image, **options)
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+            return 0
+        with pipe.stream(args.prompt, args.image, **options) as stream:
+            for delta in stream:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    except Phi3VError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

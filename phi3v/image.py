@@ -1,0 +1,232 @@
+"""Phi-3 Vision image preprocessing: the HD transform, CLIP normalisation, global image and crops.
+
+The arithmetic follows onnxruntime-extensions' ``Phi3ImageTransform`` (what onnxruntime-genai runs)
+step for step, so PNG input gives bit-identical ``pixel_values``:
+
+1. resize with Pillow's antialiased bilinear filter to ``scale*336`` on the long side, where
+   ``scale`` is the largest s with ``s * ceil(s / ratio) <= num_crops``;
+2. pad the short side with white up to a multiple of 336, centred (portrait images are padded in
+   width; they are never transposed, as the extensions' port does);
+3. normalise with the CLIP mean/std in float32;
+4. the global image is the normalised HD image resized per channel to 336x336 with Pillow's
+   bicubic filter on float ("F") images;
+5. the local crops are the 336x336 tiles of the HD image, row-major;
+6. ``pixel_values`` = [global, crops..., zeros] with ``num_crops + 1`` entries.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from phi3v.errors import ImageError
+
+# CLIP ViT-L/14-336 works on 336x336 tiles (Phi-3-V's img_processor; spec §4).
+TILE = 336
+# Each tile becomes 12x12 = 144 tokens after the 2x2 merge of 24x24 patches (spec §6).
+TOKENS_PER_TILE = 144
+# One learned "newline" token per row of 12 tokens (sub_GN / glb_GN, spec §6).
+TOKENS_PER_ROW = 12
+# OpenAI CLIP normalisation constants (Hub preprocessor_config.json; onnxruntime-extensions).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# Upper bound on input size: larger images are refused before decoding (a decompression bomb,
+# or a photo far beyond what 16 crops of 336 can show). 64 MP is a 9000x7000 photo.
+MAX_PIXELS = 64_000_000
+
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image ready for the vision model.
+
+    ``pixel_values``: float32 [num_crops + 1, 3, 336, 336] (global image, crops, zero padding).
+    ``image_size``: (height, width) of the padded HD image, both multiples of 336.
+    ``num_image_tokens``: how many feature rows the vision model returns for it.
+    """
+
+    pixel_values: np.ndarray
+    image_size: tuple[int, int]
+    num_image_tokens: int
+
+
+def num_image_tokens(height: int, width: int) -> int:
+    """Feature rows for an HD image of (height, width): crops, global, newlines (spec §5)."""
+    rows, cols = height // TILE, width // TILE
+    return (rows * cols + 1) * TOKENS_PER_TILE + 1 + (rows + 1) * TOKENS_PER_ROW
+
+
+def preprocess_image(image: ImageInput, num_crops: int = 16) -> ProcessedImage:
+    """Turn a path, raw bytes or PIL image into the vision model's inputs.
+
+    ``num_crops`` (1..16) bounds the number of 336x336 tiles; fewer tiles mean fewer image
+    tokens and a faster, coarser answer. Raises :class:`ImageError` for anything unreadable.
+    """
+    if not isinstance(num_crops, int) or isinstance(num_crops, bool) or not 1 <= num_crops <= 16:
+        raise ImageError(f"num_crops must be an integer from 1 to 16, got {num_crops!r}")
+    rgb = hd_transform(load_rgb(image), num_crops)
+    pixels = normalize(rgb)
+    height, width = pixels.shape[1:]
+    crops = [global_image(pixels), *split_crops(pixels)]
+    pixel_values = np.zeros((num_crops + 1, 3, TILE, TILE), dtype=np.float32)
+    pixel_values[: len(crops)] = crops
+    return ProcessedImage(pixel_values, (height, width), num_image_tokens(height, width))
+
+
+def load_rgb(image: ImageInput) -> Image.Image:
+    """Decode any Pillow-readable image to RGB: first frame, EXIF orientation applied,
+    transparency composited on white, 16-bit and CMYK data converted."""
+    opened = _open(image)
+    try:
+        opened.seek(0)  # animated images: the first frame
+        opened = ImageOps.exif_transpose(opened)
+        return _to_rgb(opened)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"{_describe(image)} is corrupt or truncated ({err})") from err
+
+
+def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
+    """Resize so the long side is ``scale * 336`` and pad the short side with white to a
+    multiple of 336, where ``scale`` is the largest s with ``s * ceil(s / ratio) <= num_crops``."""
+    width, height = image.size
+    ratio = max(width, height) / min(width, height)
+    scale = 1
+    while scale * math.ceil(scale / ratio) <= num_crops:
+        scale += 1
+    scale -= 1
+    long_side = scale * TILE
+    # Truncation as in the references; an extreme strip still keeps one row of pixels.
+    short_side = max(1, int(long_side / ratio))
+    if width >= height:
+        resized = image.resize((long_side, short_side), Image.Resampling.BILINEAR)
+    else:
+        resized = image.resize((short_side, long_side), Image.Resampling.BILINEAR)
+    return _pad_to_tiles(resized)
+
+
+def normalize(image: Image.Image) -> np.ndarray:
+    """RGB uint8 image -> CLIP-normalised float32 CHW array, computed in float32 like the
+    references: ``(u8 / 255 - mean) / std``."""
+    u8 = np.asarray(image, dtype=np.uint8).astype(np.float32)
+    chw = np.ascontiguousarray(u8.transpose(2, 0, 1))
+    return (chw / np.float32(255.0) - CLIP_MEAN[:, None, None]) / CLIP_STD[:, None, None]
+
+
+def global_image(pixels: np.ndarray) -> np.ndarray:
+    """The whole normalised HD image shrunk to one 336x336 tile, bicubic per channel."""
+    channels = [
+        np.asarray(
+            Image.fromarray(channel, mode="F").resize((TILE, TILE), Image.Resampling.BICUBIC)
+        )
+        for channel in pixels
+    ]
+    return np.stack(channels)
+
+
+def split_crops(pixels: np.ndarray) -> np.ndarray:
+    """Cut a [3, H, W] array into its 336x336 tiles, row-major: [rows*cols, 3, 336, 336]."""
+    _, height, width = pixels.shape
+    rows, cols = height // TILE, width // TILE
+    tiles = pixels.reshape(3, rows, TILE, cols, TILE).transpose(1, 3, 0, 2, 4)
+    return tiles.reshape(rows * cols, 3, TILE, TILE)
+
+
+def _pad_to_tiles(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    target_w, target_h = _round_up(width), _round_up(height)
+    if (target_w, target_h) == (width, height):
+        return image
+    canvas = Image.new("RGB", (target_w, target_h), (255, 255, 255))
+    canvas.paste(image, ((target_w - width) // 2, (target_h - height) // 2))
+    return canvas
+
+
+def _round_up(size: int) -> int:
+    return math.ceil(size / TILE) * TILE
+
+
+def _open(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        _check_pixels(image, "the image")
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
+            raise ImageError("the image data is empty (0 bytes)")
+        source: object = io.BytesIO(bytes(image))
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"image file {path} does not exist")
+        source = path
+    else:
+        raise ImageError(
+            f"expected an image as a file path, raw bytes or a PIL image, "
+            f"got {type(image).__name__}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(source)  # lazy: reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{_describe(image)} is too large to decode safely ({err})") from err
+    except UnidentifiedImageError as err:
+        raise ImageError(
+            f"{_describe(image)} is not an image Pillow can read (PNG, JPEG, WebP, GIF, ...)"
+        ) from err
+    except OSError as err:
+        raise ImageError(f"{_describe(image)} could not be read ({err})") from err
+    _check_pixels(opened, _describe(image))
+    return opened
+
+
+def _check_pixels(image: Image.Image, what: str) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{what} is empty ({width}x{height} pixels)")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{what} has {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{MAX_PIXELS:,}; downscale it first (16 crops of 336 pixels cannot show more)"
+        )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        image.load()
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """16/32-bit greyscale or float data -> uint8, by the range its type implies."""
+    if values.dtype.kind == "f":
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        return np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+    top = 255 if values.max(initial=0) <= 255 else 65535
+    return np.clip(np.rint(values.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)
+
+
+def _describe(image: ImageInput) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"image file {Path(image)}"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"the image data ({len(image):,} bytes)"
+    return "the image"

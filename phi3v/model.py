@@ -1,0 +1,185 @@
+"""The three onnxruntime sessions (vision, embedding, decoder) and the fusion of image features.
+
+Fusion differs by export layout (see :mod:`phi3v.config`):
+
+* redesigned: all images go through the vision model in one call and the embedding model
+  scatters the feature rows into the positions holding negative ids, in sequence order;
+* legacy: the vision model takes one image per call and the embedding model is a bare Gather, so
+  we embed the ids with placeholders clamped to 0 and write each image's rows over the positions
+  holding its own placeholder ``-N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from phi3v.config import ModelConfig
+from phi3v.errors import ModelFolderError, PromptError
+from phi3v.image import ProcessedImage
+
+
+class Model:
+    """Runs the vision and embedding models; holds the decoder session for :mod:`phi3v.generate`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        providers: Sequence[str] | None = None,
+        num_threads: int | None = None,
+    ):
+        self.config = config
+        options = ort.SessionOptions()
+        if num_threads is not None:
+            # Default 0 = onnxruntime's choice: one thread per physical core. (onnxruntime-genai
+            # uses half the hardware threads, which halves speed where there is no SMT.)
+            options.intra_op_num_threads = num_threads
+        providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.vision = _session(config, config.vision.filename, options, providers)
+        self.embedding = _session(config, config.embedding.filename, options, providers)
+        self.decoder = _session(config, config.decoder.filename, options, providers)
+        _check_io(config, self)
+
+    def encode_images(self, images: Sequence[ProcessedImage]) -> list[np.ndarray]:
+        """Vision features of each image, [num_image_tokens, hidden] apiece, in the given order.
+
+        The redesigned vision model takes every image in one call; the legacy one takes one.
+        """
+        if not images:
+            return []
+        if self.config.layout == "legacy":
+            return [self._run_vision([image])[0] for image in images]
+        return self._run_vision(images)
+
+    def embed(self, input_ids: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """Embeddings [1, L, hidden] of ``input_ids`` [1, L] with image features fused in:
+        ``features[N-1]`` replaces the run of placeholder ids ``-N``."""
+        check_placeholders(input_ids[0], [f.shape[0] for f in features])
+        if self.config.layout == "redesigned":
+            # The embedding model scatters rows into the negative positions in sequence order.
+            order = _image_order(input_ids[0])
+            rows = (
+                np.concatenate([features[n - 1] for n in order]) if order else self._no_features()
+            )
+            return self._run_embedding(input_ids, rows)
+        embeds = self._run_embedding(np.maximum(input_ids, 0), None)  # a bare Gather: clamp
+        for number, rows in enumerate(features, start=1):
+            embeds[0, input_ids[0] == -number] = rows
+        return embeds
+
+    def embed_token(self, token_id: int) -> np.ndarray:
+        """Embedding [1, 1, hidden] of one generated token."""
+        return self._run_embedding(np.array([[token_id]], dtype=np.int64), None)
+
+    def _run_vision(self, images: Sequence[ProcessedImage]) -> list[np.ndarray]:
+        vision = self.config.vision
+        crops = {image.pixel_values.shape[0] - 1 for image in images}
+        if len(crops) > 1:
+            raise PromptError(
+                f"all images of one prompt need the same num_crops, got {sorted(crops)}"
+            )
+        feeds = {
+            vision.pixel_values: np.stack([image.pixel_values for image in images]),
+            vision.image_sizes: np.array([image.image_size for image in images], dtype=np.int64),
+        }
+        (features,) = self.vision.run([vision.features], feeds)
+        features = features.reshape(-1, features.shape[-1])  # legacy: [1, N, hidden]
+        counts = [image.num_image_tokens for image in images]
+        if features.shape[0] != sum(counts):
+            raise ModelFolderError(
+                f"the vision model returned {features.shape[0]} feature rows for images that need "
+                f"{sum(counts)}; {vision.filename} does not follow the Phi-3-V token formula"
+            )
+        return np.split(features, np.cumsum(counts)[:-1])
+
+    def _run_embedding(self, input_ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        embedding = self.config.embedding
+        feeds = {embedding.input_ids: input_ids}
+        if embedding.image_features is not None:
+            feeds[embedding.image_features] = (
+                features if features is not None else self._no_features()
+            )
+        (embeds,) = self.embedding.run([embedding.inputs_embeds], feeds)
+        return embeds
+
+    def _no_features(self) -> np.ndarray:
+        return np.zeros((0, self.config.decoder.hidden_size), dtype=np.float32)
+
+
+def check_placeholders(ids: np.ndarray, image_token_counts: Sequence[int]) -> None:
+    """Each image N must own exactly one run of ``image_token_counts[N-1]`` ids equal to ``-N``."""
+    negative = ids[ids < 0]
+    if negative.size and -negative.min() > len(image_token_counts):
+        raise PromptError(
+            f"input_ids has placeholder {negative.min()} but only {len(image_token_counts)} "
+            "image(s) were given; placeholder -N refers to images[N-1]"
+        )
+    for number, expected in enumerate(image_token_counts, start=1):
+        positions = np.flatnonzero(ids == -number)
+        if positions.size != expected:
+            raise PromptError(
+                f"image {number} needs {expected} placeholder ids (-{number}) in input_ids, "
+                f"found {positions.size}"
+            )
+        if positions.size and positions[-1] - positions[0] + 1 != positions.size:
+            raise PromptError(f"the placeholders of image {number} must be contiguous in input_ids")
+
+
+def _image_order(ids: np.ndarray) -> list[int]:
+    """Image numbers in the order their placeholders first appear."""
+    negative = ids[ids < 0]
+    _, first = np.unique(negative, return_index=True)
+    return [int(-negative[i]) for i in sorted(first)]
+
+
+def _session(
+    config: ModelConfig, filename: str, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    path = config.path(filename)
+    try:
+        # From the path, so the .onnx.data beside it is found (external data is path-relative).
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types, not ours
+        raise ModelFolderError(
+            f"onnxruntime could not load {path} ({_first_line(err)}); check that "
+            f"{filename}.data sits beside it and is complete, or re-download the model set"
+        ) from err
+
+
+def _check_io(config: ModelConfig, model: Model) -> None:
+    """Every tensor name the config uses must exist in its model file."""
+    decoder = config.decoder
+    expected = {
+        model.vision: (
+            [config.vision.pixel_values, config.vision.image_sizes],
+            [config.vision.features],
+        ),
+        model.embedding: (
+            [config.embedding.input_ids]
+            + ([config.embedding.image_features] if config.embedding.image_features else []),
+            [config.embedding.inputs_embeds],
+        ),
+        model.decoder: (
+            [decoder.inputs_embeds, decoder.attention_mask, *decoder.past_names(0)],
+            [decoder.logits, *decoder.present_names(0)],
+        ),
+    }
+    for session, (inputs, outputs) in expected.items():
+        have_in = {i.name for i in session.get_inputs()}
+        have_out = {o.name for o in session.get_outputs()}
+        missing = [n for n in inputs if n not in have_in] + [
+            n for n in outputs if n not in have_out
+        ]
+        if missing:
+            filename = session._model_path  # noqa: SLF001 - the path we gave it
+            raise ModelFolderError(
+                f"{filename} has no tensor named {', '.join(missing)} that genai_config.json "
+                f"names; the config and the model files are from different exports"
+            )
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,312 @@
+"""The public entry point: load a model folder, then generate or stream answers.
+
+    pipe = Pipeline.load("data/phi-3-vision-cpu")
+    for delta in pipe.stream("What is in this picture?", images=["cat.png"]):
+        print(delta, end="", flush=True)
+
+Everything that can be wrong with a request (messages, image tags, images, settings, context
+length) is checked when ``stream``/``generate`` is called, before any model runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phi3v.config import ModelConfig, load_config
+from phi3v.errors import PromptError
+from phi3v.generate import KVDecoder, Sampling, TextDeltas, decode_tokens
+from phi3v.image import ImageInput, ProcessedImage, preprocess_image
+from phi3v.model import Model, check_placeholders
+from phi3v.prompt import (
+    END,
+    END_OF_TEXT,
+    PromptTokenizer,
+    build_input_ids,
+    normalize_messages,
+    tag_images,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 512
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time went, in seconds (and the decode rate in tokens per second)."""
+
+    preprocess: float = 0.0  # images decoded and transformed, prompt tokenized
+    vision: float = 0.0  # the vision model
+    prefill: float = 0.0  # embedding + decoder over the whole prompt
+    time_to_first_token: float = 0.0  # from the call to the first generated token
+    decode_tokens_per_second: float = 0.0  # after the first token
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished answer."""
+
+    text: str
+    token_ids: list[int]  # generated ids, the stop token excluded
+    input_ids: list[int]  # the prompt, image placeholders as -N
+    stop_reason: str  # "eos" or "length"
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Request:
+    input_ids: np.ndarray  # [1, L] int64
+    images: tuple[ProcessedImage, ...]
+    max_new_tokens: int
+    sampling: Sampling
+
+
+class Pipeline:
+    """A loaded Phi-3 Vision model set: tokenizer, config and the three onnxruntime sessions."""
+
+    def __init__(self, config: ModelConfig, model: Model, tokenizer: PromptTokenizer):
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.stop_ids = frozenset(
+            (*config.eos_token_ids, tokenizer.token_id(END), tokenizer.token_id(END_OF_TEXT))
+        )
+        # Logit rows past the tokenizer's last id (32045..32063) have no text; never pick them.
+        self.vocab_limit = min(config.vocab_size, tokenizer.tokenizer.get_vocab_size())
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        providers: Sequence[str] | None = None,
+        *,
+        num_threads: int | None = None,
+    ) -> Pipeline:
+        """Load a model folder (either export layout). ``num_threads`` defaults to onnxruntime's
+        choice, one per physical core. Raises ModelFolderError / ConfigError for a bad folder."""
+        config = load_config(model_dir)
+        tokenizer = PromptTokenizer(config.path("tokenizer.json"))
+        return cls(config, Model(config, providers, num_threads), tokenizer)
+
+    def generate(
+        self, prompt: Prompt = "", images: Sequence[ImageInput] = (), **options
+    ) -> Generation:
+        """Answer ``prompt`` about ``images``; same arguments as :meth:`stream`."""
+        with self.stream(prompt, images, **options) as stream:
+            for _ in stream:
+                pass
+            return stream.result()
+
+    def stream(
+        self,
+        prompt: Prompt = "",
+        images: Sequence[ImageInput] = (),
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        input_ids: Sequence[int] | None = None,
+        num_crops: int | None = None,
+    ) -> Stream:
+        """Start a generation; iterate the result for text deltas as they are produced.
+
+        ``prompt`` is a user message or a list of ``{"role", "content"}`` messages; images are
+        file paths, bytes or PIL images, referred to as ``<|image_N|>`` (added in order when the
+        prompt has no tags). ``input_ids``, when given, replaces the tokenized prompt; its
+        placeholders ``-N`` refer to ``images[N-1]``. ``num_crops`` (1..16) trades image detail for
+        speed. Bad input raises a :class:`~phi3v.errors.Phi3VError` here, before any model runs.
+        """
+        started = time.perf_counter()
+        request = self._prepare(
+            prompt,
+            images,
+            input_ids,
+            num_crops,
+            max_new_tokens,
+            Sampling(temperature, top_k, top_p, seed),
+        )
+        return Stream(self, request, started)
+
+    def _prepare(self, prompt, images, input_ids, num_crops, max_new_tokens, sampling) -> _Request:
+        if (
+            not isinstance(max_new_tokens, int)
+            or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 1
+        ):
+            raise PromptError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise PromptError("images must be a list (of file paths, bytes or PIL images)")
+        messages = None
+        if input_ids is None:  # check the tags before spending time on the images
+            messages = tag_images(normalize_messages(prompt), len(images))
+        crops = self.config.num_crops if num_crops is None else num_crops
+        processed = tuple(preprocess_image(image, crops) for image in images)
+        counts = [image.num_image_tokens for image in processed]
+        if messages is not None:
+            ids = np.array([build_input_ids(self.tokenizer, messages, counts)], dtype=np.int64)
+        else:
+            ids = self._check_input_ids(input_ids, counts)
+        room = self.config.context_length - ids.shape[1]
+        if room < 1:
+            raise PromptError(
+                f"the prompt is {ids.shape[1]:,} tokens ({sum(counts):,} of them for images); the "
+                f"model's context is {self.config.context_length:,} tokens. Use fewer images, "
+                "lower num_crops or a shorter conversation"
+            )
+        return _Request(ids, processed, min(max_new_tokens, room), sampling)
+
+    def _check_input_ids(self, input_ids: Sequence[int], counts: list[int]) -> np.ndarray:
+        try:
+            ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        except (TypeError, ValueError) as err:
+            raise PromptError(f"input_ids must be a flat list of integers ({err})") from err
+        if ids.size == 0:
+            raise PromptError("input_ids is empty")
+        if ids.max() >= self.config.vocab_size:
+            raise PromptError(
+                f"input_ids has id {ids.max()}, beyond the vocabulary ({self.config.vocab_size})"
+            )
+        check_placeholders(ids[0], counts)
+        return ids
+
+
+class Stream:
+    """One generation in progress: iterate it for text deltas; read its state at any time.
+
+    Stopping early (``close()``, leaving a ``with`` block, or dropping the stream) ends the
+    generation and frees its KV cache at once.
+    """
+
+    def __init__(self, pipeline: Pipeline, request: _Request, started: float):
+        self.input_ids: list[int] = request.input_ids[0].tolist()
+        self.text = ""
+        # The generator references only the progress record, never this object, so dropping the
+        # stream drops the generator by reference counting (no cycle waiting for the GC).
+        self._progress = _Progress(started)
+        self._progress.times["preprocess"] = time.perf_counter() - started
+        self._deltas = _generate(pipeline, request, self._progress)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        delta = next(self._deltas)
+        self.text += delta
+        return delta
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_deltas"):
+            self.close()
+
+    def close(self) -> None:
+        """End the generation now and release its buffers."""
+        self._deltas.close()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Ids generated so far, the stop token excluded."""
+        return self._progress.token_ids
+
+    @property
+    def stop_reason(self) -> str | None:
+        """None while running; then "eos", "length", or "cancelled" if closed early."""
+        return self._progress.stop_reason
+
+    @property
+    def timings(self) -> Timings:
+        return self._progress.timings()
+
+    def result(self) -> Generation:
+        """The finished generation (runs it to the end if it is not)."""
+        for _ in self:
+            pass
+        return Generation(
+            self.text, list(self.token_ids), self.input_ids, self.stop_reason, self.timings
+        )
+
+
+class _Progress:
+    """What a running generation has done so far; written by :func:`_generate`."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.times: dict[str, float] = {}
+        self.token_ids: list[int] = []
+        self.stop_reason: str | None = None
+        self.sampled = 0
+        self.first_token_at = self.last_token_at = 0.0
+
+    def count_token(self) -> None:
+        now = time.perf_counter()
+        if self.sampled == 0:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.sampled += 1
+
+    def timings(self) -> Timings:
+        elapsed = self.last_token_at - self.first_token_at
+        return Timings(
+            preprocess=self.times.get("preprocess", 0.0),
+            vision=self.times.get("vision", 0.0),
+            prefill=self.times.get("prefill", 0.0),
+            time_to_first_token=self.first_token_at - self.started if self.sampled else 0.0,
+            decode_tokens_per_second=(self.sampled - 1) / elapsed if elapsed > 0 else 0.0,
+        )
+
+
+def _generate(pipe: Pipeline, request: _Request, progress: _Progress) -> Iterator[str]:
+    """Vision, embedding, prefill, then decode: yields text deltas, records progress."""
+    model, config = pipe.model, pipe.config
+    started = time.perf_counter()
+    features = model.encode_images(request.images)
+    progress.times["vision"] = time.perf_counter() - started
+    decoder = KVDecoder(
+        model.decoder,
+        config.decoder,
+        max_length=request.input_ids.shape[1] + request.max_new_tokens,
+        share_buffer=config.past_present_share_buffer,
+        vocab_size=config.vocab_size,
+    )
+    try:
+        started = time.perf_counter()
+        logits = decoder.step(model.embed(request.input_ids, features))
+        progress.times["prefill"] = time.perf_counter() - started
+        deltas = TextDeltas(pipe.tokenizer)
+        tokens = decode_tokens(
+            decoder.step,
+            model.embed_token,
+            logits,
+            request.max_new_tokens,
+            request.sampling,
+            pipe.stop_ids,
+            pipe.vocab_limit,
+        )
+        reason = "length"
+        for token in tokens:
+            progress.count_token()
+            if token in pipe.stop_ids:
+                reason = "eos"
+                break
+            progress.token_ids.append(token)
+            if delta := deltas.push(token):
+                yield delta
+        progress.stop_reason = reason
+        if tail := deltas.flush():
+            yield tail
+    finally:
+        decoder.close()
+        if progress.stop_reason is None:
+            progress.stop_reason = "cancelled"
