@@ -1,0 +1,523 @@
+"""The tiny model sets have the real Phi-3-vision ONNX interface and behave like a language model.
+
+Interface facts are from docs/phi3v-spec.md §2 and model-interfaces.md §3; the token-count formula
+is phi3v-spec.md §4.8: (h*w + 1) * 144 + 1 + (h + 1) * 12 rows per image.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxruntime_genai as og
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+from tests.tiny_model import (
+    HEAD_SIZE,
+    HIDDEN_SIZE,
+    MODEL_FILES,
+    NUM_KV_HEADS,
+    NUM_LAYERS,
+    ORIGINAL_CONTEXT,
+    VOCAB_SIZE,
+    build_tiny_model,
+    num_image_tokens,
+)
+
+FLOAT, INT64 = "tensor(float)", "tensor(int64)"
+KV_NAMES = [f"past_key_values.{i}.{part}" for i in range(NUM_LAYERS) for part in ("key", "value")]
+PRESENT_NAMES = [f"present.{i}.{part}" for i in range(NUM_LAYERS) for part in ("key", "value")]
+TEXT_PROMPT = "<|user|>\nWho are you?<|end|>\n<|assistant|>\n"
+IMAGE_PROMPT = "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n"
+
+
+def _session(model_dir: Path, layout: str, role: str) -> ort.InferenceSession:
+    path = model_dir / MODEL_FILES[layout][role]
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _signature(args) -> list[tuple[str, str, int]]:
+    return [(arg.name, arg.type, len(arg.shape)) for arg in args]
+
+
+def _pixel_values(num_images: int, num_crops: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((num_images, num_crops, 3, 336, 336)).astype(np.float32)
+
+
+def _image_sizes(*crops_hw: tuple[int, int]) -> np.ndarray:
+    return np.array([[336 * h, 336 * w] for h, w in crops_hw], dtype=np.int64)
+
+
+def _empty_past(length: int = 0) -> dict[str, np.ndarray]:
+    return {name: np.zeros((1, NUM_KV_HEADS, length, HEAD_SIZE), np.float32) for name in KV_NAMES}
+
+
+def _run_decoder(decoder, embeds, past: dict[str, np.ndarray]):
+    """One decoder call with growing KV: returns logits and the next step's past."""
+    total = embeds.shape[1] + past["past_key_values.0.key"].shape[2]
+    mask = np.ones((1, total), dtype=np.int64)
+    logits, *present = decoder.run(
+        ["logits", *PRESENT_NAMES], {"inputs_embeds": embeds, "attention_mask": mask, **past}
+    )
+    return logits, dict(zip(KV_NAMES, present, strict=True))
+
+
+def _random_embeds(length: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((1, length, HIDDEN_SIZE)).astype(np.float32)
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def test_unknown_layout_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="layout"):
+        build_tiny_model(tmp_path, layout="june")
+
+
+@pytest.mark.parametrize("layout", ["redesigned", "legacy"])
+def test_folder_holds_models_with_external_data_configs_and_tokenizer(
+    layout, tiny_model_dir, tiny_legacy_model_dir
+):
+    model_dir = tiny_model_dir if layout == "redesigned" else tiny_legacy_model_dir
+    expected = {
+        "genai_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    for onnx_name in MODEL_FILES[layout].values():
+        expected |= {onnx_name, onnx_name + ".data"}
+    assert {path.name for path in model_dir.iterdir()} == expected
+
+
+@pytest.mark.parametrize("role", ["vision", "embedding", "decoder"])
+def test_weights_live_in_the_data_file_beside_each_model(role, tiny_model_dir):
+    path = tiny_model_dir / MODEL_FILES["redesigned"][role]
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            assert np.prod(tensor.dims) <= 8, f"{tensor.name} is stored inline"
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}["location"]
+        assert location == path.name + ".data"
+
+
+def test_rebuilding_gives_byte_identical_files(tmp_path, tiny_model_dir):
+    rebuilt = build_tiny_model(tmp_path / "again")
+    for path in tiny_model_dir.iterdir():
+        assert (rebuilt / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_rebuilding_into_the_same_folder_does_not_grow_the_data_files(tmp_path):
+    first = build_tiny_model(tmp_path, layout="legacy")
+    sizes = {path.name: path.stat().st_size for path in first.iterdir()}
+    build_tiny_model(tmp_path, layout="legacy")
+    assert {path.name: path.stat().st_size for path in tmp_path.iterdir()} == sizes
+
+
+def test_another_seed_gives_other_weights(tmp_path, tiny_model_dir):
+    other = build_tiny_model(tmp_path, seed=7)
+    name = MODEL_FILES["redesigned"]["decoder"] + ".data"
+    assert (other / name).read_bytes() != (tiny_model_dir / name).read_bytes()
+
+
+def test_both_layouts_share_decoder_and_embedding_table(tiny_model_dir, tiny_legacy_model_dir):
+    for name in ("phi-3-v-128k-instruct-text.onnx", "phi-3-v-128k-instruct-text.onnx.data"):
+        assert (tiny_model_dir / name).read_bytes() == (tiny_legacy_model_dir / name).read_bytes()
+    ids = np.array([[0, 1, 32007, VOCAB_SIZE - 1]], dtype=np.int64)
+    new = _session(tiny_model_dir, "redesigned", "embedding").run(
+        None, {"input_ids": ids, "image_features": np.zeros((0, HIDDEN_SIZE), np.float32)}
+    )[0]
+    old = _session(tiny_legacy_model_dir, "legacy", "embedding").run(None, {"input_ids": ids})[0]
+    np.testing.assert_array_equal(new, old)
+
+
+def test_tokenizer_files_are_the_fixture_copies(tiny_model_dir):
+    fixtures = Path(__file__).parent / "fixtures" / "phi3v-tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tiny_model_dir / name).read_bytes() == (fixtures / name).read_bytes()
+
+
+# --- interface ---------------------------------------------------------------------------------
+
+
+def test_redesigned_vision_io(tiny_model_dir):
+    session = _session(tiny_model_dir, "redesigned", "vision")
+    assert _signature(session.get_inputs()) == [
+        ("pixel_values", FLOAT, 5),
+        ("image_sizes", INT64, 2),
+    ]
+    assert _signature(session.get_outputs()) == [("image_features", FLOAT, 2)]
+
+
+def test_legacy_vision_io(tiny_legacy_model_dir):
+    session = _session(tiny_legacy_model_dir, "legacy", "vision")
+    assert _signature(session.get_inputs()) == [
+        ("pixel_values", FLOAT, 5),
+        ("image_sizes", INT64, 2),
+    ]
+    assert _signature(session.get_outputs()) == [("visual_features", FLOAT, 3)]
+
+
+def test_redesigned_embedding_io(tiny_model_dir):
+    session = _session(tiny_model_dir, "redesigned", "embedding")
+    assert _signature(session.get_inputs()) == [
+        ("input_ids", INT64, 2),
+        ("image_features", FLOAT, 2),
+    ]
+    assert _signature(session.get_outputs()) == [("inputs_embeds", FLOAT, 3)]
+
+
+def test_legacy_embedding_takes_only_input_ids(tiny_legacy_model_dir):
+    session = _session(tiny_legacy_model_dir, "legacy", "embedding")
+    assert _signature(session.get_inputs()) == [("input_ids", INT64, 2)]
+    assert _signature(session.get_outputs()) == [("inputs_embeds", FLOAT, 3)]
+
+
+def test_decoder_io(tiny_model_dir):
+    session = _session(tiny_model_dir, "redesigned", "decoder")
+    kv_inputs = [(name, FLOAT, 4) for name in KV_NAMES]
+    kv_outputs = [(name, FLOAT, 4) for name in PRESENT_NAMES]
+    assert _signature(session.get_inputs()) == [
+        ("inputs_embeds", FLOAT, 3),
+        ("attention_mask", INT64, 2),
+        *kv_inputs,
+    ]
+    assert _signature(session.get_outputs()) == [("logits", FLOAT, 3), *kv_outputs]
+
+
+def test_decoder_has_two_kv_heads_and_full_vocab_logits(tiny_model_dir):
+    session = _session(tiny_model_dir, "redesigned", "decoder")
+    inputs = {arg.name: arg.shape for arg in session.get_inputs()}
+    assert inputs["past_key_values.0.key"][1:] == [2, "past_sequence_length", 16]
+    assert session.get_outputs()[0].shape[2] == VOCAB_SIZE
+
+
+@pytest.mark.parametrize("layout", ["redesigned", "legacy"])
+def test_genai_config_describes_the_tiny_model(layout, tiny_model_dir, tiny_legacy_model_dir):
+    model_dir = tiny_model_dir if layout == "redesigned" else tiny_legacy_model_dir
+    config = json.loads((model_dir / "genai_config.json").read_text())
+    model, decoder = config["model"], config["model"]["decoder"]
+    assert (model["type"], model["bos_token_id"], model["eos_token_id"]) == ("phi3v", 1, 32007)
+    assert (model["pad_token_id"], model["vocab_size"], model["context_length"]) == (
+        32000,
+        32064,
+        131072,
+    )
+    assert (decoder["hidden_size"], decoder["head_size"], decoder["num_hidden_layers"]) == (
+        64,
+        16,
+        2,
+    )
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (4, 2)
+    assert decoder["session_options"] == {"log_id": "onnxruntime-genai", "provider_options": []}
+    for role in ("decoder", "embedding", "vision"):
+        assert model[role]["filename"] == MODEL_FILES[layout][role]
+    search = config["search"]
+    assert search["past_present_share_buffer"] is True
+    assert (search["do_sample"], search["top_k"], search["num_beams"]) == (False, 1, 1)
+    assert search["max_length"] == 131072
+
+
+def test_legacy_genai_config_has_the_keys_of_the_real_one(tiny_legacy_model_dir):
+    real = json.loads(
+        (Path(__file__).parent / "fixtures" / "phi3v-tokenizer" / "genai_config.json").read_text()
+    )
+    tiny = json.loads((tiny_legacy_model_dir / "genai_config.json").read_text())
+
+    def keys(tree, prefix=""):
+        if not isinstance(tree, dict):
+            return {prefix}
+        return {k for key, value in tree.items() for k in keys(value, f"{prefix}/{key}")}
+
+    assert keys(tiny) == keys(real)
+    assert tiny["search"] == real["search"]
+
+
+def test_redesigned_genai_config_wires_image_features_into_the_embedding(tiny_model_dir):
+    model = json.loads((tiny_model_dir / "genai_config.json").read_text())["model"]
+    assert model["vision"]["outputs"] == {"image_features": "image_features"}
+    assert model["embedding"]["inputs"] == {
+        "input_ids": "input_ids",
+        "image_features": "image_features",
+    }
+
+
+def test_processor_config_is_the_phi3_hd_pipeline_with_16_crops(tiny_model_dir):
+    transforms = json.loads((tiny_model_dir / "processor_config.json").read_text())["processor"][
+        "transforms"
+    ]
+    operations = [t["operation"] for t in transforms]
+    assert [op["type"] for op in operations] == ["DecodeImage", "ConvertRGB", "Phi3ImageTransform"]
+    assert operations[2]["attrs"]["num_crops"] == 16
+
+
+# --- vision --------------------------------------------------------------------------------------
+
+CROP_GRIDS = [
+    (1, 1),
+    (1, 2),
+    (2, 1),
+    (2, 2),
+    (3, 4),
+    (4, 3),
+    (4, 4),
+    (1, 6),
+    (2, 6),
+    (6, 2),
+    (1, 16),
+]
+
+
+def test_token_formula_matches_the_spec_examples():
+    # phi3v-spec.md §5: 3x4 -> 1921, 4x3 -> 1933, 2x6 -> 1909, 4x4 -> 2509, 3x5 -> 2353
+    assert [num_image_tokens(h, w) for h, w in [(3, 4), (4, 3), (2, 6), (4, 4), (3, 5)]] == [
+        1921,
+        1933,
+        1909,
+        2509,
+        2353,
+    ]
+
+
+@pytest.mark.parametrize(("h", "w"), CROP_GRIDS)
+def test_vision_emits_one_row_per_image_token(h, w, tiny_model_dir):
+    vision = _session(tiny_model_dir, "redesigned", "vision")
+    features = vision.run(
+        None, {"pixel_values": _pixel_values(1, 17), "image_sizes": _image_sizes((h, w))}
+    )[0]
+    assert features.shape == (num_image_tokens(h, w), HIDDEN_SIZE)
+    assert np.isfinite(features).all()
+
+
+def test_vision_takes_several_images_in_one_call(tiny_model_dir):
+    vision = _session(tiny_model_dir, "redesigned", "vision")
+    pixels = _pixel_values(2, 17)
+    both = vision.run(None, {"pixel_values": pixels, "image_sizes": _image_sizes((3, 4), (1, 2))})[
+        0
+    ]
+    first = vision.run(None, {"pixel_values": pixels[:1], "image_sizes": _image_sizes((3, 4))})[0]
+    second = vision.run(None, {"pixel_values": pixels[1:], "image_sizes": _image_sizes((1, 2))})[0]
+    assert both.shape == (num_image_tokens(3, 4) + num_image_tokens(1, 2), HIDDEN_SIZE)
+    np.testing.assert_allclose(both, np.concatenate([first, second]), atol=1e-6)
+
+
+def test_vision_accepts_fewer_crops_than_17(tiny_model_dir):
+    vision = _session(tiny_model_dir, "redesigned", "vision")
+    pixels = _pixel_values(1, 17)
+    full = vision.run(None, {"pixel_values": pixels, "image_sizes": _image_sizes((2, 2))})[0]
+    five = vision.run(None, {"pixel_values": pixels[:, :5], "image_sizes": _image_sizes((2, 2))})[0]
+    np.testing.assert_allclose(five, full, atol=1e-6)  # crops past 1 + h*w are padding
+
+
+def test_vision_ignores_padding_crops(tiny_model_dir):
+    vision = _session(tiny_model_dir, "redesigned", "vision")
+    pixels = _pixel_values(1, 17)
+    changed = pixels.copy()
+    changed[:, 5:] = 0.0
+    sizes = _image_sizes((2, 2))
+    np.testing.assert_array_equal(
+        vision.run(None, {"pixel_values": pixels, "image_sizes": sizes})[0],
+        vision.run(None, {"pixel_values": changed, "image_sizes": sizes})[0],
+    )
+
+
+def test_vision_rows_follow_the_hd_layout(tiny_model_dir):
+    vision = _session(tiny_model_dir, "redesigned", "vision")
+    features = vision.run(
+        None, {"pixel_values": _pixel_values(1, 17), "image_sizes": _image_sizes((1, 2))}
+    )[0]
+    # 12 rows of 24 sub-crop tokens + newline, then glb_GN, then 12 rows of 12 global + newline
+    grid_newlines = features[24 : 12 * 25 : 25]
+    global_newlines = features[12 * 25 + 1 + 12 :: 13]
+    assert len(global_newlines) == 12
+    np.testing.assert_allclose(grid_newlines, np.broadcast_to(features[24], grid_newlines.shape))
+    np.testing.assert_allclose(
+        global_newlines, np.broadcast_to(features[24], global_newlines.shape)
+    )
+    assert not np.allclose(features[12 * 25], features[24])  # glb_GN is a different vector
+
+
+def test_legacy_vision_gives_the_same_rows_with_a_batch_axis(tiny_model_dir, tiny_legacy_model_dir):
+    feeds = {"pixel_values": _pixel_values(1, 17), "image_sizes": _image_sizes((3, 4))}
+    new = _session(tiny_model_dir, "redesigned", "vision").run(None, feeds)[0]
+    old = _session(tiny_legacy_model_dir, "legacy", "vision").run(None, feeds)[0]
+    assert old.shape == (1, num_image_tokens(3, 4), HIDDEN_SIZE)
+    np.testing.assert_array_equal(old[0], new)
+
+
+# --- embedding -----------------------------------------------------------------------------------
+
+
+def test_embedding_pastes_image_features_at_negative_ids_in_order(tiny_model_dir):
+    embedding = _session(tiny_model_dir, "redesigned", "embedding")
+    ids = np.array([[32010, -1, -1, -1, 13, -2, -2, 32001]], dtype=np.int64)
+    features = np.arange(5 * HIDDEN_SIZE, dtype=np.float32).reshape(5, HIDDEN_SIZE)
+    embeds = embedding.run(None, {"input_ids": ids, "image_features": features})[0]
+    np.testing.assert_array_equal(embeds[0, [1, 2, 3, 5, 6]], features)
+    text_only = embedding.run(
+        None, {"input_ids": ids.clip(0), "image_features": np.zeros((0, HIDDEN_SIZE), np.float32)}
+    )[0]
+    np.testing.assert_array_equal(embeds[0, [0, 4, 7]], text_only[0, [0, 4, 7]])
+
+
+def test_embedding_accepts_empty_image_features(tiny_model_dir):
+    embedding = _session(tiny_model_dir, "redesigned", "embedding")
+    ids = np.array([[32010, 22110]], dtype=np.int64)
+    embeds = embedding.run(
+        None, {"input_ids": ids, "image_features": np.zeros((0, HIDDEN_SIZE), np.float32)}
+    )[0]
+    assert embeds.shape == (1, 2, HIDDEN_SIZE)
+
+
+def test_legacy_embedding_wraps_negative_ids_like_a_plain_gather(tiny_legacy_model_dir):
+    embedding = _session(tiny_legacy_model_dir, "legacy", "embedding")
+    embeds = embedding.run(None, {"input_ids": np.array([[-1, VOCAB_SIZE - 1]], dtype=np.int64)})[0]
+    np.testing.assert_array_equal(embeds[0, 0], embeds[0, 1])
+
+
+# --- decoder -------------------------------------------------------------------------------------
+
+
+def test_prefill_then_single_steps_equals_one_prefill(tiny_model_dir):
+    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    embeds = _random_embeds(24)
+    whole, _ = _run_decoder(decoder, embeds, _empty_past())
+
+    logits, past = _run_decoder(decoder, embeds[:, :20], _empty_past())
+    rows = [logits]
+    for t in range(20, 24):
+        logits, past = _run_decoder(decoder, embeds[:, t : t + 1], past)
+        rows.append(logits)
+    np.testing.assert_allclose(np.concatenate(rows, axis=1), whole, atol=5e-5, rtol=1e-5)
+
+
+def test_shared_kv_buffer_gives_the_same_logits_as_growing_kv(tiny_model_dir):
+    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    embeds = _random_embeds(24)
+    whole, _ = _run_decoder(decoder, embeds, _empty_past())
+
+    max_length = 32
+    buffers = {
+        name: ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((1, NUM_KV_HEADS, max_length, HEAD_SIZE), np.float32)
+        )
+        for name in KV_NAMES
+    }
+    rows = []
+    for start, end in [(0, 20), (20, 21), (21, 22), (22, 23), (23, 24)]:
+        binding = decoder.io_binding()
+        binding.bind_output("logits")  # bound first: get_outputs() follows the bind order
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds[:, start:end]))
+        binding.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
+        for past_name, present_name in zip(KV_NAMES, PRESENT_NAMES, strict=True):
+            binding.bind_ortvalue_input(past_name, buffers[past_name])
+            binding.bind_ortvalue_output(present_name, buffers[past_name])
+        decoder.run_with_iobinding(binding)
+        rows.append(binding.get_outputs()[0].numpy())
+    np.testing.assert_allclose(np.concatenate(rows, axis=1), whole, atol=5e-5, rtol=1e-5)
+
+
+def test_long_rope_cache_is_used_once_the_total_length_passes_4096(tiny_model_dir):
+    # A token at position 4000 after a random 4000-position KV cache: with total lengths 4001
+    # and 4096 its query is rotated by the short cache, with 4097 by the long one. Attention is
+    # causal, so only the cache choice can change its logits (and its layer-0 key).
+    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    rng = np.random.default_rng(1)
+    past = {
+        name: rng.standard_normal(kv.shape).astype(np.float32)
+        for name, kv in _empty_past(4000).items()
+    }
+    embeds = _random_embeds(ORIGINAL_CONTEXT + 1 - 4000)
+    alone, alone_kv = _run_decoder(decoder, embeds[:, :1], past)  # total 4001
+    short, short_kv = _run_decoder(decoder, embeds[:, :-1], past)  # total 4096
+    long, long_kv = _run_decoder(decoder, embeds, past)  # total 4097
+
+    key = "past_key_values.0.key"
+    np.testing.assert_allclose(short[0, 0], alone[0, 0], atol=1e-4)
+    np.testing.assert_allclose(short_kv[key][:, :, 4000], alone_kv[key][:, :, 4000], atol=1e-5)
+    assert np.abs(long[0, 0] - short[0, 0]).max() > 0.1
+    assert np.abs(long_kv[key][:, :, 4000] - short_kv[key][:, :, 4000]).max() > 0.1
+
+
+def test_greedy_decoding_is_varied_and_mixes_bytes_and_word_pieces(tiny_model_dir):
+    embedding = _session(tiny_model_dir, "redesigned", "embedding")
+    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    ids = tokenizer.encode(TEXT_PROMPT, add_special_tokens=False).ids
+    no_image = np.zeros((0, HIDDEN_SIZE), np.float32)
+
+    past, step_ids, tokens = _empty_past(), ids, []
+    for _ in range(64):
+        embeds = embedding.run(
+            None, {"input_ids": np.array([step_ids], np.int64), "image_features": no_image}
+        )[0]
+        logits, past = _run_decoder(decoder, embeds, past)
+        if not tokens:
+            assert np.isfinite(logits).all()
+            assert 1.0 < logits.std() < 10.0
+        tokens.append(int(logits[0, -1].argmax()))
+        step_ids = tokens[-1:]
+
+    assert len(set(tokens)) > 32
+    assert any(3 <= t < 259 for t in tokens)  # byte-fallback pieces <0x00>..<0xFF>
+    assert sum(259 <= t < 32000 for t in tokens) > 32  # ordinary word pieces
+
+
+# --- onnxruntime-genai 0.18 ----------------------------------------------------------------------
+
+
+def _genai_tokens(model: og.Model, inputs, count: int) -> list[int]:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=4096)
+    generator = og.Generator(model, params)
+    generator.set_inputs(inputs)
+    tokens = []
+    while len(tokens) < count and not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+@pytest.mark.oracle
+def test_genai_generates_from_an_image_prompt(tiny_model_dir, tmp_path):
+    image_path = tmp_path / "noise.png"
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image_path)
+    model = og.Model(str(tiny_model_dir))
+    processor = model.create_multimodal_processor()
+
+    inputs = processor(IMAGE_PROMPT, images=og.Images.open(str(image_path)))
+    # 320x240 -> 1344x1008 HD image, 3x4 crops (phi3v-spec.md §5)
+    assert inputs["image_sizes"].as_numpy().tolist() == [[1008, 1344]]
+    assert inputs["num_image_tokens"].as_numpy().tolist() == [[num_image_tokens(3, 4)]]
+    assert inputs["pixel_values"].as_numpy().shape == (1, 17, 3, 336, 336)
+    assert (inputs["input_ids"].as_numpy() == -1).sum() == num_image_tokens(3, 4)
+
+    tokens = _genai_tokens(model, inputs, 16)
+    assert len(tokens) == 16
+    assert len(set(tokens)) > 1
+
+
+@pytest.mark.oracle
+def test_genai_and_plain_onnxruntime_agree_on_a_text_prompt(tiny_model_dir):
+    model = og.Model(str(tiny_model_dir))
+    inputs = model.create_multimodal_processor()(TEXT_PROMPT, images=None)
+    ids = inputs["input_ids"].as_numpy().astype(np.int64)
+    expected = _genai_tokens(model, inputs, 16)
+
+    embedding = _session(tiny_model_dir, "redesigned", "embedding")
+    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    no_image = np.zeros((0, HIDDEN_SIZE), np.float32)
+    past, step_ids, tokens = _empty_past(), ids, []
+    while len(tokens) < len(expected):
+        embeds = embedding.run(None, {"input_ids": step_ids, "image_features": no_image})[0]
+        logits, past = _run_decoder(decoder, embeds, past)
+        tokens.append(int(logits[0, -1].argmax()))
+        step_ids = np.array([tokens[-1:]], dtype=np.int64)
+    assert tokens == expected
