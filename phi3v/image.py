@@ -70,8 +70,7 @@ def preprocess_image(image: ImageInput, num_crops: int = 16) -> ProcessedImage:
     ``num_crops`` (1..16) bounds the number of 336x336 tiles; fewer tiles mean fewer image
     tokens and a faster, coarser answer. Raises :class:`ImageError` for anything unreadable.
     """
-    if not isinstance(num_crops, int) or isinstance(num_crops, bool) or not 1 <= num_crops <= 16:
-        raise ImageError(f"num_crops must be an integer from 1 to 16, got {num_crops!r}")
+    check_num_crops(num_crops)
     rgb = hd_transform(load_rgb(image), num_crops)
     pixels = normalize(rgb)
     height, width = pixels.shape[1:]
@@ -79,6 +78,12 @@ def preprocess_image(image: ImageInput, num_crops: int = 16) -> ProcessedImage:
     pixel_values = np.zeros((num_crops + 1, 3, TILE, TILE), dtype=np.float32)
     pixel_values[: len(crops)] = crops
     return ProcessedImage(pixel_values, (height, width), num_image_tokens(height, width))
+
+
+def check_num_crops(num_crops: object) -> None:
+    """Raise ImageError unless ``num_crops`` is an integer from 1 to 16."""
+    if not isinstance(num_crops, int) or isinstance(num_crops, bool) or not 1 <= num_crops <= 16:
+        raise ImageError(f"num_crops must be an integer from 1 to 16, got {num_crops!r}")
 
 
 def load_rgb(image: ImageInput) -> Image.Image:
@@ -125,9 +130,7 @@ def normalize(image: Image.Image) -> np.ndarray:
 def global_image(pixels: np.ndarray) -> np.ndarray:
     """The whole normalised HD image shrunk to one 336x336 tile, bicubic per channel."""
     channels = [
-        np.asarray(
-            Image.fromarray(channel, mode="F").resize((TILE, TILE), Image.Resampling.BICUBIC)
-        )
+        np.asarray(Image.fromarray(channel).resize((TILE, TILE), Image.Resampling.BICUBIC))
         for channel in pixels
     ]
     return np.stack(channels)
@@ -205,7 +208,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image.load()
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
+        image = Image.fromarray(_to_uint8(np.asarray(image)))
     if image.mode == "P" or image.mode == "PA":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):

@@ -20,7 +20,7 @@ import numpy as np
 from phi3v.config import ModelConfig, load_config
 from phi3v.errors import PromptError
 from phi3v.generate import KVDecoder, Sampling, TextDeltas, decode_tokens
-from phi3v.image import ImageInput, ProcessedImage, preprocess_image
+from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
 from phi3v.model import Model, check_placeholders
 from phi3v.prompt import (
     END,
@@ -147,6 +147,7 @@ class Pipeline:
         if input_ids is None:  # check the tags before spending time on the images
             messages = tag_images(normalize_messages(prompt), len(images))
         crops = self.config.num_crops if num_crops is None else num_crops
+        check_num_crops(crops)
         processed = tuple(preprocess_image(image, crops) for image in images)
         counts = [image.num_image_tokens for image in processed]
         if messages is not None:

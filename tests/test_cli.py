@@ -1,0 +1,87 @@
+"""`python -m phi3v`: streams to stdout, prints JSON, and fails with one readable line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "phi3v", *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), np.uint8)).save(path)
+    return path
+
+
+def test_streams_an_answer_about_an_image(tiny_model_dir, picture):
+    done = run_cli("--model", str(tiny_model_dir), "--image", str(picture),
+                   "--prompt", "Describe it", "--max-new-tokens", "24")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip()) > 10
+    assert done.stderr == ""
+
+
+def test_json_prints_the_result_object(tiny_model_dir, picture):
+    done = run_cli("--model", str(tiny_model_dir), "--image", str(picture), "--prompt", "Hi",
+                   "--max-new-tokens", "8", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result) == {"text", "token_ids", "input_ids", "stop_reason", "timings"}
+    assert len(result["token_ids"]) == 8 and result["stop_reason"] == "length"
+    assert result["input_ids"].count(-1) == 1921
+    assert set(result["timings"]) == {
+        "preprocess", "vision", "prefill", "time_to_first_token", "decode_tokens_per_second",
+    }  # fmt: skip
+
+
+def test_sampling_options_are_passed_through(tiny_model_dir):
+    def tokens(seed: str) -> list[int]:
+        done = run_cli("--model", str(tiny_model_dir), "--prompt", "Hi", "--json", "--seed", seed,
+                       "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9",
+                       "--max-new-tokens", "12")  # fmt: skip
+        return json.loads(done.stdout)["token_ids"]
+
+    assert tokens("1") == tokens("1") != tokens("2")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
+        (["--image", "/nonexistent.png"], "image file /nonexistent.png does not exist"),
+        (["--temperature", "-1"], "temperature must be a number from 0 to 100"),
+        (["--num-crops", "99"], "num_crops must be an integer from 1 to 16"),
+        (["--prompt", "<|image_2|> what?", "--image", "IMAGE"], "without gaps"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(tiny_model_dir, picture, args, message):
+    base = {"--model": str(tiny_model_dir), "--prompt": "Hi"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = str(picture) if value == "IMAGE" else value
+    done = run_cli(*[item for pair in base.items() for item in pair])
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_help_documents_every_option():
+    done = run_cli("--help")
+    for option in ("--model", "--image", "--prompt", "--max-new-tokens", "--temperature",
+                   "--top-k", "--top-p", "--seed", "--num-crops", "--json"):  # fmt: skip
+        assert option in done.stdout

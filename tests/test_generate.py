@@ -1,0 +1,384 @@
+"""Generation: the onnxruntime-genai oracle, both layouts and KV modes, stopping, sampling,
+streaming deltas, releasing a generation, and the errors of a request."""
+
+import gc
+import json
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+from PIL import Image
+
+import phi3v.pipeline
+from phi3v import Pipeline, PromptError, preprocess_image
+from phi3v.generate import Sampling, TextDeltas, sample
+from tests.test_config import copy_model, edit_config
+
+IMAGE_PROMPT = "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n"
+TWO_IMAGE_PROMPT = "<|user|>\n<|image_1|>\n<|image_2|>\nCompare them.<|end|>\n<|assistant|>\n"
+TEXT_PROMPT = "<|user|>\nWho are you?<|end|>\n<|assistant|>\n"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, str]:
+    """PNG test images: name -> path."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(7)
+    paths = {}
+    for name, (width, height) in {
+        "landscape": (320, 240), "wide": (500, 300), "portrait": (400, 700),
+        "tiny": (60, 50), "extreme": (3000, 100), "large": (1900, 1200),
+    }.items():  # fmt: skip
+        path = folder / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths[name] = str(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def legacy_pipe(tiny_legacy_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_legacy_model_dir)
+
+
+@pytest.fixture(scope="module")
+def genai_model(tiny_model_dir):
+    return og.Model(str(tiny_model_dir))
+
+
+def genai_generate(model, prompt: str, image_paths: list[str], max_new_tokens: int):
+    """onnxruntime-genai 0.18 greedy generation: (processor inputs, generated ids)."""
+    processor = model.create_multimodal_processor()
+    inputs = processor(prompt, images=og.Images.open(*image_paths) if image_paths else None)
+    prompt_length = inputs["input_ids"].as_numpy().shape[-1]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_length + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.set_inputs(inputs)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return inputs, tokens
+
+
+def assert_same_greedy_tokens(ours, reference, stop_ids):
+    """Equal ids; where we stopped early, it was on a stop id that genai does not stop on."""
+    assert ours.token_ids == reference[: len(ours.token_ids)]
+    if len(ours.token_ids) < len(reference):
+        assert ours.stop_reason == "eos" and reference[len(ours.token_ids)] in stop_ids
+
+
+# --- the oracle: onnxruntime-genai 0.18 on the same input ids and images ---
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize(
+    ("prompt", "image_names"),
+    [(TEXT_PROMPT, []), (IMAGE_PROMPT, ["landscape"]), (TWO_IMAGE_PROMPT, ["landscape", "wide"])],
+    ids=["text", "one image", "two images"],
+)
+def test_greedy_tokens_equal_onnxruntime_genai(pipe, genai_model, images, prompt, image_names):
+    paths = [images[name] for name in image_names]
+    inputs, reference = genai_generate(genai_model, prompt, paths, max_new_tokens=48)
+    input_ids = inputs["input_ids"].as_numpy().reshape(-1).tolist()
+    ours = pipe.generate(input_ids=input_ids, images=paths, max_new_tokens=48)
+    assert ours.input_ids == input_ids
+    assert_same_greedy_tokens(ours, reference, pipe.stop_ids)
+    assert len(ours.token_ids) >= 16
+
+
+@pytest.mark.oracle
+def test_two_image_oracle_prompt_crosses_the_long_rope_switch(genai_model, images):
+    inputs, _ = genai_generate(
+        genai_model, TWO_IMAGE_PROMPT, [images["landscape"], images["wide"]], 1
+    )
+    assert inputs["input_ids"].as_numpy().size > 4096  # 1921 + 2353 image tokens + text
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["landscape", "wide", "portrait", "tiny", "extreme", "large"])
+def test_pixel_values_are_bit_identical_to_onnxruntime_genai(genai_model, images, name):
+    processor = genai_model.create_multimodal_processor()
+    inputs = processor(IMAGE_PROMPT, images=og.Images.open(images[name]))
+    ours = preprocess_image(images[name])
+    np.testing.assert_array_equal(ours.pixel_values, inputs["pixel_values"].as_numpy()[0])
+    assert list(ours.image_size) == inputs["image_sizes"].as_numpy()[0].tolist()
+    assert ours.num_image_tokens == int(inputs["num_image_tokens"].as_numpy().reshape(-1)[0])
+
+
+# --- layouts and KV-cache modes agree with each other ---
+
+
+def test_legacy_layout_gives_the_tokens_of_the_redesigned_one(pipe, legacy_pipe, images):
+    # Same decoder and embedding weights; the legacy path fuses features itself, per image.
+    paths = [images["landscape"], images["tiny"]]
+    prompt = "<|image_1|>\nand<|image_2|>\nCompare."
+    redesigned = pipe.generate(prompt, paths, max_new_tokens=24)
+    legacy = legacy_pipe.generate(prompt, paths, max_new_tokens=24)
+    assert legacy.input_ids == redesigned.input_ids
+    assert legacy.token_ids == redesigned.token_ids
+
+
+def test_growing_kv_cache_gives_the_tokens_of_the_shared_buffer(
+    pipe, tiny_model_dir, tmp_path, images
+):
+    folder = copy_model(tiny_model_dir, tmp_path / "grow")
+    edit_config(folder, lambda c: c["search"].update(past_present_share_buffer=False))
+    growing = Pipeline.load(folder)
+    assert not growing.config.past_present_share_buffer
+    prompt, paths = "What is it?", [images["portrait"]]
+    assert (
+        growing.generate(prompt, paths, max_new_tokens=24).token_ids
+        == pipe.generate(prompt, paths, max_new_tokens=24).token_ids
+    )
+
+
+@pytest.mark.parametrize("fixture", ["pipe", "legacy_pipe"])
+def test_tag_order_does_not_change_which_image_is_where(request, images, fixture):
+    # <|image_2|> first: the features of images[1] must fill the first placeholder run.
+    pipeline = request.getfixturevalue(fixture)
+    a, b = images["landscape"], images["tiny"]
+    swapped = pipeline.generate("<|image_2|> vs <|image_1|>", [a, b], max_new_tokens=16)
+    in_order = pipeline.generate("<|image_1|> vs <|image_2|>", [b, a], max_new_tokens=16)
+    assert swapped.token_ids == in_order.token_ids
+
+
+def test_each_image_changes_the_answer(pipe, images):
+    first = pipe.generate("Describe.", [images["landscape"]], max_new_tokens=12).token_ids
+    second = pipe.generate("Describe.", [images["wide"]], max_new_tokens=12).token_ids
+    assert first != second
+
+
+# --- stopping ---
+
+
+def test_max_new_tokens_stops_with_reason_length(pipe):
+    result = pipe.generate("Hello", max_new_tokens=7)
+    assert (len(result.token_ids), result.stop_reason) == (7, "length")
+
+
+def test_a_config_eos_id_stops_generation_and_is_not_returned(pipe, tiny_model_dir, tmp_path):
+    free_run = pipe.generate("Hello", max_new_tokens=12).token_ids
+    stop_at = next(i for i, t in enumerate(free_run) if t not in free_run[:i] and i >= 3)
+    folder = copy_model(tiny_model_dir, tmp_path / "eos")
+    edit_config(folder, lambda c: c["model"].update(eos_token_id=[32007, free_run[stop_at]]))
+    stopped = Pipeline.load(folder).generate("Hello", max_new_tokens=12)
+    assert stopped.stop_reason == "eos"
+    assert stopped.token_ids == free_run[:stop_at]
+
+
+def test_end_and_endoftext_are_always_stop_ids(pipe):
+    assert {32007, 32000} <= pipe.stop_ids
+
+
+def test_new_tokens_are_bounded_by_the_context(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path / "short")
+    edit_config(folder, lambda c: c["model"].update(context_length=16))
+    result = Pipeline.load(folder).generate("Hi", max_new_tokens=100)  # 9 prompt ids
+    assert (len(result.input_ids), len(result.token_ids), result.stop_reason) == (9, 7, "length")
+
+
+def test_kv_cache_is_sized_for_the_request_not_the_context(pipe, monkeypatch):
+    sizes = []
+
+    class Recording(phi3v.pipeline.KVDecoder):
+        def __init__(self, *args, max_length, **kwargs):
+            sizes.append(max_length)
+            super().__init__(*args, max_length=max_length, **kwargs)
+
+    monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    result = pipe.generate("Hello", max_new_tokens=5)
+    assert sizes == [len(result.input_ids) + 5]
+
+
+# --- sampling ---
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(pipe):
+    def run(seed):
+        return pipe.generate("Tell me", temperature=1.0, seed=seed, max_new_tokens=16).token_ids
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_top_k_one_is_greedy(pipe):
+    greedy = pipe.generate("Tell me", max_new_tokens=12).token_ids
+    assert pipe.generate(
+        "Tell me", temperature=1.5, top_k=1, seed=1, max_new_tokens=12
+    ).token_ids == (greedy)
+
+
+def test_tiny_top_p_is_greedy(pipe):
+    greedy = pipe.generate("Tell me", max_new_tokens=12).token_ids
+    assert pipe.generate(
+        "Tell me", temperature=1.0, top_p=1e-9, seed=2, max_new_tokens=12
+    ).token_ids == (greedy)
+
+
+def test_top_k_samples_only_among_the_k_likeliest():
+    logits = np.arange(10, dtype=np.float32)  # ids 9, 8, 7 are the three likeliest
+    rng = np.random.default_rng(0)
+    drawn = {sample(logits, Sampling(temperature=5.0, top_k=3), rng) for _ in range(300)}
+    assert drawn == {7, 8, 9}
+
+
+def test_top_p_samples_only_within_the_nucleus():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    rng = np.random.default_rng(0)
+    drawn = {sample(np.log(probs), Sampling(temperature=1.0, top_p=0.75), rng) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are cut
+
+
+def test_ids_without_a_token_are_never_chosen(pipe):
+    assert pipe.vocab_limit == 32045  # logits has 32064 rows; the tokenizer ends at 32044
+
+
+# --- streaming ---
+
+
+def test_deltas_concatenate_to_the_final_text(pipe):
+    with pipe.stream("Write something long.", max_new_tokens=96) as stream:
+        deltas = list(stream)
+    assert len(deltas) > 10
+    assert "".join(deltas) == stream.text == pipe.tokenizer.decode(stream.token_ids)
+
+
+def test_multibyte_characters_arrive_whole(pipe):
+    text = "Ça coûte 5 € 😀🇫🇷, 日本語 ok"
+    ids = pipe.tokenizer.encode_text(text)
+    assert any(pipe.tokenizer.tokenizer.id_to_token(i).startswith("<0x") for i in ids)  # bytes
+    deltas = TextDeltas(pipe.tokenizer)
+    pieces = [deltas.push(i) for i in ids] + [deltas.flush()]
+    assert "".join(pieces) == pipe.tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "😀" in pieces or any(piece.endswith("😀") for piece in pieces)
+
+
+def test_an_incomplete_character_at_the_end_is_flushed(pipe):
+    ids = pipe.tokenizer.encode_text("a😀")[:-1]  # cut inside the emoji's bytes
+    deltas = TextDeltas(pipe.tokenizer)
+    pieces = [deltas.push(i) for i in ids] + [deltas.flush()]
+    assert "".join(pieces) == pipe.tokenizer.decode(ids)
+
+
+def test_stream_reports_progress_while_running(pipe, images):
+    with pipe.stream("Describe.", [images["landscape"]], max_new_tokens=40) as stream:
+        assert stream.stop_reason is None and stream.token_ids == []
+        next(stream)
+        assert stream.token_ids and stream.stop_reason is None
+        timings = stream.timings
+        assert timings.vision > 0 and timings.prefill > 0 and timings.time_to_first_token > 0
+        assert stream.input_ids.count(-1) == 1921
+        result = stream.result()
+    assert result.stop_reason in ("eos", "length")
+    assert result.timings.decode_tokens_per_second > 0
+
+
+def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, monkeypatch):
+    closed = []
+
+    class Recording(phi3v.pipeline.KVDecoder):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    stream = pipe.stream("Hello", max_new_tokens=500)
+    next(stream)
+    stream.close()
+    assert closed == [True]
+    assert stream.stop_reason == "cancelled"
+    assert len(stream.token_ids) < 500
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, monkeypatch):
+    closed = []
+
+    class Recording(phi3v.pipeline.KVDecoder):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    gc.disable()
+    try:
+        for count, _delta in enumerate(pipe.stream("Hello", max_new_tokens=500)):
+            if count == 2:
+                break
+        assert closed == [True]  # freed by reference counting, before any GC cycle
+    finally:
+        gc.enable()
+
+
+def test_generate_and_stream_agree(pipe, images):
+    result = pipe.generate("Describe.", [images["wide"]], max_new_tokens=20)
+    streamed = "".join(pipe.stream("Describe.", [images["wide"]], max_new_tokens=20))
+    assert result.text == streamed
+    assert json.dumps(result.to_dict())  # the CLI's --json
+
+
+# --- request errors, raised before any model runs ---
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_models_run(pipe, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    monkeypatch.setattr(pipe.model.vision, "run", fail)
+    monkeypatch.setattr(pipe.model.embedding, "run", fail)
+    with pytest.raises(PromptError, match=r"the prompt is 131,072 tokens .* context is 131,072"):
+        pipe.stream(input_ids=[1] * 131072)
+    with pytest.raises(PromptError, match=r"the prompt is [\d,]+ tokens"):
+        pipe.stream("word " * 140_000)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"temperature": -1}, "temperature must be a number from 0 to 100"),
+        ({"top_k": 0}, "top_k must be a positive integer"),
+        ({"top_p": 0}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+        ({"seed": -3}, "seed must be a non-negative integer"),
+    ],
+)
+def test_bad_generation_settings_are_refused(pipe, options, message):
+    with pytest.raises(PromptError, match=message):
+        pipe.stream("Hi", **options)
+
+
+def test_images_must_be_a_list(pipe, images):
+    with pytest.raises(PromptError, match="images must be a list"):
+        pipe.stream("Hi", images=images["tiny"])
+
+
+def test_input_ids_placeholders_must_match_the_images(pipe, images):
+    tokens = preprocess_image(images["tiny"]).num_image_tokens
+    with pytest.raises(PromptError, match=f"image 1 needs {tokens} placeholder ids"):
+        pipe.stream(input_ids=[1, -1, -1, 32001], images=[images["tiny"]])
+    with pytest.raises(PromptError, match="placeholder -2 but only 1 image"):
+        pipe.stream(input_ids=[1] + [-1] * tokens + [-2], images=[images["tiny"]])
+    with pytest.raises(PromptError, match="must be contiguous"):
+        pipe.stream(input_ids=[-1] + [1] + [-1] * (tokens - 1), images=[images["tiny"]])
+
+
+def test_input_ids_beyond_the_vocabulary_are_refused(pipe):
+    with pytest.raises(PromptError, match="beyond the vocabulary"):
+        pipe.stream(input_ids=[1, 40000])
+    with pytest.raises(PromptError, match="input_ids is empty"):
+        pipe.stream(input_ids=[])
+
+
+def test_num_crops_per_request_lowers_the_image_tokens(pipe, images):
+    with pipe.stream("Hi", [images["tiny"]], num_crops=1, max_new_tokens=4) as few:
+        assert few.input_ids.count(-1) == 313  # 1 tile: 2*144 + 1 + 2*12 (spec §5)
+        assert len(few.result().token_ids) == 4
