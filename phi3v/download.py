@@ -515,12 +515,15 @@ class _Hub:
             with self.get(url, what=f"{repo}@{revision}/{folder}") as response:
                 commit = commit or _repo_commit(response)
                 try:
-                    entries += response.json()
-                except ValueError as error:
+                    page = response.json()
+                except ValueError:
+                    page = None
+                if not isinstance(page, list):
                     raise DownloadError(
                         f"{url} did not answer with a JSON file list; is {self.endpoint} a "
                         "Hugging Face Hub or mirror? Check HF_ENDPOINT"
-                    ) from error
+                    )
+                entries += page
                 url = response.links.get("next", {}).get("url")
         files = [_remote_file(entry) for entry in entries if entry.get("type") == "file"]
         if not files:

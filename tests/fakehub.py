@@ -44,6 +44,7 @@ class FakeHub:
         self.corrupt: dict[str, int] = {}  # name -> how many responses get one byte flipped
         self.ignore_range = False  # answer 200 with the whole file to ranged requests
         self.page_size = 1000  # entries per tree page
+        self.tree_body: bytes | None = None  # answer tree requests 200 with this body instead
         self.hold: threading.Event | None = None  # content waits for this event (up to 10 s)
         self.content_arrived = threading.Event()
         # --- what happened ---
@@ -140,6 +141,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             status = hub._pop(hub.fail_tree)
             if status:
                 return self._error(status, "")
+            if hub.tree_body is not None:
+                return self._send(200, hub.tree_body, {})
             revision, _, folder = rest.partition("/")
             if revision not in (hub.revision, hub.commit):
                 return self._error(404, "RevisionNotFound")

@@ -334,6 +334,13 @@ def test_a_root_that_cannot_hold_folders_is_reported_with_what_to_do(hub, tmp_pa
         fetch(hub, root)
 
 
+@pytest.mark.parametrize("body", [b"<html>a login page</html>", b'{"files": []}'])
+def test_a_tree_answer_that_is_not_a_json_list_is_reported(hub, tmp_path, body):
+    hub.tree_body = body
+    with pytest.raises(DownloadError, match="did not answer with a JSON file list.*HF_ENDPOINT"):
+        fetch(hub, tmp_path)
+
+
 def test_not_enough_disk_is_refused_before_any_content_request(hub, tmp_path):
     with pytest.raises(DiskSpaceError, match="not enough free disk space .*still to download"):
         fetch(hub, tmp_path, free_bytes=lambda folder: TOTAL - 1)
