@@ -86,21 +86,45 @@ class KVDecoder:
         self.binding = session.io_binding()
         self._mask = np.ones((1, max_length), dtype=np.int64)
         self._logits: np.ndarray | None = None
-        kv_shape = (
-            1,
-            config.num_key_value_heads,
-            max_length if share_buffer else 0,
-            config.head_size,
-        )
-        self._past = [
-            ort.OrtValue.ortvalue_from_shape_and_type(kv_shape, np.float32)
-            for _ in range(2 * config.num_hidden_layers)
-        ]
-        for name, value in zip(self._past_names(), self._past, strict=True):
-            self.binding.bind_ortvalue_input(name, value)
-        if share_buffer:  # present.* is the same buffer; GQA writes the new rows in place
+        if share_buffer:
+            # One numpy-backed buffer per tensor, bound as both past and present: GQA writes each
+            # new position in place, and we can rewind or move the cache without onnxruntime.
+            shape = (1, config.num_key_value_heads, max_length, config.head_size)
+            self._buffers = [np.empty(shape, np.float32) for _ in self._past_names()]
+            self._past = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
             for name, value in zip(self._present_names(), self._past, strict=True):
                 self.binding.bind_ortvalue_output(name, value)
+        else:
+            empty = (1, config.num_key_value_heads, 0, config.head_size)
+            self._buffers = []
+            self._past = [
+                ort.OrtValue.ortvalue_from_shape_and_type(empty, np.float32)
+                for _ in self._past_names()
+            ]
+        for name, value in zip(self._past_names(), self._past, strict=True):
+            self.binding.bind_ortvalue_input(name, value)
+
+    @property
+    def capacity(self) -> int:
+        """How many positions the cache can hold."""
+        return self._mask.shape[1]
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` positions; later steps overwrite the rest."""
+        if not self.share_buffer or not 0 <= length <= self.length:
+            raise ValueError("only a shared-buffer cache can be rewound, and only backwards")
+        self.length = length
+
+    def moved_to(self, max_length: int) -> KVDecoder:
+        """A decoder with room for ``max_length`` positions, holding this one's cache.
+
+        Closes this one."""
+        bigger = KVDecoder(self.session, self.config, max_length, True, self.vocab_size)
+        for old, new in zip(self._buffers, bigger._buffers, strict=True):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        bigger.length = self.length
+        self.close()
+        return bigger
 
     def step(self, embeds: np.ndarray) -> np.ndarray:
         """Run the decoder on ``embeds`` [1, S, hidden] after the cached positions; return the
@@ -133,7 +157,7 @@ class KVDecoder:
         """Release the KV cache and the binding now rather than at garbage collection."""
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
-        self._past = []
+        self._past, self._buffers = [], []
         self._logits = None
 
     def _past_names(self) -> list[str]:

@@ -7,11 +7,13 @@ Fusion differs by export layout (see :mod:`phi3v.config`):
 * legacy: the vision model takes one image per call and the embedding model is a bare Gather, so
   we embed the ids with placeholders clamped to 0 and write each image's rows over the positions
   holding its own placeholder ``-N``.
+
+Either way, image N's rows land on the run of ``-N`` placeholders, whatever the order of the tags.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -53,20 +55,19 @@ class Model:
             return [self._run_vision([image])[0] for image in images]
         return self._run_vision(images)
 
-    def embed(self, input_ids: np.ndarray, features: Sequence[np.ndarray] = ()) -> np.ndarray:
+    def embed(self, input_ids: np.ndarray, features: Mapping[int, np.ndarray]) -> np.ndarray:
         """Embeddings [1, L, hidden] of ``input_ids`` [1, L] with image features fused in:
-        ``features[N-1]`` replaces the run of placeholder ids ``-N``."""
-        check_placeholders(input_ids[0], [f.shape[0] for f in features])
+        ``features[N]`` replaces the run of placeholder ids ``-N`` (as checked by
+        :func:`check_placeholders`); ids may be any part of a prompt, so ``features`` needs only
+        the images whose placeholders are in it."""
+        order = image_order(input_ids[0])
         if self.config.layout == "redesigned":
             # The embedding model scatters rows into the negative positions in sequence order.
-            order = _image_order(input_ids[0])
-            rows = (
-                np.concatenate([features[n - 1] for n in order]) if order else self._no_features()
-            )
+            rows = np.concatenate([features[n] for n in order]) if order else self._no_features()
             return self._run_embedding(input_ids, rows)
         embeds = self._run_embedding(np.maximum(input_ids, 0), None)  # a bare Gather: clamp
-        for number, rows in enumerate(features, start=1):
-            embeds[0, input_ids[0] == -number] = rows
+        for number in order:
+            embeds[0, input_ids[0] == -number] = features[number]
         return embeds
 
     def embed_token(self, token_id: int) -> np.ndarray:
@@ -127,8 +128,8 @@ def check_placeholders(ids: np.ndarray, image_token_counts: Sequence[int]) -> No
             raise PromptError(f"the placeholders of image {number} must be contiguous in input_ids")
 
 
-def _image_order(ids: np.ndarray) -> list[int]:
-    """Image numbers in the order their placeholders first appear."""
+def image_order(ids: np.ndarray) -> list[int]:
+    """Image numbers in the order their placeholders first appear in ``ids``."""
     negative = ids[ids < 0]
     _, first = np.unique(negative, return_index=True)
     return [int(-negative[i]) for i in sorted(first)]

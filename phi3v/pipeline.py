@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from phi3v.cache import CachedPrefix, PrefixSlot, position_keys
 from phi3v.config import ModelConfig, load_config
 from phi3v.errors import PromptError
 from phi3v.generate import KVDecoder, Sampling, TextDeltas, decode_tokens
 from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
-from phi3v.model import Model, check_placeholders
+from phi3v.model import Model, check_placeholders, image_order
 from phi3v.prompt import (
     END,
     END_OF_TEXT,
@@ -55,6 +56,7 @@ class Generation:
     input_ids: list[int]  # the prompt, image placeholders as -N
     stop_reason: str  # "eos" or "length"
     timings: Timings
+    reused_tokens: int = 0  # prompt positions whose KV cache came from the previous generation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,12 +69,26 @@ class _Request:
     max_new_tokens: int
     sampling: Sampling
 
+    @property
+    def max_length(self) -> int:
+        return self.input_ids.shape[1] + self.max_new_tokens
+
 
 class Pipeline:
     """A loaded Phi-3 Vision model set: tokenizer, config and the three onnxruntime sessions."""
 
-    def __init__(self, config: ModelConfig, model: Model, tokenizer: PromptTokenizer):
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: Model,
+        tokenizer: PromptTokenizer,
+        *,
+        reuse_prefix: bool = True,
+    ):
         self.config, self.model, self.tokenizer = config, model, tokenizer
+        # Reusing the last generation's cache needs a cache we can rewind: the shared buffer.
+        self.reuse_prefix = reuse_prefix and config.past_present_share_buffer
+        self._prefix = PrefixSlot()
         self.stop_ids = frozenset(
             (*config.eos_token_ids, tokenizer.token_id(END), tokenizer.token_id(END_OF_TEXT))
         )
@@ -86,12 +102,42 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         *,
         num_threads: int | None = None,
+        reuse_prefix: bool = True,
     ) -> Pipeline:
         """Load a model folder (either export layout). ``num_threads`` defaults to onnxruntime's
-        choice, one per physical core. Raises ModelFolderError / ConfigError for a bad folder."""
+        choice, one per physical core. With ``reuse_prefix`` the KV cache of the last finished
+        generation is kept, so a follow-up turn prefills only what is new (see
+        :mod:`phi3v.cache`); :meth:`clear_cache` releases it. Raises ModelFolderError /
+        ConfigError for a bad folder."""
         config = load_config(model_dir)
         tokenizer = PromptTokenizer(config.path("tokenizer.json"))
-        return cls(config, Model(config, providers, num_threads), tokenizer)
+        model = Model(config, providers, num_threads)
+        return cls(config, model, tokenizer, reuse_prefix=reuse_prefix)
+
+    def clear_cache(self) -> None:
+        """Release the KV cache kept from the last generation."""
+        self._prefix.put(None)
+
+    def _decoder_for(self, request: _Request, keys: np.ndarray | None) -> tuple[KVDecoder, int]:
+        """A decoder for ``request`` and how many prompt positions it already holds."""
+        cached = self._prefix.take() if keys is not None else None
+        reused = cached.reusable_length(keys) if cached else 0
+        if cached and reused:
+            decoder = cached.decoder
+            decoder.rewind(reused)
+            if decoder.capacity < request.max_length:
+                decoder = decoder.moved_to(request.max_length)
+            return decoder, reused
+        if cached:
+            cached.decoder.close()  # before allocating the new cache, not after
+        decoder = KVDecoder(
+            self.model.decoder,
+            self.config.decoder,
+            max_length=request.max_length,
+            share_buffer=self.config.past_present_share_buffer,
+            vocab_size=self.config.vocab_size,
+        )
+        return decoder, 0
 
     def generate(
         self, prompt: Prompt = "", images: Sequence[ImageInput] = (), **options
@@ -235,8 +281,18 @@ class Stream:
         for _ in self:
             pass
         return Generation(
-            self.text, list(self.token_ids), self.input_ids, self.stop_reason, self.timings
+            self.text,
+            list(self.token_ids),
+            self.input_ids,
+            self.stop_reason,
+            self.timings,
+            self.reused_tokens,
         )
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt positions whose KV cache came from the previous generation (not recomputed)."""
+        return self._progress.reused_tokens
 
 
 class _Progress:
@@ -247,6 +303,7 @@ class _Progress:
         self.times: dict[str, float] = {}
         self.token_ids: list[int] = []
         self.stop_reason: str | None = None
+        self.reused_tokens = 0
         self.sampled = 0
         self.first_token_at = self.last_token_at = 0.0
 
@@ -270,20 +327,19 @@ class _Progress:
 
 def _generate(pipe: Pipeline, request: _Request, progress: _Progress) -> Iterator[str]:
     """Vision, embedding, prefill, then decode: yields text deltas, records progress."""
-    model, config = pipe.model, pipe.config
-    started = time.perf_counter()
-    features = model.encode_images(request.images)
-    progress.times["vision"] = time.perf_counter() - started
-    decoder = KVDecoder(
-        model.decoder,
-        config.decoder,
-        max_length=request.input_ids.shape[1] + request.max_new_tokens,
-        share_buffer=config.past_present_share_buffer,
-        vocab_size=config.vocab_size,
-    )
+    model = pipe.model
+    keys = position_keys(request.input_ids, request.images) if pipe.reuse_prefix else None
+    decoder, reused = pipe._decoder_for(request, keys)
+    progress.reused_tokens = reused
+    new_ids = request.input_ids[:, reused:]
+    finished = False
     try:
         started = time.perf_counter()
-        logits = decoder.step(model.embed(request.input_ids, features))
+        numbers = image_order(new_ids[0])  # the images whose positions still need computing
+        encoded = model.encode_images([request.images[n - 1] for n in numbers])
+        progress.times["vision"] = time.perf_counter() - started
+        started = time.perf_counter()
+        logits = decoder.step(model.embed(new_ids, dict(zip(numbers, encoded, strict=True))))
         progress.times["prefill"] = time.perf_counter() - started
         deltas = TextDeltas(pipe.tokenizer)
         tokens = decode_tokens(
@@ -305,9 +361,15 @@ def _generate(pipe: Pipeline, request: _Request, progress: _Progress) -> Iterato
             if delta := deltas.push(token):
                 yield delta
         progress.stop_reason = reason
+        finished = True
         if tail := deltas.flush():
             yield tail
     finally:
-        decoder.close()
-        if progress.stop_reason is None:
-            progress.stop_reason = "cancelled"
+        if finished and keys is not None:
+            # What the cache holds: the prompt, then each generated token that was fed back.
+            held = np.concatenate([keys, np.array(progress.token_ids, dtype=np.int64)])
+            pipe._prefix.put(CachedPrefix(held[: decoder.length], len(keys), decoder))
+        else:
+            decoder.close()
+            if progress.stop_reason is None:
+                progress.stop_reason = "cancelled"

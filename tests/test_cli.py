@@ -41,7 +41,14 @@ def test_json_prints_the_result_object(tiny_model_dir, picture):
                    "--max-new-tokens", "8", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert set(result) == {"text", "token_ids", "input_ids", "stop_reason", "timings"}
+    assert set(result) == {
+        "text",
+        "token_ids",
+        "input_ids",
+        "stop_reason",
+        "timings",
+        "reused_tokens",
+    }
     assert len(result["token_ids"]) == 8 and result["stop_reason"] == "length"
     assert result["input_ids"].count(-1) == 1921
     assert set(result["timings"]) == {

@@ -183,7 +183,7 @@ def test_new_tokens_are_bounded_by_the_context(tiny_model_dir, tmp_path):
     assert (len(result.input_ids), len(result.token_ids), result.stop_reason) == (9, 7, "length")
 
 
-def test_kv_cache_is_sized_for_the_request_not_the_context(pipe, monkeypatch):
+def test_kv_cache_is_sized_for_the_request_not_the_context(tiny_model_dir, monkeypatch):
     sizes = []
 
     class Recording(phi3v.pipeline.KVDecoder):
@@ -192,7 +192,7 @@ def test_kv_cache_is_sized_for_the_request_not_the_context(pipe, monkeypatch):
             super().__init__(*args, max_length=max_length, **kwargs)
 
     monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
-    result = pipe.generate("Hello", max_new_tokens=5)
+    result = Pipeline.load(tiny_model_dir).generate("Hello", max_new_tokens=5)
     assert sizes == [len(result.input_ids) + 5]
 
 
@@ -289,6 +289,7 @@ def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, monkeypa
             super().close()
 
     monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    pipe.clear_cache()  # so this generation allocates its own cache
     stream = pipe.stream("Hello", max_new_tokens=500)
     next(stream)
     stream.close()
@@ -308,6 +309,7 @@ def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, m
             super().close()
 
     monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    pipe.clear_cache()
     gc.disable()
     try:
         for count, _delta in enumerate(pipe.stream("Hello", max_new_tokens=500)):

@@ -1,0 +1,142 @@
+"""Reusing the previous generation's KV cache for a follow-up turn: exact, and only when right.
+
+Every case compares against a pipeline that never reuses anything: reuse may only save time.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from phi3v import Pipeline
+from tests.test_config import copy_model, edit_config
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_model_dir, reuse_prefix=False)
+
+
+@pytest.fixture
+def pipe(tiny_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(11)
+    paths = []
+    for index, (width, height) in enumerate([(320, 240), (500, 300)]):
+        path = folder / f"{index}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    copy = folder / "copy-of-0.png"  # the same pixels as picture 0, in a differently encoded file
+    Image.open(paths[0]).save(copy, compress_level=1)
+    return [*paths, str(copy)]
+
+
+def count_vision_runs(pipe: Pipeline, monkeypatch) -> list[int]:
+    calls = []
+    run = pipe.model.vision.run
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.model.vision, "run", counting)
+    return calls
+
+
+def follow_up(first_question: str, answer: str, second_question: str) -> list[dict]:
+    return [
+        {"role": "user", "content": first_question},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": second_question},
+    ]
+
+
+def test_a_follow_up_turn_skips_the_image_and_gives_the_same_tokens(
+    pipe, fresh, pictures, monkeypatch
+):
+    first = pipe.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=24)
+    assert first.reused_tokens == 0
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    messages = follow_up("<|image_1|>\nWhat is it?", first.text, "And the colours?")
+    second = pipe.generate(messages, pictures[:1], max_new_tokens=24)
+    assert second.reused_tokens > 1921  # the image block and more came from the cache
+    assert vision_runs == []
+    assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=24).token_ids
+
+
+def test_the_same_pixels_count_as_the_same_image(pipe, pictures):
+    pipe.generate("<|image_1|>\nWhat is it?", [pictures[0]], max_new_tokens=4)
+    again = pipe.generate("<|image_1|>\nWhat is it?", [pictures[2]], max_new_tokens=4)
+    assert again.reused_tokens == len(again.input_ids) - 1  # only the last position reruns
+
+
+def test_a_different_image_is_recomputed(pipe, fresh, pictures):
+    pipe.generate("<|image_1|>\nWhat is it?", [pictures[0]], max_new_tokens=8)
+    other = pipe.generate("<|image_1|>\nWhat is it?", [pictures[1]], max_new_tokens=8)
+    assert other.reused_tokens == 4  # "<s><|user|>\n", up to the image block
+    assert (
+        other.token_ids
+        == fresh.generate("<|image_1|>\nWhat is it?", [pictures[1]], max_new_tokens=8).token_ids
+    )
+
+
+def test_a_prompt_across_the_long_rope_switch_is_recomputed(pipe, fresh, pictures):
+    pipe.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=8)  # 1935 < 4096
+    both = "<|image_1|>\nWhat is it?<|image_2|>\nAnd this?"
+    longer = pipe.generate(both, pictures[:2], max_new_tokens=8)  # > 4096: the long RoPE cache
+    assert len(longer.input_ids) > 4096 and longer.reused_tokens == 0
+    assert longer.token_ids == fresh.generate(both, pictures[:2], max_new_tokens=8).token_ids
+
+
+def test_long_prompts_reuse_each_other(pipe, fresh, pictures):
+    both = "<|image_1|>\n<|image_2|>\nCompare."
+    first = pipe.generate(both, pictures[:2], max_new_tokens=8)
+    messages = follow_up(both, first.text, "Which is brighter?")
+    second = pipe.generate(messages, pictures[:2], max_new_tokens=16)
+    assert second.reused_tokens > 4096
+    assert second.token_ids == fresh.generate(messages, pictures[:2], max_new_tokens=16).token_ids
+
+
+def test_the_cache_grows_when_a_follow_up_needs_more_room(pipe, fresh, pictures):
+    first = pipe.generate("<|image_1|>\nHi", pictures[:1], max_new_tokens=2)
+    messages = follow_up("<|image_1|>\nHi", first.text, "Tell me more, at length.")
+    second = pipe.generate(messages, pictures[:1], max_new_tokens=64)
+    assert second.reused_tokens > 1921
+    assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=64).token_ids
+
+
+def test_a_cancelled_generation_is_not_kept(pipe, pictures):
+    stream = pipe.stream("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=100)
+    next(stream)
+    stream.close()
+    assert (
+        pipe.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=4).reused_tokens == 0
+    )
+
+
+def test_clear_cache_releases_the_kept_cache(pipe):
+    pipe.generate("Hello there", max_new_tokens=4)
+    pipe.clear_cache()
+    assert pipe.generate("Hello there", max_new_tokens=4).reused_tokens == 0
+
+
+def test_a_growing_kv_cache_config_does_not_reuse(tiny_model_dir, tmp_path):
+    folder = copy_model(tiny_model_dir, tmp_path / "grow")
+    edit_config(folder, lambda c: c["search"].update(past_present_share_buffer=False))
+    pipe = Pipeline.load(folder)
+    assert not pipe.reuse_prefix
+    pipe.generate("Hello there", max_new_tokens=4)
+    assert pipe.generate("Hello there", max_new_tokens=4).reused_tokens == 0
+
+
+def test_legacy_layout_reuses_too(tiny_legacy_model_dir, fresh, pictures):
+    pipe = Pipeline.load(tiny_legacy_model_dir)
+    first = pipe.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=12)
+    messages = follow_up("<|image_1|>\nWhat is it?", first.text, "Why?")
+    second = pipe.generate(messages, pictures[:1], max_new_tokens=12)
+    assert second.reused_tokens > 1921
+    assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=12).token_ids
