@@ -280,7 +280,9 @@ def test_stream_reports_progress_while_running(pipe, images):
     assert result.timings.decode_tokens_per_second > 0
 
 
-def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, monkeypatch):
+@pytest.fixture
+def closed(pipe, monkeypatch) -> list[bool]:
+    """Records each KV cache released; the pipeline starts with none kept from earlier tests."""
     closed = []
 
     class Recording(phi3v.pipeline.KVDecoder):
@@ -289,7 +291,11 @@ def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, monkeypa
             super().close()
 
     monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
-    pipe.clear_cache()  # so this generation allocates its own cache
+    pipe.clear_cache()  # so the next generation allocates its own cache
+    return closed
+
+
+def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, closed):
     stream = pipe.stream("Hello", max_new_tokens=500)
     next(stream)
     stream.close()
@@ -300,16 +306,7 @@ def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, monkeypa
         next(stream)
 
 
-def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, monkeypatch):
-    closed = []
-
-    class Recording(phi3v.pipeline.KVDecoder):
-        def close(self):
-            closed.append(True)
-            super().close()
-
-    monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
-    pipe.clear_cache()
+def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, closed):
     gc.disable()
     try:
         for count, _delta in enumerate(pipe.stream("Hello", max_new_tokens=500)):
