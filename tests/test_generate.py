@@ -246,6 +246,10 @@ def test_deltas_concatenate_to_the_final_text(pipe):
     with pipe.stream("Write something long.", max_new_tokens=96) as stream:
         deltas = list(stream)
     assert len(deltas) > 10
+    byte_tokens = [
+        t for t in stream.token_ids if pipe.tokenizer.tokenizer.id_to_token(t)[:3] == "<0x"
+    ]
+    assert byte_tokens and any(ord(char) > 127 for char in stream.text)  # multi-byte output
     assert "".join(deltas) == stream.text == pipe.tokenizer.decode(stream.token_ids)
 
 
