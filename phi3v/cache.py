@@ -8,9 +8,10 @@ prefill only the rest. GroupQueryAttention continues from a cache exactly as fro
 prefill (model-interfaces.md §8).
 
 Two positions are "the same" when they hold the same token id, or placeholders of images with
-the same pixel values. One more condition keeps reuse exact: the decoder rotates keys with a short
-RoPE cache while the sequence is at most 4096 long and with a long one beyond (an ``If`` inside
-the model), so a prefix computed under one regime is only reused by a prompt under the same one.
+the same pixel values (compared by :attr:`ProcessedImage.digest`). One more condition keeps reuse
+exact: the decoder rotates keys with a short RoPE cache while the sequence is at most 4096 long
+and with a long one beyond (an ``If`` inside the model), so a prefix computed under one regime is
+only reused by a prompt under the same one.
 """
 
 from __future__ import annotations
@@ -90,5 +91,5 @@ def _image_run_start(keys: np.ndarray, length: int) -> int:
 
 
 def _image_code(image: ProcessedImage) -> int:
-    digest = hashlib.blake2b(image.pixel_values.tobytes(), digest_size=7).digest()
-    return -1 - int.from_bytes(digest, "little")  # negative, so never equal to a token id
+    digest = image.digest or hashlib.blake2b(image.pixel_values.tobytes()).digest()
+    return -1 - int.from_bytes(digest[:7], "little")  # negative, never equal to a token id

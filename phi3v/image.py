@@ -16,6 +16,7 @@ step for step, so PNG input gives bit-identical ``pixel_values``:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -51,11 +52,14 @@ class ProcessedImage:
     ``pixel_values``: float32 [num_crops + 1, 3, 336, 336] (global image, crops, zero padding).
     ``image_size``: (height, width) of the padded HD image, both multiples of 336.
     ``num_image_tokens``: how many feature rows the vision model returns for it.
+    ``digest``: identifies the pixel values (a hash of the HD image and num_crops they derive
+    from), so a cached prefix can tell the same image from another.
     """
 
     pixel_values: np.ndarray
     image_size: tuple[int, int]
     num_image_tokens: int
+    digest: bytes = b""
 
 
 def num_image_tokens(height: int, width: int) -> int:
@@ -77,7 +81,11 @@ def preprocess_image(image: ImageInput, num_crops: int = 16) -> ProcessedImage:
     crops = [global_image(pixels), *split_crops(pixels)]
     pixel_values = np.zeros((num_crops + 1, 3, TILE, TILE), dtype=np.float32)
     pixel_values[: len(crops)] = crops
-    return ProcessedImage(pixel_values, (height, width), num_image_tokens(height, width))
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16, salt=bytes([num_crops]))
+    digest.update(f"{width}x{height}".encode())
+    return ProcessedImage(
+        pixel_values, (height, width), num_image_tokens(height, width), digest.digest()
+    )
 
 
 def check_num_crops(num_crops: object) -> None:
