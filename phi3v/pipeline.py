@@ -19,7 +19,7 @@ import numpy as np
 
 from phi3v.cache import CachedPrefix, PrefixSlot, position_keys
 from phi3v.config import ModelConfig, load_config
-from phi3v.errors import PromptError
+from phi3v.errors import ImageError, PromptError
 from phi3v.generate import KVDecoder, Sampling, TextDeltas, decode_tokens
 from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
 from phi3v.model import Model, check_placeholders, image_order
@@ -194,7 +194,9 @@ class Pipeline:
             messages = tag_images(normalize_messages(prompt), len(images))
         crops = self.config.num_crops if num_crops is None else num_crops
         check_num_crops(crops)
-        processed = tuple(preprocess_image(image, crops) for image in images)
+        processed = tuple(
+            _preprocess(image, crops, n, len(images)) for n, image in enumerate(images, 1)
+        )
         counts = [image.num_image_tokens for image in processed]
         if messages is not None:
             ids = np.array([build_input_ids(self.tokenizer, messages, counts)], dtype=np.int64)
@@ -222,6 +224,15 @@ class Pipeline:
             )
         check_placeholders(ids[0], counts)
         return ids
+
+
+def _preprocess(image: ImageInput, num_crops: int, number: int, count: int) -> ProcessedImage:
+    try:
+        return preprocess_image(image, num_crops)
+    except ImageError as err:
+        if count == 1:
+            raise
+        raise ImageError(f"image {number} of {count}: {err}") from err
 
 
 class Stream:

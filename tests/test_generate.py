@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import phi3v.pipeline
-from phi3v import Pipeline, PromptError, preprocess_image
+from phi3v import ImageError, Pipeline, PromptError, preprocess_image
 from phi3v.generate import Sampling, TextDeltas, sample
 from tests.test_config import copy_model, edit_config
 
@@ -357,6 +357,13 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_models_run(pipe,
 def test_bad_generation_settings_are_refused(pipe, options, message):
     with pytest.raises(PromptError, match=message):
         pipe.stream("Hi", **options)
+
+
+def test_a_bad_image_among_several_is_numbered(pipe, images):
+    with pytest.raises(
+        ImageError, match=r"image 2 of 2: the image data \(4 bytes\) is not an image"
+    ):
+        pipe.stream("Compare", [images["tiny"], b"oops"])
 
 
 def test_images_must_be_a_list(pipe, images):
