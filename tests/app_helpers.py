@@ -1,0 +1,52 @@
+"""Serving app.py in the test process, on 127.0.0.1 only, and talking to it."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from app import ModelLoader, build_demo, launch
+
+LOAD_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(loader: ModelLoader) -> Iterator[str]:
+    """Launch the app for ``loader`` on a free 127.0.0.1 port; yield its URL; close it after."""
+    demo = build_demo(loader)
+    _, url, _ = launch(
+        demo,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+    )
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+def ready_loader(model_dir: Path) -> ModelLoader:
+    loader = ModelLoader(model_dir).start()
+    assert loader.wait(LOAD_TIMEOUT_S), loader.status().error
+    return loader
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, every: float = 0.05):
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not true within {timeout} s: {condition}")
