@@ -280,7 +280,7 @@ class ModelLoader:
 
     With ``model_dir`` the folder is loaded as it is; without, ``root/<model>`` is downloaded
     first when it is incomplete. ``busy`` is held while the model runs an answer, so two
-    answers never share the CPU (even one that is finishing its current step after a Stop).
+    answers never share the CPU (a stopped answer's model call takes a moment to abort).
     """
 
     def __init__(
@@ -436,8 +436,9 @@ def follow(
     so Gradio, which cancels a handler between two yields, never waits on that call. Text that
     arrives faster than one yield per ``min_interval`` is gathered into one (a browser
     re-renders the whole answer on each update). Setting ``stop`` or closing this generator
-    ends it at once and stops the worker after its current token; the worker then closes the
-    stream (freeing its KV cache) and calls ``release``. Errors from the stream are raised here.
+    ends it at once and cancels the stream, which aborts the model call the worker is in (even
+    the long first one); the worker then closes the stream (freeing its KV cache) and calls
+    ``release``. Errors from the stream are raised here.
     """
     stop = stop or threading.Event()
     gone = threading.Event()  # this generator was closed
@@ -473,6 +474,7 @@ def follow(
                 return
     finally:
         gone.set()
+        stream.cancel()  # thread-safe; a no-op for a stream that has already ended
 
 
 def _gather(arrived: queue.SimpleQueue, tick: float, until: float) -> list:

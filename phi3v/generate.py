@@ -10,7 +10,7 @@ is the prompt plus the new tokens of this request, never the whole context.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,9 +127,9 @@ class KVDecoder:
         self.close()
         return bigger
 
-    def step(self, embeds: np.ndarray) -> np.ndarray:
+    def step(self, embeds: np.ndarray, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """Run the decoder on ``embeds`` [1, S, hidden] after the cached positions; return the
-        logits of the last position."""
+        logits of the last position. ``run_options.terminate`` aborts the run."""
         new = embeds.shape[1]
         if self.length + new > self._mask.shape[1]:
             raise RuntimeError("KV cache is full: the generation outgrew its max_length")
@@ -146,7 +146,7 @@ class KVDecoder:
         if not self.share_buffer:
             for name in self._present_names():
                 binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         if not self.share_buffer:
             # Outputs come back in bind order: logits first, then the presents in our order.
             self._past = binding.get_outputs()[1:]
@@ -209,16 +209,16 @@ class TextDeltas:
 
 
 def decode_tokens(
-    step_fn,
-    embed_token,
+    feed: Callable[[int], np.ndarray],
     first_logits: np.ndarray,
     max_new_tokens: int,
     sampling: Sampling,
     stop_ids: frozenset[int],
     vocab_limit: int,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` ids, starting from the prompt's last logits; stop after a
-    stop id (which is yielded, so the caller can tell why it ended, but never fed back)."""
+    """Yield up to ``max_new_tokens`` ids, starting from the prompt's last logits; ``feed(id)``
+    runs the model on a chosen id and returns the next logits. Stops after a stop id (which is
+    yielded, so the caller can tell why it ended, but never fed back)."""
     rng = np.random.default_rng(sampling.seed)
     logits = first_logits
     for produced in range(1, max_new_tokens + 1):
@@ -226,4 +226,4 @@ def decode_tokens(
         yield token
         if token in stop_ids or produced == max_new_tokens:
             return
-        logits = step_fn(embed_token(token))
+        logits = feed(token)

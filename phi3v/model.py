@@ -44,7 +44,9 @@ class Model:
         self.decoder = _session(config, config.decoder.filename, options, providers)
         _check_io(config, self)
 
-    def encode_images(self, images: Sequence[ProcessedImage]) -> list[np.ndarray]:
+    def encode_images(
+        self, images: Sequence[ProcessedImage], run_options: ort.RunOptions | None = None
+    ) -> list[np.ndarray]:
         """Vision features of each image, [num_image_tokens, hidden] apiece, in the given order.
 
         The redesigned vision model takes every image in one call; the legacy one takes one.
@@ -52,10 +54,15 @@ class Model:
         if not images:
             return []
         if self.config.layout == "legacy":
-            return [self._run_vision([image])[0] for image in images]
-        return self._run_vision(images)
+            return [self._run_vision([image], run_options)[0] for image in images]
+        return self._run_vision(images, run_options)
 
-    def embed(self, input_ids: np.ndarray, features: Mapping[int, np.ndarray]) -> np.ndarray:
+    def embed(
+        self,
+        input_ids: np.ndarray,
+        features: Mapping[int, np.ndarray],
+        run_options: ort.RunOptions | None = None,
+    ) -> np.ndarray:
         """Embeddings [1, L, hidden] of ``input_ids`` [1, L] with image features fused in:
         ``features[N]`` replaces the run of placeholder ids ``-N`` (as checked by
         :func:`check_placeholders`); ids may be any part of a prompt, so ``features`` needs only
@@ -64,17 +71,19 @@ class Model:
         if self.config.layout == "redesigned":
             # The embedding model scatters rows into the negative positions in sequence order.
             rows = np.concatenate([features[n] for n in order]) if order else self._no_features()
-            return self._run_embedding(input_ids, rows)
-        embeds = self._run_embedding(np.maximum(input_ids, 0), None)  # a bare Gather: clamp
+            return self._run_embedding(input_ids, rows, run_options)
+        embeds = self._run_embedding(np.maximum(input_ids, 0), None, run_options)  # a bare Gather
         for number in order:
             embeds[0, input_ids[0] == -number] = features[number]
         return embeds
 
-    def embed_token(self, token_id: int) -> np.ndarray:
+    def embed_token(self, token_id: int, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """Embedding [1, 1, hidden] of one generated token."""
-        return self._run_embedding(np.array([[token_id]], dtype=np.int64), None)
+        return self._run_embedding(np.array([[token_id]], dtype=np.int64), None, run_options)
 
-    def _run_vision(self, images: Sequence[ProcessedImage]) -> list[np.ndarray]:
+    def _run_vision(
+        self, images: Sequence[ProcessedImage], run_options: ort.RunOptions | None
+    ) -> list[np.ndarray]:
         vision = self.config.vision
         crops = {image.pixel_values.shape[0] - 1 for image in images}
         if len(crops) > 1:
@@ -85,7 +94,7 @@ class Model:
             vision.pixel_values: np.stack([image.pixel_values for image in images]),
             vision.image_sizes: np.array([image.image_size for image in images], dtype=np.int64),
         }
-        (features,) = self.vision.run([vision.features], feeds)
+        (features,) = self.vision.run([vision.features], feeds, run_options)
         features = features.reshape(-1, features.shape[-1])  # legacy: [1, N, hidden]
         counts = [image.num_image_tokens for image in images]
         if features.shape[0] != sum(counts):
@@ -95,14 +104,19 @@ class Model:
             )
         return np.split(features, np.cumsum(counts)[:-1])
 
-    def _run_embedding(self, input_ids: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    def _run_embedding(
+        self,
+        input_ids: np.ndarray,
+        features: np.ndarray | None,
+        run_options: ort.RunOptions | None,
+    ) -> np.ndarray:
         embedding = self.config.embedding
         feeds = {embedding.input_ids: input_ids}
         if embedding.image_features is not None:
             feeds[embedding.image_features] = (
                 features if features is not None else self._no_features()
             )
-        (embeds,) = self.embedding.run([embedding.inputs_embeds], feeds)
+        (embeds,) = self.embedding.run([embedding.inputs_embeds], feeds, run_options)
         return embeds
 
     def _no_features(self) -> np.ndarray:

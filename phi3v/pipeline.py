@@ -10,12 +10,14 @@ length) is checked when ``stream``/``generate`` is called, before any model runs
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from phi3v.cache import CachedPrefix, PrefixSlot, position_keys
 from phi3v.config import ModelConfig, load_config
@@ -269,9 +271,18 @@ class Stream:
         if hasattr(self, "_deltas"):
             self.close()
 
+    def cancel(self) -> None:
+        """Ask the generation to end as soon as it can. Safe from any thread, also while another
+        thread is inside ``next()``: a model call in progress (the vision model or a long prefill)
+        is aborted. The stream then ends, with stop_reason "cancelled", and frees its KV cache."""
+        self._progress.cancel()
+
     def close(self) -> None:
         """End the generation now and release its buffers."""
-        self._deltas.close()
+        self._progress.cancel()
+        # ValueError: another thread is inside next(); the cancel ends the generation there.
+        with contextlib.suppress(ValueError):
+            self._deltas.close()
 
     @property
     def token_ids(self) -> list[int]:
@@ -315,8 +326,14 @@ class _Progress:
         self.token_ids: list[int] = []
         self.stop_reason: str | None = None
         self.reused_tokens = 0
+        self.cancelled = False
+        self.run_options = ort.RunOptions()  # shared by every model call of this generation
         self.sampled = 0
         self.first_token_at = self.last_token_at = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.run_options.terminate = True  # onnxruntime checks it between nodes
 
     def count_token(self) -> None:
         now = time.perf_counter()
@@ -338,7 +355,7 @@ class _Progress:
 
 def _generate(pipe: Pipeline, request: _Request, progress: _Progress) -> Iterator[str]:
     """Vision, embedding, prefill, then decode: yields text deltas, records progress."""
-    model = pipe.model
+    model, options = pipe.model, progress.run_options
     keys = position_keys(request.input_ids, request.images) if pipe.reuse_prefix else None
     decoder, reused = pipe._decoder_for(request, keys)
     progress.reused_tokens = reused
@@ -347,24 +364,30 @@ def _generate(pipe: Pipeline, request: _Request, progress: _Progress) -> Iterato
     try:
         started = time.perf_counter()
         numbers = image_order(new_ids[0])  # the images whose positions still need computing
-        encoded = model.encode_images([request.images[n - 1] for n in numbers])
+        encoded = model.encode_images([request.images[n - 1] for n in numbers], options)
         progress.times["vision"] = time.perf_counter() - started
         started = time.perf_counter()
-        logits = decoder.step(model.embed(new_ids, dict(zip(numbers, encoded, strict=True))))
+        embeds = model.embed(new_ids, dict(zip(numbers, encoded, strict=True)), options)
+        logits = decoder.step(embeds, options)
         progress.times["prefill"] = time.perf_counter() - started
-        deltas = TextDeltas(pipe.tokenizer)
+
+        def feed(token: int) -> np.ndarray:
+            return decoder.step(model.embed_token(token, options), options)
+
         tokens = decode_tokens(
-            decoder.step,
-            model.embed_token,
+            feed,
             logits,
             request.max_new_tokens,
             request.sampling,
             pipe.stop_ids,
             pipe.vocab_limit,
         )
+        deltas = TextDeltas(pipe.tokenizer)
         reason = "length"
         for token in tokens:
             progress.count_token()
+            if progress.cancelled:
+                return
             if token in pipe.stop_ids:
                 reason = "eos"
                 break
@@ -375,6 +398,10 @@ def _generate(pipe: Pipeline, request: _Request, progress: _Progress) -> Iterato
         finished = True
         if tail := deltas.flush():
             yield tail
+    except Exception:
+        if not progress.cancelled:
+            raise
+        # else: onnxruntime aborted a run because we asked it to; end quietly
     finally:
         if finished and keys is not None:
             # What the cache holds: the prompt, then each generated token that was fed back.

@@ -204,6 +204,26 @@ def test_closing_follow_early_stops_the_worker_frees_the_stream_and_releases(tin
     assert len(stream.token_ids) < LONG
 
 
+def test_stop_while_the_image_is_read_aborts_that_model_call(tiny_model_dir, monkeypatch):
+    pipe = Pipeline.load(tiny_model_dir)
+    stream = pipe.stream("What is this?", [str(CHART)], max_new_tokens=LONG)
+    stopped, released = threading.Event(), threading.Event()
+    run = pipe.model.decoder.run_with_iobinding
+
+    def slow_prefill(binding, run_options=None):  # the real model spends ~50 s in here
+        stopped.wait(10)
+        return run(binding, run_options)
+
+    monkeypatch.setattr(pipe.model.decoder, "run_with_iobinding", slow_prefill)
+    deltas = follow(stream, released.set, tick=0.05)
+    assert next(deltas) == ""  # a clock tick while the worker is inside the first call
+    deltas.close()  # Stop
+    stopped.set()
+    assert released.wait(10)
+    assert stream.stop_reason == "cancelled"
+    assert stream.timings.prefill == 0  # the call was aborted, not run to its end
+
+
 def test_a_stop_request_ends_the_answer_and_the_last_status_says_stopped(loader):
     stop = threading.Event()
     updates = []

@@ -3,6 +3,7 @@ streaming deltas, releasing a generation, and the errors of a request."""
 
 import gc
 import json
+import threading
 
 import numpy as np
 import onnxruntime_genai as og
@@ -319,6 +320,53 @@ def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, c
         assert closed == [True]  # freed by reference counting, before any GC cycle
     finally:
         gc.enable()
+
+
+def test_cancel_during_the_vision_model_ends_before_any_token(pipe, images, closed, monkeypatch):
+    run = pipe.model.vision.run
+    stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50)
+
+    def vision_then_cancel(*args, **kwargs):
+        stream.cancel()  # as if Stop were pressed while the image is being read
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.model.vision, "run", vision_then_cancel)
+    assert list(stream) == []
+    assert (stream.stop_reason, stream.token_ids, closed) == ("cancelled", [], [True])
+    assert stream.timings.prefill == 0  # the embedding and the decoder were never let finish
+
+
+def test_cancel_aborts_the_running_prefill(pipe, images, closed, monkeypatch):
+    stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50)
+    run = pipe.model.decoder.run_with_iobinding
+
+    def cancelled_while_running(binding, run_options=None):
+        stream.cancel()  # lands while onnxruntime holds this call
+        return run(binding, run_options)
+
+    monkeypatch.setattr(pipe.model.decoder, "run_with_iobinding", cancelled_while_running)
+    assert list(stream) == []
+    assert stream.timings.prefill == 0  # onnxruntime gave up instead of finishing the prefill
+    assert (stream.stop_reason, closed) == ("cancelled", [True])
+
+
+def test_cancel_from_another_thread_ends_a_running_stream(pipe, closed):
+    stream = pipe.stream("Write at length.", max_new_tokens=100_000)
+    started, received = threading.Event(), []
+
+    def consume():
+        for delta in stream:
+            received.append(delta)
+            started.set()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    assert started.wait(30)
+    stream.close()  # from this thread, while the worker may be inside next()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert stream.stop_reason == "cancelled" and closed == [True]
+    assert len(stream.token_ids) < 100_000
 
 
 def test_generate_and_stream_agree(pipe, images):
