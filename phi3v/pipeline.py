@@ -35,6 +35,10 @@ from phi3v.prompt import (
 )
 
 DEFAULT_MAX_NEW_TOKENS = 512
+# KV positions reserved beyond a request, so the next turn of the conversation fits in the same
+# cache. They are address space, not memory: pages nobody writes are never made resident. (Moving
+# a 2k-position cache of the real model into a bigger one costs seconds of page faults.)
+FOLLOW_UP_ROOM = 1024
 Prompt = str | Sequence[Mapping[str, str]]
 
 
@@ -124,18 +128,19 @@ class Pipeline:
         """A decoder for ``request`` and how many prompt positions it already holds."""
         cached = self._prefix.take() if keys is not None else None
         reused = cached.reusable_length(keys) if cached else 0
+        capacity = min(request.max_length + FOLLOW_UP_ROOM, self.config.context_length)
         if cached and reused:
             decoder = cached.decoder
             decoder.rewind(reused)
             if decoder.capacity < request.max_length:
-                decoder = decoder.moved_to(request.max_length)
+                decoder = decoder.moved_to(max(capacity, 2 * decoder.capacity))
             return decoder, reused
         if cached:
             cached.decoder.close()  # before allocating the new cache, not after
         decoder = KVDecoder(
             self.model.decoder,
             self.config.decoder,
-            max_length=request.max_length,
+            max_length=capacity,
             share_buffer=self.config.past_present_share_buffer,
             vocab_size=self.config.vocab_size,
         )

@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from phi3v import Pipeline
+from phi3v.generate import KVDecoder
+from phi3v.pipeline import FOLLOW_UP_ROOM
 from tests.test_config import copy_model, edit_config
 
 
@@ -101,12 +103,31 @@ def test_long_prompts_reuse_each_other(pipe, fresh, pictures):
     assert second.token_ids == fresh.generate(messages, pictures[:2], max_new_tokens=16).token_ids
 
 
-def test_the_cache_grows_when_a_follow_up_needs_more_room(pipe, fresh, pictures):
+def test_a_follow_up_within_the_reserved_room_keeps_the_same_cache(pipe, pictures, monkeypatch):
+    moves = []
+    monkeypatch.setattr(KVDecoder, "moved_to", lambda self, n: moves.append(n))
     first = pipe.generate("<|image_1|>\nHi", pictures[:1], max_new_tokens=2)
     messages = follow_up("<|image_1|>\nHi", first.text, "Tell me more, at length.")
-    second = pipe.generate(messages, pictures[:1], max_new_tokens=64)
+    assert pipe.generate(messages, pictures[:1], max_new_tokens=64).reused_tokens > 1921
+    assert moves == []
+
+
+def test_the_cache_grows_when_a_follow_up_needs_more_room(pipe, fresh, pictures, monkeypatch):
+    moves = []
+    move = KVDecoder.moved_to
+
+    def recording(self, max_length):
+        moves.append((self.capacity, max_length))
+        return move(self, max_length)
+
+    monkeypatch.setattr(KVDecoder, "moved_to", recording)
+    first = pipe.generate("<|image_1|>\nHi", pictures[:1], max_new_tokens=2)
+    messages = follow_up("<|image_1|>\nHi", first.text, "Tell me more, at length.")
+    long = FOLLOW_UP_ROOM + 500  # more than the room reserved by the first turn
+    second = pipe.generate(messages, pictures[:1], max_new_tokens=long)
+    assert len(moves) == 1 and moves[0][1] >= len(second.input_ids) + long
     assert second.reused_tokens > 1921
-    assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=64).token_ids
+    assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=long).token_ids
 
 
 def test_a_cancelled_generation_is_not_kept(pipe, pictures):

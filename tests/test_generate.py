@@ -4,6 +4,7 @@ streaming deltas, releasing a generation, and the errors of a request."""
 import gc
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
@@ -12,7 +13,8 @@ from PIL import Image
 
 import phi3v.pipeline
 from phi3v import ImageError, Pipeline, PromptError, preprocess_image
-from phi3v.generate import Sampling, TextDeltas, sample
+from phi3v.generate import KVDecoder, Sampling, TextDeltas, sample
+from phi3v.pipeline import FOLLOW_UP_ROOM
 from tests.test_config import copy_model, edit_config
 
 IMAGE_PROMPT = "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n"
@@ -194,7 +196,21 @@ def test_kv_cache_is_sized_for_the_request_not_the_context(tiny_model_dir, monke
 
     monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
     result = Pipeline.load(tiny_model_dir).generate("Hello", max_new_tokens=5)
-    assert sizes == [len(result.input_ids) + 5]
+    assert sizes == [len(result.input_ids) + 5 + FOLLOW_UP_ROOM]  # room for one more turn
+
+
+def test_reserved_kv_room_costs_no_memory_until_used(pipe):
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+    before = resident_mib()
+    decoder = KVDecoder(pipe.model.decoder, pipe.config.decoder, 2_000_000, True, 32064)
+    embeds = np.zeros((1, 600, pipe.config.decoder.hidden_size), np.float32)
+    decoder.step(embeds)
+    reserved_mib = 2_000_000 * 2 * 2 * 2 * 16 * 4 / 2**20  # positions x layers x K,V x heads x dim
+    assert reserved_mib > 900
+    assert resident_mib() - before < 100  # the 600 written positions and a 16 MB mask
+    decoder.close()
 
 
 # --- sampling ---

@@ -1,0 +1,103 @@
+"""Time to first token of a follow-up question about the same image, with and without reuse of
+the previous turn's KV cache.
+
+A chat sends the whole conversation each turn. Without reuse, the second question pays the
+image's vision + prefill again (what onnxruntime-genai's examples and a plain pipeline do); with
+``Pipeline(reuse_prefix=True)`` (the default) only the new tokens are computed. Both runs use one
+process and one loaded model; the answers must be the same token for token.
+
+    python bench/follow_up.py --model /tmp/scale [--name follow_up]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from phi3v import Pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NEW_TOKENS = 32
+
+
+def conversation(first_answer: str) -> list[dict]:
+    return [
+        {"role": "user", "content": "<|image_1|>\nDescribe the image."},
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": "What colours stand out?"},
+    ]
+
+
+def follow_up_ttft(pipe: Pipeline, image: str) -> dict:
+    """Turn 1, then turn 2 on the same pipeline; the timings of turn 2."""
+    first = pipe.generate("<|image_1|>\nDescribe the image.", [image], max_new_tokens=NEW_TOKENS)
+    second = pipe.generate(conversation(first.text), [image], max_new_tokens=NEW_TOKENS)
+    return {
+        "first_ttft_s": first.timings.time_to_first_token,
+        "ttft_s": second.timings.time_to_first_token,
+        "vision_s": second.timings.vision,
+        "prefill_s": second.timings.prefill,
+        "prompt_tokens": len(second.input_ids),
+        "reused_tokens": second.reused_tokens,
+        "token_ids": second.token_ids,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model folder")
+    parser.add_argument("--runs", type=int, default=1, help="repetitions of each variant")
+    parser.add_argument("--name", default="follow_up", help="results file name")
+    args = parser.parse_args()
+
+    image = "/tmp/phi3v-follow-up-1344x1008.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (1008, 1344, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    runs: dict[str, list[dict]] = {"reuse": [], "no reuse": []}
+    for _ in range(args.runs):
+        for variant, reuse in (("reuse", True), ("no reuse", False)):
+            pipe = Pipeline.load(args.model, reuse_prefix=reuse)
+            runs[variant].append(follow_up_ttft(pipe, image))
+            del pipe
+    same = runs["reuse"][0]["token_ids"] == runs["no reuse"][0]["token_ids"]
+    median = {v: statistics.median(r["ttft_s"] for r in rs) for v, rs in runs.items()}
+    lines = [
+        f"# Follow-up question TTFT: `{args.name}`",
+        "",
+        f"* date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; model: `{args.model}`; "
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+        f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"* a 1344x1008 PNG (1921 image tokens), turn 1 then turn 2 with the history; "
+        f"{args.runs} run(s) per variant, greedy, {NEW_TOKENS} new tokens; median",
+        "",
+        "| variant | turn-2 prompt tokens | reused from turn 1 | vision s | prefill s | TTFT s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, rs in runs.items():
+        r = rs[0]
+        lines.append(
+            f"| {variant} | {r['prompt_tokens']} | {r['reused_tokens']} | "
+            f"{statistics.median(x['vision_s'] for x in rs):.2f} | "
+            f"{statistics.median(x['prefill_s'] for x in rs):.2f} | {median[variant]:.2f} |"
+        )
+    lines += [
+        "",
+        f"Speed-up of the follow-up's TTFT: **{median['no reuse'] / median['reuse']:.0f}x**; "
+        f"same answer tokens: **{'yes' if same else 'NO'}**.",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
