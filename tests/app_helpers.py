@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from app import ModelLoader, build_demo, launch
+from phi3v.download import DEFAULT_MODEL, MODELS
+from tests.fakehub import FakeHub
+from tests.tiny_model import build_tiny_model
 
 LOAD_TIMEOUT_S = 60
 
@@ -50,3 +54,18 @@ def wait_until(condition: Callable[[], object], timeout: float = 30.0, every: fl
             return value
         time.sleep(every)
     raise AssertionError(f"not true within {timeout} s: {condition}")
+
+
+@contextmanager
+def first_launch(tmp_path: Path, monkeypatch) -> Iterator[tuple[FakeHub, ModelLoader, dict]]:
+    """A loader downloading the default model set from a fake Hub on 127.0.0.1 that serves the
+    tiny model in its layout; the download holds after its first bytes until ``hub.hold`` is set.
+    Yields (hub, loader started on an empty data folder, the served files)."""
+    spec = MODELS[DEFAULT_MODEL]
+    source = build_tiny_model(tmp_path / "source", layout=spec.layout)
+    files = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    with FakeHub(spec.repo, spec.folder, spec.revision, files) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        hub.hold = threading.Event()
+        yield hub, ModelLoader(None, DEFAULT_MODEL, tmp_path / "data").start(), files

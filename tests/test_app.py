@@ -38,10 +38,8 @@ from app import (
     without_last_answer,
 )
 from phi3v import Pipeline, Timings
-from phi3v.download import DEFAULT_MODEL, MODELS, DownloadProgress, is_complete
-from tests.app_helpers import free_port, ready_loader, serve, wait_until
-from tests.fakehub import FakeHub
-from tests.tiny_model import build_tiny_model
+from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
+from tests.app_helpers import first_launch, free_port, ready_loader, serve, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "data" / "examples" / "bar_chart.png"
@@ -275,14 +273,7 @@ def test_a_bad_model_dir_fails_visibly_and_on_stderr(capsys, tmp_path):
 
 
 def test_first_launch_downloads_with_progress_then_loads(tmp_path, monkeypatch):
-    spec = MODELS[DEFAULT_MODEL]
-    model = build_tiny_model(tmp_path / "source", layout=spec.layout)
-    files = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
-    with FakeHub(spec.repo, spec.folder, spec.revision, files) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        hub.hold = threading.Event()
-        loader = ModelLoader(None, DEFAULT_MODEL, tmp_path / "data").start()
+    with first_launch(tmp_path, monkeypatch) as (hub, loader, files):
         assert hub.content_arrived.wait(10)
         assert loader.status().phase == "downloading"
         assert "Downloading" in model_panel(loader.status())

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import playwright.sync_api as sync_api  # a declared test dependency: never skipped
 import pytest
 
 from app import ModelLoader
-from phi3v.download import DEFAULT_MODEL, MODELS
-from tests.app_helpers import serve, wait_until
-from tests.fakehub import FakeHub
-from tests.tiny_model import build_tiny_model
+from tests.app_helpers import first_launch, serve, wait_until
 
 expect = sync_api.expect
 
@@ -141,19 +137,12 @@ def test_an_example_fills_the_box_and_can_be_sent(page):
 
 
 def test_first_launch_shows_the_download_then_opens_the_chat(browser, tmp_path, monkeypatch):
-    spec = MODELS[DEFAULT_MODEL]
-    source = build_tiny_model(tmp_path / "source", layout=spec.layout)
-    files = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
-    with FakeHub(spec.repo, spec.folder, spec.revision, files) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        hub.hold = threading.Event()  # the download waits until the page has been seen
-        loader = ModelLoader(None, DEFAULT_MODEL, tmp_path / "data").start()
-        with serve(loader) as url:
-            page = open_page(browser, url)
-            expect(page.locator("#model-panel")).to_contain_text("Downloading")
-            expect(page.locator("#chat-input textarea")).to_be_disabled()
-            hub.hold.set()
-            expect(page.locator("#model-panel")).to_contain_text("Model ready")
-            expect(page.locator("#chat-input textarea")).to_be_enabled()
-            page.close()
+    # The download holds after its first bytes until the page has been seen.
+    with first_launch(tmp_path, monkeypatch) as (hub, loader, _files), serve(loader) as url:
+        page = open_page(browser, url)
+        expect(page.locator("#model-panel")).to_contain_text("Downloading")
+        expect(page.locator("#chat-input textarea")).to_be_disabled()
+        hub.hold.set()
+        expect(page.locator("#model-panel")).to_contain_text("Model ready")
+        expect(page.locator("#chat-input textarea")).to_be_enabled()
+        page.close()
