@@ -13,7 +13,7 @@ from PIL import Image
 
 import phi3v.pipeline
 from phi3v import ImageError, Pipeline, PromptError, preprocess_image
-from phi3v.generate import KVDecoder, Sampling, TextDeltas, sample
+from phi3v.generate import KVDecoder, Sampling, TextDeltas, lazy_buffer, sample
 from phi3v.pipeline import FOLLOW_UP_ROOM
 from tests.test_config import copy_model, edit_config
 
@@ -199,10 +199,11 @@ def test_kv_cache_is_sized_for_the_request_not_the_context(tiny_model_dir, monke
     assert sizes == [len(result.input_ids) + 5 + FOLLOW_UP_ROOM]  # room for one more turn
 
 
-def test_reserved_kv_room_costs_no_memory_until_used(pipe):
-    def resident_mib() -> float:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+def resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
+
+def test_reserved_kv_room_costs_no_memory_until_used(pipe):
     before = resident_mib()
     decoder = KVDecoder(pipe.model.decoder, pipe.config.decoder, 2_000_000, True, 32064)
     embeds = np.zeros((1, 600, pipe.config.decoder.hidden_size), np.float32)
@@ -211,6 +212,17 @@ def test_reserved_kv_room_costs_no_memory_until_used(pipe):
     assert reserved_mib > 900
     assert resident_mib() - before < 100  # the 600 written positions and a 16 MB mask
     decoder.close()
+
+
+def test_reserved_room_stays_free_even_inside_a_huge_page():
+    # Real Phi-3-V head blocks: 32 heads x 3000 positions x 96 dims, 1.1 MB each, smaller than a
+    # 2 MB transparent huge page. Write the first 2000 positions of eight such buffers.
+    before = resident_mib()
+    buffers = [lazy_buffer((1, 32, 3000, 96)) for _ in range(8)]
+    for buffer in buffers:
+        buffer[:, :, :2000] = 1.0
+    written_mib = 8 * 32 * 2000 * 96 * 4 / 2**20  # 188 MiB of 281 MiB reserved
+    assert resident_mib() - before < written_mib + 40
 
 
 # --- sampling ---
