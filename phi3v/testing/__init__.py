@@ -1,0 +1,37 @@
+"""Random-weight Phi-3-vision ONNX model sets with the real release's interface.
+
+One builder for the tests (``TINY``, fp32 weights, tens of MB, built in well under a second) and
+the benchmarks (``REAL``, the real dimensions with int4 ``MatMulNBits`` weights, ~3 GB)::
+
+    from phi3v.testing import REAL, TINY, build_model
+
+    build_model("/tmp/tiny")                                    # TINY, float, redesigned
+    build_model("/tmp/tiny-int4", weights="int4", layout="legacy")
+    build_model("/tmp/scale", size=REAL)                        # int4, as the cpu-int4 release
+
+or ``python -m phi3v.testing OUT_DIR [--size tiny|real] [--weights float|int4] ...``.
+"""
+
+from phi3v.testing.model_builder import (
+    DEFAULT_OUTLIER_GAIN,
+    LAYOUTS,
+    MODEL_FILES,
+    ORIGINAL_CONTEXT,
+    build_model,
+    outlier_channel_ids,
+)
+from phi3v.testing.sizes import REAL, SIZES, TINY, WEIGHT_FORMATS, ModelSize
+
+__all__ = [
+    "DEFAULT_OUTLIER_GAIN",
+    "LAYOUTS",
+    "MODEL_FILES",
+    "ORIGINAL_CONTEXT",
+    "REAL",
+    "SIZES",
+    "TINY",
+    "WEIGHT_FORMATS",
+    "ModelSize",
+    "build_model",
+    "outlier_channel_ids",
+]
