@@ -11,8 +11,8 @@ from pathlib import Path
 
 from app import ModelLoader, build_demo, launch
 from phi3v.download import DEFAULT_MODEL, MODELS
+from phi3v.testing import build_model as build_tiny_model
 from tests.fakehub import FakeHub
-from tests.tiny_model import build_tiny_model
 
 LOAD_TIMEOUT_S = 60
 

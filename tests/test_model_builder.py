@@ -1,7 +1,8 @@
-"""The tiny model sets have the real Phi-3-vision ONNX interface and behave like a language model.
+"""The built model sets have the real Phi-3-vision ONNX interface and behave like a language model.
 
 Interface facts are from docs/phi3v-spec.md §2 and model-interfaces.md §3; the token-count formula
-is phi3v-spec.md §4.8: (h*w + 1) * 144 + 1 + (h + 1) * 12 rows per image.
+is phi3v-spec.md §4.8: (h*w + 1) * 144 + 1 + (h + 1) * 12 rows per image. The tiny sets come in
+two weight formats: fp32 MatMul ("float") and MatMulNBits int4 block 32 ("int4", as released).
 """
 
 import json
@@ -15,23 +16,31 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from tests.tiny_model import (
-    HEAD_SIZE,
-    HIDDEN_SIZE,
+from phi3v import Pipeline, image
+from phi3v.testing import (
+    DEFAULT_OUTLIER_GAIN,
     MODEL_FILES,
-    NUM_KV_HEADS,
-    NUM_LAYERS,
     ORIGINAL_CONTEXT,
-    VOCAB_SIZE,
-    build_tiny_model,
-    num_image_tokens,
+    TINY,
+    ModelSize,
+    build_model,
+    outlier_channel_ids,
 )
+from tests.conftest import OUTLIER_CHANNELS
+
+HIDDEN_SIZE, HEAD_SIZE, VOCAB_SIZE = TINY.hidden_size, TINY.head_size, TINY.vocab_size
+NUM_KV_HEADS, NUM_LAYERS = TINY.num_kv_heads, TINY.num_layers
 
 FLOAT, INT64 = "tensor(float)", "tensor(int64)"
 KV_NAMES = [f"past_key_values.{i}.{part}" for i in range(NUM_LAYERS) for part in ("key", "value")]
 PRESENT_NAMES = [f"present.{i}.{part}" for i in range(NUM_LAYERS) for part in ("key", "value")]
 TEXT_PROMPT = "<|user|>\nWho are you?<|end|>\n<|assistant|>\n"
 IMAGE_PROMPT = "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n"
+
+
+def num_image_tokens(h_crops: int, w_crops: int) -> int:
+    """Rows for an image of h_crops x w_crops tiles, by phi3v's own formula."""
+    return image.num_image_tokens(image.TILE * h_crops, image.TILE * w_crops)
 
 
 def _session(model_dir: Path, layout: str, role: str) -> ort.InferenceSession:
@@ -73,17 +82,60 @@ def _random_embeds(length: int, seed: int = 0) -> np.ndarray:
 
 # --- building ----------------------------------------------------------------------------------
 
+FIXTURE_NAMES = {
+    ("redesigned", "float"): "tiny_model_dir",
+    ("legacy", "float"): "tiny_legacy_model_dir",
+    ("redesigned", "int4"): "tiny_int4_model_dir",
+    ("legacy", "int4"): "tiny_int4_legacy_model_dir",
+}
+FORMATS = ["float", "int4"]
+
+
+def _model_dir(request, layout: str = "redesigned", weights: str = "float") -> Path:
+    """The session's tiny set of that layout and weight format (see conftest.py)."""
+    return request.getfixturevalue(FIXTURE_NAMES[layout, weights])
+
+
+@pytest.fixture(params=FORMATS)
+def any_model_dir(request) -> Path:
+    """The tiny re-designed set, once in each weight format."""
+    return _model_dir(request, weights=request.param)
+
 
 def test_unknown_layout_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="layout"):
-        build_tiny_model(tmp_path, layout="june")
+        build_model(tmp_path, layout="june")
 
 
+def test_unknown_weight_format_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="weights"):
+        build_model(tmp_path, weights="int8")
+
+
+def test_int4_weights_need_input_widths_that_are_multiples_of_32(tmp_path):
+    odd = ModelSize(
+        name="odd",
+        hidden_size=48,  # 48 = 1.5 blocks of 32
+        num_heads=4,
+        num_kv_heads=2,
+        num_layers=1,
+        intermediate_size=64,
+        clip_width=32,
+        clip_heads=2,
+        clip_mlp=64,
+        clip_layers=1,
+        clip_layers_used=1,
+        default_weights="float",
+    )
+    with pytest.raises(ValueError, match=r"multiple of 32.*'hidden_size': 48"):
+        build_model(tmp_path, size=odd, weights="int4")
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+@pytest.mark.parametrize("weights", FORMATS)
 @pytest.mark.parametrize("layout", ["redesigned", "legacy"])
-def test_folder_holds_models_with_external_data_configs_and_tokenizer(
-    layout, tiny_model_dir, tiny_legacy_model_dir
-):
-    model_dir = tiny_model_dir if layout == "redesigned" else tiny_legacy_model_dir
+def test_folder_holds_models_with_external_data_configs_and_tokenizer(layout, weights, request):
+    model_dir = _model_dir(request, layout, weights)
     expected = {
         "genai_config.json",
         "processor_config.json",
@@ -95,46 +147,96 @@ def test_folder_holds_models_with_external_data_configs_and_tokenizer(
     assert {path.name for path in model_dir.iterdir()} == expected
 
 
+@pytest.mark.parametrize("weights", FORMATS)
 @pytest.mark.parametrize("role", ["vision", "embedding", "decoder"])
-def test_weights_live_in_the_data_file_beside_each_model(role, tiny_model_dir):
-    path = tiny_model_dir / MODEL_FILES["redesigned"][role]
+def test_weights_live_in_the_data_file_beside_each_model_at_aligned_offsets(role, weights, request):
+    path = _model_dir(request, weights=weights) / MODEL_FILES["redesigned"][role]
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             assert np.prod(tensor.dims) <= 8, f"{tensor.name} is stored inline"
             continue
-        location = {entry.key: entry.value for entry in tensor.external_data}["location"]
-        assert location == path.name + ".data"
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        assert entries["location"] == path.name + ".data"
+        assert int(entries["offset"]) % 4096 == 0, tensor.name
 
 
-def test_rebuilding_gives_byte_identical_files(tmp_path, tiny_model_dir):
-    rebuilt = build_tiny_model(tmp_path / "again")
-    for path in tiny_model_dir.iterdir():
+@pytest.mark.parametrize("weights", FORMATS)
+def test_rebuilding_gives_byte_identical_files(weights, tmp_path, request):
+    built = _model_dir(request, weights=weights)
+    rebuilt = build_model(tmp_path / "again", weights=weights)
+    for path in built.iterdir():
         assert (rebuilt / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_rebuilding_into_the_same_folder_does_not_grow_the_data_files(tmp_path):
-    first = build_tiny_model(tmp_path, layout="legacy")
+    first = build_model(tmp_path, layout="legacy")
     sizes = {path.name: path.stat().st_size for path in first.iterdir()}
-    build_tiny_model(tmp_path, layout="legacy")
+    build_model(tmp_path, layout="legacy")
     assert {path.name: path.stat().st_size for path in tmp_path.iterdir()} == sizes
 
 
-def test_another_seed_gives_other_weights(tmp_path, tiny_model_dir):
-    other = build_tiny_model(tmp_path, seed=7)
-    name = MODEL_FILES["redesigned"]["decoder"] + ".data"
-    assert (other / name).read_bytes() != (tiny_model_dir / name).read_bytes()
+@pytest.mark.parametrize("weights", FORMATS)
+def test_another_seed_gives_other_weights(weights, tmp_path, request):
+    other = build_model(tmp_path, weights=weights, seed=7)
+    for role in ("vision", "embedding", "decoder"):
+        name = MODEL_FILES["redesigned"][role] + ".data"
+        assert (other / name).read_bytes() != (
+            _model_dir(request, weights=weights) / name
+        ).read_bytes()
 
 
-def test_both_layouts_share_decoder_and_embedding_table(tiny_model_dir, tiny_legacy_model_dir):
+@pytest.mark.parametrize("weights", FORMATS)
+def test_both_layouts_share_decoder_and_embedding_table(weights, request):
+    new_dir, old_dir = (
+        _model_dir(request, "redesigned", weights),
+        _model_dir(request, "legacy", weights),
+    )
     for name in ("phi-3-v-128k-instruct-text.onnx", "phi-3-v-128k-instruct-text.onnx.data"):
-        assert (tiny_model_dir / name).read_bytes() == (tiny_legacy_model_dir / name).read_bytes()
+        assert (new_dir / name).read_bytes() == (old_dir / name).read_bytes()
     ids = np.array([[0, 1, 32007, VOCAB_SIZE - 1]], dtype=np.int64)
-    new = _session(tiny_model_dir, "redesigned", "embedding").run(
+    new = _session(new_dir, "redesigned", "embedding").run(
         None, {"input_ids": ids, "image_features": np.zeros((0, HIDDEN_SIZE), np.float32)}
     )[0]
-    old = _session(tiny_legacy_model_dir, "legacy", "embedding").run(None, {"input_ids": ids})[0]
+    old = _session(old_dir, "legacy", "embedding").run(None, {"input_ids": ids})[0]
     np.testing.assert_array_equal(new, old)
+
+
+def _ops(model_dir: Path, role: str) -> list[onnx.NodeProto]:
+    path = model_dir / MODEL_FILES["redesigned"][role]
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+LINEAR_OPS = {"float": "MatMul", "int4": "MatMulNBits"}
+# decoder: qkv, o, gate_up, down per layer + lm_head; vision: qkv, out, fc1, fc2 per CLIP layer
+# + the two img_projection linears
+LINEAR_LAYERS = {
+    "decoder": 4 * TINY.num_layers + 1,
+    "vision": 4 * TINY.clip_layers_used + 2,
+}
+
+
+@pytest.mark.parametrize("weights", FORMATS)
+@pytest.mark.parametrize("role", ["vision", "decoder"])
+def test_every_linear_layer_has_the_chosen_weight_format(role, weights, request):
+    ops = [node.op_type for node in _ops(_model_dir(request, weights=weights), role)]
+    assert ops.count(LINEAR_OPS[weights]) == LINEAR_LAYERS[role]
+    other = LINEAR_OPS["int4" if weights == "float" else "float"]
+    assert other not in ops
+
+
+@pytest.mark.parametrize("role", ["vision", "decoder"])
+def test_int4_layers_are_4_bit_block_32_accuracy_level_4_without_zero_points(
+    role, tiny_int4_model_dir
+):
+    for node in _ops(tiny_int4_model_dir, role):
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (4, 32, 4)
+        # A, B, scales, then (for a bias, input 5) empty zero_points and g_idx
+        assert len(node.input) in (3, 6), node.name
+        assert list(node.input[3:5]) in ([], ["", ""]), node.name
 
 
 def test_tokenizer_files_are_the_fixture_copies(tiny_model_dir):
@@ -286,8 +388,8 @@ def test_token_formula_matches_the_spec_examples():
 
 
 @pytest.mark.parametrize(("h", "w"), CROP_GRIDS)
-def test_vision_emits_one_row_per_image_token(h, w, tiny_model_dir):
-    vision = _session(tiny_model_dir, "redesigned", "vision")
+def test_vision_emits_one_row_per_image_token(h, w, any_model_dir):
+    vision = _session(any_model_dir, "redesigned", "vision")
     features = vision.run(
         None, {"pixel_values": _pixel_values(1, 17), "image_sizes": _image_sizes((h, w))}
     )[0]
@@ -295,8 +397,8 @@ def test_vision_emits_one_row_per_image_token(h, w, tiny_model_dir):
     assert np.isfinite(features).all()
 
 
-def test_vision_takes_several_images_in_one_call(tiny_model_dir):
-    vision = _session(tiny_model_dir, "redesigned", "vision")
+def test_vision_takes_several_images_in_one_call(any_model_dir):
+    vision = _session(any_model_dir, "redesigned", "vision")
     pixels = _pixel_values(2, 17)
     both = vision.run(None, {"pixel_values": pixels, "image_sizes": _image_sizes((3, 4), (1, 2))})[
         0
@@ -307,16 +409,16 @@ def test_vision_takes_several_images_in_one_call(tiny_model_dir):
     np.testing.assert_allclose(both, np.concatenate([first, second]), atol=1e-6)
 
 
-def test_vision_accepts_fewer_crops_than_17(tiny_model_dir):
-    vision = _session(tiny_model_dir, "redesigned", "vision")
+def test_vision_accepts_fewer_crops_than_17(any_model_dir):
+    vision = _session(any_model_dir, "redesigned", "vision")
     pixels = _pixel_values(1, 17)
     full = vision.run(None, {"pixel_values": pixels, "image_sizes": _image_sizes((2, 2))})[0]
     five = vision.run(None, {"pixel_values": pixels[:, :5], "image_sizes": _image_sizes((2, 2))})[0]
     np.testing.assert_allclose(five, full, atol=1e-6)  # crops past 1 + h*w are padding
 
 
-def test_vision_ignores_padding_crops(tiny_model_dir):
-    vision = _session(tiny_model_dir, "redesigned", "vision")
+def test_vision_ignores_padding_crops(any_model_dir):
+    vision = _session(any_model_dir, "redesigned", "vision")
     pixels = _pixel_values(1, 17)
     changed = pixels.copy()
     changed[:, 5:] = 0.0
@@ -327,8 +429,8 @@ def test_vision_ignores_padding_crops(tiny_model_dir):
     )
 
 
-def test_vision_rows_follow_the_hd_layout(tiny_model_dir):
-    vision = _session(tiny_model_dir, "redesigned", "vision")
+def test_vision_rows_follow_the_hd_layout(any_model_dir):
+    vision = _session(any_model_dir, "redesigned", "vision")
     features = vision.run(
         None, {"pixel_values": _pixel_values(1, 17), "image_sizes": _image_sizes((1, 2))}
     )[0]
@@ -343,10 +445,12 @@ def test_vision_rows_follow_the_hd_layout(tiny_model_dir):
     assert not np.allclose(features[12 * 25], features[24])  # glb_GN is a different vector
 
 
-def test_legacy_vision_gives_the_same_rows_with_a_batch_axis(tiny_model_dir, tiny_legacy_model_dir):
+@pytest.mark.parametrize("weights", FORMATS)
+def test_legacy_vision_gives_the_same_rows_with_a_batch_axis(weights, request):
     feeds = {"pixel_values": _pixel_values(1, 17), "image_sizes": _image_sizes((3, 4))}
-    new = _session(tiny_model_dir, "redesigned", "vision").run(None, feeds)[0]
-    old = _session(tiny_legacy_model_dir, "legacy", "vision").run(None, feeds)[0]
+    new_dir, old_dir = (_model_dir(request, layout, weights) for layout in ("redesigned", "legacy"))
+    new = _session(new_dir, "redesigned", "vision").run(None, feeds)[0]
+    old = _session(old_dir, "legacy", "vision").run(None, feeds)[0]
     assert old.shape == (1, num_image_tokens(3, 4), HIDDEN_SIZE)
     np.testing.assert_array_equal(old[0], new)
 
@@ -354,8 +458,8 @@ def test_legacy_vision_gives_the_same_rows_with_a_batch_axis(tiny_model_dir, tin
 # --- embedding -----------------------------------------------------------------------------------
 
 
-def test_embedding_pastes_image_features_at_negative_ids_in_order(tiny_model_dir):
-    embedding = _session(tiny_model_dir, "redesigned", "embedding")
+def test_embedding_pastes_image_features_at_negative_ids_in_order(any_model_dir):
+    embedding = _session(any_model_dir, "redesigned", "embedding")
     ids = np.array([[32010, -1, -1, -1, 13, -2, -2, 32001]], dtype=np.int64)
     features = np.arange(5 * HIDDEN_SIZE, dtype=np.float32).reshape(5, HIDDEN_SIZE)
     embeds = embedding.run(None, {"input_ids": ids, "image_features": features})[0]
@@ -384,8 +488,8 @@ def test_legacy_embedding_wraps_negative_ids_like_a_plain_gather(tiny_legacy_mod
 # --- decoder -------------------------------------------------------------------------------------
 
 
-def test_prefill_then_single_steps_equals_one_prefill(tiny_model_dir):
-    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+def test_prefill_then_single_steps_equals_one_prefill(any_model_dir):
+    decoder = _session(any_model_dir, "redesigned", "decoder")
     embeds = _random_embeds(24)
     whole, _ = _run_decoder(decoder, embeds, _empty_past())
 
@@ -397,8 +501,8 @@ def test_prefill_then_single_steps_equals_one_prefill(tiny_model_dir):
     np.testing.assert_allclose(np.concatenate(rows, axis=1), whole, atol=5e-5, rtol=1e-5)
 
 
-def test_shared_kv_buffer_gives_the_same_logits_as_growing_kv(tiny_model_dir):
-    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+def test_shared_kv_buffer_gives_the_same_logits_as_growing_kv(any_model_dir):
+    decoder = _session(any_model_dir, "redesigned", "decoder")
     embeds = _random_embeds(24)
     whole, _ = _run_decoder(decoder, embeds, _empty_past())
 
@@ -423,11 +527,11 @@ def test_shared_kv_buffer_gives_the_same_logits_as_growing_kv(tiny_model_dir):
     np.testing.assert_allclose(np.concatenate(rows, axis=1), whole, atol=5e-5, rtol=1e-5)
 
 
-def test_long_rope_cache_is_used_once_the_total_length_passes_4096(tiny_model_dir):
+def test_long_rope_cache_is_used_once_the_total_length_passes_4096(any_model_dir):
     # A token at position 4000 after a random 4000-position KV cache: with total lengths 4001
     # and 4096 its query is rotated by the short cache, with 4097 by the long one. Attention is
     # causal, so only the cache choice can change its logits (and its layer-0 key).
-    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    decoder = _session(any_model_dir, "redesigned", "decoder")
     rng = np.random.default_rng(1)
     past = {
         name: rng.standard_normal(kv.shape).astype(np.float32)
@@ -445,10 +549,10 @@ def test_long_rope_cache_is_used_once_the_total_length_passes_4096(tiny_model_di
     assert np.abs(long_kv[key][:, :, 4000] - short_kv[key][:, :, 4000]).max() > 0.1
 
 
-def test_greedy_decoding_is_varied_and_mixes_bytes_and_word_pieces(tiny_model_dir):
-    embedding = _session(tiny_model_dir, "redesigned", "embedding")
-    decoder = _session(tiny_model_dir, "redesigned", "decoder")
-    tokenizer = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+def test_greedy_decoding_is_varied_and_mixes_bytes_and_word_pieces(any_model_dir):
+    embedding = _session(any_model_dir, "redesigned", "embedding")
+    decoder = _session(any_model_dir, "redesigned", "decoder")
+    tokenizer = Tokenizer.from_file(str(any_model_dir / "tokenizer.json"))
     ids = tokenizer.encode(TEXT_PROMPT, add_special_tokens=False).ids
     no_image = np.zeros((0, HIDDEN_SIZE), np.float32)
 
@@ -484,12 +588,18 @@ def _genai_tokens(model: og.Model, inputs, count: int) -> list[int]:
     return tokens
 
 
-@pytest.mark.oracle
-def test_genai_generates_from_an_image_prompt(tiny_model_dir, tmp_path):
-    image_path = tmp_path / "noise.png"
+@pytest.fixture
+def image_path(tmp_path) -> Path:
+    """A 320x240 noise PNG."""
+    path = tmp_path / "noise.png"
     noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(image_path)
-    model = og.Model(str(tiny_model_dir))
+    Image.fromarray(noise).save(path)
+    return path
+
+
+@pytest.mark.oracle
+def test_genai_generates_from_an_image_prompt(any_model_dir, image_path):
+    model = og.Model(str(any_model_dir))
     processor = model.create_multimodal_processor()
 
     inputs = processor(IMAGE_PROMPT, images=og.Images.open(str(image_path)))
@@ -505,14 +615,14 @@ def test_genai_generates_from_an_image_prompt(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.oracle
-def test_genai_and_plain_onnxruntime_agree_on_a_text_prompt(tiny_model_dir):
-    model = og.Model(str(tiny_model_dir))
+def test_genai_and_plain_onnxruntime_agree_on_a_text_prompt(any_model_dir):
+    model = og.Model(str(any_model_dir))
     inputs = model.create_multimodal_processor()(TEXT_PROMPT, images=None)
     ids = inputs["input_ids"].as_numpy().astype(np.int64)
     expected = _genai_tokens(model, inputs, 16)
 
-    embedding = _session(tiny_model_dir, "redesigned", "embedding")
-    decoder = _session(tiny_model_dir, "redesigned", "decoder")
+    embedding = _session(any_model_dir, "redesigned", "embedding")
+    decoder = _session(any_model_dir, "redesigned", "decoder")
     no_image = np.zeros((0, HIDDEN_SIZE), np.float32)
     past, step_ids, tokens = _empty_past(), ids, []
     while len(tokens) < len(expected):
@@ -521,3 +631,110 @@ def test_genai_and_plain_onnxruntime_agree_on_a_text_prompt(tiny_model_dir):
         tokens.append(int(logits[0, -1].argmax()))
         step_ids = np.array([tokens[-1:]], dtype=np.int64)
     assert tokens == expected
+
+
+@pytest.mark.oracle
+def test_genai_and_phi3v_agree_on_an_image_prompt(any_model_dir, image_path):
+    model = og.Model(str(any_model_dir))
+    inputs = model.create_multimodal_processor()(
+        IMAGE_PROMPT, images=og.Images.open(str(image_path))
+    )
+    ids = inputs["input_ids"].as_numpy()[0].tolist()
+    expected = _genai_tokens(model, inputs, 16)
+
+    result = Pipeline.load(any_model_dir).generate(
+        IMAGE_PROMPT, images=[image_path], input_ids=ids, max_new_tokens=len(expected)
+    )
+    assert list(result.token_ids) == expected
+
+
+# --- outlier activation channels -----------------------------------------------------------------
+
+
+def _linear_inputs(model_dir: Path, role: str, feeds: dict) -> dict[str, np.ndarray]:
+    """The activation entering every linear layer that reads a norm's output, by layer name."""
+    model = onnx.load(str(model_dir / MODEL_FILES["redesigned"][role]))
+    produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
+    entering = {
+        node.name: node.input[0]
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "MatMulNBits")
+        and produced_by.get(node.input[0], "").endswith("LayerNormalization")
+    }
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        for name in entering.values()
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(list(entering.values()), feeds)
+    return dict(zip(entering, values, strict=True))
+
+
+def _decoder_feeds() -> dict[str, np.ndarray]:
+    return {
+        "inputs_embeds": _random_embeds(16),
+        "attention_mask": np.ones((1, 16), dtype=np.int64),
+        **_empty_past(),
+    }
+
+
+def _vision_feeds() -> dict[str, np.ndarray]:
+    return {"pixel_values": _pixel_values(1, 3), "image_sizes": _image_sizes((1, 2))}
+
+
+def _channel_rms(activation: np.ndarray) -> np.ndarray:
+    rows = activation.reshape(-1, activation.shape[-1])
+    return np.sqrt((rows.astype(np.float64) ** 2).mean(axis=0))
+
+
+# every norm feeds one: qkv and gate_up per decoder layer + lm_head; qkv and fc1 per CLIP layer
+NORMED_LINEARS = {"decoder": 2 * TINY.num_layers + 1, "vision": 2 * TINY.clip_layers_used}
+
+
+@pytest.mark.parametrize(
+    ("role", "width", "feeds"),
+    [("decoder", TINY.hidden_size, _decoder_feeds), ("vision", TINY.clip_width, _vision_feeds)],
+)
+def test_outlier_option_gives_every_normed_linear_input_the_same_outlier_channels(
+    role, width, feeds, tiny_outlier_model_dir
+):
+    expected = outlier_channel_ids(width, OUTLIER_CHANNELS)
+    activations = _linear_inputs(tiny_outlier_model_dir, role, feeds())
+    assert len(activations) == NORMED_LINEARS[role]
+    for name, activation in activations.items():
+        rms = _channel_rms(activation)
+        assert sorted(np.argsort(rms)[-OUTLIER_CHANNELS:]) == expected.tolist(), name
+        typical = np.median(np.delete(rms, expected))
+        # The first norm's channels are exactly DEFAULT_OUTLIER_GAIN times the rest; later ones
+        # less evenly so, since the amplified channels also shape the residual stream.
+        assert rms[expected].max() > 0.5 * DEFAULT_OUTLIER_GAIN * typical, name
+        assert rms[expected].min() > 4 * typical, name
+
+
+@pytest.mark.parametrize(
+    ("role", "feeds"), [("decoder", _decoder_feeds), ("vision", _vision_feeds)]
+)
+def test_without_the_outlier_option_no_channel_stands_out(role, feeds, tiny_int4_model_dir):
+    activations = _linear_inputs(tiny_int4_model_dir, role, feeds())
+    assert len(activations) == NORMED_LINEARS[role]
+    for name, activation in activations.items():
+        rms = _channel_rms(activation)
+        assert rms.max() < 4 * np.median(rms), name
+
+
+def test_outlier_set_still_gives_finite_logits_and_image_features(tiny_outlier_model_dir):
+    result = Pipeline.load(tiny_outlier_model_dir).generate("Hello", max_new_tokens=8)
+    assert len(result.token_ids) == 8
+    logits, _ = _run_decoder(
+        _session(tiny_outlier_model_dir, "redesigned", "decoder"), _random_embeds(16), _empty_past()
+    )
+    assert np.isfinite(logits).all()
+    features = _session(tiny_outlier_model_dir, "redesigned", "vision").run(None, _vision_feeds())[
+        0
+    ]
+    assert np.isfinite(features).all()
+
+
+def test_outlier_channels_must_fit_the_narrowest_norm(tmp_path):
+    with pytest.raises(ValueError, match="outlier_channels must be 0..32"):
+        build_model(tmp_path, outlier_channels=TINY.clip_width + 1)
