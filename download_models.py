@@ -25,7 +25,8 @@ from phi3v.errors import Phi3VError
 EPILOG = """\
 environment:
   HF_ENDPOINT  the Hub or mirror to download from (same as --endpoint)
-  HF_TOKEN     sent as a bearer token, for private or gated repos
+  HF_TOKEN     a bearer token for private or gated repos, sent to the endpoint's host only
+               (never to the CDN it redirects to); messages show URLs without credentials
 
 Each file streams into NAME.part and is renamed into place only after its sha256 matched the
 Hub's listing. Files already verified are skipped, so running again is cheap.

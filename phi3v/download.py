@@ -9,6 +9,10 @@ Why not huggingface_hub: it restarts a killed download from zero and checks only
 (docs/ecosystem.md §4). Here a killed 2.33 GB download continues where it stopped, and no
 file is renamed into place before its sha256 matched.
 
+Secrets: HF_TOKEN is sent only to the endpoint's origin (scheme, host, port), never to the
+CDN a file redirects to nor to a host an answer links to; every URL a message shows goes
+through ``redact_url`` first, so a password in HF_ENDPOINT is never shown.
+
 This module imports nothing from phi3v except ``phi3v.errors``.
 """
 
@@ -27,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from tqdm import tqdm
@@ -52,6 +56,18 @@ SPEED_WINDOW_S = 5.0  # speed and ETA follow the last few seconds, not the whole
 REPORT_EVERY_S = 0.1  # the callback hears about bytes at most this often (a UI need not more)
 MAX_BACKOFF_S = 30.0
 FULL_SHA = re.compile(r"[0-9a-f]{40}")
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10  # the Hub needs one (resolve -> CDN); a loop ends here
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# Query parameters whose values are credentials: signed CDN links (Signature, Key-Pair-Id,
+# Policy, X-Amz-Credential, X-Amz-Signature, X-Amz-Security-Token), tokens, passwords.
+SECRET_PARAM = re.compile(r"token|sig|credential|key|secret|password|auth|policy", re.IGNORECASE)
+URL_PARTS = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)?(?P<authority>[^/?#]*)(?P<path>[^?#]*)"
+    r"(?:\?(?P<query>[^#]*))?(?P<fragment>#.*)?",
+    re.IGNORECASE | re.DOTALL,
+)
+URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
 
 
 # --- errors: each says what went wrong and what to do -------------------------------------
@@ -163,6 +179,37 @@ class RemoteFile:
 # --- public functions ---------------------------------------------------------------------
 
 
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown: ``http://user:secret@host/x`` -> ``http://***@host/x``.
+
+    The user and password go (also without a scheme: ``user:pw@host`` -> ``***@host``), and
+    so do the values of query parameters that carry credentials (``?Signature=...`` of a
+    signed CDN link -> ``?Signature=***``). Scheme, host, port, path and the other parameters
+    stay, so a message still says where. Never raises, whatever the string.
+    """
+    parts = URL_PARTS.fullmatch(url)
+    authority = parts["authority"]
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    query = parts["query"]
+    if query:
+        query = "&".join(_redact_param(param) for param in query.split("&"))
+    return "".join(
+        (
+            parts["scheme"] or "",
+            authority,
+            parts["path"],
+            "" if query is None else "?" + query,
+            parts["fragment"] or "",
+        )
+    )
+
+
+def _redact_param(param: str) -> str:
+    key, equals, _ = param.partition("=")
+    return f"{key}=***" if equals and SECRET_PARAM.search(key) else param
+
+
 def model_spec(name: str) -> ModelSpec:
     """The registry entry for ``name``; DownloadError naming the known sets otherwise."""
     if name not in MODELS:
@@ -233,8 +280,8 @@ def download_model(
                 _fetch_all(hub, spec, folder, wanted, manifest, meter, free_bytes or _free_disk)
     except requests.RequestException as error:  # not a network failure: a bad URL, say
         raise DownloadError(
-            f"cannot download from {hub.endpoint}: {error}. Check --endpoint / HF_ENDPOINT, "
-            "which must be a URL like https://huggingface.co"
+            f"cannot download from {hub.shown}: {hub.scrub(str(error))}. Check --endpoint / "
+            "HF_ENDPOINT, which must be a URL like https://huggingface.co"
         ) from error
     except OSError as error:  # (requests' errors are OSErrors too, hence the order)
         raise _file_error(folder, error) from error
@@ -392,7 +439,7 @@ def _continues_at(response: requests.Response, have: int) -> bool:
     if match and int(match.group(1)) != have:
         raise RangeNotSatisfiableError(
             f"asked for bytes from {have} but the server sent a range starting at "
-            f"{match.group(1)} ({response.url})"
+            f"{match.group(1)} ({redact_url(response.url)})"
         )
     return True
 
@@ -434,8 +481,26 @@ class _Part:
 # --- talking to the Hub -------------------------------------------------------------------
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``url``, the port filled in for http and https; None if no host."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number, a broken [IPv6] host
+        return None
+    scheme = parts.scheme.lower()
+    if not parts.hostname:
+        return None
+    return scheme, parts.hostname, port or DEFAULT_PORTS.get(scheme, 0)
+
+
 class _Hub:
-    """A requests session for one endpoint with the token, timeouts and retry policy."""
+    """A requests session for one endpoint with the token, timeouts and retry policy.
+
+    The token goes only to the endpoint's origin (scheme, host and port): it is attached per
+    request by ``auth_for``, never to the session, and redirects are followed here hop by hop
+    so that the same rule decides each hop.
+    """
 
     RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -449,19 +514,32 @@ class _Hub:
         chunk_bytes: int,
     ):
         self.endpoint, self.token = endpoint, token
+        self.shown = redact_url(endpoint)  # the endpoint as messages name it
+        self.origin = _origin(endpoint)
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.chunk_bytes = chunk_bytes
         self.session = requests.Session()
         # identity: a gzipped body would break byte offsets for Range and the hash
         self.session.headers["Accept-Encoding"] = "identity"
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def __enter__(self) -> _Hub:
         return self
 
     def __exit__(self, *exc) -> None:
         self.session.close()
+
+    def auth_for(self, url: str) -> dict[str, str]:
+        """The Authorization header for a request to ``url``: empty unless it is the endpoint's
+        origin. The CDN an LFS file redirects to, or any host an answer names, never sees it."""
+        if self.token and self.origin is not None and _origin(url) == self.origin:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    def scrub(self, text: str) -> str:
+        """``text`` (a requests error, say) with the endpoint and every URL in it redacted."""
+        if self.endpoint:
+            text = text.replace(self.endpoint, self.shown)  # also when it has no scheme
+        return URL_IN_TEXT.sub(lambda match: redact_url(match.group()), text)
 
     def wait(self, failures: int) -> None:
         time.sleep(min(self.backoff * 2 ** (failures - 1), MAX_BACKOFF_S))
@@ -477,9 +555,7 @@ class _Hub:
         failures = 0
         while True:
             try:
-                response = self.session.get(
-                    url, headers=headers, stream=stream, timeout=self.timeout
-                )
+                response = self._follow(url, headers or {}, stream)
             except (requests.ConnectionError, requests.Timeout) as error:
                 failures += 1
                 if failures > self.retries:
@@ -492,15 +568,45 @@ class _Hub:
                 failures += 1
                 if failures > self.retries:
                     raise ServerError(
-                        f"{self.endpoint} answered HTTP {response.status_code} for {what} "
+                        f"{self.shown} answered HTTP {response.status_code} for {what} "
                         f"{failures} times in a row; the server is having trouble: try again "
                         "later (what was verified is kept), or use a mirror via HF_ENDPOINT"
                     )
             self.wait(failures)
 
+    def _follow(self, url: str, headers: dict, stream: bool) -> requests.Response:
+        """GET ``url`` and the redirects it answers with, each hop with its own ``auth_for``.
+
+        requests would drop Authorization on a redirect to another host by itself, but by its
+        own rule (it keeps it from http to https on one host, say); following the hops here
+        leaves one rule, ours, for every request sent. The hops end up in ``.history``.
+        """
+        hops: list[requests.Response] = []
+        while True:
+            response = self.session.get(
+                url,
+                headers={**headers, **self.auth_for(url)},
+                stream=stream,
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+            location = response.headers.get("Location")
+            if response.status_code not in REDIRECT_STATUSES or not location:
+                response.history = hops
+                return response
+            response.close()
+            hops.append(response)
+            if len(hops) > MAX_REDIRECTS:
+                raise DownloadError(
+                    f"{self.shown} redirected more than {MAX_REDIRECTS} times in a row (last to "
+                    f"{redact_url(location)}); the server or a proxy is misconfigured: try "
+                    "again later, or use another HF_ENDPOINT"
+                )
+            url = urljoin(response.url, location)
+
     def network_error(self, reason: str) -> NetworkError:
         return NetworkError(
-            f"cannot reach {self.endpoint} ({reason}) after {self.retries + 1} "
+            f"cannot reach {self.shown} ({reason}) after {self.retries + 1} "
             "tries: check the internet connection or proxy, or set HF_ENDPOINT to a mirror; "
             "run again to resume. If the model is already on disk, point the app at that folder"
         )
@@ -520,11 +626,11 @@ class _Hub:
                     page = None
                 if not isinstance(page, list):
                     raise DownloadError(
-                        f"{url} did not answer with a JSON file list; is {self.endpoint} a "
-                        "Hugging Face Hub or mirror? Check HF_ENDPOINT"
+                        f"{redact_url(url)} did not answer with a JSON file list; is "
+                        f"{self.shown} a Hugging Face Hub or mirror? Check HF_ENDPOINT"
                     )
                 entries += page
-                url = response.links.get("next", {}).get("url")
+                url = self._next_page(response)
         files = [_remote_file(entry) for entry in entries if entry.get("type") == "file"]
         if not files:
             raise NotFoundError(
@@ -532,6 +638,29 @@ class _Hub:
                 "files; check the folder name and revision"
             )
         return files, commit
+
+    def _next_page(self, response: requests.Response) -> str | None:
+        """The tree API's next page (``Link: <...>; rel="next"``), if on the endpoint's origin.
+
+        The Hub links the next page on its own origin. A link to another one is refused
+        rather than followed without the token: for a private repo that page would answer
+        401 and the message would blame HF_TOKEN; for any repo, the listing holds the sha256
+        every file is checked against, which we take from the endpoint the user chose only.
+        Such a link comes from a mirror handing on its upstream's links, or a hostile answer;
+        either way the user is better told than guessed for.
+        """
+        link = response.links.get("next", {}).get("url")
+        if not link:
+            return None
+        url = urljoin(response.url, link)  # a relative link is on the same origin
+        if _origin(url) != self.origin:
+            raise DownloadError(
+                f"{self.shown} linked the next page of its file list to another host "
+                f"({redact_url(url)}); it was not followed, because HF_TOKEN and the file "
+                f"list are taken from {self.shown} only. Check HF_ENDPOINT: a mirror must "
+                "link to itself"
+            )
+        return url
 
 
 def _remote_file(entry: dict) -> RemoteFile:
@@ -574,13 +703,13 @@ def _raise_for_status(response: requests.Response, what: str, token: str | None)
             "Hub page if it is gated, or set HF_TOKEN to a token with read access"
         )
     if status == 404:
-        raise NotFoundError(_not_found_message(code, what, response.url))
+        raise NotFoundError(_not_found_message(code, what, redact_url(response.url)))
     if status == 416:
         raise RangeNotSatisfiableError(
             f"HTTP 416 for {what}: the server refused the byte range asked for, so the file "
             "there is not the size the listing says; run again later, or use another HF_ENDPOINT"
         )
-    raise DownloadError(f"HTTP {status} {response.reason} for {what} ({response.url})")
+    raise DownloadError(f"HTTP {status} {response.reason} for {what} ({redact_url(response.url)})")
 
 
 def _not_found_message(code: str, what: str, url: str) -> str:

@@ -5,8 +5,9 @@ It serves one repo folder the way the real Hub does, as far as phi3v.download ca
 * ``GET /api/models/{repo}/tree/{revision}/{folder}``: the JSON file list (``path``, ``size``,
   ``oid`` = git blob id, ``lfs.oid`` = sha256 for LFS files), paged with a ``Link`` header.
 * ``GET /{repo}/resolve/{revision}/{path}``: ``.json`` files are plain git files served
-  directly; every other file is an LFS file, answered with a 302 to ``/cdn/{name}``. Both
-  send ``X-Repo-Commit``. The tree API does not (as far as we know the Hub does not either).
+  directly; every other file is an LFS file, answered with a 302 to ``/cdn/{name}`` (of this
+  server, or of another one: ``cdn_base``). Both send ``X-Repo-Commit``. The tree API does
+  not (as far as we know the Hub does not either).
 * Byte ranges (``Range: bytes=N-``) on content, answered with 206 + Content-Range.
 * Errors as the Hub sends them: 404 with ``X-Error-Code`` RepoNotFound / RevisionNotFound /
   EntryNotFound, 401 when a token is required and missing.
@@ -44,6 +45,8 @@ class FakeHub:
         self.corrupt: dict[str, int] = {}  # name -> how many responses get one byte flipped
         self.ignore_range = False  # answer 200 with the whole file to ranged requests
         self.page_size = 1000  # entries per tree page
+        self.link_base: str | None = None  # next-page links start with this (None: self.url)
+        self.cdn_base: str | None = None  # LFS redirects go to {cdn_base}/cdn/ (None: self.url)
         self.tree_body: bytes | None = None  # answer tree requests 200 with this body instead
         self.hold: threading.Event | None = None  # content waits for this event (up to 10 s)
         self.content_arrived = threading.Event()
@@ -164,7 +167,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             page = entries[start : start + hub.page_size]
             headers = {"Content-Type": "application/json"}
             if start + hub.page_size < len(entries):
-                next_url = f"{hub.url}{urlsplit(self.path).path}?cursor={start + hub.page_size}"
+                base = hub.url if hub.link_base is None else hub.link_base
+                next_url = f"{base}{urlsplit(self.path).path}?cursor={start + hub.page_size}"
                 headers["Link"] = f'<{next_url}>; rel="next"'
             self._send(200, json.dumps(page).encode(), headers)
 
@@ -181,7 +185,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if status:
                 return self._error(status, "")
             if _is_lfs(name):
-                headers = {"Location": f"{hub.url}/cdn/{name}", "X-Repo-Commit": hub.commit}
+                base = hub.url if hub.cdn_base is None else hub.cdn_base
+                headers = {"Location": f"{base}/cdn/{name}", "X-Repo-Commit": hub.commit}
                 return self._send(302, b"", headers)
             self._content(name, lfs_hop=False)
 

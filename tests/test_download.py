@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from phi3v.download import (
     download_model,
     is_complete,
     model_folder,
+    redact_url,
 )
 from phi3v.errors import DownloadError
 from tests.fakehub import FakeHub
@@ -45,6 +47,8 @@ FILES = {  # .json files are plain git files on the fake Hub, the others LFS fil
 }
 TOTAL = sum(len(data) for data in FILES.values())
 FAST = {"backoff": 0, "timeout": 5, "chunk_bytes": 16 * 1024, "bars": False}
+TOKEN = "hf_secret"
+PASSWORD = "pa55word"
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +61,13 @@ def no_hub_environment(monkeypatch):
 def hub():
     with FakeHub(SPEC.repo, SPEC.folder, SPEC.revision, FILES) as hub:
         yield hub
+
+
+@pytest.fixture
+def other_host():
+    """A second fake Hub with the same files on another port of 127.0.0.1: another origin."""
+    with FakeHub(SPEC.repo, SPEC.folder, SPEC.revision, FILES) as other:
+        yield other
 
 
 def fetch(hub: FakeHub, root: Path, name: str = DEFAULT_MODEL, **kwargs) -> Path:
@@ -172,6 +183,131 @@ def test_hf_endpoint_environment_variable_picks_the_server(hub, tmp_path, monkey
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     download_model(DEFAULT_MODEL, tmp_path, **FAST)
     assert is_complete(model_folder(DEFAULT_MODEL, tmp_path))
+
+
+def test_tree_api_pages_with_relative_links_are_followed(hub, tmp_path):
+    hub.page_size, hub.link_base = 2, ""  # Link: </api/models/...?cursor=2>; rel="next"
+    assert model_files(fetch(hub, tmp_path)) == FILES
+
+
+# --- secrets: the token goes to the endpoint only, URLs are shown without credentials -----
+
+
+def authorizations(hub: FakeHub) -> list[str | None]:
+    return [headers.get("Authorization") for _, headers in hub.requests]
+
+
+def with_password(url: str) -> str:
+    """``url`` with a user and PASSWORD in it: http://user:PASSWORD@host:port."""
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}user:{PASSWORD}@{rest}"
+
+
+def test_hf_token_is_not_sent_to_another_host_the_next_page_link_names(
+    hub, other_host, tmp_path, monkeypatch
+):
+    hub.token = TOKEN
+    hub.page_size, hub.link_base = 2, other_host.url
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(DownloadError):
+        fetch(hub, tmp_path)
+    assert authorizations(hub) == [f"Bearer {TOKEN}"]  # the endpoint's first page got it
+    assert other_host.requests == []  # nothing at all went there, so neither did the token
+
+
+def test_a_next_page_link_to_another_host_fails_with_a_message_naming_both(
+    hub, other_host, tmp_path
+):
+    hub.page_size, hub.link_base = 2, other_host.url
+    expected = (
+        f"{re.escape(hub.url)} linked the next page of its file list to another host "
+        f"\\({re.escape(other_host.url)}/api/models/.*Check HF_ENDPOINT"
+    )
+    with pytest.raises(DownloadError, match=expected):
+        fetch(hub, tmp_path)
+
+
+def test_hf_token_is_not_sent_along_a_redirect_to_another_host(
+    hub, other_host, tmp_path, monkeypatch
+):
+    hub.token = TOKEN
+    hub.cdn_base = other_host.url  # LFS files: 302 from the endpoint to the other host
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert model_files(fetch(hub, tmp_path)) == FILES
+    cdn_headers = [headers for path, headers in other_host.requests if path.startswith("/cdn/")]
+    assert len(cdn_headers) == 2  # the two LFS files, fetched from the other host
+    assert all("Authorization" not in headers for headers in cdn_headers)
+    assert set(authorizations(hub)) == {f"Bearer {TOKEN}"}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@host/x", "http://***@host/x"),
+        ("https://hf_abc@host:8443/a/b?cursor=2", "https://***@host:8443/a/b?cursor=2"),
+        ("http://us@er:p@ss@host", "http://***@host"),  # up to the authority's last @
+        ("user:secret@huggingface.co/api", "***@huggingface.co/api"),  # no scheme
+    ],
+)
+def test_redact_url_replaces_user_and_password_with_stars(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_redact_url_hides_the_credentials_of_a_signed_link():
+    url = "https://cdn.example/f?Expires=9&Policy=p&Signature=s&Key-Pair-Id=k&X-Amz-Credential=c"
+    assert redact_url(url) == (
+        "https://cdn.example/f?Expires=9&Policy=***&Signature=***&Key-Pair-Id=***"
+        "&X-Amz-Credential=***"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://huggingface.co/api/models/a/b/tree/main/x?cursor=2",
+        "https://host/a/path@with-an-at",
+        "http://[::1",  # not a URL at all: given back, no exception
+        "",
+    ],
+)
+def test_redact_url_leaves_a_url_without_credentials_as_it_is(url):
+    assert redact_url(url) == url
+
+
+def failing_endpoint(hub: FakeHub, failure: str) -> str:
+    """The URL of an endpoint that fails the way ``failure`` says (the fake Hub, mostly)."""
+    if failure == "unreachable":
+        return closed_port_url()
+    if failure == "not a URL":
+        return "huggingface.co"
+    if failure == "HTTP 404":
+        hub.folder = "some-other-folder"
+    elif failure == "HTTP 500":
+        hub.fail_tree = [500]
+    elif failure == "not a file list":
+        hub.tree_body = b"<html>a login page</html>"
+    elif failure == "next page elsewhere":
+        hub.page_size, hub.link_base = 2, closed_port_url()
+    return hub.url
+
+
+@pytest.mark.parametrize(
+    "failure",
+    ["unreachable", "not a URL", "HTTP 404", "HTTP 500", "not a file list", "next page elsewhere"],
+)
+def test_error_messages_name_the_endpoint_without_its_password_or_the_token(
+    hub, tmp_path, monkeypatch, failure
+):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    endpoint = failing_endpoint(hub, failure)
+    with pytest.raises(DownloadError) as caught:
+        download_model(
+            DEFAULT_MODEL, tmp_path, endpoint=with_password(endpoint), **{**FAST, "retries": 0}
+        )
+    message = str(caught.value)
+    assert PASSWORD not in message
+    assert TOKEN not in message
+    assert "***@" + endpoint.rpartition("://")[2] in message
 
 
 # --- resuming -----------------------------------------------------------------------------
@@ -502,6 +638,14 @@ def test_cli_failure_prints_one_line_without_traceback(hub, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: HTTP 404")
+
+
+def test_cli_failure_names_the_endpoint_without_its_password(hub, tmp_path):
+    hub.folder = "some-other-folder"  # a 404, whose message holds the URL asked for
+    result = run_cli("--dir", str(tmp_path), endpoint=with_password(hub.url))
+    assert result.stderr.startswith("error: HTTP 404")
+    assert PASSWORD not in result.stderr
+    assert f"http://***@{hub.url.removeprefix('http://')}/" in result.stderr
 
 
 def test_cli_unknown_model_prints_the_known_names(tmp_path):
