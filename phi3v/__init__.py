@@ -6,27 +6,33 @@ print(pipe.generate("What is in this picture?", images=["cat.png"]).text)
 """
 
 from phi3v.config import ModelConfig, load_config
+from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline, Stream
 from phi3v.errors import (
     ConfigError,
     DownloadError,
     ImageError,
+    LimitError,
     ModelFolderError,
     Phi3VError,
     PromptError,
 )
-from phi3v.image import ProcessedImage, preprocess_image
-from phi3v.pipeline import Generation, Pipeline, Stream, Timings
+from phi3v.image import MAX_CROPS, ProcessedImage, preprocess_image
+from phi3v.results import Generation, Progress, Timings
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "MAX_CROPS",
     "ConfigError",
     "DownloadError",
     "Generation",
     "ImageError",
+    "LimitError",
     "ModelConfig",
     "ModelFolderError",
     "Phi3VError",
     "Pipeline",
     "ProcessedImage",
+    "Progress",
     "PromptError",
     "Stream",
     "Timings",

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
+from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
 from phi3v.errors import Phi3VError
-from phi3v.pipeline import DEFAULT_MAX_NEW_TOKENS, Pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:

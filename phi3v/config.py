@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from phi3v.errors import ConfigError, ModelFolderError
+from phi3v.image import MAX_CROPS
 
 Layout = Literal["legacy", "redesigned"]
 
@@ -28,9 +29,7 @@ GENAI_CONFIG = "genai_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 TOKENIZER = "tokenizer.json"
 
-# Phi-3-V's HD transform default (Hub preprocessor_config.json; onnxruntime-extensions
-# hard-codes it).
-DEFAULT_NUM_CROPS = 16
+DEFAULT_NUM_CROPS = MAX_CROPS  # when processor_config.json does not say
 
 
 @dataclass(frozen=True)

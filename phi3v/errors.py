@@ -28,3 +28,7 @@ class PromptError(Phi3VError):
 
 class DownloadError(Phi3VError):
     """Fetching a model set failed (network, HTTP status, disk, checksum, lock)."""
+
+
+class LimitError(PromptError):
+    """The request is larger than this server allows (prompt tokens, images)."""

@@ -35,6 +35,9 @@ TILE = 336
 TOKENS_PER_TILE = 144
 # One learned "newline" token per row of 12 tokens (sub_GN / glb_GN, spec §6).
 TOKENS_PER_ROW = 12
+# The HD transform's crop budget, hd_num (Hub preprocessor_config.json; onnxruntime-extensions
+# hard-codes it): at most 16 tiles, so pixel_values has at most 16 + 1 entries (global first).
+MAX_CROPS = 16
 # OpenAI CLIP normalisation constants (Hub preprocessor_config.json; onnxruntime-extensions).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -61,6 +64,12 @@ class ProcessedImage:
     num_image_tokens: int
     digest: bytes = b""
 
+    @property
+    def used_crops(self) -> int:
+        """Entries of ``pixel_values`` the HD grid uses: the global image and h*w tiles."""
+        height, width = self.image_size
+        return 1 + (height // TILE) * (width // TILE)
+
 
 def num_image_tokens(height: int, width: int) -> int:
     """Feature rows for an HD image of (height, width): crops, global, newlines (spec §5)."""
@@ -68,7 +77,7 @@ def num_image_tokens(height: int, width: int) -> int:
     return (rows * cols + 1) * TOKENS_PER_TILE + 1 + (rows + 1) * TOKENS_PER_ROW
 
 
-def preprocess_image(image: ImageInput, num_crops: int = 16) -> ProcessedImage:
+def preprocess_image(image: ImageInput, num_crops: int = MAX_CROPS) -> ProcessedImage:
     """Turn a path, raw bytes or PIL image into the vision model's inputs.
 
     ``num_crops`` (1..16) bounds the number of 336x336 tiles; fewer tiles mean fewer image
@@ -90,9 +99,13 @@ def preprocess_image(image: ImageInput, num_crops: int = 16) -> ProcessedImage:
 
 
 def check_num_crops(num_crops: object) -> None:
-    """Raise ImageError unless ``num_crops`` is an integer from 1 to 16."""
-    if not isinstance(num_crops, int) or isinstance(num_crops, bool) or not 1 <= num_crops <= 16:
-        raise ImageError(f"num_crops must be an integer from 1 to 16, got {num_crops!r}")
+    """Raise ImageError unless ``num_crops`` is an integer from 1 to MAX_CROPS."""
+    if (
+        not isinstance(num_crops, int)
+        or isinstance(num_crops, bool)
+        or not 1 <= num_crops <= MAX_CROPS
+    ):
+        raise ImageError(f"num_crops must be an integer from 1 to {MAX_CROPS}, got {num_crops!r}")
 
 
 def load_rgb(image: ImageInput) -> Image.Image:

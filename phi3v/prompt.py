@@ -14,15 +14,12 @@ reference tokenizes the whole rendered string (the normalizer runs per segment t
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from tokenizers import Tokenizer
-
-from phi3v.errors import ModelFolderError, PromptError
+from phi3v.errors import PromptError
+from phi3v.tokenizer import PromptTokenizer
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 ROLES = ("system", "user", "assistant")
@@ -49,68 +46,6 @@ class _Text:
 @dataclass(frozen=True)
 class _ImageTag:
     number: int
-
-
-class PromptTokenizer:
-    """The model's tokenizer, with the two encodings a chat prompt needs and the decoder."""
-
-    def __init__(self, tokenizer_json: str | Path):
-        path = Path(tokenizer_json)
-        try:
-            raw = path.read_text(encoding="utf-8")
-            self.tokenizer = Tokenizer.from_str(raw)
-            self._plain = _plain_text_tokenizer(raw)
-        except (OSError, ValueError, Exception) as err:  # tokenizers raises bare Exception
-            raise ModelFolderError(
-                f"{path} is not a usable tokenizer.json ({err}); re-download the model set"
-            ) from err
-        self._ids = {
-            tok.content: tid for tid, tok in self.tokenizer.get_added_tokens_decoder().items()
-        }
-        self._rstrip = {
-            tok.content for tok in self.tokenizer.get_added_tokens_decoder().values() if tok.rstrip
-        }
-        self.bos_id = self.token_id("<s>")
-
-    def token_id(self, token: str) -> int:
-        """The id of an added (control) token such as ``<|end|>``."""
-        try:
-            return self._ids[token]
-        except KeyError:
-            raise ModelFolderError(
-                f"tokenizer.json has no {token!r} token; this is not a Phi-3 tokenizer"
-            ) from None
-
-    def encode_text(self, text: str) -> list[int]:
-        """Ids of plain text, no BOS, every control-token spelling kept as literal text."""
-        return self._plain.encode(text, add_special_tokens=False).ids if text else []
-
-    def encode_chunk(self, parts: Sequence[_Special | _Text]) -> list[int]:
-        """BOS, then control tokens as ids and text segments as plain text."""
-        ids = [self.bos_id]
-        strip_next = False
-        for part in parts:
-            if isinstance(part, _Special):
-                ids.append(self.token_id(part.token))
-                strip_next = part.token in self._rstrip
-            else:
-                text = part.text.lstrip() if strip_next else part.text
-                ids.extend(self.encode_text(text))
-                strip_next = False
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def _plain_text_tokenizer(raw_json: str) -> Tokenizer:
-    """A copy of the tokenizer in which no added token is ever matched in input text."""
-    spec = json.loads(raw_json)
-    for token in spec.get("added_tokens", []):
-        token["special"] = True  # so encode_special_tokens also covers non-special ones like </s>
-    plain = Tokenizer.from_str(json.dumps(spec))
-    plain.encode_special_tokens = True
-    return plain
 
 
 def normalize_messages(prompt: str | Sequence[Mapping[str, str]]) -> list[Message]:
@@ -239,10 +174,25 @@ def build_input_ids(
     chunk: list[_Special | _Text] = []
     for part in parts:
         if isinstance(part, _ImageTag):
-            ids += tokenizer.encode_chunk(chunk)
+            ids += _encode_chunk(tokenizer, chunk)
             ids += [-part.number] * image_token_counts[part.number - 1]
             chunk = []
         else:
             chunk.append(part)
-    ids += tokenizer.encode_chunk(chunk)
+    ids += _encode_chunk(tokenizer, chunk)
+    return ids
+
+
+def _encode_chunk(tokenizer: PromptTokenizer, parts: Sequence[_Special | _Text]) -> list[int]:
+    """BOS, then control tokens as ids and text segments as plain text."""
+    ids = [tokenizer.bos_id]
+    strip_next = False
+    for part in parts:
+        if isinstance(part, _Special):
+            ids.append(tokenizer.token_id(part.token))
+            strip_next = tokenizer.strips_after(part.token)
+        else:
+            text = part.text.lstrip() if strip_next else part.text
+            ids.extend(tokenizer.encode_text(text))
+            strip_next = False
     return ids

@@ -206,13 +206,13 @@ def test_stop_while_the_image_is_read_aborts_that_model_call(tiny_model_dir, mon
     pipe = Pipeline.load(tiny_model_dir)
     stream = pipe.stream("What is this?", [str(CHART)], max_new_tokens=LONG)
     stopped, released = threading.Event(), threading.Event()
-    run = pipe.model.decoder.run_with_iobinding
+    run = pipe.sessions.decoder.run_with_iobinding
 
     def slow_prefill(binding, run_options=None):  # the real model spends ~50 s in here
         stopped.wait(10)
         return run(binding, run_options)
 
-    monkeypatch.setattr(pipe.model.decoder, "run_with_iobinding", slow_prefill)
+    monkeypatch.setattr(pipe.sessions.decoder, "run_with_iobinding", slow_prefill)
     deltas = follow(stream, released.set, tick=0.05)
     assert next(deltas) == ""  # a clock tick while the worker is inside the first call
     deltas.close()  # Stop

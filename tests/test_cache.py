@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from phi3v import Pipeline
-from phi3v.generate import KVDecoder
-from phi3v.pipeline import FOLLOW_UP_ROOM
-from tests.test_config import copy_model, edit_config
+from phi3v.engine import FOLLOW_UP_ROOM
+from phi3v.kv_cache import KVCache
+from tests.model_folders import copy_model, edit_config
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,13 @@ def pictures(tmp_path_factory) -> list[str]:
 
 def count_vision_runs(pipe: Pipeline, monkeypatch) -> list[int]:
     calls = []
-    run = pipe.model.vision.run
+    run = pipe.sessions.vision.run
 
     def counting(*args, **kwargs):
         calls.append(1)
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(pipe.model.vision, "run", counting)
+    monkeypatch.setattr(pipe.sessions.vision, "run", counting)
     return calls
 
 
@@ -105,7 +105,7 @@ def test_long_prompts_reuse_each_other(pipe, fresh, pictures):
 
 def test_a_follow_up_within_the_reserved_room_keeps_the_same_cache(pipe, pictures, monkeypatch):
     moves = []
-    monkeypatch.setattr(KVDecoder, "moved_to", lambda self, n: moves.append(n))
+    monkeypatch.setattr(KVCache, "grown_to", lambda self, n: moves.append(n))
     first = pipe.generate("<|image_1|>\nHi", pictures[:1], max_new_tokens=2)
     messages = follow_up("<|image_1|>\nHi", first.text, "Tell me more, at length.")
     assert pipe.generate(messages, pictures[:1], max_new_tokens=64).reused_tokens > 1921
@@ -114,13 +114,13 @@ def test_a_follow_up_within_the_reserved_room_keeps_the_same_cache(pipe, picture
 
 def test_the_cache_grows_when_a_follow_up_needs_more_room(pipe, fresh, pictures, monkeypatch):
     moves = []
-    move = KVDecoder.moved_to
+    grow = KVCache.grown_to
 
-    def recording(self, max_length):
-        moves.append((self.capacity, max_length))
-        return move(self, max_length)
+    def recording(self, capacity):
+        moves.append((self.capacity, capacity))
+        return grow(self, capacity)
 
-    monkeypatch.setattr(KVDecoder, "moved_to", recording)
+    monkeypatch.setattr(KVCache, "grown_to", recording)
     first = pipe.generate("<|image_1|>\nHi", pictures[:1], max_new_tokens=2)
     messages = follow_up("<|image_1|>\nHi", first.text, "Tell me more, at length.")
     long = FOLLOW_UP_ROOM + 500  # more than the room reserved by the first turn

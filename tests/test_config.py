@@ -1,6 +1,5 @@
 """genai_config.json parsing, layout detection, and every way a model folder can be wrong."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -8,24 +7,7 @@ import pytest
 
 from phi3v import ConfigError, ModelFolderError, Phi3VError, Pipeline, load_config
 from tests.conftest import FIXTURES
-
-
-def copy_model(source: Path, target: Path) -> Path:
-    """A writable copy of a model folder (hard links for the big files)."""
-    target.mkdir()
-    for path in source.iterdir():
-        if path.suffix == ".json":
-            shutil.copy(path, target / path.name)
-        else:
-            (target / path.name).hardlink_to(path)
-    return target
-
-
-def edit_config(folder: Path, edit) -> None:
-    path = folder / "genai_config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(config))
+from tests.model_folders import copy_model, edit_config
 
 
 @pytest.fixture

@@ -11,11 +11,13 @@ import onnxruntime_genai as og
 import pytest
 from PIL import Image
 
-import phi3v.pipeline
+import phi3v.engine
 from phi3v import ImageError, Pipeline, PromptError, preprocess_image
-from phi3v.generate import KVDecoder, Sampling, TextDeltas, lazy_buffer, sample
-from phi3v.pipeline import FOLLOW_UP_ROOM
-from tests.test_config import copy_model, edit_config
+from phi3v.engine import FOLLOW_UP_ROOM
+from phi3v.kv_cache import KVCache, lazy_buffer
+from phi3v.sampling import Sampling, sample
+from phi3v.tokenizer import TextDeltas
+from tests.model_folders import copy_model, edit_config
 
 IMAGE_PROMPT = "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n"
 TWO_IMAGE_PROMPT = "<|user|>\n<|image_1|>\n<|image_2|>\nCompare them.<|end|>\n<|assistant|>\n"
@@ -189,12 +191,12 @@ def test_new_tokens_are_bounded_by_the_context(tiny_model_dir, tmp_path):
 def test_kv_cache_is_sized_for_the_request_not_the_context(tiny_model_dir, monkeypatch):
     sizes = []
 
-    class Recording(phi3v.pipeline.KVDecoder):
-        def __init__(self, *args, max_length, **kwargs):
-            sizes.append(max_length)
-            super().__init__(*args, max_length=max_length, **kwargs)
+    class Recording(phi3v.engine.KVCache):
+        def __init__(self, config, capacity, *args):
+            sizes.append(capacity)
+            super().__init__(config, capacity, *args)
 
-    monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    monkeypatch.setattr(phi3v.engine, "KVCache", Recording)
     result = Pipeline.load(tiny_model_dir).generate("Hello", max_new_tokens=5)
     assert sizes == [len(result.input_ids) + 5 + FOLLOW_UP_ROOM]  # room for one more turn
 
@@ -205,13 +207,13 @@ def resident_mib() -> float:
 
 def test_reserved_kv_room_costs_no_memory_until_used(pipe):
     before = resident_mib()
-    decoder = KVDecoder(pipe.model.decoder, pipe.config.decoder, 2_000_000, True, 32064)
+    cache = KVCache(pipe.config.decoder, 2_000_000, True, 32064)
     embeds = np.zeros((1, 600, pipe.config.decoder.hidden_size), np.float32)
-    decoder.step(embeds)
+    cache.run(pipe.sessions.decoder, embeds)
     reserved_mib = 2_000_000 * 2 * 2 * 2 * 16 * 4 / 2**20  # positions x layers x K,V x heads x dim
     assert reserved_mib > 900
     assert resident_mib() - before < 100  # the 600 written positions and a 16 MB mask
-    decoder.close()
+    cache.close()
 
 
 def test_reserved_room_stays_free_even_inside_a_huge_page():
@@ -275,9 +277,7 @@ def test_deltas_concatenate_to_the_final_text(pipe):
     with pipe.stream("Write something long.", max_new_tokens=96) as stream:
         deltas = list(stream)
     assert len(deltas) > 10
-    byte_tokens = [
-        t for t in stream.token_ids if pipe.tokenizer.tokenizer.id_to_token(t)[:3] == "<0x"
-    ]
+    byte_tokens = [t for t in stream.token_ids if pipe.tokenizer.id_to_token(t)[:3] == "<0x"]
     assert byte_tokens and any(ord(char) > 127 for char in stream.text)  # multi-byte output
     assert "".join(deltas) == stream.text == pipe.tokenizer.decode(stream.token_ids)
 
@@ -285,7 +285,7 @@ def test_deltas_concatenate_to_the_final_text(pipe):
 def test_multibyte_characters_arrive_whole(pipe):
     text = "Ça coûte 5 € 😀🇫🇷, 日本語 ok"
     ids = pipe.tokenizer.encode_text(text)
-    assert any(pipe.tokenizer.tokenizer.id_to_token(i).startswith("<0x") for i in ids)  # bytes
+    assert any(pipe.tokenizer.id_to_token(i).startswith("<0x") for i in ids)  # bytes
     deltas = TextDeltas(pipe.tokenizer)
     pieces = [deltas.push(i) for i in ids] + [deltas.flush()]
     assert "".join(pieces) == pipe.tokenizer.decode(ids) == text
@@ -318,12 +318,12 @@ def closed(pipe, monkeypatch) -> list[bool]:
     """Records each KV cache released; the pipeline starts with none kept from earlier tests."""
     closed = []
 
-    class Recording(phi3v.pipeline.KVDecoder):
+    class Recording(phi3v.engine.KVCache):
         def close(self):
             closed.append(True)
             super().close()
 
-    monkeypatch.setattr(phi3v.pipeline, "KVDecoder", Recording)
+    monkeypatch.setattr(phi3v.engine, "KVCache", Recording)
     pipe.clear_cache()  # so the next generation allocates its own cache
     return closed
 
@@ -351,14 +351,14 @@ def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, c
 
 
 def test_cancel_during_the_vision_model_ends_before_any_token(pipe, images, closed, monkeypatch):
-    run = pipe.model.vision.run
+    run = pipe.sessions.vision.run
     stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50)
 
     def vision_then_cancel(*args, **kwargs):
         stream.cancel()  # as if Stop were pressed while the image is being read
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(pipe.model.vision, "run", vision_then_cancel)
+    monkeypatch.setattr(pipe.sessions.vision, "run", vision_then_cancel)
     assert list(stream) == []
     assert (stream.stop_reason, stream.token_ids, closed) == ("cancelled", [], [True])
     assert stream.timings.prefill == 0  # the embedding and the decoder were never let finish
@@ -366,13 +366,13 @@ def test_cancel_during_the_vision_model_ends_before_any_token(pipe, images, clos
 
 def test_cancel_aborts_the_running_prefill(pipe, images, closed, monkeypatch):
     stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50)
-    run = pipe.model.decoder.run_with_iobinding
+    run = pipe.sessions.decoder.run_with_iobinding
 
     def cancelled_while_running(binding, run_options=None):
         stream.cancel()  # lands while onnxruntime holds this call
         return run(binding, run_options)
 
-    monkeypatch.setattr(pipe.model.decoder, "run_with_iobinding", cancelled_while_running)
+    monkeypatch.setattr(pipe.sessions.decoder, "run_with_iobinding", cancelled_while_running)
     assert list(stream) == []
     assert stream.timings.prefill == 0  # onnxruntime gave up instead of finishing the prefill
     assert (stream.stop_reason, closed) == ("cancelled", [True])
@@ -411,8 +411,8 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_models_run(pipe,
     def fail(*args, **kwargs):
         raise AssertionError("a model ran")
 
-    monkeypatch.setattr(pipe.model.vision, "run", fail)
-    monkeypatch.setattr(pipe.model.embedding, "run", fail)
+    monkeypatch.setattr(pipe.sessions.vision, "run", fail)
+    monkeypatch.setattr(pipe.sessions.embedding, "run", fail)
     with pytest.raises(PromptError, match=r"the prompt is 131,072 tokens .* context is 131,072"):
         pipe.stream(input_ids=[1] * 131072)
     with pytest.raises(PromptError, match=r"the prompt is [\d,]+ tokens"):

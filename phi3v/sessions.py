@@ -1,4 +1,4 @@
-"""The three onnxruntime sessions (vision, embedding, decoder) and the fusion of image features.
+"""The onnxruntime sessions (vision, embedding, decoder(s)) and the fusion of image features.
 
 Fusion differs by export layout (see :mod:`phi3v.config`):
 
@@ -9,11 +9,16 @@ Fusion differs by export layout (see :mod:`phi3v.config`):
   holding its own placeholder ``-N``.
 
 Either way, image N's rows land on the run of ``-N`` placeholders, whatever the order of the tags.
+
+With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
+prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
+steps, and both decoders write the same KV cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -23,14 +28,22 @@ from phi3v.errors import ModelFolderError, PromptError
 from phi3v.image import ProcessedImage
 
 
-class Model:
-    """Runs the vision and embedding models; holds the decoder session for :mod:`phi3v.generate`."""
+class Sessions:
+    """Runs the vision and embedding models and holds the decoder sessions.
+
+    ``decoder`` runs the token-by-token steps; ``prefill_decoder`` processes prompts (the same
+    session unless a fast copy is given). ``vision_path`` / ``prefill_path`` replace the model
+    folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`).
+    """
 
     def __init__(
         self,
         config: ModelConfig,
         providers: Sequence[str] | None = None,
         num_threads: int | None = None,
+        *,
+        vision_path: Path | None = None,
+        prefill_path: Path | None = None,
     ):
         self.config = config
         options = ort.SessionOptions()
@@ -39,9 +52,13 @@ class Model:
             # uses half the hardware threads, which halves speed where there is no SMT.)
             options.intra_op_num_threads = num_threads
         providers = list(providers) if providers else ["CPUExecutionProvider"]
-        self.vision = _session(config, config.vision.filename, options, providers)
-        self.embedding = _session(config, config.embedding.filename, options, providers)
-        self.decoder = _session(config, config.decoder.filename, options, providers)
+        vision_path = vision_path or config.path(config.vision.filename)
+        self.vision = _session(vision_path, options, providers)
+        self.embedding = _session(config.path(config.embedding.filename), options, providers)
+        self.decoder = _session(config.path(config.decoder.filename), options, providers)
+        self.prefill_decoder = (
+            _session(prefill_path, options, providers) if prefill_path else self.decoder
+        )
         _check_io(config, self)
 
     def encode_images(
@@ -90,8 +107,12 @@ class Model:
             raise PromptError(
                 f"all images of one prompt need the same num_crops, got {sorted(crops)}"
             )
+        # Only the crops the HD grid uses: every crop goes through CLIP on its own and the
+        # model drops the zero padding crops by ``image_sizes``, so skipping them is exact
+        # (13 of 17 crops for a 4:3 photo at 16 crops).
+        used = max(image.used_crops for image in images)
         feeds = {
-            vision.pixel_values: np.stack([image.pixel_values for image in images]),
+            vision.pixel_values: np.stack([image.pixel_values[:used] for image in images]),
             vision.image_sizes: np.array([image.image_size for image in images], dtype=np.int64),
         }
         (features,) = self.vision.run([vision.features], feeds, run_options)
@@ -149,46 +170,44 @@ def image_order(ids: np.ndarray) -> list[int]:
     return [int(-negative[i]) for i in sorted(first)]
 
 
-def _session(
-    config: ModelConfig, filename: str, options: ort.SessionOptions, providers: list[str]
-) -> ort.InferenceSession:
-    path = config.path(filename)
+def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     try:
         # From the path, so the .onnx.data beside it is found (external data is path-relative).
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types, not ours
         raise ModelFolderError(
             f"onnxruntime could not load {path} ({_first_line(err)}); check that "
-            f"{filename}.data sits beside it and is complete, or re-download the model set"
+            f"{path.name}.data sits beside it and is complete, or re-download the model set"
         ) from err
 
 
-def _check_io(config: ModelConfig, model: Model) -> None:
+def _check_io(config: ModelConfig, model: Sessions) -> None:
     """Every tensor name the config uses must exist in its model file."""
     decoder = config.decoder
+    decoder_io = (
+        [decoder.inputs_embeds, decoder.attention_mask, *decoder.past_names(0)],
+        [decoder.logits, *decoder.present_names(0)],
+    )
     expected = {
-        model.vision: (
+        (config.vision.filename, model.vision): (
             [config.vision.pixel_values, config.vision.image_sizes],
             [config.vision.features],
         ),
-        model.embedding: (
+        (config.embedding.filename, model.embedding): (
             [config.embedding.input_ids]
             + ([config.embedding.image_features] if config.embedding.image_features else []),
             [config.embedding.inputs_embeds],
         ),
-        model.decoder: (
-            [decoder.inputs_embeds, decoder.attention_mask, *decoder.past_names(0)],
-            [decoder.logits, *decoder.present_names(0)],
-        ),
+        (decoder.filename, model.decoder): decoder_io,
+        (f"the prompt copy of {decoder.filename}", model.prefill_decoder): decoder_io,
     }
-    for session, (inputs, outputs) in expected.items():
+    for (filename, session), (inputs, outputs) in expected.items():
         have_in = {i.name for i in session.get_inputs()}
         have_out = {o.name for o in session.get_outputs()}
         missing = [n for n in inputs if n not in have_in] + [
             n for n in outputs if n not in have_out
         ]
         if missing:
-            filename = session._model_path  # noqa: SLF001 - the path we gave it
             raise ModelFolderError(
                 f"{filename} has no tensor named {', '.join(missing)} that genai_config.json "
                 f"names; the config and the model files are from different exports"

@@ -1,0 +1,544 @@
+"""The public entry point: load a model folder, then generate or stream answers.
+
+    pipe = Pipeline.load("data/phi-3-vision-cpu")
+    for delta in pipe.stream("What is in this picture?", images=["cat.png"]):
+        print(delta, end="", flush=True)
+
+Everything that can be wrong with a request (messages, image tags, images, settings, size) is
+checked when ``stream``/``generate`` is called, before any model runs. One generation is
+:meth:`Pipeline._run`: check out a KV cache, read the images, prefill the new prompt positions in
+chunks, then sample / stop? / step until done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from phi3v import convert
+from phi3v.config import TOKENIZER, ModelConfig, load_config
+from phi3v.errors import ImageError, LimitError, PromptError
+from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
+from phi3v.kv_cache import KVCache, bytes_per_position
+from phi3v.prefix_cache import LONG_ROPE_FROM, PrefixCache, position_keys, uses_long_rope
+from phi3v.prompt import END, END_OF_TEXT, build_input_ids, normalize_messages, tag_images
+from phi3v.results import Generation, Progress, StopReason, Timings
+from phi3v.sampling import Sampling
+from phi3v.sessions import Sessions, check_placeholders, image_order
+from phi3v.tokenizer import PromptTokenizer, TextDeltas
+
+DEFAULT_MAX_NEW_TOKENS = 512
+# KV positions reserved beyond a request, so the next turn of the conversation fits in the same
+# cache. They are address space, not memory: pages nobody writes are never made resident. (Moving
+# a 2k-position cache of the real model into a bigger one costs seconds of page faults.)
+FOLLOW_UP_ROOM = 1024
+# Prompt positions per decoder call. Bounds the logits of a prefill to [PREFILL_CHUNK, vocab]
+# (64 MB, not 128 KB per prompt token), lets Stop land between chunks and progress be shown.
+PREFILL_CHUNK = 512
+# A suffix at least this long is prefilled on the integer-GEMM decoder in "fast" precision;
+# shorter ones (a follow-up question) on the int4 decoder, whose per-call cost is lower.
+FAST_PREFILL_FROM = 32
+# Share of the memory available at load time that a request's KV cache may take, and that kept
+# conversations' caches may take together.
+PROMPT_MEMORY_SHARE = 0.5
+CACHE_MEMORY_SHARE = 0.25
+DEFAULT_CONVERSATION = "default"  # the key of calls that name no conversation
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class _Request:
+    input_ids: np.ndarray  # [1, L] int64
+    images: tuple[ProcessedImage, ...]
+    max_new_tokens: int
+    sampling: Sampling
+    conversation: Hashable
+
+    @property
+    def max_length(self) -> int:
+        return self.input_ids.shape[1] + self.max_new_tokens
+
+
+class Pipeline:
+    """A loaded Phi-3 Vision model set: config, tokenizer and onnxruntime sessions."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        sessions: Sessions,
+        tokenizer: PromptTokenizer,
+        *,
+        reuse_prefix: bool = True,
+        precision: str = "exact",
+        max_prompt_tokens: int | None = None,
+        cache_budget_bytes: int | None = None,
+    ):
+        self.config, self.sessions, self.tokenizer = config, sessions, tokenizer
+        self.precision = precision
+        # Reusing a cache needs one we can rewind: the shared past/present buffer.
+        self.reuse_prefix = reuse_prefix and config.past_present_share_buffer
+        per_position = bytes_per_position(config.decoder)
+        self.max_prompt_tokens = max_prompt_tokens or _default_prompt_limit(config, per_position)
+        budget = cache_budget_bytes or int(CACHE_MEMORY_SHARE * _available_memory())
+        self._prefix = PrefixCache(budget)
+        self.stop_ids = frozenset(
+            (*config.eos_token_ids, tokenizer.token_id(END), tokenizer.token_id(END_OF_TEXT))
+        )
+        # Logit rows past the tokenizer's last id (32045..32063) have no text; never pick them.
+        self.vocab_limit = min(config.vocab_size, tokenizer.vocab_size)
+        self._speed = _Speed()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        providers: Sequence[str] | None = None,
+        *,
+        num_threads: int | None = None,
+        reuse_prefix: bool = True,
+        precision: str = "auto",
+        max_prompt_tokens: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
+    ) -> Pipeline:
+        """Load a model folder (either export layout).
+
+        ``precision``: "exact" runs the model files as they are (bit for bit what
+        onnxruntime-genai computes); "fast" reads images and prompts on integer-GEMM copies of
+        the vision model and decoder (made once per folder, see :mod:`phi3v.convert`; much faster
+        on CPUs with AMX or VNNI, slightly different numbers); "auto" picks "fast" where this CPU
+        and its memory favour it. ``progress`` receives :class:`Progress` while copies are made.
+        ``num_threads`` defaults to onnxruntime's choice, one per physical core. With
+        ``reuse_prefix`` a conversation's next turn prefills only what is new (see
+        :mod:`phi3v.prefix_cache`). ``max_prompt_tokens`` caps a request's prompt (default: what
+        half of the memory available now holds). Raises ModelFolderError / ConfigError for a
+        bad folder, PromptError for a bad option.
+        """
+        config = load_config(model_dir)
+        tokenizer = PromptTokenizer(config.path(TOKENIZER))
+        chosen = convert.choose_precision(precision, config)
+        fast = convert.fast_models(config, progress) if chosen == "fast" else None
+        sessions = Sessions(
+            config,
+            providers,
+            num_threads,
+            vision_path=fast.vision if fast else None,
+            prefill_path=fast.decoder if fast else None,
+        )
+        return cls(
+            config,
+            sessions,
+            tokenizer,
+            reuse_prefix=reuse_prefix,
+            precision=chosen,
+            max_prompt_tokens=max_prompt_tokens,
+        )
+
+    def clear_cache(self) -> None:
+        """Release every KV cache kept for a follow-up turn."""
+        self._prefix.clear()
+
+    def generate(
+        self, prompt: Prompt = "", images: Sequence[ImageInput] = (), **options
+    ) -> Generation:
+        """Answer ``prompt`` about ``images``; same arguments as :meth:`stream`."""
+        with self.stream(prompt, images, **options) as stream:
+            return stream.result()
+
+    def stream(
+        self,
+        prompt: Prompt = "",
+        images: Sequence[ImageInput] = (),
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        input_ids: Sequence[int] | None = None,
+        num_crops: int | None = None,
+        conversation: Hashable | None = None,
+    ) -> Stream:
+        """Start a generation; iterate the result for text deltas as they are produced.
+
+        ``prompt`` is a user message or a list of ``{"role", "content"}`` messages; images are
+        file paths, bytes or PIL images, referred to as ``<|image_N|>`` (added in order when the
+        prompt has no tags). ``input_ids``, when given, replaces the tokenized prompt; its
+        placeholders ``-N`` refer to ``images[N-1]``. ``num_crops`` (1..16) trades image detail for
+        speed. A KV cache is reused only by a later call with the same ``conversation`` (calls
+        without one share a default). Bad input raises a :class:`~phi3v.errors.Phi3VError` here,
+        before any model runs.
+        """
+        started = time.perf_counter()
+        request = self._prepare(
+            prompt,
+            images,
+            input_ids,
+            num_crops,
+            max_new_tokens,
+            Sampling(temperature, top_k, top_p, seed),
+            DEFAULT_CONVERSATION if conversation is None else conversation,
+        )
+        return Stream(self, request, started)
+
+    # --- one request -----------------------------------------------------------------------
+
+    def _prepare(
+        self, prompt, images, input_ids, num_crops, max_new_tokens, sampling, conversation
+    ) -> _Request:
+        if (
+            not isinstance(max_new_tokens, int)
+            or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 1
+        ):
+            raise PromptError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise PromptError("images must be a list (of file paths, bytes or PIL images)")
+        messages = None
+        if input_ids is None:  # check the tags before spending time on the images
+            messages = tag_images(normalize_messages(prompt), len(images))
+        crops = self.config.num_crops if num_crops is None else num_crops
+        check_num_crops(crops)
+        processed = tuple(
+            _preprocess(image, crops, n, len(images)) for n, image in enumerate(images, 1)
+        )
+        counts = [image.num_image_tokens for image in processed]
+        if messages is not None:
+            ids = np.array([build_input_ids(self.tokenizer, messages, counts)], dtype=np.int64)
+        else:
+            ids = self._check_input_ids(input_ids, counts)
+        self._check_size(ids.shape[1], sum(counts))
+        room = self.config.context_length - ids.shape[1]
+        return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation)
+
+    def _check_size(self, length: int, image_tokens: int) -> None:
+        context, limit = self.config.context_length, self.max_prompt_tokens
+        what = f" ({image_tokens:,} of them for images)"
+        if length >= context:
+            raise LimitError(
+                f"the prompt is {length:,} tokens{what}; the model's context is {context:,} "
+                "tokens. Use fewer images, lower num_crops or a shorter conversation"
+            )
+        if length > limit:
+            raise LimitError(
+                f"the prompt is {length:,} tokens{what}; this server takes at most {limit:,}. "
+                "Use fewer or smaller images, lower the image detail (num_crops), or start a "
+                "new conversation"
+            )
+
+    def _check_input_ids(self, input_ids: Sequence[int], counts: list[int]) -> np.ndarray:
+        try:
+            ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        except (TypeError, ValueError) as err:
+            raise PromptError(f"input_ids must be a flat list of integers ({err})") from err
+        if ids.size == 0:
+            raise PromptError("input_ids is empty")
+        if ids.max() >= self.config.vocab_size:
+            raise PromptError(
+                f"input_ids has id {ids.max()}, beyond the vocabulary ({self.config.vocab_size})"
+            )
+        check_placeholders(ids[0], counts)
+        return ids
+
+    def _run(self, request: _Request, run: _RunState) -> Iterator[str]:
+        """Images -> prefill -> sample / stop? / step: yields text deltas, records ``run``."""
+        options = run.run_options
+        cache, keys, reused = self._checkout(request)
+        run.reused_tokens = reused
+        finished = False
+        try:
+            new_ids = request.input_ids[:, reused:]
+            embeds = self._read_images(new_ids, request.images, run)
+            logits = self._prefill(cache, embeds, run)
+            choose, deltas = request.sampling.sampler(), TextDeltas(self.tokenizer)
+            reason: StopReason = "length"
+            for produced in range(1, request.max_new_tokens + 1):
+                token = choose(logits[: self.vocab_limit])  # ids past the tokenizer have no text
+                run.count_token(produced, request.max_new_tokens)
+                if run.cancelled:
+                    return
+                if token in self.stop_ids:
+                    reason = "eos"
+                    break
+                run.token_ids.append(token)
+                if delta := deltas.push(token):
+                    yield delta
+                if produced < request.max_new_tokens:
+                    step = self.sessions.embed_token(token, options)
+                    logits = cache.run(self.sessions.decoder, step, options)
+            run.stop_reason, finished = reason, True
+            if tail := deltas.flush():
+                yield tail
+        except Exception:
+            if not run.cancelled:
+                raise
+            # else: onnxruntime aborted a run because we asked it to; end quietly
+        finally:
+            self._checkin(request, cache, keys, run, finished)
+
+    def _read_images(
+        self, new_ids: np.ndarray, images: Sequence[ProcessedImage], run: _RunState
+    ) -> np.ndarray:
+        """Embeddings of the new prompt positions, with the features of the images they hold."""
+        numbers = image_order(new_ids[0])  # the images whose positions still need computing
+        run.progress = Progress("vision", 0, len(numbers))
+        started = time.perf_counter()
+        encoded = self.sessions.encode_images([images[n - 1] for n in numbers], run.run_options)
+        run.vision_seconds = time.perf_counter() - started
+        if numbers:
+            crops = sum(images[n - 1].used_crops for n in numbers)
+            self._speed.vision.record(crops, run.vision_seconds)
+        features = dict(zip(numbers, encoded, strict=True))
+        return self.sessions.embed(new_ids, features, run.run_options)
+
+    def _prefill(self, cache: KVCache, embeds: np.ndarray, run: _RunState) -> np.ndarray:
+        """Run the decoder over ``embeds`` in chunks; the logits of the last position."""
+        total = embeds.shape[1]
+        decoder = self.sessions.decoder
+        if total >= FAST_PREFILL_FROM:
+            decoder = self.sessions.prefill_decoder
+        started = time.perf_counter()
+        logits = None
+        for start, end in _chunks(cache.length, total):
+            run.progress = Progress("prefill", start, total)
+            if run.cancelled:
+                raise _Cancelled
+            chunk = np.ascontiguousarray(embeds[:, start:end])
+            logits = cache.run(decoder, chunk, run.run_options)
+        run.prefill_seconds = time.perf_counter() - started
+        self._speed.prefill.record(total, run.prefill_seconds)
+        run.progress = Progress("decode", 0, 0)
+        return logits
+
+    def _checkout(self, request: _Request) -> tuple[KVCache, np.ndarray | None, int]:
+        capacity = min(request.max_length + FOLLOW_UP_ROOM, self.config.context_length)
+        if not self.reuse_prefix:
+            return self._new_cache(capacity), None, 0
+        keys = position_keys(request.input_ids, request.images)
+        cache, reused = self._prefix.checkout(
+            request.conversation, keys, request.max_length, capacity, self._new_cache
+        )
+        return cache, keys, reused
+
+    def _checkin(self, request, cache: KVCache, keys, run: _RunState, finished: bool) -> None:
+        if not finished:
+            run.stop_reason = "cancelled"
+        run.progress = Progress("done")
+        if finished and keys is not None:
+            # What the cache holds: the prompt, then each generated token that was fed back.
+            held = np.concatenate([keys, np.array(run.token_ids, dtype=np.int64)])
+            self._prefix.checkin(request.conversation, held, cache)
+        else:
+            cache.close()
+
+    def _new_cache(self, capacity: int) -> KVCache:
+        config = self.config
+        return KVCache(
+            config.decoder, capacity, config.past_present_share_buffer, config.vocab_size
+        )
+
+    def estimate_first_token(self, request: _Request) -> float | None:
+        """Seconds from the call to the first token, from this machine's measured speed."""
+        crops = sum(image.used_crops for image in request.images)
+        vision = self._speed.vision.estimate(crops) if crops else 0.0
+        prefill = self._speed.prefill.estimate(request.input_ids.shape[1])
+        if vision is None or prefill is None:
+            return None
+        return vision + prefill
+
+
+def _chunks(cached: int, total: int) -> list[tuple[int, int]]:
+    """Bounds of the prefill chunks of ``total`` new positions after ``cached`` ones.
+
+    A sequence longer than 4096 positions is rotated with the long RoPE factors throughout (the
+    decoder picks them by the attention mask's length), so when the prompt crosses 4096 the first
+    chunk must reach past it: a chunk ending below would rotate its keys with the short factors.
+    """
+    first = PREFILL_CHUNK
+    if uses_long_rope(cached + total) and not uses_long_rope(cached):
+        first = max(first, LONG_ROPE_FROM + 1 - cached)
+    bounds = [(0, min(first, total))]
+    while bounds[-1][1] < total:
+        start = bounds[-1][1]
+        bounds.append((start, min(start + PREFILL_CHUNK, total)))
+    return bounds
+
+
+class _Cancelled(Exception):
+    """Ends a cancelled generation between two model calls."""
+
+
+def _preprocess(image: ImageInput, num_crops: int, number: int, count: int) -> ProcessedImage:
+    try:
+        return preprocess_image(image, num_crops)
+    except ImageError as err:
+        if count == 1:
+            raise
+        raise ImageError(f"image {number} of {count}: {err}") from err
+
+
+class _Rate:
+    """Seconds per unit of work (crops, prompt positions), from the latest large-enough run."""
+
+    def __init__(self, min_units: int):
+        self.min_units = min_units
+        self.seconds_per_unit: float | None = None
+
+    def record(self, units: int, seconds: float) -> None:
+        if units >= self.min_units:
+            self.seconds_per_unit = seconds / units
+
+    def estimate(self, units: int) -> float | None:
+        return None if self.seconds_per_unit is None else units * self.seconds_per_unit
+
+
+class _Speed:
+    def __init__(self) -> None:
+        self.vision = _Rate(min_units=1)
+        self.prefill = _Rate(min_units=256)  # short prefills measure per-call overhead
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or the physical memory if unknown."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _default_prompt_limit(config: ModelConfig, per_position: int) -> int:
+    """The longest prompt whose KV cache fits in a share of the memory available now."""
+    fits = int(PROMPT_MEMORY_SHARE * _available_memory()) // per_position
+    return max(1, min(config.context_length - 1, fits))
+
+
+class Stream:
+    """One generation in progress: iterate it for text deltas; read its state at any time.
+
+    Stopping early (``close()``, leaving a ``with`` block, or dropping the stream) ends the
+    generation and frees its KV cache at once.
+    """
+
+    def __init__(self, pipeline: Pipeline, request: _Request, started: float):
+        self.input_ids: list[int] = request.input_ids[0].tolist()
+        self.text = ""
+        self.estimated_first_token = pipeline.estimate_first_token(request)
+        # The generator references only the run state, never this object, so dropping the
+        # stream drops the generator by reference counting (no cycle waiting for the GC).
+        self._run = _RunState(started)
+        self._deltas = pipeline._run(request, self._run)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        delta = next(self._deltas)
+        self.text += delta
+        return delta
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_deltas"):
+            self.close()
+
+    def cancel(self) -> None:
+        """Ask the generation to end as soon as it can. Safe from any thread, also while another
+        thread is inside ``next()``: a model call in progress (the vision model or a prefill
+        chunk) is aborted. The stream then ends, with stop_reason "cancelled", and frees its KV
+        cache."""
+        self._run.cancel()
+
+    def close(self) -> None:
+        """End the generation now and release its buffers."""
+        self._run.cancel()
+        # ValueError: another thread is inside next(); the cancel ends the generation there.
+        with contextlib.suppress(ValueError):
+            self._deltas.close()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Ids generated so far, the stop token excluded."""
+        return self._run.token_ids
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """None while running; then "eos", "length", or "cancelled" if closed early."""
+        return self._run.stop_reason
+
+    @property
+    def progress(self) -> Progress:
+        """The stage the generation is in and how far it got (readable from any thread)."""
+        return self._run.progress
+
+    @property
+    def timings(self) -> Timings:
+        return self._run.timings()
+
+    @property
+    def reused_tokens(self) -> int:
+        """Prompt positions whose KV cache came from an earlier turn (not recomputed)."""
+        return self._run.reused_tokens
+
+    def result(self) -> Generation:
+        """The finished generation (runs it to the end if it is not)."""
+        for _ in self:
+            pass
+        return Generation(
+            self.text,
+            list(self.token_ids),
+            self.input_ids,
+            self.stop_reason,
+            self.timings,
+            self.reused_tokens,
+        )
+
+
+class _RunState:
+    """What a running generation has done so far; written by :meth:`Pipeline._run`."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.preprocess_seconds = time.perf_counter() - started
+        self.vision_seconds = self.prefill_seconds = 0.0
+        self.progress = Progress("preprocess")
+        self.token_ids: list[int] = []
+        self.stop_reason: StopReason | None = None
+        self.reused_tokens = 0
+        self.cancelled = False
+        self.run_options = ort.RunOptions()  # shared by every model call of this generation
+        self.sampled = 0
+        self.first_token_at = self.last_token_at = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.run_options.terminate = True  # onnxruntime checks it between nodes
+
+    def count_token(self, produced: int, limit: int) -> None:
+        now = time.perf_counter()
+        if self.sampled == 0:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.sampled += 1
+        self.progress = Progress("decode", produced, limit)
+
+    def timings(self) -> Timings:
+        elapsed = self.last_token_at - self.first_token_at
+        return Timings(
+            preprocess=self.preprocess_seconds,
+            vision=self.vision_seconds,
+            prefill=self.prefill_seconds,
+            time_to_first_token=self.first_token_at - self.started if self.sampled else 0.0,
+            decode_tokens_per_second=(self.sampled - 1) / elapsed if elapsed > 0 else 0.0,
+        )

@@ -1,0 +1,156 @@
+"""The KV cache of one conversation: buffers, attention mask, length and capacity.
+
+The cache never leaves onnxruntime's reach: past and present tensors are OrtValues bound through
+IOBinding. With ``past_present_share_buffer`` (the released configs' setting) each layer's key and
+value live in one buffer [1, kv_heads, capacity, head_size] bound as both the past input and the
+present output, and GroupQueryAttention writes the new positions in place; so the cache can be
+rewound (keep a prefix) and several decoder sessions (the int4 decoder and its integer-GEMM copy
+for prompt processing) can write the same buffers. Otherwise each run's ``present.*`` outputs
+become the next run's ``past_key_values.*`` inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+
+import numpy as np
+import onnxruntime as ort
+
+from phi3v.config import DecoderConfig
+
+
+def lazy_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array whose pages take memory only once written, so a cache can reserve room.
+
+    Not ``np.empty``: numpy asks the kernel for transparent huge pages on large arrays, and a
+    2 MB page is resident as soon as one byte of it is written. Each head's block of a Phi-3-V
+    cache is only ~1.2 MB at 3k positions, so with huge pages the unwritten room would be
+    resident too (+0.7 GB measured for 1024 reserved positions). Anonymous mmap memory with huge
+    pages declined is what onnxruntime's own allocations get.
+    """
+    count = math.prod(shape)
+    memory = mmap.mmap(-1, max(count * 4, 1))  # anonymous, zero pages until written
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype=np.float32, count=count).reshape(shape)
+
+
+def bytes_per_position(config: DecoderConfig) -> int:
+    """Memory one cached position takes: keys and values of every layer, float32."""
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_size * 4
+
+
+class KVCache:
+    """Keys and values of ``length`` positions, with room for ``capacity``."""
+
+    def __init__(self, config: DecoderConfig, capacity: int, share_buffer: bool, vocab_size: int):
+        self.config, self.share_buffer, self.vocab_size = config, share_buffer, vocab_size
+        self.length = 0
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        # Per decoder session: its binding, and its logit rows per run (None: one per input).
+        self._bindings: dict[int, tuple[ort.IOBinding, int | None]] = {}
+        self._logits: np.ndarray | None = None
+        if share_buffer:
+            shape = (1, config.num_key_value_heads, capacity, config.head_size)
+            self._buffers = [lazy_buffer(shape) for _ in self._names(config.past_names)]
+            self._past = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
+        else:
+            empty = (1, config.num_key_value_heads, 0, config.head_size)
+            self._buffers = []
+            self._past = [
+                ort.OrtValue.ortvalue_from_shape_and_type(empty, np.float32)
+                for _ in self._names(config.past_names)
+            ]
+
+    @property
+    def capacity(self) -> int:
+        """How many positions the cache can hold."""
+        return self._mask.shape[1]
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the written positions take (reserved room is not resident)."""
+        return self.length * bytes_per_position(self.config)
+
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` positions; later runs overwrite the rest."""
+        if not self.share_buffer or not 0 <= length <= self.length:
+            raise ValueError("only a shared-buffer cache can be rewound, and only backwards")
+        self.length = length
+
+    def grown_to(self, capacity: int) -> KVCache:
+        """A cache with room for ``capacity`` positions holding this one's; closes this one."""
+        bigger = KVCache(self.config, capacity, True, self.vocab_size)
+        for old, new in zip(self._buffers, bigger._buffers, strict=True):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        bigger.length = self.length
+        self.close()
+        return bigger
+
+    def run(
+        self,
+        session: ort.InferenceSession,
+        embeds: np.ndarray,
+        run_options: ort.RunOptions | None = None,
+    ) -> np.ndarray:
+        """Run a decoder session on ``embeds`` [1, S, hidden] after the cached positions, append
+        their keys and values, and return the logits of the last position [vocab].
+
+        ``run_options.terminate`` aborts the run; the cache then holds the old positions only.
+        """
+        new = embeds.shape[1]
+        if self.length + new > self.capacity:
+            raise RuntimeError("KV cache is full: the generation outgrew its capacity")
+        cfg = self.config
+        binding, fixed_rows = self._binding(session)
+        binding.bind_ortvalue_input(cfg.inputs_embeds, ort.OrtValue.ortvalue_from_numpy(embeds))
+        mask = self._mask[:, : self.length + new]
+        binding.bind_ortvalue_input(cfg.attention_mask, ort.OrtValue.ortvalue_from_numpy(mask))
+        # Logits land straight in a numpy buffer we own (a graph cut before the LM head gives
+        # one row; the released graph gives one per input position).
+        rows = fixed_rows or new
+        if self._logits is None or self._logits.shape[1] != rows:
+            self._logits = np.empty((1, rows, self.vocab_size), np.float32)
+        binding.bind_ortvalue_output(cfg.logits, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        if not self.share_buffer:
+            for name, value in zip(self._names(cfg.past_names), self._past, strict=True):
+                binding.bind_ortvalue_input(name, value)
+            for name in self._names(cfg.present_names):
+                binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding, run_options)
+        if not self.share_buffer:
+            # Outputs come back in bind order: logits first, then the presents in our order.
+            self._past = binding.get_outputs()[1:]
+        self.length += new
+        return self._logits[0, -1]
+
+    def close(self) -> None:
+        """Release the buffers and bindings now rather than at garbage collection."""
+        for binding, _ in self._bindings.values():
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+        self._bindings, self._past, self._buffers, self._logits = {}, [], [], None
+
+    def _binding(self, session: ort.InferenceSession) -> tuple[ort.IOBinding, int | None]:
+        known = self._bindings.get(id(session))
+        if known is None:
+            binding = session.io_binding()
+            known = self._bindings[id(session)] = binding, _logit_rows(session, self.config.logits)
+            if self.share_buffer:  # bound once: past and present are the same buffers
+                names = self._names(self.config.past_names)
+                for name, value in zip(names, self._past, strict=True):
+                    binding.bind_ortvalue_input(name, value)
+                names = self._names(self.config.present_names)
+                for name, value in zip(names, self._past, strict=True):
+                    binding.bind_ortvalue_output(name, value)
+        return known
+
+    def _names(self, pattern) -> list[str]:
+        return [n for layer in range(self.config.num_hidden_layers) for n in pattern(layer)]
+
+
+def _logit_rows(session: ort.InferenceSession, name: str) -> int | None:
+    """Logit rows per run when the graph fixes them (1 for a graph cut before the LM head)."""
+    shape = next(o.shape for o in session.get_outputs() if o.name == name)
+    return shape[1] if len(shape) == 3 and isinstance(shape[1], int) else None
