@@ -13,7 +13,6 @@ chunks, then sample / stop? / step until done.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ class Pipeline:
         self.reuse_prefix = reuse_prefix and config.past_present_share_buffer
         per_position = bytes_per_position(config.decoder)
         self.max_prompt_tokens = max_prompt_tokens or _default_prompt_limit(config, per_position)
-        budget = cache_budget_bytes or int(CACHE_MEMORY_SHARE * _available_memory())
+        budget = cache_budget_bytes or int(CACHE_MEMORY_SHARE * convert.available_memory())
         self._prefix = PrefixCache(budget)
         self.stop_ids = frozenset(
             (*config.eos_token_ids, tokenizer.token_id(END), tokenizer.token_id(END_OF_TEXT))
@@ -404,18 +403,9 @@ class _Speed:
         self.prefill = _Rate(min_units=256)  # short prefills measure per-call overhead
 
 
-def _available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or the physical memory if unknown."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def _default_prompt_limit(config: ModelConfig, per_position: int) -> int:
     """The longest prompt whose KV cache fits in a share of the memory available now."""
-    fits = int(PROMPT_MEMORY_SHARE * _available_memory()) // per_position
+    fits = int(PROMPT_MEMORY_SHARE * convert.available_memory()) // per_position
     return max(1, min(config.context_length - 1, fits))
 
 

@@ -1,0 +1,293 @@
+"""The "fast" precision: the integer-GEMM copies (phi3v/convert.py), the precision choice, and the
+exact savings made on the way (used crops only, last-position logits, chunked prefill)."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+import phi3v.convert as convert
+import phi3v.engine as engine
+from phi3v import Pipeline, PromptError, preprocess_image
+from phi3v.kv_cache import KVCache
+from phi3v.testing import build_model
+
+# Long enough (> FAST_PREFILL_FROM ids) to be prefilled on the integer-GEMM copy.
+TEXT = "Tell me, in a few words, what the history of computing machines looks like. " * 3
+CHART = "data/examples/bar_chart.png"
+
+
+@pytest.fixture
+def model(tmp_path):
+    """A fresh tiny int4 set of our own, so its files and cache can be changed."""
+    return build_model(tmp_path / "int4", weights="int4")
+
+
+def fast_folders(model):
+    return sorted(p.name for p in (model / convert.CACHE_FOLDER).glob("fast-*"))
+
+
+def digests(folder):
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()
+    }
+
+
+def test_the_fast_copy_is_made_once_and_then_reused(model, monkeypatch):
+    Pipeline.load(model, precision="fast")
+    assert len(fast_folders(model)) == 1
+
+    def fail(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(convert, "_convert", fail)
+    assert Pipeline.load(model, precision="fast").precision == "fast"
+
+
+def test_the_downloaded_files_are_never_changed(model):
+    before = digests(model)
+    Pipeline.load(model, precision="fast")
+    assert digests(model) == before
+
+
+def test_a_changed_model_file_gets_a_new_copy_and_the_stale_one_goes(model):
+    Pipeline.load(model, precision="fast")
+    (old,) = fast_folders(model)
+    decoder = model / "phi-3-v-128k-instruct-text.onnx"
+    proto = onnx.load(str(decoder), load_external_data=False)
+    proto.producer_version = "edited"
+    decoder.write_bytes(proto.SerializeToString())
+    Pipeline.load(model, precision="fast")
+    (new,) = fast_folders(model)
+    assert new != old
+
+
+def test_a_new_converter_version_rebuilds_the_copy(model, monkeypatch):
+    Pipeline.load(model, precision="fast")
+    (old,) = fast_folders(model)
+    monkeypatch.setattr(convert, "CONVERTER_VERSION", convert.CONVERTER_VERSION + 1)
+    Pipeline.load(model, precision="fast")
+    assert fast_folders(model) != [old] and len(fast_folders(model)) == 1
+
+
+def test_an_interrupted_conversion_leaves_nothing_that_is_used(model, monkeypatch):
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "_write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline.load(model, precision="fast")
+    assert fast_folders(model) == []
+    assert not list((model / convert.CACHE_FOLDER).glob("tmp-*"))
+    monkeypatch.undo()
+    assert Pipeline.load(model, precision="fast").precision == "fast"
+
+
+def test_a_copy_with_a_truncated_file_is_rebuilt(model):
+    first = convert.fast_models(Pipeline.load(model, precision="exact").config)
+    data = first.decoder.with_name(first.decoder.name + ".data")
+    size = data.stat().st_size
+    with open(data, "r+b") as file:
+        file.truncate(size // 2)
+    again = convert.fast_models(Pipeline.load(model, precision="exact").config)
+    assert again.decoder.with_name(again.decoder.name + ".data").stat().st_size == size
+
+
+def test_the_conversion_reports_progress(model):
+    seen = []
+    Pipeline.load(model, precision="fast", progress=seen.append)
+    stages = {p.stage for p in seen}
+    assert "converting the decoder model" in stages and "converting the vision model" in stages
+    last = [p for p in seen if p.stage == "converting the decoder model"][-1]
+    assert last.done == last.total > 0
+
+
+def test_the_copies_hold_no_matmulnbits_but_the_lm_head(model):
+    fast = convert.fast_models(Pipeline.load(model, precision="exact").config)
+    vision = onnx.load(str(fast.vision), load_external_data=False)
+    decoder = onnx.load(str(fast.decoder), load_external_data=False)
+    assert not [n for n in vision.graph.node if n.op_type == "MatMulNBits"]
+    (head,) = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
+    assert "logits" in head.output
+    assert [n for n in decoder.graph.node if n.op_type == "MatMulInteger"]
+
+
+def test_unknown_precision_is_refused(tiny_int4_model_dir):
+    with pytest.raises(PromptError, match="precision must be one of exact, fast, auto"):
+        Pipeline.load(tiny_int4_model_dir, precision="quick")
+
+
+def test_fast_needs_int4_layers(tiny_model_dir):
+    with pytest.raises(PromptError, match="no int4 MatMulNBits layers"):
+        Pipeline.load(tiny_model_dir, precision="fast")
+
+
+def test_auto_picks_exact_for_a_float_model(tiny_model_dir):
+    assert Pipeline.load(tiny_model_dir).precision == "exact"
+
+
+def test_auto_picks_exact_on_a_cpu_without_amx_or_vnni(tiny_int4_model_dir, monkeypatch):
+    monkeypatch.setattr(convert, "cpu_has_fast_gemm", lambda: False)
+    assert Pipeline.load(tiny_int4_model_dir).precision == "exact"
+
+
+def test_auto_picks_exact_without_the_memory_for_the_copies(tiny_int4_model_dir, monkeypatch):
+    monkeypatch.setattr(convert, "cpu_has_fast_gemm", lambda: True)
+    monkeypatch.setattr(convert, "available_memory", lambda: 1 << 30)
+    assert Pipeline.load(tiny_int4_model_dir).precision == "exact"
+
+
+def test_auto_picks_fast_on_an_integer_gemm_cpu_with_memory(tiny_int4_model_dir, monkeypatch):
+    monkeypatch.setattr(convert, "cpu_has_fast_gemm", lambda: True)
+    monkeypatch.setattr(convert, "available_memory", lambda: 64 << 30)
+    assert Pipeline.load(tiny_int4_model_dir).precision == "fast"
+
+
+# --- agreement of fast with exact (bounds measured on these tiny sets, see docs/PERFORMANCE.md)
+
+
+def first_logits(pipe, prompt, images=()):
+    """The logits the prefill gives for the first answer token."""
+    stream = pipe.stream(prompt, images, max_new_tokens=1)
+    request = engine._Request(
+        np.array([stream.input_ids]), tuple(preprocess_image(i) for i in images), 1, None, "x"
+    )
+    stream.close()
+    cache = pipe._new_cache(len(stream.input_ids) + 1)
+    run = engine._RunState(0.0)
+    embeds = pipe._read_images(request.input_ids, request.images, run)
+    logits = pipe._prefill(cache, embeds, run).copy()
+    cache.close()
+    return logits[: pipe.vocab_limit]
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_int4_model_dir):
+    return (
+        Pipeline.load(tiny_int4_model_dir, precision="exact"),
+        Pipeline.load(tiny_int4_model_dir, precision="fast"),
+    )
+
+
+@pytest.mark.parametrize("images", [(), (CHART,)], ids=["text", "image"])
+def test_fast_first_step_logits_are_close_to_exact(pipes, images):
+    exact, fast = (first_logits(p, TEXT, images) for p in pipes)
+    error = np.abs(exact - fast)
+    assert error.max() < 0.25 * np.abs(exact).max()
+    assert error.mean() < 0.08 * np.abs(exact).mean()  # measured: 5.3 % (text), under 5 % (image)
+
+
+def test_a_text_question_is_prefilled_on_the_integer_gemm_copy(pipes):
+    assert len(pipes[1].stream(TEXT).input_ids) >= engine.FAST_PREFILL_FROM
+    exact, fast = (first_logits(p, TEXT) for p in pipes)
+    assert not np.array_equal(exact, fast)
+
+
+def test_fast_gives_the_exact_greedy_answer_to_a_text_question(pipes):
+    exact, fast = (p.generate(TEXT, max_new_tokens=32).token_ids for p in pipes)
+    assert fast == exact
+
+
+def test_fast_decodes_on_the_int4_decoder(pipes):
+    _, fast = pipes
+    assert fast.sessions.decoder is not fast.sessions.prefill_decoder
+    (head,) = [o for o in fast.sessions.prefill_decoder.get_outputs() if o.name == "logits"]
+    assert head.shape[1] == 1  # the prompt copy makes the last position's logits only
+
+
+def test_fast_answers_in_the_legacy_layout_too(tiny_int4_legacy_model_dir):
+    pipe = Pipeline.load(tiny_int4_legacy_model_dir, precision="fast")
+    assert len(pipe.generate("Describe it.", [CHART], max_new_tokens=8).token_ids) == 8
+
+
+def test_per_token_scales_beat_one_scale_on_outlier_activations(
+    tiny_outlier_model_dir, monkeypatch
+):
+    exact = first_logits(Pipeline.load(tiny_outlier_model_dir, precision="exact"), TEXT)
+    errors = {}
+    for scales in ("row", "tensor"):
+        monkeypatch.setattr(convert, "ACTIVATION_SCALES", scales)
+        fast = first_logits(Pipeline.load(tiny_outlier_model_dir, precision="fast"), TEXT)
+        errors[scales] = np.abs(fast - exact).mean()
+    assert errors["row"] < errors["tensor"]
+
+
+# --- exact savings
+
+
+def test_vision_features_of_the_used_crops_equal_those_of_all_17(tiny_int4_model_dir):
+    pipe = Pipeline.load(tiny_int4_model_dir, precision="exact")
+    image = preprocess_image(Image.new("RGB", (640, 480), (30, 120, 200)))
+    assert image.used_crops == 13  # 1 global + 3 x 4 tiles of the 1344x1008 HD image
+    vision = pipe.config.vision
+    sizes = np.array([image.image_size], np.int64)
+
+    def features(crops):
+        feeds = {vision.pixel_values: crops[None], vision.image_sizes: sizes}
+        return pipe.sessions.vision.run(None, feeds)[0]
+
+    assert np.array_equal(features(image.pixel_values[:13]), features(image.pixel_values))
+
+
+def test_last_position_logits_equal_the_last_row_of_all_logits(tiny_int4_model_dir, tmp_path):
+    source = tiny_int4_model_dir / "phi-3-v-128k-instruct-text.onnx"
+    proto = onnx.load(str(source), load_external_data=False)
+    convert._last_position_cut(proto.graph, "logits")
+    proto.graph.initializer.extend(convert._integer_gemm_constants())
+    cut = tmp_path / source.name
+    convert._write_with_data(proto, cut, convert._TensorReader(source.parent))
+    pipe = Pipeline.load(tiny_int4_model_dir, precision="exact")
+    embeds = np.random.default_rng(0).standard_normal((1, 700, 64)).astype(np.float32)
+    rows = []
+    for session in (pipe.sessions.decoder, ort.InferenceSession(str(cut))):
+        cache = KVCache(pipe.config.decoder, 700, True, pipe.config.vocab_size)
+        rows.append(cache.run(session, embeds).copy())
+        cache.close()
+    assert np.array_equal(rows[0], rows[1])
+
+
+@pytest.mark.parametrize("length", [700, 4300], ids=["short", "past the LongRoPE switch"])
+def test_chunked_prefill_equals_one_shot_prefill_in_exact(tiny_int4_model_dir, length, monkeypatch):
+    pipe = Pipeline.load(tiny_int4_model_dir, precision="exact")
+    embeds = np.random.default_rng(1).standard_normal((1, length, 64)).astype(np.float32)
+    results = []
+    for chunk in (length, 128):
+        monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
+        cache = pipe._new_cache(length + 1)
+        logits = pipe._prefill(cache, embeds, engine._RunState(0.0)).copy()
+        step = pipe.sessions.embed_token(7)
+        results.append((logits, cache.run(pipe.sessions.decoder, step).copy()))
+        cache.close()
+    assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_stop_lands_between_prefill_chunks(tiny_int4_model_dir, monkeypatch):
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 256)
+    pipe = Pipeline.load(tiny_int4_model_dir, precision="exact")
+    stream = pipe.stream("Describe it.", [CHART], max_new_tokens=8)
+    seen = []
+    run = pipe.sessions.decoder.run_with_iobinding
+
+    def counting(binding, options=None):
+        seen.append(stream.progress)
+        if len(seen) == 2:
+            stream.cancel()
+        return run(binding, options)
+
+    monkeypatch.setattr(pipe.sessions.decoder, "run_with_iobinding", counting)
+    assert list(stream) == []
+    assert stream.stop_reason == "cancelled"
+    assert [p.stage for p in seen] == ["prefill", "prefill"]
+    assert seen[1].done == 256 and seen[1].total == len(stream.input_ids)
+
+
+def test_the_cache_manifest_lists_every_file(model):
+    fast = convert.fast_models(Pipeline.load(model, precision="exact").config)
+    manifest = json.loads((fast.decoder.parent / convert.MANIFEST).read_text())
+    assert set(manifest["files"]) == {p.name for p in fast.decoder.parent.iterdir()} - {
+        "manifest.json"
+    }
