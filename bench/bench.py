@@ -53,7 +53,8 @@ PROMPTS = {
     "image": "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n",
 }
 IMAGE_SIZE = (1344, 1008)  # 4 x 3 tiles of 336: 12 crops, 1921 image tokens
-CONFIGS = ("genai-A", "genai-B", "phi3v")
+CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast")
+PRECISION = {"phi3v": "exact", "phi3v-fast": "fast"}  # phi3v configs and their precision
 B_THREADS = 2  # genai-B: the machine's cores (genai's default uses half the hardware threads)
 BUSY_SHARE = 0.15  # others using more than this share of all cores makes a run "busy"
 MAX_ATTEMPTS = 3
@@ -107,13 +108,14 @@ def genai_run(model_dir: str, case: str, image: str | None) -> dict:
     }
 
 
-def phi3v_run(model_dir: str, case: str, image: str | None, input_ids: list[int]) -> dict:
+def phi3v_run(
+    model_dir: str, case: str, image: str | None, input_ids: list[int], precision: str
+) -> dict:
     """Load phi3v.Pipeline, generate from genai's ``input_ids``; read its Timings."""
-    sys.path.insert(0, str(REPO))
     from phi3v import Pipeline
 
     started = time.perf_counter()
-    pipe = Pipeline.load(model_dir)
+    pipe = Pipeline.load(model_dir, precision=precision)
     load = time.perf_counter() - started
     rss_loaded = _rss_mib()
 
@@ -157,7 +159,9 @@ def worker_main(spec: dict) -> None:
     if spec["runtime"] == "genai":
         result = genai_run(spec["model"], spec["case"], spec["image"])
     else:
-        result = phi3v_run(spec["model"], spec["case"], spec["image"], spec["input_ids"])
+        result = phi3v_run(
+            spec["model"], spec["case"], spec["image"], spec["input_ids"], spec["precision"]
+        )
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -266,7 +270,8 @@ def run_process(args: list[str]) -> tuple[dict, dict]:
 def timed_run(config: str, model: Path, case: str, image: Path | None, ids: list[int]) -> dict:
     """One run of ``config`` on ``case``, repeated while the machine was busy; all attempts kept."""
     spec = {
-        "runtime": "phi3v" if config == "phi3v" else "genai",
+        "runtime": "phi3v" if config in PRECISION else "genai",
+        "precision": PRECISION.get(config),
         "model": str(model),
         "case": case,
         "image": str(image) if image else None,
@@ -348,6 +353,12 @@ METRICS = (  # key, column title, how to read it from a run
     ("peak_rss_mib", "peak RSS MiB", lambda r: r["peak_rss_mib"]),
 )
 RATIO_METRICS = ("load_s", "ttft_s", "decode_ms", "peak_rss_mib")
+RATIO_PAIRS = (
+    ("phi3v", "genai-A"),
+    ("phi3v", "genai-B"),
+    ("phi3v-fast", "genai-B"),
+    ("phi3v-fast", "phi3v"),
+)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -369,7 +380,7 @@ def summarize(runs: list[dict]) -> dict:
                 }
             entry["n"] = len(finals)
             entry["busy_final"] = sum(r["busy"] for r in finals)
-            if config == "phi3v":
+            if config in PRECISION:
                 for key in ("vision_s", "prefill_s"):
                     entry[key] = statistics.median(r[key] for r in finals)
     return summary
@@ -386,12 +397,19 @@ def token_equality(runs: list[dict]) -> dict:
                     by_config.setdefault(run["config"], set()).add(tuple(_strip_eos(attempt)))
         genai_ids = by_config.get("genai-A", set()) | by_config.get("genai-B", set())
         phi3v_ids = by_config.get("phi3v", set())
+        fast_ids = by_config.get("phi3v-fast", set())
         report[case] = {
             "genai_deterministic": len(genai_ids) == 1,
             "phi3v_deterministic": len(phi3v_ids) == 1,
             "phi3v_equals_genai": len(genai_ids | phi3v_ids) == 1,
             "tokens": {c: [list(t) for t in ids] for c, ids in by_config.items()},
         }
+        if fast_ids and phi3v_ids:
+            a, b = next(iter(phi3v_ids)), next(iter(fast_ids))
+            report[case]["fast_agrees_with_exact_for"] = next(
+                (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)),
+            )
         if genai_ids and phi3v_ids and len(genai_ids | phi3v_ids) > 1:
             a, b = next(iter(genai_ids)), next(iter(phi3v_ids))
             report[case]["first_difference"] = next(
@@ -460,27 +478,26 @@ def markdown(report: dict) -> str:
                 )
     lines += [
         "",
-        "Ratios of medians (phi3v / genai; below 1 means phi3v is faster or smaller):",
+        "Ratios of medians (below 1 means the first is faster or smaller):",
         "",
         "| case | vs | load | TTFT | decode ms/token | peak RSS |",
         "|---|---|---|---|---|---|",
     ]
     for case, configs in s.items():
-        for base in ("genai-A", "genai-B"):
-            if base in configs and "phi3v" in configs:
+        for ours, base in RATIO_PAIRS:
+            if base in configs and ours in configs:
                 ratios = [
-                    configs["phi3v"][k]["median"] / configs[base][k]["median"]
-                    for k in RATIO_METRICS
+                    configs[ours][k]["median"] / configs[base][k]["median"] for k in RATIO_METRICS
                 ]
                 lines.append(
-                    f"| {case} | {base} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |"
+                    f"| {case} | {ours} / {base} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |"
                 )
     lines += ["", "phi3v's own breakdown (medians): "]
     for case, configs in s.items():
-        if "phi3v" in configs:
-            p = configs["phi3v"]
+        for config in (c for c in PRECISION if c in configs):
+            p = configs[config]
             lines.append(
-                f"* {case}: preprocess {p['preprocess_s']['median']:.3f} s, "
+                f"* {case}, {config}: preprocess {p['preprocess_s']['median']:.3f} s, "
                 f"vision {p['vision_s']:.3f} s, "
                 f"embedding + prefill {p['prefill_s']:.3f} s"
             )
@@ -493,6 +510,12 @@ def markdown(report: dict) -> str:
             + (
                 f"; first difference at token {eq['first_difference']}"
                 if "first_difference" in eq
+                else ""
+            )
+            + (
+                f"; phi3v-fast's greedy tokens equal exact's for the first "
+                f"{eq['fast_agrees_with_exact_for']} (random weights: see docs/PERFORMANCE.md)"
+                if "fast_agrees_with_exact_for" in eq
                 else ""
             )
         )
@@ -513,6 +536,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed processes per case and runtime")
     parser.add_argument("--cases", default="text,image", help="comma-separated: text,image")
     parser.add_argument("--name", help="results file name (default: the model folder's name)")
+    parser.add_argument(
+        "--configs",
+        default="genai-B,phi3v,phi3v-fast",
+        help=f"comma-separated, from {', '.join(CONFIGS)} (genai-A: the released config)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one timed run
     parser.add_argument("--tokenize", help=argparse.SUPPRESS)  # internal: genai's input ids
     args = parser.parse_args(argv)
@@ -526,10 +554,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(cases) - set(PROMPTS)
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from {sorted(PROMPTS)}")
-    run_benchmark(args.model.resolve(), args.runs, cases, args.name or args.model.resolve().name)
+    configs = [c for c in args.configs.split(",") if c]
+    if set(configs) - set(CONFIGS):
+        parser.error(f"unknown config(s) {sorted(set(configs) - set(CONFIGS))}")
+    name = args.name or args.model.resolve().name
+    run_benchmark(args.model.resolve(), args.runs, cases, name, configs)
 
 
-def run_benchmark(model: Path, runs: int, cases: list[str], name: str) -> None:
+def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: list[str]) -> None:
     date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     loadavg_start = os.getloadavg()
     versions_start = versions()  # phi3v's commit when the runs began
@@ -543,7 +575,14 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str) -> None:
             "genai-A": model,
             "genai-B": make_config_b(model, tmp / "config-b"),
             "phi3v": model,
+            "phi3v-fast": model,
         }
+        if "phi3v-fast" in configs:  # made once per model folder, before any timed run
+            from phi3v import convert, load_config
+
+            started = time.perf_counter()
+            convert.fast_models(load_config(model))
+            print(f"  fast copies ready in {time.perf_counter() - started:.1f} s", flush=True)
         ids, _ = run_process(
             ["--tokenize", json.dumps({"model": str(model), "cases": cases, "image": str(image)})]
         )
@@ -551,7 +590,7 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str) -> None:
         results = []
         for case in cases:
             for _ in range(runs):
-                for config in CONFIGS:
+                for config in configs:
                     run = timed_run(
                         config, folders[config], case, image if case == "image" else None, ids[case]
                     )

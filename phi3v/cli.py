@@ -12,6 +12,7 @@ import sys
 
 from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
 from phi3v.errors import Phi3VError
+from phi3v.results import Progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnxruntime intra-op threads (default: one per physical core)",
     )
     parser.add_argument(
+        "--precision",
+        choices=("auto", "exact", "fast"),
+        default="auto",
+        help="exact: the model files as they are (what onnxruntime-genai computes); fast: "
+        "read images and prompts on integer-GEMM copies made once per model folder; auto: "
+        "fast where this CPU has AMX/VNNI and the memory for the copies",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print the result as JSON (text, token ids, input ids, stop reason, "
         "timings) instead of streaming",
     )
     return parser
+
+
+def _show_progress(progress: Progress) -> None:
+    """One status line on stderr while the fast copies are made (once per model folder)."""
+    end = "\n" if progress.total and progress.done == progress.total else ""
+    print(f"\r{progress.stage}: {progress.done}/{progress.total}", end=end, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         num_crops=args.num_crops,
     )
     try:
-        pipe = Pipeline.load(args.model, num_threads=args.threads)
+        pipe = Pipeline.load(
+            args.model,
+            num_threads=args.threads,
+            precision=args.precision,
+            progress=_show_progress,
+        )
         if args.json:
             result = pipe.generate(args.prompt, args.image, **options)
             print(json.dumps(result.to_dict(), ensure_ascii=False))
