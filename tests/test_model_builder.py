@@ -6,6 +6,8 @@ two weight formats: fp32 MatMul ("float") and MatMulNBits int4 block 32 ("int4",
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,13 @@ from phi3v.testing import (
     DEFAULT_OUTLIER_GAIN,
     MODEL_FILES,
     ORIGINAL_CONTEXT,
+    REAL,
     TINY,
     ModelSize,
     build_model,
     outlier_channel_ids,
 )
-from tests.conftest import OUTLIER_CHANNELS
+from tests.conftest import FIXTURES, OUTLIER_CHANNELS
 
 HIDDEN_SIZE, HEAD_SIZE, VOCAB_SIZE = TINY.hidden_size, TINY.head_size, TINY.vocab_size
 NUM_KV_HEADS, NUM_LAYERS = TINY.num_kv_heads, TINY.num_layers
@@ -130,6 +133,43 @@ def test_int4_weights_need_input_widths_that_are_multiples_of_32(tmp_path):
     with pytest.raises(ValueError, match=r"multiple of 32.*'hidden_size': 48"):
         build_model(tmp_path, size=odd, weights="int4")
     assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_real_size_has_the_dimensions_of_the_real_release():
+    real = json.loads((FIXTURES / "phi3v-tokenizer" / "genai_config.json").read_text())["model"]
+    decoder = real["decoder"]
+    assert (REAL.hidden_size, REAL.head_size, REAL.num_layers) == (
+        decoder["hidden_size"],
+        decoder["head_size"],
+        decoder["num_hidden_layers"],
+    )
+    assert (REAL.num_heads, REAL.num_kv_heads) == (
+        decoder["num_attention_heads"],
+        decoder["num_key_value_heads"],
+    )
+    assert REAL.vocab_size == TINY.vocab_size == real["vocab_size"]
+    # CLIP ViT-L/14-336 up to hidden_states[-2]; img_projection 4096 -> 3072 -> 3072 (spec §6)
+    assert (REAL.clip_width, REAL.clip_heads, REAL.clip_mlp) == (1024, 16, 4096)
+    assert (REAL.clip_layers, REAL.clip_layers_used) == (24, 23)
+    assert REAL.projection_shapes == ((4096, 3072), (3072, 3072))
+    assert (REAL.default_weights, TINY.default_weights) == ("int4", "float")
+
+
+def test_command_line_builds_the_requested_set(tmp_path):
+    out = tmp_path / "set"
+    args = [str(out), "--weights", "int4", "--layout", "legacy", "--seed", "7"]
+    done = subprocess.run(
+        [sys.executable, "-m", "phi3v.testing", *args, "--outlier-channels", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "tiny legacy Phi-3-vision set with int4 weights, 2 outlier channels" in done.stdout
+    expected = build_model(
+        tmp_path / "same", weights="int4", layout="legacy", seed=7, outlier_channels=2
+    )
+    for path in expected.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 @pytest.mark.parametrize("weights", FORMATS)
@@ -240,7 +280,7 @@ def test_int4_layers_are_4_bit_block_32_accuracy_level_4_without_zero_points(
 
 
 def test_tokenizer_files_are_the_fixture_copies(tiny_model_dir):
-    fixtures = Path(__file__).parent / "fixtures" / "phi3v-tokenizer"
+    fixtures = FIXTURES / "phi3v-tokenizer"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tiny_model_dir / name).read_bytes() == (fixtures / name).read_bytes()
 
@@ -327,9 +367,7 @@ def test_genai_config_describes_the_tiny_model(layout, tiny_model_dir, tiny_lega
 
 
 def test_legacy_genai_config_has_the_keys_of_the_real_one(tiny_legacy_model_dir):
-    real = json.loads(
-        (Path(__file__).parent / "fixtures" / "phi3v-tokenizer" / "genai_config.json").read_text()
-    )
+    real = json.loads((FIXTURES / "phi3v-tokenizer" / "genai_config.json").read_text())
     tiny = json.loads((tiny_legacy_model_dir / "genai_config.json").read_text())
 
     def keys(tree, prefix=""):
