@@ -7,7 +7,8 @@ Run it on the real-size random-weight set after changing the builder or the engi
 
 For a text prompt and for one 1344x1008 PNG (16 crops, 1,935 prompt ids), genai generates
 ``--new-tokens`` tokens greedily with 2 intra-op threads per session, then phi3v generates from
-genai's own input ids. Prints both token lists and exits with 1 if any differ.
+genai's own input ids in its "exact" precision. Prints both token lists and exits with 1 if any
+differ.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def genai_tokens(model_dir: Path, prompt: str, image: Path | None, count: int):
 def phi3v_tokens(model_dir: Path, prompt: str, image: Path | None, input_ids, count: int):
     from phi3v import Pipeline
 
-    pipe = Pipeline.load(model_dir)
+    pipe = Pipeline.load(model_dir, precision="exact")  # "fast" is not meant to match genai
     result = pipe.generate(
         prompt, images=[image] if image else [], input_ids=input_ids, max_new_tokens=count
     )
