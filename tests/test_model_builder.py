@@ -184,7 +184,8 @@ def test_folder_holds_models_with_external_data_configs_and_tokenizer(layout, we
     }
     for onnx_name in MODEL_FILES[layout].values():
         expected |= {onnx_name, onnx_name + ".data"}
-    assert {path.name for path in model_dir.iterdir()} == expected
+    # files only: loading a set in "fast" precision adds a .phi3v-cache folder beside them
+    assert {path.name for path in model_dir.iterdir() if path.is_file()} == expected
 
 
 @pytest.mark.parametrize("weights", FORMATS)
@@ -206,7 +207,8 @@ def test_rebuilding_gives_byte_identical_files(weights, tmp_path, request):
     built = _model_dir(request, weights=weights)
     rebuilt = build_model(tmp_path / "again", weights=weights)
     for path in built.iterdir():
-        assert (rebuilt / path.name).read_bytes() == path.read_bytes(), path.name
+        if path.is_file():
+            assert (rebuilt / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_rebuilding_into_the_same_folder_does_not_grow_the_data_files(tmp_path):
