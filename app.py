@@ -22,6 +22,7 @@ import html
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -130,11 +131,21 @@ def conversation(history: Sequence[dict]) -> tuple[list[dict[str, str]], list[st
         first = len(images) + 1
         tags = "".join(f"<|image_{n}|>\n" for n in range(first, first + len(files)))
         images.extend(files)
-        messages.append({"role": "user", "content": tags + text})
+        messages.append({"role": "user", "content": tags + typed_text(text)})
         answer = "\n".join(message_parts(reply["content"])[0] for reply in replies)
         if answer:
             messages.append({"role": "assistant", "content": answer})
     return messages, images
+
+
+# A zero-width space after "<|" keeps a typed "<|image_N|>" from being read as an image tag:
+# in the app, tags come from the uploads only (issue 9 item 7).
+_TYPED_TAG = re.compile(r"<\|(?=image_\d+\|>)")
+
+
+def typed_text(text: str) -> str:
+    """A visitor's text with any typed ``<|image_N|>`` made plain text for the model."""
+    return _TYPED_TAG.sub("<|\u200b", text)
 
 
 def user_message(text: str, files: Sequence[str]) -> dict:
@@ -501,10 +512,13 @@ def respond(
     top_k: float | None = 0,
     num_crops: float | None = None,
     stop: threading.Event | None = None,
+    conversation_key: str | None = None,
 ) -> Iterator[tuple[list[dict], str]]:
     """Answer the last user message of ``history``; yields (chat history, status line).
 
     Setting ``stop`` ends the answer within a token; the last yield then says "Stopped".
+    ``conversation_key`` (the browser session) scopes the engine's KV-cache reuse, so one
+    visitor's cached prompt never speeds up (and so never reveals itself to) another.
     """
     stop = stop or threading.Event()
     if stop.is_set():  # stopped (or cleared) while waiting in the queue: leave the chat alone
@@ -525,7 +539,7 @@ def respond(
     yield history, status_line("busy", f"Preparing {_count(len(images), 'image')}…")
     options = generation_options(max_new_tokens, temperature, top_p, top_k, num_crops)
     try:
-        stream = pipe.stream(messages, images, **options)
+        stream = pipe.stream(messages, images, conversation=conversation_key, **options)
     except Phi3VError as err:
         yield [*history, error_message(err)], status_line("error", "Not answered")
         return
@@ -723,7 +737,15 @@ def build_demo(loader: ModelLoader) -> gr.Blocks:
         stop = switches.begin(session)
         try:
             yield from respond(
-                loader, history, max_new_tokens, temperature, top_p, top_k, num_crops, stop
+                loader,
+                history,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                num_crops,
+                stop,
+                conversation_key=session,
             )
         finally:
             switches.end(session, stop)

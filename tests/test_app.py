@@ -235,6 +235,37 @@ def test_a_stop_request_ends_the_answer_and_the_last_status_says_stopped(loader)
     assert wait_until(lambda: not loader.busy.locked(), timeout=10)
 
 
+def test_a_typed_image_tag_is_text_not_a_tag():
+    messages, images = conversation([user("What does <|image_1|> mean?")])
+    assert images == []
+    assert not re.search(r"<\|image_\d+\|>", messages[0]["content"])
+    assert "image_1" in messages[0]["content"]
+
+
+def test_an_uploaded_image_still_gets_its_tag_beside_typed_text():
+    messages, images = conversation([user("Is <|image_2|> here?", "a.png")])
+    assert images == ["a.png"]
+    assert re.findall(r"<\|image_\d+\|>", messages[0]["content"]) == ["<|image_1|>"]
+
+
+def test_a_second_session_gets_no_cache_reuse_from_the_first(loader, monkeypatch):
+    pipe = loader.pipeline
+    streams = []
+    real_stream = pipe.stream
+
+    def recording_stream(*args, **kwargs):  # the real stream, kept so its reuse can be read
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    history = [user("What is the capital of France?")]
+    for session in ("first", "first", "second"):
+        for _ in respond(loader, history, 8, conversation_key=session):
+            pass
+    assert streams[1].reused_tokens > 0  # the same session reuses its own prompt
+    assert streams[2].reused_tokens == 0  # another session does not
+
+
 def test_a_stop_pressed_while_queued_leaves_the_chat_alone():
     stop = threading.Event()
     stop.set()
