@@ -137,7 +137,7 @@ def _convert(
     what: str,
 ) -> None:
     """Write ``source`` with every MatMulNBits as an integer GEMM to ``target`` (+ its data)."""
-    model = onnx.load(str(source), load_external_data=False)
+    model = _load_graph(source)
     graph = model.graph
     reader = _TensorReader(source.parent)
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -423,8 +423,24 @@ def _int4_sources(config: ModelConfig) -> list[Path]:
 
 
 def _nbits_nodes(path: Path) -> Iterator[onnx.NodeProto]:
-    model = onnx.load(str(path), load_external_data=False)
+    model = _load_graph(path)
     return (node for node in model.graph.node if node.op_type == "MatMulNBits")
+
+
+def _load_graph(path: Path) -> onnx.ModelProto:
+    """The model's graph without its weights; a file that is not an ONNX model is our error."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError, OSError, onnx's own checks
+        raise ModelFolderError(
+            f"could not load {path} as an ONNX model ({_first_line(err)}); the file is damaged: "
+            "re-download the model set"
+        ) from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _data_path(path: Path) -> Path:
