@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="model folder")
     parser.add_argument("--runs", type=int, default=1, help="repetitions of each variant")
     parser.add_argument("--name", default="follow_up", help="results file name")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "exact", "fast"), help="default: auto"
+    )
     args = parser.parse_args()
 
     image = "/tmp/phi3v-follow-up-1344x1008.png"
@@ -64,7 +67,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"reuse": [], "no reuse": []}
     for _ in range(args.runs):
         for variant, reuse in (("reuse", True), ("no reuse", False)):
-            pipe = Pipeline.load(args.model, reuse_prefix=reuse)
+            pipe = Pipeline.load(args.model, reuse_prefix=reuse, precision=args.precision)
+            precision = pipe.precision
             runs[variant].append(follow_up_ttft(pipe, image))
             del pipe
     same = runs["reuse"][0]["token_ids"] == runs["no reuse"][0]["token_ids"]
@@ -76,7 +80,8 @@ def main() -> None:
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
         f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"* a 1344x1008 PNG (1921 image tokens), turn 1 then turn 2 with the history; "
-        f"{args.runs} run(s) per variant, greedy, {NEW_TOKENS} new tokens; median",
+        f"{args.runs} run(s) per variant, greedy, {NEW_TOKENS} new tokens; median; "
+        f"precision {precision} (`--precision {args.precision}`)",
         "",
         "| variant | turn-2 prompt tokens | reused from turn 1 | vision s | prefill s | TTFT s |",
         "|---|---|---|---|---|---|",

@@ -1,14 +1,17 @@
 """The "fast" precision: integer-GEMM copies of the vision model and of the decoder.
 
 Nearly all of the first answer about a photo is ``MatMulNBits`` (int4, block 32, accuracy level
-4), which onnxruntime runs on its AVX-512-VNNI kernel. Its u8s8 integer GEMM (``MatMulInteger``,
-``DynamicQuantizeMatMul``) uses the CPU's AMX tiles where they exist, about 11x faster on one
-decoder projection (shared/docs/prefill-amx.md). So we rewrite each ``MatMulNBits`` as:
+4), which onnxruntime runs on its AVX-512-VNNI kernel. Its u8s8 integer GEMM
+(``MatMulIntegerToFloat``, ``DynamicQuantizeMatMul``) is faster on the same CPUs: it uses AMX tiles
+where they exist (about 11x on one decoder projection, shared/docs/prefill-amx.md) and VNNI dot
+products elsewhere (about 2-3x on an AMD EPYC without AMX, bench/results/prefill_forms.md).
+So we rewrite each ``MatMulNBits`` as:
 
 * weights: the int4 blocks dequantized and requantized to int8 with one scale per output channel
   (the int8 grid is finer than each block's 16 levels, so this adds little error);
 * activations: quantized per row (per token) with a symmetric scale, ``absmax / 127`` around the
-  zero point 128, then ``MatMulInteger`` and the two scales applied to the int32 result. One
+  zero point 128, then ``MatMulIntegerToFloat`` (the channel scales applied in the GEMM's output
+  step) and the row scales applied to its float result. One
   scale per tensor (``DynamicQuantizeMatMul``) is the other form (``ACTIVATION_SCALES``); a
   single outlier token or channel crushes the others' resolution under it, and LLM activations
   have both. docs/PERFORMANCE.md has the measured speed and error of both.
@@ -45,7 +48,7 @@ from phi3v.errors import ModelFolderError, PromptError
 from phi3v.results import Progress
 
 PRECISIONS = ("exact", "fast", "auto")
-CONVERTER_VERSION = 1  # bump when the rewrite changes: every cached copy is then rebuilt
+CONVERTER_VERSION = 2  # bump when the rewrite changes: every cached copy is then rebuilt
 ACTIVATION_SCALES = "row"  # "row" (per token) or "tensor"; chosen in docs/PERFORMANCE.md
 CACHE_FOLDER = ".phi3v-cache"
 CACHE_ENV = "PHI3V_CACHE_DIR"
@@ -271,12 +274,16 @@ def _integer_gemm(
             helper.make_node(
                 "QuantizeLinear", [t("xs"), "phi3v/one", "phi3v/zp128"], [t("xq")], name=t("xq")
             ),
+            # (xq - 128) @ weight * channel scale, in float: the scaling is fused into the
+            # GEMM's output step, one pass over [rows, N] fewer than MatMulInteger + Cast + Mul.
             helper.make_node(
-                "MatMulInteger", [t("xq"), weight_name, "phi3v/zp128"], [t("yi")], name=t("mm")
+                "MatMulIntegerToFloat",
+                [t("xq"), weight_name, "phi3v/one", scale_name, "phi3v/zp128"],
+                [t("yc")],
+                name=t("mm"),
+                domain="com.microsoft",
             ),
-            helper.make_node("Cast", [t("yi")], [t("yf")], name=t("yf"), to=TensorProto.FLOAT),
-            helper.make_node("Mul", [t("yf"), t("rs")], [t("yr")], name=t("yr")),
-            helper.make_node("Mul", [t("yr"), scale_name], [out], name=t("yc")),
+            helper.make_node("Mul", [t("yc"), t("rs")], [out], name=t("yr")),
         ]
     if bias:
         nodes.append(helper.make_node("Add", [out, bias], [y], name=f"{name}/bias"))

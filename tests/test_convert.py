@@ -113,7 +113,7 @@ def test_the_copies_hold_no_matmulnbits_but_the_lm_head(model):
     assert not [n for n in vision.graph.node if n.op_type == "MatMulNBits"]
     (head,) = [n for n in decoder.graph.node if n.op_type == "MatMulNBits"]
     assert "logits" in head.output
-    assert [n for n in decoder.graph.node if n.op_type == "MatMulInteger"]
+    assert [n for n in decoder.graph.node if n.op_type == "MatMulIntegerToFloat"]
 
 
 def test_unknown_precision_is_refused(tiny_int4_model_dir):
