@@ -41,9 +41,10 @@ FOLLOW_UP_ROOM = 1024
 # Prompt positions per decoder call. Bounds the logits of a prefill to [PREFILL_CHUNK, vocab]
 # (64 MB, not 128 KB per prompt token), lets Stop land between chunks and progress be shown.
 PREFILL_CHUNK = 512
-# A suffix at least this long is prefilled on the integer-GEMM decoder in "fast" precision;
-# shorter ones (a follow-up question) on the int4 decoder, whose per-call cost is lower.
-FAST_PREFILL_FROM = 32
+# A prompt part at least this long is prefilled on the integer-GEMM decoder in "fast" precision;
+# shorter ones on the int4 decoder, which is faster for a handful of positions (1.07x slower at
+# 4 positions, 1.2x faster at 8, 2.2x at 32 on a 2-core EPYC: bench/results/prefill_forms.md).
+FAST_PREFILL_FROM = 8
 # Share of the memory available at load time that a request's KV cache may take, and that kept
 # conversations' caches may take together.
 PROMPT_MEMORY_SHARE = 0.5
