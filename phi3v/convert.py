@@ -48,7 +48,7 @@ from phi3v.errors import ModelFolderError, PromptError
 from phi3v.results import Progress
 
 PRECISIONS = ("exact", "fast", "auto")
-CONVERTER_VERSION = 2  # bump when the rewrite changes: every cached copy is then rebuilt
+CONVERTER_VERSION = 3  # bump when the rewrite changes: every cached copy is then rebuilt
 ACTIVATION_SCALES = "row"  # "row" (per token) or "tensor"; chosen in docs/PERFORMANCE.md
 CACHE_FOLDER = ".phi3v-cache"
 CACHE_ENV = "PHI3V_CACHE_DIR"
@@ -165,7 +165,8 @@ def _convert(
     graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_weights)
-    graph.initializer.extend(_integer_gemm_constants())
+    used = {name for node in nodes for name in node.input}
+    graph.initializer.extend(c for c in _integer_gemm_constants() if c.name in used)
     _write_with_data(model, target, reader)
 
 

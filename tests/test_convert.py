@@ -3,6 +3,9 @@ exact savings made on the way (used crops only, last-position logits, chunked pr
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -179,6 +182,25 @@ def test_fast_first_step_logits_are_close_to_exact(pipes, images):
     error = np.abs(exact - fast)
     assert error.max() < 0.25 * np.abs(exact).max()
     assert error.mean() < 0.08 * np.abs(exact).mean()  # measured: 5.3 % (text), under 5 % (image)
+
+
+def test_fast_gives_the_same_numbers_while_other_processes_load_every_core(pipes):
+    """The integer GEMM's matrix-unit state must survive context switches (some VM guests were
+    reported to lose AMX tile state); a damaged kernel would give other numbers under load."""
+    _, fast = pipes
+    quiet = first_logits(fast, TEXT, (CHART,))
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 2)
+    ]
+    try:
+        loaded = [first_logits(fast, TEXT, (CHART,)) for _ in range(3)]
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    for logits in loaded:
+        np.testing.assert_array_equal(logits, quiet)
 
 
 def test_a_text_question_is_prefilled_on_the_integer_gemm_copy(pipes):
