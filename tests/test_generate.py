@@ -11,8 +11,10 @@ import onnxruntime_genai as og
 import pytest
 from PIL import Image
 
+import phi3v.convert
 import phi3v.engine
-from phi3v import ImageError, Pipeline, PromptError, preprocess_image
+import phi3v.kv_cache
+from phi3v import ImageError, LimitError, Pipeline, PromptError, preprocess_image
 from phi3v.engine import FOLLOW_UP_ROOM
 from phi3v.kv_cache import KVCache, lazy_buffer
 from phi3v.sampling import Sampling, sample
@@ -417,6 +419,20 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_models_run(pipe,
         pipe.stream(input_ids=[1] * 131072)
     with pytest.raises(PromptError, match=r"the prompt is [\d,]+ tokens"):
         pipe.stream("word " * 140_000)
+
+
+def test_a_prompt_over_the_servers_limit_is_refused_with_what_to_do(tiny_model_dir):
+    limited = Pipeline.load(tiny_model_dir, max_prompt_tokens=100)
+    with pytest.raises(LimitError, match=r"this server takes at most 100\. Use fewer or smaller"):
+        limited.stream("word " * 200)
+    assert limited.generate("Hi", max_new_tokens=2).token_ids  # a short one is answered
+
+
+def test_the_default_prompt_limit_is_what_half_the_free_memory_holds(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(phi3v.convert, "available_memory", lambda: 2 * 1000 * 1024)
+    limited = Pipeline.load(tiny_model_dir, precision="exact")
+    per_position = phi3v.kv_cache.bytes_per_position(limited.config.decoder)
+    assert limited.max_prompt_tokens == 1000 * 1024 // per_position
 
 
 @pytest.mark.parametrize(
