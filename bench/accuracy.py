@@ -8,8 +8,13 @@ steps whose argmax equals exact's. Random-weight models have none of a trained m
 structure beyond what ``--outlier-channels`` injects, so these numbers bound the arithmetic error,
 not the answer quality of the real model.
 
+A control puts the numbers in scale: the same int4 weights computed at accuracy level 0 (fp32
+activations instead of int8 blocks of 32), which is as valid a reading of the model files as
+exact's. Where the control is as far from exact as fast is, the distance is a property of the
+(random) network amplifying rounding differences, not of the fast path.
+
     python bench/accuracy.py                       # tiny sets (built here) -> results/accuracy.md
-    python bench/accuracy.py --real /tmp/scale     # also the real-size set (fast only, ~5 min)
+    python bench/accuracy.py --real /tmp/scale     # also the real-size set (~10 min)
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -54,23 +60,59 @@ def forced_logits(pipe: Pipeline, prompt: str, images, num_crops, forced: list[i
     return first, chosen
 
 
-def compare(model: Path, cases, variants) -> list[dict]:
+VARIANTS = {  # name -> what it is, as the tables say
+    "row": "fast, per-row activation scales",
+    "tensor": "fast, one activation scale per tensor",
+    "acc0": "control: exact's int4 weights at accuracy level 0 (fp32 arithmetic)",
+}
+
+
+def accuracy_level_copy(model: Path, out: Path, level: int) -> Path:
+    """``model`` with every MatMulNBits at ``accuracy_level`` ``level``: the same int4 weights
+    computed another, equally valid way (fp32 instead of int8 activations). The weight files are
+    hard links (onnxruntime refuses external data behind a symlink that leaves the folder), so
+    the copy costs only the graphs; it must be on the model's file system."""
+    import onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in model.iterdir():
+        if path.is_file() and not (out / path.name).exists():
+            os.link(path, out / path.name)
+    for name in ("vision", "text"):
+        source = next(model.glob(f"*-{name}.onnx"))
+        graph = onnx.load(str(source), load_external_data=False)
+        for node in graph.graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                    attribute.i = level
+        (out / source.name).unlink()
+        (out / source.name).write_bytes(graph.SerializeToString())
+    return out
+
+
+def compare(model: Path, cases, variants, scratch: Path) -> list[dict]:
+    """Each variant against exact on ``model``: first-step logits, teacher-forced top-1."""
     rows = []
     exact = Pipeline.load(model, precision="exact")
     references = {name: forced_logits(exact, *case, None) for name, case in cases.items()}
     del exact
     for variant in variants:
-        convert.ACTIVATION_SCALES = variant
-        fast = Pipeline.load(model, precision="fast")
+        if variant == "acc0":
+            other = Pipeline.load(
+                accuracy_level_copy(model, scratch / model.name, 0), precision="exact"
+            )
+        else:
+            convert.ACTIVATION_SCALES = variant
+            other = Pipeline.load(model, precision="fast")
         for name, case in cases.items():
             first, greedy = references[name]
-            logits, chosen = forced_logits(fast, *case, greedy)
+            logits, chosen = forced_logits(other, *case, greedy)
             error = np.abs(logits - first)
             rows.append(
                 {
                     "model": model.name,
                     "case": name,
-                    "activation_scales": variant,
+                    "variant": VARIANTS[variant],
                     "max_abs_logit_diff": float(error.max()),
                     "mean_abs_logit_diff": float(error.mean()),
                     "mean_abs_logit": float(np.abs(first).mean()),
@@ -80,7 +122,7 @@ def compare(model: Path, cases, variants) -> list[dict]:
                 }
             )
             print(rows[-1], flush=True)
-        del fast
+        del other
     convert.ACTIVATION_SCALES = "row"
     return rows
 
@@ -91,13 +133,13 @@ def markdown(rows: list[dict], date: str) -> str:
         "",
         f"{date}; `python bench/accuracy.py` ({STEPS} teacher-forced greedy steps per case).",
         "",
-        "| model set | case | activation scales | max abs logit diff | mean abs logit diff "
+        "| model set | case | against exact | max abs logit diff | mean abs logit diff "
         "| mean abs logit diff / mean abs logit | top-1 agreement | first token equal |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['case']} | {r['activation_scales']} "
+            f"| {r['model']} | {r['case']} | {r['variant']} "
             f"| {r['max_abs_logit_diff']:.3f} | {r['mean_abs_logit_diff']:.4f} "
             f"| {r['mean_abs_logit_diff'] / r['mean_abs_logit']:.1%} "
             f"| {r['top1_agreement']:.0%} | {'yes' if r['first_token_equal'] else 'no'} |"
@@ -107,19 +149,25 @@ def markdown(rows: list[dict], date: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--real", type=Path, help="also a real-size int4 set (fast, row scales)")
+    parser.add_argument(
+        "--real",
+        type=Path,
+        help="also a real-size int4 set (fast with row scales, and the control)",
+    )
     args = parser.parse_args()
     date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     text = (TEXT, [], None)
     image = (f"<|image_1|>\n{TEXT}", [str(IMAGE)], 4)
     rows = []
+    cases = {"text": text, "image (4 crops)": image}
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = build_model(Path(tmp) / "tiny-int4", weights="int4")
-        outliers = build_model(Path(tmp) / "tiny-int4-outliers", weights="int4", outlier_channels=3)
+        scratch = Path(tmp)
+        tiny = build_model(scratch / "tiny-int4", weights="int4")
+        outliers = build_model(scratch / "tiny-int4-outliers", weights="int4", outlier_channels=3)
         for model in (tiny, outliers):
-            rows += compare(model, {"text": text, "image (4 crops)": image}, ("row", "tensor"))
-    if args.real:
-        rows += compare(args.real, {"text": text, "image (4 crops)": image}, ("row",))
+            rows += compare(model, cases, ("row", "tensor", "acc0"), scratch / "controls")
+        if args.real:
+            rows += compare(args.real, cases, ("row", "acc0"), scratch / "controls")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "accuracy.json").write_text(json.dumps({"date": date, "rows": rows}, indent=1))
     (RESULTS / "accuracy.md").write_text(markdown(rows, date))

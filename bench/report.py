@@ -83,7 +83,7 @@ def source_line(scale: dict) -> str:
     )
 
 
-def targets_table(scale: dict, follow_up: dict | None) -> str:
+def targets_table(scale: dict, follow_up: dict | None, decode_check: dict | None) -> str:
     """Issue 8's targets against this run."""
 
     def ratio(case: str, metric: str, base: str = "phi3v") -> float | None:
@@ -97,13 +97,25 @@ def targets_table(scale: dict, follow_up: dict | None) -> str:
         ("vision, fast / exact", ratio("image", "vision_s"), "<= 0.20", 0.20, "le"),
         ("text first token, fast / exact", ratio("text", "ttft_s"), "<= 1.05", 1.05, "le"),
         (
-            "decode speed, fast / exact (tokens/s)",
+            "decode speed, fast / exact (tokens/s), `scale.md`",
             decode / fast_decode if decode and fast_decode else None,
             ">= 0.97",
             0.97,
             "ge",
         ),
     ]
+    if decode_check:
+        medians = decode_check["median_decode_ms"]
+        rows.append(
+            (
+                "decode speed after the photo's prompt, fast / exact, `decode_check.md` "
+                f"(3 alternated processes each, {decode_check['date'][:10]})",
+                medians["exact"] / medians["fast"],
+                ">= 0.97",
+                0.97,
+                "ge",
+            )
+        )
     lines = ["| target | measured | wanted | met |", "|---|---|---|---|"]
     for title, value, wanted, bound, sense in rows:
         if value is None:
@@ -157,13 +169,13 @@ def forms_tables(forms: dict) -> str:
 
 def accuracy_table(accuracy: dict) -> str:
     lines = [
-        "| model set | case | activation scales | mean abs logit diff / mean abs logit "
+        "| model set | case | against exact | mean abs logit diff / mean abs logit "
         "| max abs logit diff | top-1 agreement (64 teacher-forced steps) | first token equal |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in accuracy["rows"]:
         lines.append(
-            f"| {r['model']} | {r['case']} | {r['activation_scales']} "
+            f"| {r['model']} | {r['case']} | {r['variant']} "
             f"| {r['mean_abs_logit_diff'] / r['mean_abs_logit']:.1%} "
             f"| {r['max_abs_logit_diff']:.2f} | {r['top1_agreement']:.0%} "
             f"| {'yes' if r['first_token_equal'] else 'no'} |"
@@ -199,7 +211,12 @@ def amx_note(scale: dict) -> str:
 
 
 def performance_doc(
-    scale: dict, forms: dict, accuracy: dict, follow_up: dict | None, follow_up_md: str
+    scale: dict,
+    forms: dict,
+    accuracy: dict,
+    follow_up: dict | None,
+    follow_up_md: str,
+    decode_check: dict | None,
 ) -> str:
     return f"""# Performance
 
@@ -218,7 +235,11 @@ Generated tokens:
 
 Against the targets of the speed work (issue 8):
 
-{targets_table(scale, follow_up)}
+{targets_table(scale, follow_up, decode_check)}
+
+The two decode rows measure the same thing; decode on 2 vCPUs varies by ±15 % from run to run
+(the [min-max] ranges in `bench/results/scale.md` overlap), and the dedicated check, which runs
+only exact and fast alternately, finds no difference: both decode on the same int4 decoder.
 
 {amx_note(scale)}
 
@@ -262,23 +283,29 @@ decoder; the threshold table is what `FAST_PREFILL_FROM` in `phi3v/engine.py` fo
 ## How far fast is from exact
 
 From `bench/results/accuracy.md` ({accuracy["date"]}): first-step logits and the argmax of 64
-steps fed exact's greedy tokens (teacher forcing), exact vs fast, on the tiny int4 sets, the tiny
-set with injected outlier channels (32x the rest, in every norm feeding a linear layer), and the
-real-size set.
+steps fed exact's greedy tokens (teacher forcing), on the tiny int4 sets, the tiny set with
+injected outlier channels (32x the rest, in every norm feeding a linear layer), and the real-size
+set. Each variant is compared with exact; the **control** is exact's own int4 weights computed at
+accuracy level 0 (fp32 activations instead of int8 blocks of 32), an equally valid reading of the
+same files, so it shows how far two correct computations drift apart on these networks.
 
 {accuracy_table(accuracy)}
 
 What it means, and what it cannot show:
 
 * Per-token activation scales beat one scale per tensor in every case, most where activations
-  have outlier channels.
-* With outlier channels even per-token scales lose resolution on the other channels (their
-  absmax is the outlier's). Trained LLMs have such channels; random weights have only the ones
-  injected here, and a random model's near-uniform logits flip greedy choices far more easily
-  than a trained model's confident ones. **These numbers bound the arithmetic error; they do not
-  measure answer quality on the real model**, which could not be downloaded here. Use
-  `--precision exact` (`Pipeline.load(precision="exact")`, the app's `--precision exact`) where
-  exactness matters.
+  have outlier channels; the converter uses them.
+* On the random real-size set even the control drifts far from exact on text (its teacher-forced
+  argmax agrees on few steps): with random weights, 32 layers amplify any rounding difference,
+  and near-uniform random logits turn small differences into other argmaxes. Fast drifts further
+  than the control there (its activations are rounded once per row, not per block of 32), and
+  about as far as the control on the outlier set, where exact's own int8 blocks are the larger
+  error.
+* **These numbers bound arithmetic differences; they do not measure answer quality on the real
+  model**, which could not be downloaded here: a trained model's confident logits and its real
+  outlier channels behave differently from random ones. Use `--precision exact`
+  (`Pipeline.load(precision="exact")`, the app's `--precision exact`) where exactness matters;
+  smaller activation groups along K or SmoothQuant-style channel scaling are the next remedies.
 
 ## Follow-up questions
 
@@ -302,7 +329,11 @@ def main() -> None:
     follow_up_md = (RESULTS / "follow_up.md").read_text()
     runs = json.loads((RESULTS / "follow_up.json").read_text())
     follow_up = {v: sorted(r["ttft_s"] for r in rs)[len(rs) // 2] for v, rs in runs.items()}
-    PERFORMANCE.write_text(performance_doc(scale, forms, accuracy, follow_up, follow_up_md))
+    check_path = RESULTS / "decode_check.json"
+    decode_check = json.loads(check_path.read_text()) if check_path.exists() else None
+    PERFORMANCE.write_text(
+        performance_doc(scale, forms, accuracy, follow_up, follow_up_md, decode_check)
+    )
     readme = README.read_text()
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
     if not pattern.search(readme):
