@@ -1,4 +1,4 @@
-"""Serving app.py in the test process, on 127.0.0.1 only, and talking to it."""
+"""Serving the app (phi3v_app) in the test process, on 127.0.0.1 only, and talking to it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app import ModelLoader, build_demo, launch
+import gradio as gr
+
 from phi3v.download import DEFAULT_MODEL, MODELS
 from phi3v.testing import build_model as build_tiny_model
+from phi3v_app.cli import create_demo, launch
+from phi3v_app.loading import ModelLoader
+from phi3v_app.page import QUEUE_SIZE
 from tests.fakehub import FakeHub
 
 LOAD_TIMEOUT_S = 60
@@ -24,20 +28,24 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(loader: ModelLoader) -> Iterator[str]:
-    """Launch the app for ``loader`` on a free 127.0.0.1 port; yield its URL; close it after."""
-    demo = build_demo(loader)
-    _, url, _ = launch(
-        demo,
-        server_name="127.0.0.1",
-        server_port=free_port(),
-        prevent_thread_lock=True,
-        quiet=True,
-    )
+def serve_demo(
+    loader: ModelLoader, queue_size: int = QUEUE_SIZE
+) -> Iterator[tuple[str, gr.Blocks]]:
+    """Launch the app for ``loader`` on a free 127.0.0.1 port with ``queue_size`` answers
+    allowed to wait; yield (its URL, the Blocks); close it after."""
+    demo = create_demo(loader, queue_size)
+    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
-        yield url
+        yield url, demo
     finally:
         demo.close()
+
+
+@contextmanager
+def serve(loader: ModelLoader) -> Iterator[str]:
+    """Launch the app for ``loader`` on a free 127.0.0.1 port; yield its URL; close it after."""
+    with serve_demo(loader) as (url, _):
+        yield url
 
 
 def ready_loader(model_dir: Path) -> ModelLoader:

@@ -1,45 +1,46 @@
-"""app.py: the pure parts (history -> model input, status lines) and the live app.
+"""phi3v_app without a browser: the history, what the page says, the answer runner, the /chat
+API of a live server (through gradio_client) and the command line.
 
-The live tests talk to a server on 127.0.0.1 through gradio_client, with the tiny random-weight
-model (tests/tiny_model.py): its answers are gibberish, but they stream like real ones.
+The live tests use the tiny random-weight model: its answers are gibberish, but they stream
+like real ones.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import requests
 from gradio_client import Client, handle_file
-from gradio_client.utils import Status
+from gradio_client.exceptions import AppError
 
 import app
-from app import (
-    ERROR_MARK,
-    ModelLoader,
-    ModelStatus,
-    StopSwitches,
-    answer_status,
-    conversation,
-    follow,
-    generation_options,
-    message_parts,
-    model_panel,
-    parse_args,
-    reading_status,
-    respond,
-    without_last_answer,
-)
-from phi3v import Pipeline, Timings
+from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
-from tests.app_helpers import first_launch, free_port, ready_loader, serve, wait_until
+from phi3v_app import cli, view
+from phi3v_app.answers import Answers, generation_options
+from phi3v_app.history import (
+    ERROR_MARK,
+    MAX_IMAGES_PER_MESSAGE,
+    STOPPED_MARK,
+    HistoryError,
+    check_limits,
+    conversation,
+    message_parts,
+    stopped_message,
+    without_last_answer,
+    without_last_turn,
+)
+from phi3v_app.loading import ModelLoader, ModelStatus
+from phi3v_app.turns import ModelTurns
+from tests.app_helpers import first_launch, free_port, ready_loader, serve_demo, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "data" / "examples" / "bar_chart.png"
@@ -90,17 +91,19 @@ def test_gradio_6_message_blocks_are_read_as_text_and_files():
     assert message_parts({"path": "/tmp/y.png"}) == ("", ["/tmp/y.png"])
 
 
-def test_a_turn_answered_with_an_error_is_left_out_with_its_images():
+def test_a_turn_answered_with_an_error_or_stopped_early_is_left_out_with_its_images():
     history = [
         user("First.", "good.png"),
         bot("Fine."),
         user("Second.", "broken.png"),
         bot(f"{ERROR_MARK} broken.png is corrupt"),
-        user("Third."),
+        user("Third.", "late.png"),
+        stopped_message(),
+        user("Fourth."),
     ]
     messages, images = conversation(history)
     assert images == ["good.png"]
-    assert [m["content"] for m in messages] == ["<|image_1|>\nFirst.", "Fine.", "Third."]
+    assert [m["content"] for m in messages] == ["<|image_1|>\nFirst.", "Fine.", "Fourth."]
 
 
 def test_notes_with_a_metadata_title_never_reach_the_model():
@@ -108,9 +111,47 @@ def test_notes_with_a_metadata_title_never_reach_the_model():
     assert conversation(history) == ([{"role": "user", "content": "Hi."}], [])
 
 
-def test_retry_drops_everything_after_the_last_user_message():
+def test_retry_drops_the_answer_and_undo_drops_the_whole_last_turn():
     history = [user("One."), bot("A."), user("Two."), bot("B.")]
     assert without_last_answer(history) == history[:3]
+    assert without_last_turn(history) == history[:2]
+
+
+def test_a_typed_image_tag_is_text_not_a_tag():
+    messages, images = conversation([user("What does <|image_1|> mean?")])
+    assert images == []
+    assert not re.search(r"<\|image_\d+\|>", messages[0]["content"])
+    assert "image_1" in messages[0]["content"]
+
+
+def test_an_uploaded_image_still_gets_its_tag_beside_typed_text():
+    messages, images = conversation([user("Is <|image_2|> here?", "a.png")])
+    assert images == ["a.png"]
+    assert re.findall(r"<\|image_\d+\|>", messages[0]["content"]) == ["<|image_1|>"]
+
+
+def test_too_many_images_in_one_message_are_refused_with_the_limit():
+    many = [f"/cache/{n}/p{n}.png" for n in range(MAX_IMAGES_PER_MESSAGE + 1)]
+    with pytest.raises(HistoryError, match=f"limit is {MAX_IMAGES_PER_MESSAGE} per message"):
+        check_limits([user("All of them?", *many)])
+
+
+def test_too_many_images_over_the_conversation_are_refused():
+    history = []
+    for turn in range(3):
+        names = [f"/cache/{turn}-{n}/p.png" for n in range(MAX_IMAGES_PER_MESSAGE)]
+        history += [user("More.", *names), bot("Ok.")]
+    with pytest.raises(HistoryError, match="Clear the chat"):
+        check_limits(history[:-1])
+
+
+def test_a_forged_history_that_repeats_one_upload_is_refused_by_its_name():
+    history = [user("One.", "/tmp/gradio/abc/cat.png"), bot("A cat."), user("Again?")]
+    history[-1] = user("Again?", "/tmp/gradio/abc/cat.png")
+    with pytest.raises(HistoryError) as refused:
+        check_limits(history)
+    assert "cat.png appears more than once" in str(refused.value)
+    assert "/tmp" not in str(refused.value)
 
 
 def test_slider_values_become_stream_options_with_zero_and_one_meaning_off():
@@ -133,21 +174,45 @@ def test_slider_values_become_stream_options_with_zero_and_one_meaning_off():
 # --- what the page says --------------------------------------------------------------------------
 
 
-def test_the_status_line_shows_first_token_time_speed_and_context_use():
+def test_the_status_line_shows_first_word_time_speed_and_prompt_size():
     timings = Timings(time_to_first_token=52.4, decode_tokens_per_second=9.43)
-    line = answer_status(timings, 1934, 120, 131072, "eos")
+    line = view.answer_status(timings, 120, 1934, "eos")
     assert "Done" in line
-    for part in ("first token 52 s", "9.4 tokens/s", "120 tokens", "prompt 1,934 tokens"):
+    for part in ("first word after 52 s", "9.4 tokens/s", "120 tokens", "prompt 1,934 tokens"):
         assert part in line
-    assert "context 2,054 / 131,072 (1.6%)" in line
-    assert "Stopped" in answer_status(timings, 10, 3, 4096, "cancelled")
-    assert "max new tokens" in answer_status(timings, 10, 3, 4096, "length")
+    assert "Stopped" in view.answer_status(timings, 3, 10, "cancelled")
+    assert "Max new tokens" in view.answer_status(timings, 3, 10, "length")
 
 
-def test_while_the_image_is_read_the_status_line_counts_the_seconds():
-    line = reading_status(2, 3860, 131072, 12.3)
-    assert "Reading 2 images… 12 s" in line
-    assert "prompt 3,860 tokens" in line
+def test_a_one_token_answer_shows_no_speed():
+    line = view.answer_status(Timings(time_to_first_token=0.4), 1, 12, "eos")
+    assert "tokens/s" not in line
+    assert "1 token ·" in line
+
+
+def test_a_text_question_is_not_announced_as_zero_images():
+    assert "0 images" not in view.preparing_status(0)
+    assert "Preparing your question" in view.preparing_status(0)
+    assert "Preparing 2 images" in view.preparing_status(2)
+
+
+def test_reading_shows_the_stage_the_percentage_and_the_measured_estimate():
+    vision = view.reading_status(Progress("vision", 0, 1), 12.3, 41.0)
+    assert "Reading the image" in vision and "12 s of about 41 s" in vision
+    assert "Reading 2 images" in view.reading_status(Progress("vision", 0, 2), 1.0, None)
+    prefill = view.reading_status(Progress("prefill", 1024, 1935), 30.0, 41.0)
+    assert "53%" in prefill
+    unmeasured = view.reading_status(Progress("vision", 0, 1), 3.0, None)
+    assert "about" not in unmeasured and "3.0 s" in unmeasured
+
+
+def test_an_estimate_that_ran_out_grows_with_the_clock():
+    assert "50 s of about 50 s" in view.reading_status(Progress("prefill", 1, 2), 50.0, 41.0)
+
+
+def test_the_place_in_line_is_said_in_words():
+    assert "1 request ahead of yours" in view.waiting_status(1)
+    assert "3 requests ahead" in view.waiting_status(3)
 
 
 def test_the_download_panel_shows_bytes_speed_time_left_and_the_current_file():
@@ -160,29 +225,66 @@ def test_the_download_panel_shows_bytes_speed_time_left_and_the_current_file():
         speed=12_300_000,
         eta=125,
     )
-    panel = model_panel(ModelStatus("downloading", "phi-3-vision-cpu", Path("d"), progress))
+    panel = view.model_panel(ModelStatus("downloading", "phi-3-vision-cpu", Path("d"), progress))
     for part in ("1.21 GB of 3.22 GB (38%)", "12.3 MB/s", "about 2 min 05 s left"):
         assert part in panel
     assert "phi-3-v-128k-instruct-text.onnx.data: 1.00 GB of 2.33 GB" in panel
     assert 'value="1210000000" max="3220000000"' in panel
 
 
+def test_the_model_box_shows_the_fast_copy_being_made():
+    status = ModelStatus(
+        "converting", "m", Path("d"), conversion=Progress("converting the vision model", 3, 12)
+    )
+    panel = view.model_panel(status)
+    assert "Preparing fast mode" in panel and "3 of 12 (25%)" in panel
+    assert 'value="3" max="12"' in panel
+
+
+def test_the_ready_model_says_its_precision_in_words_and_no_jargon():
+    for precision, words in (("exact", "exact mode"), ("fast", "fast mode")):
+        panel = view.model_panel(ModelStatus("ready", "m", Path("d"), precision=precision))
+        assert words in panel
+        assert "layout" not in panel and "context" not in panel
+        assert "up to a minute" not in panel
+
+
 def test_a_failure_is_shown_escaped_with_what_to_do():
-    panel = model_panel(ModelStatus("failed", "m", Path("d"), error="no <genai_config.json>"))
+    panel = view.model_panel(ModelStatus("failed", "m", Path("d"), error="no <genai_config.json>"))
     assert "no &lt;genai_config.json&gt;" in panel
     assert "Try again" in panel
 
 
+def test_the_failure_box_takes_its_colours_from_the_theme():
+    rule = re.search(r"\.model\.failed \{[^}]*\}", view.CSS).group(0)
+    assert "var(--error-background-fill)" in rule and "var(--error-text-color)" in rule
+    assert "#" not in rule  # no fixed colour that a dark theme cannot change
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
 def test_auth_comes_from_the_command_line_or_the_environment(monkeypatch):
-    monkeypatch.delenv(app.AUTH_ENV, raising=False)
-    assert parse_args(["--auth", "ada:s3:cret"]).auth == ("ada", "s3:cret")
-    monkeypatch.setenv(app.AUTH_ENV, "bob:pw")
-    assert parse_args([]).auth == ("bob", "pw")
+    monkeypatch.delenv(cli.AUTH_ENV, raising=False)
+    assert cli.parse_args(["--auth", "ada:s3:cret"]).auth == ("ada", "s3:cret")
+    monkeypatch.setenv(cli.AUTH_ENV, "bob:pw")
+    assert cli.parse_args([]).auth == ("bob", "pw")
     with pytest.raises(SystemExit):
-        parse_args(["--auth", "no-colon"])
+        cli.parse_args(["--auth", "no-colon"])
 
 
-# --- one answer, without a server ----------------------------------------------------------------
+def test_precision_comes_from_the_command_line_or_the_environment(monkeypatch):
+    monkeypatch.delenv(cli.PRECISION_ENV, raising=False)
+    assert cli.parse_args([]).precision == "auto"
+    assert cli.parse_args(["--precision", "exact"]).precision == "exact"
+    monkeypatch.setenv(cli.PRECISION_ENV, "fast")
+    assert cli.parse_args([]).precision == "fast"
+    monkeypatch.setenv(cli.PRECISION_ENV, "turbo")
+    with pytest.raises(SystemExit):
+        cli.parse_args([])
+
+
+# --- the answer runner, without a server ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -190,62 +292,77 @@ def loader(tiny_model_dir) -> ModelLoader:
     return ready_loader(tiny_model_dir)
 
 
-def test_closing_follow_early_stops_the_worker_frees_the_stream_and_releases(tiny_model_dir):
-    pipe = Pipeline.load(tiny_model_dir)
-    stream = pipe.stream("Hello", max_new_tokens=LONG)
-    released = threading.Event()
-    deltas = follow(stream, released.set, tick=0.05)
-    assert any(next(deltas) for _ in range(50))  # some text arrived
-    deltas.close()
-    assert released.wait(10)
-    assert stream.stop_reason == "cancelled"
-    assert len(stream.token_ids) < LONG
+def run_in_thread(runner: Answers, session: str, history: list, max_new_tokens: int = LONG):
+    """Start an answer for ``session`` in a thread; returns (its updates, the thread)."""
+    updates: list = []
+    ticket = runner.begin(session)
+    options = generation_options(max_new_tokens, 0, 1, 0, 2)
+
+    def consume():
+        for update in runner.run(ticket, history, options, session):
+            updates.append(update)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    return updates, thread
 
 
-def test_stop_while_the_image_is_read_aborts_that_model_call(tiny_model_dir, monkeypatch):
-    pipe = Pipeline.load(tiny_model_dir)
-    stream = pipe.stream("What is this?", [str(CHART)], max_new_tokens=LONG)
-    stopped, released = threading.Event(), threading.Event()
-    run = pipe.sessions.decoder.run_with_iobinding
-
-    def slow_prefill(binding, run_options=None):  # the real model spends ~50 s in here
-        stopped.wait(10)
-        return run(binding, run_options)
-
-    monkeypatch.setattr(pipe.sessions.decoder, "run_with_iobinding", slow_prefill)
-    deltas = follow(stream, released.set, tick=0.05)
-    assert next(deltas) == ""  # a clock tick while the worker is inside the first call
-    deltas.close()  # Stop
-    stopped.set()
-    assert released.wait(10)
-    assert stream.stop_reason == "cancelled"
-    assert stream.timings.prefill == 0  # the call was aborted, not run to its end
+def last_chat(updates: list) -> list:
+    return next(chat for chat, _ in reversed(updates) if chat is not None)
 
 
-def test_a_stop_request_ends_the_answer_and_the_last_status_says_stopped(loader):
-    stop = threading.Event()
-    updates = []
-    for history, status in respond(loader, [user("Tell me everything.")], LONG, stop=stop):
-        updates.append((history, status))
-        if len(history) == 2 and text_of(history[-1]):
-            stop.set()
-    history, status = updates[-1]
-    assert "Stopped" in status
-    assert history[-1]["role"] == "assistant"
-    assert wait_until(lambda: not loader.busy.locked(), timeout=10)
+def test_stop_while_waiting_in_line_leaves_the_line_and_marks_the_question(loader):
+    turns = ModelTurns(4)
+    runner = Answers(loader, turns)
+    with turns.turn():  # someone else has the model
+        updates, thread = run_in_thread(runner, "s", [user("Hi.")])
+        wait_until(lambda: turns.waiting == 1)
+        wait_until(lambda: any("1 request ahead" in (status or "") for _, status in updates))
+        assert runner.stop("s")
+        thread.join(10)
+        assert not thread.is_alive()  # it left the line while the model was still taken
+        assert turns.waiting == 0
+    assert text_of(last_chat(updates)[-1]).startswith(STOPPED_MARK)
+    assert not runner.pending("s")
 
 
-def test_a_typed_image_tag_is_text_not_a_tag():
-    messages, images = conversation([user("What does <|image_1|> mean?")])
-    assert images == []
-    assert not re.search(r"<\|image_\d+\|>", messages[0]["content"])
-    assert "image_1" in messages[0]["content"]
+def test_a_stop_ends_a_running_answer_and_frees_the_model(loader):
+    turns = ModelTurns(4)
+    runner = Answers(loader, turns)
+    updates, thread = run_in_thread(runner, "s", [user("Tell me everything.")])
+    wait_until(lambda: any(chat and chat[-1]["role"] == "assistant" for chat, _ in updates))
+    runner.stop("s")
+    thread.join(30)
+    assert not thread.is_alive()
+    assert "Stopped" in updates[-1][1]
+    assert len(text_of(last_chat(updates)[-1])) < LONG
+    assert wait_until(lambda: not turns.busy, timeout=10)
 
 
-def test_an_uploaded_image_still_gets_its_tag_beside_typed_text():
-    messages, images = conversation([user("Is <|image_2|> here?", "a.png")])
-    assert images == ["a.png"]
-    assert re.findall(r"<\|image_\d+\|>", messages[0]["content"]) == ["<|image_1|>"]
+def test_a_newer_answer_of_the_session_silences_the_older_one(loader):
+    turns = ModelTurns(4)
+    runner = Answers(loader, turns)
+    first, first_thread = run_in_thread(runner, "s", [user("One.")])
+    wait_until(lambda: any(chat and chat[-1]["role"] == "assistant" for chat, _ in first))
+    second, second_thread = run_in_thread(runner, "s", [user("One.")], max_new_tokens=8)
+    first_thread.join(30)
+    count = len(first)
+    assert "Stopped" not in (first[-1][1] or "")  # it did not report its end over the newer
+    second_thread.join(30)
+    assert len(first) == count
+    assert "Done" in second[-1][1]
+    assert not runner.pending("s")
+
+
+def test_a_full_line_is_told_in_the_chat_with_a_retry_hint(loader):
+    turns = ModelTurns(0)  # nobody may wait
+    runner = Answers(loader, turns)
+    with turns.turn():
+        updates, thread = run_in_thread(runner, "s", [user("Hi.")])
+        thread.join(10)
+    reply = text_of(last_chat(updates)[-1])
+    assert reply.startswith(ERROR_MARK)
+    assert "busy" in reply and "try again" in reply
 
 
 def test_a_second_session_gets_no_cache_reuse_from_the_first(loader, monkeypatch):
@@ -258,34 +375,18 @@ def test_a_second_session_gets_no_cache_reuse_from_the_first(loader, monkeypatch
         return streams[-1]
 
     monkeypatch.setattr(pipe, "stream", recording_stream)
+    runner = Answers(loader, ModelTurns(4))
     history = [user("What is the capital of France?")]
     for session in ("first", "first", "second"):
-        for _ in respond(loader, history, 8, conversation_key=session):
-            pass
+        _, thread = run_in_thread(runner, session, history, max_new_tokens=8)
+        thread.join(30)
     assert streams[1].reused_tokens > 0  # the same session reuses its own prompt
     assert streams[2].reused_tokens == 0  # another session does not
 
 
-def test_a_stop_pressed_while_queued_leaves_the_chat_alone():
-    stop = threading.Event()
-    stop.set()
-    ((history, status),) = respond(ModelLoader("unused"), [user("Hi.")], stop=stop)
-    assert history is not None and "Stopped" in status  # history is gr.skip(): unchanged
-
-
-def test_stop_switches_keep_a_stop_pressed_before_the_answer_starts():
-    switches = StopSwitches()
-    switches.arm("s")
-    switches.stop("s")
-    flag = switches.begin("s")
-    assert flag.is_set()
-    switches.end("s", flag)
-    assert not switches.begin("s").is_set()  # the next answer starts fresh
-
-
 def test_a_model_that_is_not_ready_is_explained_in_the_chat():
-    loader = ModelLoader("/nonexistent/model-folder")
-    ((history, _),) = respond(loader, [user("Hi.")])
+    runner = Answers(ModelLoader("/nonexistent/model-folder"), ModelTurns(4))
+    ((history, _),) = runner.run(runner.begin("s"), [user("Hi.")], {})
     assert text_of(history[-1]).startswith(ERROR_MARK)
     assert "still loading" in text_of(history[-1])
 
@@ -299,7 +400,7 @@ def test_a_bad_model_dir_fails_visibly_and_on_stderr(capsys, tmp_path):
     status = loader.status()
     assert status.phase == "failed"
     assert "missing" in status.error
-    assert "missing" in model_panel(status)
+    assert "missing" in view.model_panel(status)
     assert "error:" in capsys.readouterr().err
 
 
@@ -307,130 +408,146 @@ def test_first_launch_downloads_with_progress_then_loads(tmp_path, monkeypatch):
     with first_launch(tmp_path, monkeypatch) as (hub, loader, files):
         assert hub.content_arrived.wait(10)
         assert loader.status().phase == "downloading"
-        assert "Downloading" in model_panel(loader.status())
+        assert "Downloading" in view.model_panel(loader.status())
         hub.hold.set()
         assert loader.wait(60), loader.status().error
     status = loader.status()
     assert status.phase == "ready"
+    assert status.precision == "exact"  # the tiny model has no int4 layers to convert
     assert status.progress.done == status.progress.total == sum(map(len, files.values()))
     assert is_complete(tmp_path / "data" / DEFAULT_MODEL)
 
 
-# --- the live app, through gradio_client ---------------------------------------------------------
+# --- the live app's /chat API, through gradio_client ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def server(loader) -> str:
-    with serve(loader) as url:
-        yield url
+def live(loader):
+    with serve_demo(loader, queue_size=1) as (url, demo):
+        yield url, demo
 
 
 @pytest.fixture
-def client(server) -> Client:
-    return Client(server, download_files=False, verbose=False)
+def client(live) -> Client:
+    return Client(live[0], download_files=False, verbose=False)
 
 
-def send(client: Client, history: list, text: str, *files: Path) -> list:
-    message = {"text": text, "files": [handle_file(str(f)) for f in files]}
-    history, _ = client.predict(history, message, api_name="/add_message")
-    return history
+def ask(client: Client, text: str, *files: Path, max_new_tokens=64, conversation_id=""):
+    return client.submit(
+        text=text,
+        images=[handle_file(str(f)) for f in files],
+        max_new_tokens=max_new_tokens,
+        num_crops=2,
+        conversation_id=conversation_id,
+        api_name="/chat",
+    )
 
 
-def start_answer(client: Client, history: list, max_new_tokens: int = 64, num_crops: int = 2):
-    return client.submit(history, max_new_tokens, 0.0, 1.0, 0, num_crops, api_name="/respond")
+def test_the_only_public_endpoint_is_chat(client):
+    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == [
+        "/chat"
+    ]
 
 
-def finish(job) -> list[tuple[list, str]]:
-    """Every (history, status) update of a job, once it is done."""
-    job.result(timeout=ANSWER_TIMEOUT_S)
-    wait_until(job.done, timeout=ANSWER_TIMEOUT_S)
-    return job.outputs()
+def test_chat_streams_a_growing_answer_then_the_final_one(client):
+    job = ask(client, "What is in this chart?", CHART, max_new_tokens=1000)
+    final = job.result(timeout=ANSWER_TIMEOUT_S)
+    wait_until(job.done)
+    answers = job.outputs()
+    assert len(set(answers)) >= 3, "several partial answers before the final one"
+    assert len(answers[0]) < len(final) == max(map(len, answers))
 
 
-def prompt_tokens(status: str) -> int:
-    return int(re.search(r"prompt ([\d,]+) tokens", status).group(1).replace(",", ""))
+def test_a_conversation_id_makes_the_next_call_a_follow_up(client, loader, monkeypatch):
+    streams = []
+    real_stream = loader.pipeline.stream
+
+    def recording_stream(messages, images, **kwargs):
+        streams.append((messages, images, real_stream(messages, images, **kwargs)))
+        return streams[-1][2]
+
+    monkeypatch.setattr(loader.pipeline, "stream", recording_stream)
+    ask(client, "Describe this.", SCENE, conversation_id="c-1").result(timeout=ANSWER_TIMEOUT_S)
+    ask(client, "And the roof?", conversation_id="c-1").result(timeout=ANSWER_TIMEOUT_S)
+    messages, images, stream = streams[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert len(images) == 1  # the first call's picture is still in the conversation
+    assert stream.reused_tokens > 0  # and its KV cache was reused
 
 
-def test_an_image_and_a_prompt_stream_partial_answers_then_a_final_one(client):
-    history = send(client, [], "What is in this chart?", CHART)
-    updates = finish(start_answer(client, history, max_new_tokens=1000))
-    answers = [text_of(h[-1]) for h, _ in updates if h[-1]["role"] == "assistant"]
-    final_history, final_status = updates[-1]
-    assert len(set(answers)) >= 3, "several partial updates before the final answer"
-    assert len(answers[0]) < len(answers[-1]) == max(map(len, answers)), "the answer grows"
-    assert "Done" in final_status and "tokens/s" in final_status
-    assert [m["role"] for m in final_history] == ["user", "assistant"]
-
-
-def test_a_second_turn_keeps_the_first_image_and_answer(client):
-    history = send(client, [], "Describe this.", SCENE)
-    first, first_status = finish(start_answer(client, history))[-1]
-    history = send(client, first, "And what colour is the roof?")
-    second, second_status = finish(start_answer(client, history))[-1]
-    assert [m["role"] for m in second] == ["user", "assistant", "user", "assistant"]
-    assert message_parts(second[0]["content"])[1], "the first image is still in the chat"
-    assert prompt_tokens(second_status) > prompt_tokens(first_status)  # image + answer kept
-    assert "Done" in second_status
-
-
-def test_a_cancelled_job_stops_and_the_model_is_free_again(client, loader):
-    history = send(client, [], "Write a long story.", CHART)
-    job = start_answer(client, history, max_new_tokens=LONG)
-    wait_until(lambda: any(h[-1]["role"] == "assistant" for h, _ in job.outputs()), timeout=60)
+def test_a_cancelled_call_stops_and_the_model_is_free_again(client, live):
+    turns = live[1].answers.turns
+    job = ask(client, "Write a long story.", max_new_tokens=LONG)
+    wait_until(lambda: job.outputs(), timeout=60)
     assert job.cancel()
-    wait_until(job.done, timeout=30)
-    wait_until(lambda: not loader.busy.locked(), timeout=30)
-    count = len(job.outputs())
-    time.sleep(0.3)
-    assert len(job.outputs()) == count, "no updates after the cancel"
-    final_text = text_of(job.outputs()[-1][0][-1])
-    assert len(final_text) < LONG  # far from the end (each token is at least one character)
-    after = finish(start_answer(client, send(client, [], "Still there?")))[-1]
-    assert "Done" in after[1]
+    wait_until(lambda: not turns.busy, timeout=30)
+    assert len(job.outputs()[-1]) < LONG
+    assert ask(client, "Still there?").result(timeout=ANSWER_TIMEOUT_S)
 
 
-def test_a_corrupt_upload_gets_an_error_message_and_the_next_request_works(client, tmp_path):
+def test_a_damaged_picture_is_named_by_its_upload_name_and_the_next_call_works(
+    client, tmp_path, capfd
+):
     broken = tmp_path / "photo.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
-    history = send(client, [], "What is this?", broken)
-    failed, status = finish(start_answer(client, history))[-1]
-    reply = text_of(failed[-1])
-    assert reply.startswith(ERROR_MARK) and "photo.png" in reply
-    assert "Traceback" not in reply
-    history = send(client, failed, "Then this one?", SCENE)
-    answered, status = finish(start_answer(client, history))[-1]
-    assert "Done" in status
-    assert not text_of(answered[-1]).startswith(ERROR_MARK)
+    with pytest.raises(AppError) as refused:
+        ask(client, "What is this?", broken).result(timeout=ANSWER_TIMEOUT_S)
+    message = str(refused.value)
+    assert "photo.png" in message and "PNG or JPEG" in message
+    for leak in (str(tmp_path), "/tmp/", "Pillow", "PIL", "Traceback"):
+        assert leak not in message
+    assert ask(client, "Then this one?", SCENE).result(timeout=ANSWER_TIMEOUT_S)
+    assert "Traceback" not in capfd.readouterr().err  # bad input is logged in one line
 
 
-def test_answers_run_one_at_a_time_and_the_next_one_waits_in_the_queue(server, client):
-    first = start_answer(client, send(client, [], "Long one.", CHART), max_new_tokens=LONG)
-    wait_until(lambda: any(h[-1]["role"] == "assistant" for h, _ in first.outputs()), timeout=60)
-    other = Client(server, download_files=False, verbose=False)
-    second = start_answer(other, send(other, [], "Short one."))
-    waiting = wait_until(lambda: second.status().code == Status.IN_QUEUE and second.status())
-    assert waiting.rank is not None  # the page shows "queue: rank/size" from this
-    assert not second.outputs()
-    first.cancel()
-    assert "Done" in finish(second)[-1][1]
+def test_a_refused_upload_is_logged_in_one_line(client, tmp_path, caplog):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with caplog.at_level(logging.WARNING, logger="phi3v.app"), pytest.raises(AppError):
+        ask(client, "Read this.", notes).result(timeout=ANSWER_TIMEOUT_S)
+    lines = [r for r in caplog.records if "notes.txt" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
 
 
-def test_uploads_over_the_size_limit_are_refused(server):
+def test_a_full_line_refuses_the_next_call_with_a_message(live):
+    url, demo = live
+    turns = demo.answers.turns  # queue_size=1: one call may wait
+    with turns.turn():
+        waiting = ask(Client(url, download_files=False, verbose=False), "Wait for me.")
+        wait_until(lambda: turns.waiting == 1)
+        with pytest.raises(AppError, match="busy"):
+            ask(Client(url, download_files=False, verbose=False), "And me?").result(timeout=60)
+    assert waiting.result(timeout=ANSWER_TIMEOUT_S)
+
+
+def test_uploads_over_the_size_limit_are_refused(live):
     big = b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024)
     upload = requests.post(
-        f"{server}gradio_api/upload", files={"files": ("big.png", big)}, timeout=60
+        f"{live[0]}gradio_api/upload", files={"files": ("big.png", big)}, timeout=60
     )
     assert upload.status_code == 413
     assert "maximum allowed size" in upload.text
 
 
-def test_the_page_is_served(server):
-    with urllib.request.urlopen(server, timeout=10) as page:
+def test_the_readme_api_example_runs_as_written(live, capsys, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The chat's API") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'Client("http://127.0.0.1:7860/")' in code
+    namespace: dict = {}
+    monkeypatch.chdir(REPO)  # the example's picture path is relative to the repository
+    exec(code.replace("http://127.0.0.1:7860/", live[0]), namespace)  # noqa: S102
+    assert namespace["answer"] and namespace["follow_up"]
+    assert namespace["answer"] in capsys.readouterr().out
+
+
+def test_the_page_is_served(live):
+    with urllib.request.urlopen(live[0], timeout=10) as page:
         assert page.status == 200
         assert "Phi-3 Vision" in page.read().decode()
 
 
-# --- the command line ----------------------------------------------------------------------------
+# --- app.py --------------------------------------------------------------------------------------
 
 
 def test_app_py_serves_a_model_dir_with_address_and_login_from_the_environment(
@@ -441,7 +558,8 @@ def test_app_py_serves_a_model_dir_with_address_and_login_from_the_environment(
         **os.environ,
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
-        app.AUTH_ENV: "ada:s3cret",
+        cli.AUTH_ENV: "ada:s3cret",
+        cli.PRECISION_ENV: "exact",
     }
     command = [sys.executable, str(REPO / "app.py"), "--model-dir", str(tiny_legacy_model_dir)]
     process = subprocess.Popen(
@@ -452,12 +570,19 @@ def test_app_py_serves_a_model_dir_with_address_and_login_from_the_environment(
         wait_until(lambda: _answers(url), timeout=60, every=0.2)
         assert requests.get(f"{url}config", timeout=10).status_code == 401  # login first
         client = Client(url, auth=("ada", "s3cret"), download_files=False, verbose=False)
-        history = send(client, [], "Hi", SCENE)
-        assert "Done" in finish(start_answer(client, history))[-1][1]  # the legacy layout works
+        wait_until(lambda: _ready(client), timeout=60, every=0.2)
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
     assert f"Running on http://127.0.0.1:{port}" in output
+
+
+def _ready(client: Client) -> bool:
+    """True once the legacy-layout model answers (before that, /chat says it is loading)."""
+    try:
+        return bool(ask(client, "Hi", SCENE).result(timeout=ANSWER_TIMEOUT_S))
+    except AppError:
+        return False
 
 
 def _answers(url: str) -> bool:
@@ -468,13 +593,18 @@ def _answers(url: str) -> bool:
         return False
 
 
+def test_app_py_is_only_the_entry_point():
+    assert app.main is cli.main
+    assert len((REPO / "app.py").read_text().splitlines()) < 20
+
+
 def test_share_that_cannot_open_a_tunnel_fails_clearly(tiny_model_dir, monkeypatch, capsys):
     def no_tunnel(*args, **kwargs):
         raise RuntimeError("Could not get share link from Gradio API Server.")
 
     monkeypatch.setattr("gradio.networking.setup_tunnel", no_tunnel)
     argv = ["--model-dir", str(tiny_model_dir), "--share", "--host", "127.0.0.1"]
-    assert app.main([*argv, "--port", str(free_port())]) == 1
+    assert cli.main([*argv, "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     assert "--share could not open a public link" in err
     assert "Run without --share" in err

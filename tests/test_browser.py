@@ -1,7 +1,7 @@
 """The app in a real browser: Debian's headless Chromium, driven by Playwright for Python.
 
-Uploads an image, asks about it, watches the answer stream in, presses Stop, and saves a
-screenshot to test-artifacts/app.png. To refresh the README's screenshot as well:
+Each test is one thing a visitor does (the cases of issue 10). Screenshots of the desktop and
+phone layouts go to test-artifacts/; to refresh the ones in docs/ as well:
 
     PHI3V_UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 import playwright.sync_api as sync_api  # a declared test dependency: never skipped
 import pytest
 
-from app import ModelLoader
-from tests.app_helpers import first_launch, serve, wait_until
+from phi3v_app.loading import ModelLoader
+from tests.app_helpers import first_launch, ready_loader, serve, serve_demo, wait_until
 
 expect = sync_api.expect
 
@@ -27,7 +27,8 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
-SCREENSHOT = REPO / "docs" / "screenshot.png"
+DOCS = REPO / "docs"
+CHART = REPO / "data" / "examples" / "bar_chart.png"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -40,6 +41,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 60_000
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+LONG = "4096"  # max new tokens for an answer long enough to watch, retry and stop
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +59,34 @@ def browser():
         browser.close()
 
 
-def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 940})
+@pytest.fixture(scope="module")
+def live(tiny_model_dir):
+    """One server for the module, with room for one answer waiting in line."""
+    with serve_demo(ready_loader(tiny_model_dir), queue_size=1) as (url, demo):
+        yield url, demo
+
+
+def open_page(browser, url: str, viewport=DESKTOP, **options):
+    page = browser.new_page(viewport=viewport, **options)
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     return page
+
+
+@pytest.fixture
+def page(browser, live):
+    page = open_page(browser, live[0])
+    expect(page.locator("#chat-input textarea")).to_be_enabled()  # the model is loaded
+    yield page
+    page.close()
+
+
+def prompt(page):
+    return page.locator("#chat-input textarea")
+
+
+def status(page):
+    return page.locator("#status")
 
 
 def answer_text(page) -> str:
@@ -67,73 +94,263 @@ def answer_text(page) -> str:
     return answers.last.inner_text() if answers.count() else ""
 
 
-def set_number(field, value: str) -> bool:
-    """Type into a slider's number box; True once the page kept the value (a render that is
-    still settling right after the page loaded can reset it)."""
-    field.fill(value)
-    field.press("Tab")
-    field.page.wait_for_timeout(200)
-    return field.input_value() == value
-
-
-@pytest.fixture
-def page(browser, tiny_model_dir):
-    """The app as `python app.py` builds it: the page exists before the model is loaded."""
-    loader = ModelLoader(tiny_model_dir)
-    with serve(loader) as url:
-        loader.start()
-        page = open_page(browser, url)
-        yield page
-        page.close()
-
-
-def test_upload_ask_watch_the_answer_stream_in_then_stop(page):
-    prompt = page.locator("#chat-input textarea")
-    expect(prompt).to_be_enabled()  # the model is loaded
+def set_max_new_tokens(page, value: str) -> None:
     page.get_by_role("button", name="Parameters").click()
-    max_tokens = page.locator("input[aria-label='number input for Max new tokens']")
-    wait_until(lambda: set_number(max_tokens, "4096"), timeout=10)  # a long answer to stop
+    field = page.locator("input[aria-label='number input for Max new tokens']")
 
-    page.locator("#chat-input input[type=file]").set_input_files(
-        str(REPO / "data" / "examples" / "bar_chart.png")
-    )
-    expect(page.locator("#chat-input img")).to_have_count(1)  # the thumbnail in the input
-    prompt.fill("Which month had the most rain, and how much was it?")
-    prompt.press("Enter")
+    def kept() -> bool:  # a render still settling right after the page loaded can reset it
+        field.fill(value)
+        field.press("Tab")
+        page.wait_for_timeout(200)
+        return field.input_value() == value
 
+    wait_until(kept, timeout=10)
+    page.get_by_role("button", name="Parameters").click()
+
+
+def ask(page, text: str, *files: Path) -> None:
+    if files:
+        page.locator("#chat-input input[type=file]").set_input_files([str(f) for f in files])
+        expect(page.locator("#chat-input img")).to_have_count(len(files))  # the thumbnails
+    prompt(page).fill(text)
+    prompt(page).press("Enter")
+
+
+def save_screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / name
+    page.screenshot(path=str(shot))
+    if os.environ.get("PHI3V_UPDATE_SCREENSHOT"):
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS / name)
+
+
+# --- asking, streaming, stopping -----------------------------------------------------------------
+
+
+def test_upload_ask_watch_the_answer_stream_in_then_esc_stops_it(page):
+    set_max_new_tokens(page, LONG)
+    ask(page, "Which month had the most rain, and how much was it?", CHART)
     expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)
     lengths: list[int] = []
     wait_until(lambda: lengths.append(len(answer_text(page))) or len(set(lengths) - {0}) >= 3)
     assert max(lengths) > min(set(lengths) - {0}), "the answer grows while it streams"
-    expect(page.locator("#status")).to_contain_text("tokens/s")
+    expect(status(page)).to_contain_text("tokens/s")
+    expect(page.locator("#stop")).to_be_enabled()
 
-    page.locator("#stop").click()
-    expect(page.locator("#status")).to_contain_text("Stopped")
+    page.keyboard.press("Escape")
+    expect(status(page)).to_contain_text("Stopped")
     stopped_at = answer_text(page)
     page.wait_for_timeout(500)
     assert answer_text(page) == stopped_at, "nothing is added after Stop"
-    expect(prompt).to_be_enabled()  # ready for the next question
-
-    page.get_by_role("button", name="Parameters").click()  # folded again, for the picture
-    page.locator("#chat [role='log']").evaluate("log => log.scrollTo(0, 0)")  # the image
-    page.evaluate("window.scrollTo(0, 0)")
-    page.wait_for_timeout(500)
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "app.png"
-    page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("PHI3V_UPDATE_SCREENSHOT"):
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, SCREENSHOT)
+    expect(prompt(page)).to_be_enabled()  # ready for the next question
+    expect(page.locator("#stop")).to_be_disabled()
 
 
-def test_an_example_fills_the_box_and_can_be_sent(page):
+CONTROLS_JS = """() => [document.querySelector('#status').innerText,
+                         document.querySelector('#chat-input textarea').disabled,
+                         document.querySelector('#stop').disabled,
+                         [...document.querySelectorAll('#chat button[aria-label=Retry]')]
+                             .every(button => button.disabled)]"""
+
+
+def watch_controls_until_done(page) -> int:
+    """Sample the controls until the status says Done; every sample taken while the answer
+    streams must show the input locked, Stop enabled and Retry disabled. Returns how many
+    such samples were taken."""
+    answering = 0
+    while "Done" not in status(page).inner_text():
+        text, input_locked, stop_disabled, retry_disabled = page.evaluate(CONTROLS_JS)
+        if "Answering" in text:
+            answering += 1
+            assert input_locked, "the input stays locked while the answer streams"
+            assert not stop_disabled, "Stop stays enabled while the answer streams"
+            assert retry_disabled, "Retry cannot restart an answer that is still running"
+        page.wait_for_timeout(50)
+    return answering
+
+
+def test_retry_keeps_stop_enabled_and_the_input_locked_until_the_new_answer_ends(page):
+    set_max_new_tokens(page, LONG)
+    ask(page, "Tell me a long story.")
+    assert watch_controls_until_done(page) > 0, "the answer was seen streaming"
+    first = answer_text(page)
+    page.locator("#chat").get_by_role("button", name="Retry").click()
+    expect(status(page)).not_to_contain_text("Done")  # the retry has begun
+    assert watch_controls_until_done(page) > 0, "the retried answer was seen streaming"
+    expect(prompt(page)).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+    assert len(page.locator("#chat [data-testid='bot']").all()) == 1  # replaced, not added
+    assert answer_text(page) == first  # greedy: the same answer again
+
+
+def test_clear_during_an_answer_stops_it_and_nothing_comes_back(page, live):
+    set_max_new_tokens(page, LONG)
+    ask(page, "Tell me a long story.")
+    expect(status(page)).to_contain_text("Answering")
+    page.locator("#chat").get_by_role("button", name="Clear").click()
+    expect(prompt(page)).to_be_enabled()
+    wait_until(lambda: not live[1].answers.turns.busy)  # the model was let go
+    page.wait_for_timeout(300)
+    assert page.locator("#chat [data-testid='bot']").count() == 0, "the chat stays empty"
+    expect(page.locator("#stop")).to_be_disabled()
+
+
+def test_stop_while_waiting_in_line_removes_the_question_from_the_line(page, live):
+    turns = live[1].answers.turns
+    ask(page, "Hello?")
+    expect(status(page)).to_contain_text("Done")
+    with turns.turn():  # another visitor's answer has the model
+        ask(page, "Are you there?")
+        expect(status(page)).to_contain_text("In line: 1 request ahead of yours")  # not "Done"
+        wait_until(lambda: turns.waiting == 1)
+        page.get_by_role("button", name="Stop").click()
+        expect(status(page)).to_contain_text("Stopped before the answer began")
+        expect(page.locator("#chat [data-testid='bot']").last).to_contain_text("Stopped")
+        expect(prompt(page)).to_be_enabled()
+        assert turns.waiting == 0  # left the line while the answer ahead still runs
+
+
+def test_a_full_line_is_said_in_the_chat_and_stop_and_reload_still_work(browser, live):
+    url, demo = live
+    turns = demo.answers.turns  # one answer may wait
+    first, second = open_page(browser, url), open_page(browser, url)
+    with turns.turn():
+        ask(first, "I wait.")
+        wait_until(lambda: turns.waiting == 1)
+        ask(second, "Me too?")
+        expect(second.locator("#chat [data-testid='bot']").last).to_contain_text("busy")
+        expect(second.locator("#chat [data-testid='bot']").last).to_contain_text("try again")
+        expect(prompt(second)).to_be_enabled()
+        second.reload()  # the page's own events never wait behind answers
+        expect(second.locator("#model-panel")).to_contain_text("Ready")
+        expect(prompt(second)).to_be_enabled()
+        first.get_by_role("button", name="Stop").click()
+        expect(status(first)).to_contain_text("Stopped before the answer began")
+        assert turns.waiting == 0
+    first.close()
+    second.close()
+
+
+def test_an_example_runs_on_a_click(page):
     page.get_by_text("Describe this picture in two sentences.").first.click()
-    prompt = page.locator("#chat-input textarea")
-    expect(prompt).to_have_value("Describe this picture in two sentences.")
-    expect(prompt).to_be_enabled()  # Gradio re-applies build-time props on example clicks
-    prompt.press("Enter")
     expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)
-    expect(page.locator("#status")).to_contain_text("Done")
+    expect(status(page)).to_contain_text("Done")
+    expect(prompt(page)).to_be_enabled()
+
+
+def test_a_damaged_picture_is_named_in_the_chat_and_never_shown_broken(page, tmp_path):
+    broken = tmp_path / "holiday.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
+    page.locator("#chat-input input[type=file]").set_input_files(str(broken))
+    prompt(page).fill("What is this?")
+    prompt(page).press("Enter")
+    reply = page.locator("#chat [data-testid='bot']").last
+    expect(reply).to_contain_text("holiday.png")
+    expect(reply).not_to_contain_text("image 1 of")
+    expect(reply).not_to_contain_text(str(tmp_path))
+    assert page.locator("#chat img").evaluate_all(
+        "images => images.every(image => image.complete && image.naturalWidth > 0)"
+    ), "no broken picture in the chat"
+    expect(prompt(page)).to_be_enabled()
+
+
+def test_the_chat_survives_a_reload(page):
+    ask(page, "Which month had the most rain?", CHART)
+    expect(status(page)).to_contain_text("Done")
+    expect(prompt(page)).to_be_enabled()  # the answer's event is over: the chat was saved
+    answer = answer_text(page)
+    page.reload()
+    expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)
+    expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)
+    assert _squeezed(answer_text(page)) == _squeezed(answer)
+
+
+def _squeezed(text: str) -> str:
+    return "".join(text.split())
+
+
+def test_every_button_has_an_accessible_name(page):
+    ask(page, "Hi")
+    expect(status(page)).to_contain_text("Done")
+    names = page.locator("button:visible").evaluate_all(
+        """buttons => buttons.map(b => (b.getAttribute('aria-label') || b.innerText ||
+                                       b.title || '').trim())"""
+    )
+    assert names and all(names), names
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("viewport", "name"), [(DESKTOP, "desktop.png"), (PHONE, "phone.png")])
+def test_the_layout_fits_the_screen(browser, live, viewport, name):
+    page = open_page(browser, live[0], viewport)
+    expect(prompt(page)).to_be_enabled()
+    ask(page, "Which month had the most rain, and how much was it?", CHART)
+    expect(status(page)).to_contain_text("Done")
+    page.evaluate("window.scrollTo(0, 0)")
+    save_screenshot(page, name)
+
+    box = page.locator("#chat-input").bounding_box()
+    assert box["y"] + box["height"] <= viewport["height"], "the input is visible without scrolling"
+    assert box["width"] >= 200
+    stop = page.locator("#stop").bounding_box()
+    assert stop["height"] <= 80, "a button of sane height"
+    assert abs(stop["y"] - box["y"]) < box["height"], "Stop sits beside the input"
+    chat = page.locator("#chat").bounding_box()
+    assert chat["height"] >= 0.4 * viewport["height"], "the chat takes most of the screen"
+    for selector in ("#status .status", "#model-panel .model", "#chat-input textarea"):
+        width = page.locator(selector).bounding_box()["width"]
+        assert width >= 100, f"{selector} is a column of {width} px"
+    assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+    page.close()
+
+
+# --- the model box -------------------------------------------------------------------------------
+
+
+LUMINANCE_JS = """
+const rgb = s => s.match(/[\\d.]+/g).slice(0, 3).map(Number);
+const channel = c => { c /= 255; return c <= 0.03928 ? c / 12.92
+                                                     : Math.pow((c + 0.055) / 1.055, 2.4); };
+const luminance = s => { const [r, g, b] = rgb(s);
+                         return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b); };
+"""
+
+
+def _contrast(page, selector: str) -> float:
+    """WCAG contrast ratio of an element's text colour against the background behind it."""
+    return page.locator(selector).evaluate(
+        f"""element => {{ {LUMINANCE_JS}
+          let painted = element;  // the nearest box with a background of its own
+          while (getComputedStyle(painted).backgroundColor === 'rgba(0, 0, 0, 0)')
+            painted = painted.parentElement;
+          const text = getComputedStyle(element).color;
+          const [a, b] = [luminance(text), luminance(getComputedStyle(painted).backgroundColor)];
+          return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+        }}"""
+    )
+
+
+def _page_luminance(page) -> float:
+    """Luminance of the page's background (the body's, as the theme paints it)."""
+    return page.evaluate(
+        f"""() => {{ {LUMINANCE_JS}
+          return luminance(getComputedStyle(document.body).backgroundColor); }}"""
+    )
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_a_failed_model_is_readable_in_light_and_dark_mode(browser, tmp_path, theme):
+    loader = ModelLoader(tmp_path / "missing").start()
+    with serve(loader) as url:
+        page = open_page(browser, f"{url}?__theme={theme}", color_scheme=theme)
+        expect(page.locator("#model-panel .model.failed")).to_contain_text("not available")
+        assert (_page_luminance(page) < 0.2) == (theme == "dark"), "the theme is in use"
+        assert _contrast(page, "#model-panel .model.failed") >= 4.5
+        assert _contrast(page, "#model-panel .model.failed b") >= 4.5
+        page.close()
 
 
 def test_first_launch_shows_the_download_then_opens_the_chat(browser, tmp_path, monkeypatch):
@@ -141,8 +358,8 @@ def test_first_launch_shows_the_download_then_opens_the_chat(browser, tmp_path, 
     with first_launch(tmp_path, monkeypatch) as (hub, loader, _files), serve(loader) as url:
         page = open_page(browser, url)
         expect(page.locator("#model-panel")).to_contain_text("Downloading")
-        expect(page.locator("#chat-input textarea")).to_be_disabled()
+        expect(prompt(page)).to_be_disabled()
         hub.hold.set()
-        expect(page.locator("#model-panel")).to_contain_text("Model ready")
-        expect(page.locator("#chat-input textarea")).to_be_enabled()
+        expect(page.locator("#model-panel")).to_contain_text("Ready")
+        expect(prompt(page)).to_be_enabled()
         page.close()

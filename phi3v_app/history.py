@@ -1,0 +1,190 @@
+"""The chat's history (Gradio's messages) -> what the model reads, and the limits on it.
+
+The chat keeps Gradio 6 messages. :func:`conversation` turns them into phi3v messages with
+``<|image_N|>`` tags and the list of image paths, numbered over the whole conversation. A turn
+the model did not answer (an error, or a Stop before the first token) is left out with its
+images, so one bad upload does not break the rest of the chat.
+
+Everything a visitor sees about a file names it by its own upload name: Gradio keeps that name
+as the last part of the cached path, so :func:`upload_name` never shows a server folder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+ERROR_MARK = "⚠"  # an assistant message starting with this is an error, not an answer
+STOPPED_MARK = "■"  # ... or the note of an answer stopped before its first word
+MAX_IMAGES_PER_MESSAGE = 8
+MAX_IMAGES_PER_CONVERSATION = 16  # each image is up to ~2,000 prompt tokens at full detail
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"}
+)
+
+
+class HistoryError(Exception):
+    """The history cannot be answered as it is; the message is for the visitor."""
+
+
+def message_parts(content: object) -> tuple[str, list[str]]:
+    """The text and the file paths of one Chatbot message, whatever shape Gradio gave it.
+
+    Gradio 6 hands handlers ``[{"type": "text", "text": ...}, {"type": "file", "file":
+    {"path": ...}}]``; values built in Python may also be a string or ``{"path": ...}``.
+    """
+    items = content if isinstance(content, list) else [content]
+    texts: list[str] = []
+    files: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(item.get("text") or "")
+        elif isinstance(item, dict) and isinstance(item.get("file"), dict):
+            files.append(item["file"]["path"])
+        elif isinstance(item, dict) and "path" in item:
+            files.append(item["path"])
+    return "\n".join(text for text in texts if text), files
+
+
+def upload_name(path: str | Path) -> str:
+    """The name a visitor gave the file (Gradio caches uploads as ``<folder>/<their name>``)."""
+    return Path(path).name
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _is_note(message: dict) -> bool:
+    """A message with a metadata title is shown to the visitor, never given to the model."""
+    return bool((message.get("metadata") or {}).get("title"))
+
+
+def is_unanswered_reply(message: dict) -> bool:
+    """An error, or the note of an answer stopped before its first word."""
+    if message.get("role") != "assistant":
+        return False
+    text, _ = message_parts(message["content"])
+    return text.startswith((ERROR_MARK, STOPPED_MARK))
+
+
+def _turns(history: Sequence[dict]) -> list[tuple[list[dict], list[dict]]]:
+    """Group the history into (user messages, assistant messages) turns, notes left out."""
+    turns: list[tuple[list[dict], list[dict]]] = []
+    for message in history:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if _is_note(message) or role not in ("user", "assistant"):
+            continue
+        if role == "user" and (not turns or turns[-1][1]):
+            turns.append(([], []))
+        if not turns:  # an assistant message before any user message: nothing to pair it with
+            continue
+        turns[-1][0 if role == "user" else 1].append(message)
+    return turns
+
+
+def conversation(history: Sequence[dict]) -> tuple[list[dict[str, str]], list[str]]:
+    """Chatbot history -> (phi3v messages, the image paths of the whole conversation).
+
+    Images are numbered in the order they were sent, over the whole conversation; each user
+    turn starts with the tags of the images it brought (``<|image_3|>\\n<|image_4|>\\n...``).
+    Unanswered turns are left out, their images too.
+    """
+    messages: list[dict[str, str]] = []
+    images: list[str] = []
+    for user, replies in _turns(history):
+        if any(is_unanswered_reply(reply) for reply in replies):
+            continue
+        parts = [message_parts(message["content"]) for message in user]
+        text = "\n".join(part_text for part_text, _ in parts if part_text)
+        files = [path for _, part_files in parts for path in part_files]
+        if not text and not files:
+            continue
+        first = len(images) + 1
+        tags = "".join(f"<|image_{n}|>\n" for n in range(first, first + len(files)))
+        images.extend(files)
+        messages.append({"role": "user", "content": tags + typed_text(text)})
+        answer = "\n".join(message_parts(reply["content"])[0] for reply in replies)
+        if answer:
+            messages.append({"role": "assistant", "content": answer})
+    return messages, images
+
+
+def check_limits(history: Sequence[dict]) -> None:
+    """Raise :class:`HistoryError` when the last message or the conversation brings more images
+    than the server takes, or when one upload is referred to twice (only a forged history,
+    sent through the API, can do that)."""
+    turns = _turns(history)
+    if not turns:
+        return
+    last = [path for message in turns[-1][0] for path in message_parts(message["content"])[1]]
+    if len(last) > MAX_IMAGES_PER_MESSAGE:
+        raise HistoryError(
+            f"This message has {len(last)} images; the limit is {MAX_IMAGES_PER_MESSAGE} per "
+            "message. Send them in smaller groups."
+        )
+    _, images = conversation(history)
+    if len(images) > MAX_IMAGES_PER_CONVERSATION:
+        raise HistoryError(
+            f"This conversation has {len(images)} images; the limit is "
+            f"{MAX_IMAGES_PER_CONVERSATION}. Clear the chat to start a new one."
+        )
+    seen: set[str] = set()
+    for path in images:
+        if path in seen:
+            raise HistoryError(
+                f"{upload_name(path)} appears more than once in the conversation; "
+                "send each picture once."
+            )
+        seen.add(path)
+
+
+# A zero-width space after "<|" keeps a typed "<|image_N|>" from being read as an image tag:
+# in the app, tags come from the uploads only (issue 9 item 7).
+_TYPED_TAG = re.compile(r"<\|(?=image_\d+\|>)")
+
+
+def typed_text(text: str) -> str:
+    """A visitor's text with any typed ``<|image_N|>`` made plain text for the model."""
+    return _TYPED_TAG.sub("<|\u200b", text)
+
+
+def user_message(text: str, files: Sequence[str]) -> dict:
+    """One chat message holding everything a visitor sent at once: images first, then text."""
+    content: list[dict] = [{"path": path} for path in files]
+    if text:
+        content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def error_message(text: str) -> dict:
+    return assistant_message(f"{ERROR_MARK} {text}")
+
+
+def stopped_message() -> dict:
+    return assistant_message(f"{STOPPED_MARK} _Stopped before the answer began._")
+
+
+def without_last_answer(history: Sequence[dict]) -> list[dict]:
+    """The history up to the last user message (for Retry)."""
+    history = list(history)
+    while history and history[-1].get("role") != "user":
+        history.pop()
+    return history
+
+
+def without_last_turn(history: Sequence[dict]) -> list[dict]:
+    """The history before the last user message (for Undo)."""
+    history = without_last_answer(history)
+    while history and history[-1].get("role") == "user":
+        history.pop()
+    return history
