@@ -123,6 +123,8 @@ def save_screenshot(page, name: str) -> None:
     if os.environ.get("PHI3V_UPDATE_SCREENSHOT"):
         DOCS.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS / name)
+        if name == "desktop.png":  # the README's picture
+            shutil.copyfile(shot, DOCS / "screenshot.png")
 
 
 # --- asking, streaming, stopping -----------------------------------------------------------------
@@ -289,7 +291,13 @@ def test_the_layout_fits_the_screen(browser, live, viewport, name):
     expect(prompt(page)).to_be_enabled()
     ask(page, "Which month had the most rain, and how much was it?", CHART)
     expect(status(page)).to_contain_text("Done")
+    page.locator("#chat").evaluate(  # back to the top of the chat, where the picture is
+        """chat => [chat, ...chat.querySelectorAll('*')]
+                    .filter(e => e.scrollHeight > e.clientHeight + 1)
+                    .forEach(e => { e.scrollTop = 0; })"""
+    )
     page.evaluate("window.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
     save_screenshot(page, name)
 
     box = page.locator("#chat-input").bounding_box()
