@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -416,6 +417,26 @@ def test_first_launch_downloads_with_progress_then_loads(tmp_path, monkeypatch):
     assert status.precision == "exact"  # the tiny model has no int4 layers to convert
     assert status.progress.done == status.progress.total == sum(map(len, files.values()))
     assert is_complete(tmp_path / "data" / DEFAULT_MODEL)
+
+
+def test_fast_precision_shows_the_conversion_then_says_fast_mode(tiny_int4_model_dir, tmp_path):
+    folder = tmp_path / "int4"
+    shutil.copytree(tiny_int4_model_dir, folder, ignore=shutil.ignore_patterns(".phi3v-cache"))
+    loader = ModelLoader(folder, precision="fast")
+    seen: list[ModelStatus] = []
+    record = loader._on_conversion
+
+    def watched(progress):  # the page polls status(); here every report is looked at
+        record(progress)
+        seen.append(loader.status())
+
+    loader._on_conversion = watched
+    assert loader.start().wait(120), loader.status().error
+    converting = [status for status in seen if status.phase == "converting"]
+    assert converting and any(s.conversion.total > 0 for s in converting)
+    assert "Preparing fast mode" in view.model_panel(converting[-1])
+    assert loader.status().precision == "fast"
+    assert "fast mode" in view.model_panel(loader.status())
 
 
 # --- the live app's /chat API, through gradio_client ---------------------------------------------

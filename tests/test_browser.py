@@ -234,6 +234,30 @@ def test_a_full_line_is_said_in_the_chat_and_stop_and_reload_still_work(browser,
     second.close()
 
 
+def test_undo_takes_the_last_question_back_into_the_input(page):
+    ask(page, "First question.")
+    expect(status(page)).to_contain_text("Done")
+    ask(page, "Second question.")
+    expect(page.locator("#chat [data-testid='bot']")).to_have_count(2)
+    expect(prompt(page)).to_be_enabled()
+    page.locator("#chat").get_by_role("button", name="Undo").last.click()
+    expect(page.locator("#chat [data-testid='user']")).to_have_count(1)
+    expect(prompt(page)).to_have_value("Second question.")
+
+
+def test_editing_a_question_answers_it_again(page):
+    ask(page, "First question.")
+    expect(status(page)).to_contain_text("Done")
+    expect(prompt(page)).to_be_enabled()
+    page.locator("#chat").get_by_role("button", name="Edit").click()
+    page.locator("#chat textarea").fill("Changed question.")
+    page.locator("#chat").get_by_role("button", name="Submit").click()
+    expect(page.locator("#chat [data-testid='user']")).to_have_text("Changed question.")
+    expect(status(page)).to_contain_text("Done")
+    expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)
+    expect(prompt(page)).to_be_enabled()
+
+
 def test_an_example_runs_on_a_click(page):
     page.get_by_text("Describe this picture in two sentences.").first.click()
     expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)
