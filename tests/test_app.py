@@ -26,7 +26,7 @@ import app
 from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
 from phi3v_app import cli, view
-from phi3v_app.answers import Answers, generation_options
+from phi3v_app.answers import Answers, check_images, generation_options
 from phi3v_app.history import (
     ERROR_MARK,
     MAX_IMAGES_PER_MESSAGE,
@@ -383,6 +383,30 @@ def test_a_second_session_gets_no_cache_reuse_from_the_first(loader, monkeypatch
         thread.join(30)
     assert streams[1].reused_tokens > 0  # the same session reuses its own prompt
     assert streams[2].reused_tokens == 0  # another session does not
+
+
+def test_a_prompt_over_the_servers_limit_is_refused_with_the_pipelines_message(loader, monkeypatch):
+    monkeypatch.setattr(loader.pipeline, "max_prompt_tokens", 50)
+    runner = Answers(loader, ModelTurns(4))
+    updates, thread = run_in_thread(runner, "s", [user("What is this?", str(CHART))])
+    thread.join(30)
+    reply = text_of(last_chat(updates)[-1])
+    assert reply.startswith(ERROR_MARK)
+    assert "this server takes at most 50" in reply
+    assert not runner.turns.busy
+
+
+def test_a_damaged_upload_is_numbered_within_its_own_message(tmp_path):
+    broken = tmp_path / "second.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    with pytest.raises(HistoryError) as refused:
+        check_images([str(CHART), str(broken)])
+    message = str(refused.value)
+    assert message.startswith("second.png (image 2 of 2 in this message)")
+    assert str(tmp_path) not in message
+    with pytest.raises(HistoryError) as alone:
+        check_images([str(broken)])
+    assert "image 1 of" not in str(alone.value)
 
 
 def test_a_model_that_is_not_ready_is_explained_in_the_chat():
