@@ -63,6 +63,12 @@ PLACEHOLDER = """\
 Later questions can refer back to earlier pictures.
 """
 
+# Under the chat: the same model for scripts (phi3v_app.openai_api, mounted by the cli).
+API_NOTE = """\
+Scripts and tools can ask this model too: the server speaks OpenAI's chat-completions protocol
+at `/v1/chat/completions` (images as `data:` URLs; see the README's *OpenAI-compatible API*).
+"""
+
 EXAMPLES = [
     ("Which month had the most rain, and how much was it?", ["bar_chart.png"]),
     ("Describe this picture in two sentences.", ["scene.png"]),
@@ -340,6 +346,7 @@ def build_demo(loader: ModelLoader, turns: ModelTurns | None = None) -> gr.Block
                 )
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p", info="1 = off.")
                 top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k", info="0 = off.")
+        gr.Markdown(API_NOTE, elem_id="api-note")
         # The chat survives a reload: kept in this browser (encrypted with a key of this
         # server process), saved whenever an answer ends.
         saved = gr.BrowserState([], storage_key="phi3v-chat")
@@ -391,5 +398,29 @@ def build_demo(loader: ModelLoader, turns: ModelTurns | None = None) -> gr.Block
             concurrency_limit=None,  # calls wait for the model in ModelTurns, not here
         )
     demo.queue(default_concurrency_limit=None)
+    _quiet_malformed_requests(demo)
     demo.answers = answers  # for the tests and the launch code: the runner of this page
     return demo
+
+
+def _quiet_malformed_requests(demo: gr.Blocks) -> None:
+    """A request Gradio cannot even parse (too few values, a wrong type, a file path that was
+    never uploaded) gets a message saying what to send, and the log one line; not a traceback
+    on the console and Gradio's internal exception text to the caller."""
+    parse = demo.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, state, explicit_call=False):
+        try:
+            return await parse(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as err:
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+            log.warning("malformed request to %s: %s", block_fn.name, reason)
+            raise gr.Error(
+                "The request does not fit this endpoint: send the parameters that "
+                "client.view_api() lists, with pictures uploaded through handle_file().",
+                print_exception=False,
+            ) from None
+
+    demo.preprocess_data = preprocess_data

@@ -554,6 +554,29 @@ def test_a_refused_upload_is_logged_in_one_line(client, tmp_path, caplog):
     assert len(lines) == 1 and lines[0].exc_info is None
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["too few values"],
+        ["hi", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], 8, 0, 1, 0, 2, ""],
+        [1, "not a list of files", 8, 0, 1, 0, 2, ""],
+    ],
+    ids=["too-few-values", "a-path-never-uploaded", "wrong-types"],
+)
+def test_a_malformed_request_gets_a_message_and_the_log_one_line(live, data, capfd, caplog):
+    url = live[0]
+    with caplog.at_level(logging.WARNING, logger="phi3v.app"):
+        posted = requests.post(f"{url}gradio_api/call/chat", json={"data": data}, timeout=30)
+        events = requests.get(
+            f"{url}gradio_api/call/chat/{posted.json()['event_id']}", timeout=60
+        ).text
+    assert "event: error" in events
+    assert "does not fit this endpoint" in events
+    assert "passwd" not in events and "object at 0x" not in events
+    assert "Traceback" not in capfd.readouterr().err
+    assert len([r for r in caplog.records if "malformed request" in r.getMessage()]) == 1
+
+
 def test_a_full_line_refuses_the_next_call_with_a_message(live):
     url, demo = live
     turns = demo.answers.turns  # queue_size=1: one call may wait
