@@ -240,7 +240,9 @@ CSS = """
 }
 """
 
-# Esc stops the answer (as in other chat apps); the Stop button does the work.
+# Esc stops the answer (as in other chat apps); the Stop button does the work. A pasted file
+# that is not a picture would vanish without a word (Gradio drops it; a dropped one gets a
+# toast): say so in the status line instead.
 HEAD = """
 <script>
 document.addEventListener("keydown", (event) => {
@@ -248,5 +250,18 @@ document.addEventListener("keydown", (event) => {
   const stop = document.querySelector("#stop");
   if (stop && !stop.disabled) { event.preventDefault(); stop.click(); }
 });
+document.addEventListener("paste", (event) => {
+  if (!event.target.closest || !event.target.closest("#chat-input")) return;
+  const refused = [...(event.clipboardData?.files || [])]
+    .filter((file) => !file.type.startsWith("image/")).map((file) => file.name);
+  const status = document.querySelector("#status");
+  if (!refused.length || !status) return;
+  const line = document.createElement("div");
+  line.className = "status error";
+  line.setAttribute("role", "status");
+  line.textContent = `⚠ Not sent: ${refused.join(", ")} ${refused.length > 1 ? "are not pictures" :
+    "is not a picture"}. Only pictures (PNG, JPEG, WebP, GIF) can be attached.`;
+  status.replaceChildren(line);
+}, true);
 </script>
 """

@@ -281,6 +281,17 @@ def test_a_damaged_picture_is_named_in_the_chat_and_never_shown_broken(page, tmp
     expect(prompt(page)).to_be_enabled()
 
 
+def test_a_pasted_file_that_is_not_a_picture_is_named_not_ignored(page):
+    prompt(page).evaluate(
+        """box => {
+          const files = new DataTransfer();
+          files.items.add(new File(["hello"], "notes.txt", {type: "text/plain"}));
+          box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files, bubbles: true}));
+        }"""
+    )
+    expect(status(page)).to_contain_text("notes.txt is not a picture")
+
+
 def test_the_chat_survives_a_reload(page):
     ask(page, "Which month had the most rain?", CHART)
     expect(status(page)).to_contain_text("Done")
