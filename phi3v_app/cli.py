@@ -4,6 +4,7 @@ python app.py                          # first launch downloads the model into d
 python app.py --model-dir DIR          # a model folder you already have (either layout)
 python app.py --share --auth me:secret # a public link, behind a password
 python app.py --precision exact        # the model files' own arithmetic, bit for bit
+python app.py --api-key KEY            # the OpenAI-compatible API (/v1) requires this key
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +20,7 @@ import gradio as gr
 
 from phi3v.download import DEFAULT_MODEL, MODELS
 from phi3v_app.loading import DATA_DIR, PRECISIONS, ModelLoader
+from phi3v_app.openai_api import API_KEY_ENV, add_openai_routes
 from phi3v_app.page import EXAMPLES_DIR, QUEUE_SIZE, build_demo
 from phi3v_app.turns import ModelTurns
 from phi3v_app.view import CSS, HEAD
@@ -33,17 +36,32 @@ def create_demo(loader: ModelLoader, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     return build_demo(loader, ModelTurns(queue_size))
 
 
-def add_routes(server, demo: gr.Blocks) -> None:
+def add_routes(
+    server, demo: gr.Blocks, *, api_key: str | None = None, allow_remote_images: bool = False
+) -> None:
     """The one place where more HTTP routes join the app's FastAPI ``server`` once it runs.
 
     Whatever is mounted here shares the page's model: ``demo.answers.loader.pipeline`` and its
-    line, ``demo.answers.turns`` (take a turn around every use of the pipeline).
+    line, ``demo.answers.turns`` (take a turn around every use of the pipeline). Here: the
+    OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models`` (:mod:`phi3v_app.openai_api`).
     """
+    loader = demo.answers.loader
+    add_openai_routes(
+        server,
+        lambda: loader.pipeline,
+        demo.answers.turns,
+        model_name=loader.status().name,
+        api_key=api_key,
+        allow_remote_images=allow_remote_images,
+    )
 
 
-def launch(demo: gr.Blocks, **options):
+def launch(
+    demo: gr.Blocks, *, api_key: str | None = None, allow_remote_images: bool = False, **options
+):
     """``demo.launch`` with the app's look, upload limit and error display, without blocking;
-    then :func:`add_routes`. Returns (FastAPI app, local URL, share URL)."""
+    then :func:`add_routes` (the API's options go there). Returns (FastAPI app, local URL, share
+    URL)."""
     server, local_url, share_url = demo.launch(
         max_file_size=MAX_FILE_SIZE,
         theme=gr.themes.Soft(primary_hue="indigo"),
@@ -54,7 +72,7 @@ def launch(demo: gr.Blocks, **options):
         prevent_thread_lock=True,
         **options,
     )
-    add_routes(server, demo)
+    add_routes(server, demo, api_key=api_key, allow_remote_images=allow_remote_images)
     return server, local_url, share_url
 
 
@@ -64,6 +82,7 @@ environment:
   GRADIO_SERVER_PORT  the port, as --port
   {AUTH_ENV}          user:password for basic auth, as --auth
   {PRECISION_ENV}     auto, exact or fast, as --precision
+  {API_KEY_ENV}       the key of the OpenAI-compatible API, as --api-key
   HF_ENDPOINT, HF_TOKEN  where the model is downloaded from (see download_models.py)
 
 Without --model-dir the model set is downloaded into data/<NAME> on first launch (resumable,
@@ -123,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(AUTH_ENV) or None,
         help=f"require this login (default: ${AUTH_ENV}); recommended with --share",
     )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help="the OpenAI-compatible API (/v1/chat/completions) requires `Authorization: Bearer "
+        f"KEY` (default: ${API_KEY_ENV}; with --auth and no key, one is made up and printed)",
+    )
+    parser.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let API requests give images as http(s) URLs, fetched by this server (off: "
+        "images come inline as data: URLs, so nobody can make the server fetch other hosts)",
+    )
     return parser
 
 
@@ -147,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = create_demo(loader)
     if args.share and not args.auth:
         print("note: anyone with the public link can use this app; add --auth USER:PASSWORD")
+    api_key = args.api_key
+    if args.auth and not api_key:  # the API must not be open while the page needs a login
+        api_key = secrets.token_urlsafe(24)
+        print(f"* API key (made up for this run; choose one with --api-key): {api_key}", flush=True)
     _, local_url, share_url = launch(
         demo,
         server_name=args.host,
@@ -154,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         share=args.share,
         auth=args.auth,
         quiet=True,
+        api_key=api_key,
+        allow_remote_images=args.allow_remote_images,
     )
     if args.share and share_url is None and not os.environ.get("SPACE_ID"):
         print(
@@ -165,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.close()
         return 1
     print(f"* Running on {local_url}", flush=True)
+    print(f"* OpenAI-compatible API: {local_url.rstrip('/')}/v1/chat/completions", flush=True)
     if share_url:
         print(f"* Public link: {share_url} (valid for up to a week)", flush=True)
     demo.block_thread()

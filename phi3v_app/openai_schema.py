@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS
+from phi3v_app.history import typed_text  # a typed <|image_N|> stays text, as in the chat
 
 # OpenAI's defaults for the sampling fields a request leaves out.
 DEFAULT_TEMPERATURE = 1.0
@@ -30,9 +31,6 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 UNSUPPORTED = ("tools", "functions", "audio", "prediction")
 
 _DATA_URL = re.compile(r"data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
-# A zero-width space after "<|" keeps a typed "<|image_N|>" from being read as an image tag:
-# tags come from the image parts only (the chat does the same with what a visitor types).
-_TYPED_TAG = re.compile(r"<\|(?=image_\d+\|>)")
 
 
 class APIError(Exception):
@@ -133,11 +131,6 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
         include_usage=_flag(stream_options.get("include_usage"), "stream_options.include_usage"),
         user=_user(body.get("user")),
     )
-
-
-def typed_text(text: str) -> str:
-    """Text a caller wrote, with any ``<|image_N|>`` in it kept as plain text for the model."""
-    return _TYPED_TAG.sub("<|\u200b", text)
 
 
 def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:

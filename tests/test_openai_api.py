@@ -11,6 +11,11 @@ import base64
 import http.server
 import io
 import logging
+import os
+import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -517,3 +522,80 @@ def test_an_http_image_is_fetched_only_with_allow_remote_images(pipe):
     )
     assert refused.status_code == 400
     assert "HTTP 404" in refused.body["message"]
+
+
+# --- the app: the README's example, verbatim, against `python app.py` -----------------------------
+
+
+def readme_block(language: str, after: str) -> str:
+    """The first ```language block of README.md after the heading ``after``."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(after) :]
+    return re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_app_takes_its_api_options_from_the_command_line_or_the_environment(monkeypatch):
+    from phi3v_app.cli import parse_args
+
+    monkeypatch.delenv("PHI3V_API_KEY", raising=False)
+    assert parse_args([]).api_key is None
+    assert not parse_args([]).allow_remote_images
+    assert parse_args(["--api-key", "k1", "--allow-remote-images"]).allow_remote_images
+    monkeypatch.setenv("PHI3V_API_KEY", "k2")
+    assert parse_args([]).api_key == "k2"
+    assert parse_args(["--api-key", "k1"]).api_key == "k1"
+
+
+def test_the_readme_openai_example_runs_against_the_app_with_a_login(tiny_model_dir):
+    """`python app.py --auth ...` without --api-key prints a made-up key the API requires; the
+    README's example, extracted verbatim, runs with it; the page mentions the endpoint."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {key: value for key, value in os.environ.items() if key != "PHI3V_API_KEY"}
+    command = [sys.executable, "app.py", "--model-dir", str(tiny_model_dir), "--port", str(port)]
+    app = subprocess.Popen(
+        [*command, "--auth", "ada:s3cret", "--precision", "exact"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        printed = []
+        for line in app.stdout:
+            printed.append(line)
+            if line.startswith("* Running on"):
+                break
+        key = next(line.split()[-1] for line in printed if line.startswith("* API key"))
+        probe = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        chat = f"{url}/v1/chat/completions"
+        assert requests.post(chat, json=probe).status_code == 401
+
+        def answered() -> bool:  # 503 until the model has loaded
+            headers = {"Authorization": f"Bearer {key}"}
+            return requests.post(chat, json=probe, headers=headers).status_code == 200
+
+        wait_until(answered)
+        code = readme_block("python", "## OpenAI-compatible API")
+        example = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env={**env, "OPENAI_BASE_URL": f"{url}/v1", "OPENAI_API_KEY": key},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+        assert example.returncode == 0, example.stderr
+        visitor = requests.Session()
+        visitor.post(f"{url}/login", data={"username": "ada", "password": "s3cret"})
+        assert "/v1/chat/completions" in visitor.get(f"{url}/config").text
+    finally:
+        app.terminate()
+        app.wait(TIMEOUT_S)
