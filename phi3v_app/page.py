@@ -192,7 +192,8 @@ def build_demo(loader: ModelLoader, turns: ModelTurns | None = None) -> gr.Block
 
     def retry(history, request: gr.Request):
         answers.begin(_session(request))  # stops the answer still running, if any
-        return without_last_answer(history or []), *locked(), view.status_line("busy", "Again…")
+        again = view.status_line("busy", "Asking again…")
+        return without_last_answer(history or []), *locked(), again
 
     def undo(history, request: gr.Request):
         history = list(history or [])
@@ -215,7 +216,7 @@ def build_demo(loader: ModelLoader, turns: ModelTurns | None = None) -> gr.Block
         _, files = message_parts(history[index]["content"])
         answers.begin(_session(request))
         edited = user_message(str(event.value or "").strip(), files)
-        return [*history[:index], edited], *locked(), view.status_line("busy", "Again…")
+        return [*history[:index], edited], *locked(), view.status_line("busy", "Asking again…")
 
     def clear(request: gr.Request):
         answers.forget(_session(request), leave=[])
