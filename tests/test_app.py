@@ -340,6 +340,37 @@ def test_a_stop_ends_a_running_answer_and_frees_the_model(loader):
     assert wait_until(lambda: not turns.busy, timeout=10)
 
 
+def test_stop_while_the_image_is_read_aborts_that_model_call(tiny_model_dir, monkeypatch):
+    loader = ready_loader(tiny_model_dir)  # a pipeline of its own, to slow down
+    pipe = loader.pipeline
+    streams = []
+    real_stream, real_run = pipe.stream, pipe.sessions.decoder.run_with_iobinding
+    inside, release = threading.Event(), threading.Event()
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    def slow_prefill(binding, run_options=None):  # the real model spends minutes in here
+        inside.set()
+        release.wait(10)
+        return real_run(binding, run_options)
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    monkeypatch.setattr(pipe.sessions.decoder, "run_with_iobinding", slow_prefill)
+    runner = Answers(loader, ModelTurns(4))
+    updates, thread = run_in_thread(runner, "s", [user("What is this?", str(CHART))])
+    assert inside.wait(10)
+    wait_until(lambda: any("Reading your question… 0%" in (s or "") for _, s in updates))
+    runner.stop("s")
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert streams[0].stop_reason == "cancelled"
+    assert streams[0].timings.prefill == 0  # the call was aborted, not run to its end
+    assert text_of(last_chat(updates)[-1]).startswith(STOPPED_MARK)
+
+
 def test_a_newer_answer_of_the_session_silences_the_older_one(loader):
     turns = ModelTurns(4)
     runner = Answers(loader, turns)
