@@ -251,14 +251,16 @@ def _start(pipe: Pipeline, chat: ChatRequest, images: list[bytes]) -> Stream:
     """``Pipeline.stream`` for the request: checks everything before any model runs.
 
     The KV cache kept after an answer is continued by the next request with the same ``user``
-    (a follow-up question does not read the images again); requests without one share theirs.
-    Different ``user`` values never see each other's cache, nor its timing.
+    (a follow-up question does not read the images again). A request without one is a
+    conversation of its own: anonymous callers never continue each other's cache, so none can
+    time what another sent. Different ``user`` values never see each other's cache either.
     """
+    conversation = ("openai", chat.user) if chat.user else ("openai, anonymous", uuid.uuid4().hex)
     try:
         return pipe.stream(
             list(chat.messages),
             images,
-            conversation=("openai", chat.user),
+            conversation=conversation,
             **chat.generation_options(),
         )
     except LimitError as err:

@@ -152,6 +152,23 @@ def assert_same_answer(response, generation) -> None:
 # --- answers --------------------------------------------------------------------------------------
 
 
+def test_only_requests_with_the_same_user_continue_each_others_kv_cache(api, pipe, monkeypatch):
+    """Reuse makes a repeated prompt's first token faster; between anonymous callers that
+    would tell one what another sent (issue 9's timing side channel)."""
+    streams = []
+    real_stream = pipe.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    question = [{"role": "user", "content": [image_part(png("teal")), text_part("And this?")]}]
+    for user in (None, None, "ada", "ada"):
+        ask(api, question, **({"user": user} if user else {}))
+    assert [s.reused_tokens > 0 for s in streams] == [False, False, False, True]
+
+
 def test_a_text_question_gets_the_pipelines_answer_and_token_counts(api, pipe):
     response = ask(api, [{"role": "user", "content": "What is a rainbow?"}])
     assert response.object == "chat.completion"
