@@ -68,7 +68,7 @@ DEFECTS = (  # (what was found, the test that keeps it fixed: "file::name")
         ],
     ),
     (
-        "a typed <|image_N|> read as an image tag",
+        "a typed image tag (`<\\|image_N\\|>`) read as an image tag",
         [
             "test_app.py::test_a_typed_image_tag_is_text_not_a_tag",
             "test_app.py::test_an_uploaded_image_still_gets_its_tag_beside_typed_text",
@@ -76,7 +76,10 @@ DEFECTS = (  # (what was found, the test that keeps it fixed: "file::name")
     ),
     (
         "a full traceback in the log for each malformed request",
-        ["test_app.py::test_a_refused_upload_is_logged_in_one_line"],
+        [
+            "test_app.py::test_a_refused_upload_is_logged_in_one_line",
+            "test_app.py::test_a_malformed_request_gets_a_message_and_the_log_one_line",
+        ],
     ),
 )
 
