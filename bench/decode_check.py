@@ -16,9 +16,9 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from workers import report_result, run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 33  # 32 decode steps after the first token
@@ -49,27 +49,14 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(**json.loads(args.worker))))
+        report_result(worker(**json.loads(args.worker)))
         return
     started = os.getloadavg()
     runs = []
     for _ in range(args.runs):
         for precision in PRECISIONS:
             spec = {"model": str(args.model), "precision": precision, "length": args.length}
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--model",
-                    str(args.model),
-                    "--worker",
-                    json.dumps(spec),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            runs.append(json.loads(out.split("RESULT ", 1)[1]))
+            runs.append(run_worker(__file__, spec, "--model", str(args.model)))
             print(runs[-1], flush=True)
     medians = {
         p: statistics.median(r["decode_ms"] for r in runs if r["precision"] == p)

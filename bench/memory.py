@@ -17,9 +17,9 @@ import argparse
 import datetime as dt
 import json
 import resource
-import subprocess
-import sys
 from pathlib import Path
+
+from workers import report_result, run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 4
@@ -66,18 +66,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker(**spec)))
+        report_result(worker(**spec))
         return
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         spec = {"model": str(args.model), "length": length, "precision": args.precision}
-        out = subprocess.run(
-            [sys.executable, __file__, "--model", str(args.model), "--worker", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        rows.append(json.loads(out.split("RESULT ", 1)[1]))
+        rows.append(run_worker(__file__, spec, "--model", str(args.model)))
         print(rows[-1], flush=True)
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
