@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
+from gradio_client import Client, handle_file
 
 from phi3v.download import DEFAULT_MODEL, MODELS
 from phi3v.testing import build_model as build_tiny_model
@@ -19,6 +20,19 @@ from phi3v_app.page import QUEUE_SIZE
 from tests.fakehub import FakeHub
 
 LOAD_TIMEOUT_S = 60
+
+
+def ask(client: Client, text: str, *files: Path, max_new_tokens=64, conversation_id=""):
+    """Submit a question (and pictures) to the app's public /chat endpoint at low detail;
+    returns the gradio_client job."""
+    return client.submit(
+        text=text,
+        images=[handle_file(str(f)) for f in files],
+        max_new_tokens=max_new_tokens,
+        num_crops=2,
+        conversation_id=conversation_id,
+        api_name="/chat",
+    )
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
@@ -41,7 +41,7 @@ from phi3v_app.history import (
 )
 from phi3v_app.loading import ModelLoader, ModelStatus
 from phi3v_app.turns import ModelTurns
-from tests.app_helpers import first_launch, free_port, ready_loader, serve_demo, wait_until
+from tests.app_helpers import ask, first_launch, free_port, ready_loader, serve_demo, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "data" / "examples" / "bar_chart.png"
@@ -506,17 +506,6 @@ def live(loader):
 @pytest.fixture
 def client(live) -> Client:
     return Client(live[0], download_files=False, verbose=False)
-
-
-def ask(client: Client, text: str, *files: Path, max_new_tokens=64, conversation_id=""):
-    return client.submit(
-        text=text,
-        images=[handle_file(str(f)) for f in files],
-        max_new_tokens=max_new_tokens,
-        num_crops=2,
-        conversation_id=conversation_id,
-        api_name="/chat",
-    )
 
 
 def test_the_only_public_endpoint_is_chat(client):

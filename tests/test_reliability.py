@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from gradio_client import Client, handle_file
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from tests.app_helpers import ready_loader, serve_demo, wait_until
+from tests.app_helpers import ask, ready_loader, serve_demo, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SCENE = REPO / "data" / "examples" / "scene.png"
@@ -56,17 +56,6 @@ def client(url: str) -> Client:
     return Client(url, download_files=False, verbose=False)
 
 
-def ask(c: Client, text: str, *files: Path, conversation_id: str = "", max_new_tokens: int = 24):
-    return c.submit(
-        text=text,
-        images=[handle_file(str(f)) for f in files],
-        max_new_tokens=max_new_tokens,
-        num_crops=2,
-        conversation_id=conversation_id,
-        api_name="/chat",
-    )
-
-
 def user_script(user: int) -> list[tuple[str, list[Path]]]:
     """Three turns: a picture, a follow-up about it, a second picture; different per user."""
     first, second = (SCENE, CHART) if user % 2 else (CHART, SCENE)
@@ -80,7 +69,9 @@ def user_script(user: int) -> list[tuple[str, list[Path]]]:
 def run_user(url: str, user: int, conversation: str) -> list[str]:
     c = client(url)
     return [
-        ask(c, text, *files, conversation_id=conversation).result(timeout=ANSWER_TIMEOUT_S)
+        ask(c, text, *files, conversation_id=conversation, max_new_tokens=24).result(
+            timeout=ANSWER_TIMEOUT_S
+        )
         for text, files in user_script(user)
     ]
 
