@@ -60,6 +60,7 @@ class _Request:
     max_new_tokens: int
     sampling: Sampling
     conversation: Hashable
+    remember: bool = True  # keep the KV cache for the conversation's next turn
 
     @property
     def max_length(self) -> int:
@@ -144,6 +145,10 @@ class Pipeline:
         """Release every KV cache kept for a follow-up turn."""
         self._prefix.clear()
 
+    def forget(self, conversation: Hashable) -> None:
+        """Release the KV cache kept for ``conversation``'s next turn, if any."""
+        self._prefix.release(conversation)
+
     def generate(
         self, prompt: Prompt = "", images: Sequence[ImageInput] = (), **options
     ) -> Generation:
@@ -164,6 +169,7 @@ class Pipeline:
         input_ids: Sequence[int] | None = None,
         num_crops: int | None = None,
         conversation: Hashable | None = None,
+        remember: bool = True,
     ) -> Stream:
         """Start a generation; iterate the result for text deltas as they are produced.
 
@@ -172,8 +178,9 @@ class Pipeline:
         prompt has no tags). ``input_ids``, when given, replaces the tokenized prompt; its
         placeholders ``-N`` refer to ``images[N-1]``. ``num_crops`` (1..16) trades image detail for
         speed. A KV cache is reused only by a later call with the same ``conversation`` (calls
-        without one share a default). Bad input raises a :class:`~phi3v.errors.Phi3VError` here,
-        before any model runs.
+        without one share a default); ``remember=False`` neither continues nor keeps one (a
+        one-off question, such as an anonymous API call's). Bad input raises a
+        :class:`~phi3v.errors.Phi3VError` here, before any model runs.
         """
         started = time.perf_counter()
         request = self._prepare(
@@ -184,13 +191,14 @@ class Pipeline:
             max_new_tokens,
             Sampling(temperature, top_k, top_p, seed),
             DEFAULT_CONVERSATION if conversation is None else conversation,
+            remember,
         )
         return Stream(self, request, started)
 
     # --- one request -----------------------------------------------------------------------
 
     def _prepare(
-        self, prompt, images, input_ids, num_crops, max_new_tokens, sampling, conversation
+        self, prompt, images, input_ids, num_crops, max_new_tokens, sampling, conversation, remember
     ) -> _Request:
         if (
             not isinstance(max_new_tokens, int)
@@ -215,7 +223,7 @@ class Pipeline:
             ids = self._check_input_ids(input_ids, counts)
         self._check_size(ids.shape[1], sum(counts))
         room = self.config.context_length - ids.shape[1]
-        return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation)
+        return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation, remember)
 
     def _check_size(self, length: int, image_tokens: int) -> None:
         context, limit = self.config.context_length, self.max_prompt_tokens
@@ -318,7 +326,7 @@ class Pipeline:
 
     def _checkout(self, request: _Request) -> tuple[KVCache, np.ndarray | None, int]:
         capacity = min(request.max_length + FOLLOW_UP_ROOM, self.config.context_length)
-        if not self.reuse_prefix:
+        if not (self.reuse_prefix and request.remember):
             return self._new_cache(capacity), None, 0
         keys = position_keys(request.input_ids, request.images)
         cache, reused = self._prefix.checkout(

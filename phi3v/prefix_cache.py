@@ -100,6 +100,13 @@ class PrefixCache:
         for old in released:
             old.cache.close()
 
+    def release(self, conversation: Hashable) -> None:
+        """Release the cache kept for ``conversation``, if any."""
+        with self._lock:
+            entry = self._entries.pop(conversation, None)
+        if entry is not None:
+            entry.cache.close()
+
     def clear(self) -> None:
         """Release every kept cache."""
         with self._lock:

@@ -251,16 +251,16 @@ def _start(pipe: Pipeline, chat: ChatRequest, images: list[bytes]) -> Stream:
     """``Pipeline.stream`` for the request: checks everything before any model runs.
 
     The KV cache kept after an answer is continued by the next request with the same ``user``
-    (a follow-up question does not read the images again). A request without one is a
-    conversation of its own: anonymous callers never continue each other's cache, so none can
-    time what another sent. Different ``user`` values never see each other's cache either.
+    (a follow-up question does not read the images again). A request without one neither
+    continues nor keeps a cache: anonymous callers cannot time what another sent, and one-off
+    questions do not push kept conversations out of the memory budget.
     """
-    conversation = ("openai", chat.user) if chat.user else ("openai, anonymous", uuid.uuid4().hex)
     try:
         return pipe.stream(
             list(chat.messages),
             images,
-            conversation=conversation,
+            conversation=("openai", chat.user),
+            remember=chat.user is not None,
             **chat.generation_options(),
         )
     except LimitError as err:

@@ -278,11 +278,17 @@ def build_demo(loader: ModelLoader, turns: ModelTurns | None = None) -> gr.Block
         reply = message_parts(final[-1]["content"])[0] if final[-1]["role"] == "assistant" else ""
         if reply.startswith(ERROR_MARK):
             raise gr.Error(reply.removeprefix(ERROR_MARK).strip(), print_exception=False)
-        if conversation_id and reply and not reply.startswith(STOPPED_MARK):
-            api_histories[key] = final
-            api_histories.move_to_end(key)
-            while len(api_histories) > API_CONVERSATIONS:
-                api_histories.popitem(last=False)
+        pipeline = loader.pipeline
+        if not (conversation_id and reply and not reply.startswith(STOPPED_MARK)):
+            if pipeline is not None and not conversation_id:
+                pipeline.forget(session)  # a one-off call: its cache helps no one
+            return
+        api_histories[key] = final
+        api_histories.move_to_end(key)
+        while len(api_histories) > API_CONVERSATIONS:
+            gone, _ = api_histories.popitem(last=False)
+            if pipeline is not None:
+                pipeline.forget(("api", gone))
 
     # --- the layout ----------------------------------------------------------------------
 

@@ -540,6 +540,12 @@ def test_a_conversation_id_makes_the_next_call_a_follow_up(client, loader, monke
     assert stream.reused_tokens > 0  # and its KV cache was reused
 
 
+def test_a_call_without_a_conversation_id_keeps_no_kv_cache(client, loader):
+    kept = len(loader.pipeline._prefix)
+    ask(client, "A one-off question.").result(timeout=ANSWER_TIMEOUT_S)
+    assert len(loader.pipeline._prefix) == kept
+
+
 def test_a_cancelled_call_stops_and_the_model_is_free_again(client, live):
     turns = live[1].answers.turns
     job = ask(client, "Write a long story.", max_new_tokens=LONG)

@@ -145,6 +145,23 @@ def test_clear_cache_releases_the_kept_cache(pipe):
     assert pipe.generate("Hello there", max_new_tokens=4).reused_tokens == 0
 
 
+def test_forget_releases_only_that_conversations_cache(pipe):
+    pipe.generate("Hello there", max_new_tokens=4, conversation="a")
+    pipe.generate("Hello there", max_new_tokens=4, conversation="b")
+    pipe.forget("a")
+    assert pipe.generate("Hello there", max_new_tokens=4, conversation="a").reused_tokens == 0
+    assert pipe.generate("Hello there", max_new_tokens=4, conversation="b").reused_tokens > 0
+
+
+def test_a_call_that_does_not_remember_neither_continues_nor_keeps_a_cache(pipe):
+    pipe.clear_cache()
+    pipe.generate("Hello there", max_new_tokens=4)
+    kept = len(pipe._prefix)
+    assert pipe.generate("Hello there", max_new_tokens=4, remember=False).reused_tokens == 0
+    assert len(pipe._prefix) == kept  # nothing new kept
+    assert pipe.generate("Hello there", max_new_tokens=4).reused_tokens > 0  # the default's
+
+
 def test_a_growing_kv_cache_config_does_not_reuse(tiny_model_dir, tmp_path):
     folder = copy_model(tiny_model_dir, tmp_path / "grow")
     edit_config(folder, lambda c: c["search"].update(past_present_share_buffer=False))

@@ -164,8 +164,12 @@ def test_only_requests_with_the_same_user_continue_each_others_kv_cache(api, pip
 
     monkeypatch.setattr(pipe, "stream", recording_stream)
     question = [{"role": "user", "content": [image_part(png("teal")), text_part("And this?")]}]
-    for user in (None, None, "ada", "ada"):
-        ask(api, question, **({"user": user} if user else {}))
+    kept = len(pipe._prefix)
+    for _ in range(2):
+        ask(api, question)
+    assert len(pipe._prefix) == kept  # anonymous calls keep nothing either
+    for _ in range(2):
+        ask(api, question, user="ada")
     assert [s.reused_tokens > 0 for s in streams] == [False, False, False, True]
 
 
