@@ -44,7 +44,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from phi3v.config import ModelConfig
-from phi3v.errors import ModelFolderError, PromptError
+from phi3v.errors import ModelFolderError, PromptError, first_line
 from phi3v.results import Progress
 
 PRECISIONS = ("exact", "fast", "auto")
@@ -441,14 +441,9 @@ def _load_graph(path: Path) -> onnx.ModelProto:
         return onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError, OSError, onnx's own checks
         raise ModelFolderError(
-            f"could not load {path} as an ONNX model ({_first_line(err)}); the file is damaged: "
+            f"could not load {path} as an ONNX model ({first_line(err)}); the file is damaged: "
             "re-download the model set"
         ) from err
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _data_path(path: Path) -> Path:

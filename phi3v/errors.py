@@ -32,3 +32,10 @@ class DownloadError(Phi3VError):
 
 class LimitError(PromptError):
     """The request is larger than this server allows (prompt tokens, images)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error text (onnxruntime's and protobuf's run long), to
+    quote inside one of our messages; the exception's type name when it has no text."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from phi3v.config import ModelConfig
-from phi3v.errors import ModelFolderError, PromptError
+from phi3v.errors import ModelFolderError, PromptError, first_line
 from phi3v.image import ProcessedImage
 
 
@@ -176,7 +176,7 @@ def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> o
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types, not ours
         raise ModelFolderError(
-            f"onnxruntime could not load {path} ({_first_line(err)}); check that "
+            f"onnxruntime could not load {path} ({first_line(err)}); check that "
             f"{path.name}.data sits beside it and is complete, or re-download the model set"
         ) from err
 
@@ -212,8 +212,3 @@ def _check_io(config: ModelConfig, model: Sessions) -> None:
                 f"{filename} has no tensor named {', '.join(missing)} that genai_config.json "
                 f"names; the config and the model files are from different exports"
             )
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
