@@ -31,7 +31,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from phi3v import ImageError, LimitError, Phi3VError, Stream
+from phi3v import DEFAULT_MAX_NEW_TOKENS, ImageError, LimitError, Phi3VError, Stream
 from phi3v.image import load_rgb
 from phi3v_app import view
 from phi3v_app.history import (
@@ -52,7 +52,6 @@ log = logging.getLogger("phi3v.app")
 
 TICK_SECONDS = 0.25  # how often the status line moves while no text arrives
 UPDATE_SECONDS = 0.1  # at least this long between page updates while text streams in
-DEFAULT_MAX_NEW_TOKENS = 512
 
 Update = tuple[list[dict] | None, str | None]  # (chat history, status HTML); None = unchanged
 

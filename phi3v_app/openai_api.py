@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from phi3v import Phi3VError, Pipeline, Stream
 from phi3v.errors import LimitError
+from phi3v_app.history import MAX_IMAGES_PER_CONVERSATION
 from phi3v_app.openai_schema import (
     APIError,
     ChatRequest,
@@ -45,7 +46,7 @@ from phi3v_app.turns import ModelTurns, QueueFull, TurnCancelled
 log = logging.getLogger("phi3v.app.openai")
 
 API_KEY_ENV = "PHI3V_API_KEY"  # the same as the app's --api-key
-MAX_IMAGES = 16  # per request, over the whole conversation (as the chat)
+MAX_IMAGES = MAX_IMAGES_PER_CONVERSATION  # per request, over the whole conversation
 MAX_IMAGE_BYTES = 20_000_000  # per image, as the chat's uploads
 MAX_BODY_BYTES = 100_000_000  # a few large images, base64-encoded
 REMOTE_TIMEOUT_S = 20  # to connect, and between two reads, when fetching an image URL

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from phi3v import DEFAULT_MAX_NEW_TOKENS, MAX_CROPS
+from phi3v.config import DEFAULT_NUM_CROPS
 from phi3v_app import view
-from phi3v_app.answers import DEFAULT_MAX_NEW_TOKENS, Answers, check_images, generation_options
+from phi3v_app.answers import Answers, check_images, generation_options
 from phi3v_app.history import (
     ERROR_MARK,
     STOPPED_MARK,
@@ -49,7 +51,6 @@ log = logging.getLogger("phi3v.app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "examples"
 QUEUE_SIZE = 16  # answers waiting for the model; the next one is told to try again later
-GENERIC_NUM_CROPS = 16  # the slider's value until a model tells its own
 API_CONVERSATIONS = 64  # conversations the /chat endpoint remembers (least recently used go)
 
 HEADER = """\
@@ -336,8 +337,8 @@ def build_demo(loader: ModelLoader, turns: ModelTurns | None = None) -> gr.Block
                 )
                 num_crops = gr.Slider(
                     1,
-                    16,
-                    value=start.num_crops or GENERIC_NUM_CROPS,
+                    MAX_CROPS,
+                    value=start.num_crops or DEFAULT_NUM_CROPS,  # until the model says its own
                     step=1,
                     label="Image detail (crops)",
                     info="Tiles of 336 px the model reads per image: fewer is faster, coarser.",
