@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tables
 
 import phi3v.convert as convert
 import phi3v.engine as engine
@@ -128,23 +129,11 @@ def compare(model: Path, cases, variants, scratch: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict], date: str) -> str:
-    lines = [
-        "# fast vs exact: numerical agreement",
-        "",
-        f"{date}; `python bench/accuracy.py` ({STEPS} teacher-forced greedy steps per case).",
-        "",
-        "| model set | case | against exact | max abs logit diff | mean abs logit diff "
-        "| mean abs logit diff / mean abs logit | top-1 agreement | first token equal |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['case']} | {r['variant']} "
-            f"| {r['max_abs_logit_diff']:.3f} | {r['mean_abs_logit_diff']:.4f} "
-            f"| {r['mean_abs_logit_diff'] / r['mean_abs_logit']:.1%} "
-            f"| {r['top1_agreement']:.0%} | {'yes' if r['first_token_equal'] else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
+    return (
+        "# fast vs exact: numerical agreement\n\n"
+        f"{date}; `python bench/accuracy.py` ({STEPS} teacher-forced greedy steps per case).\n\n"
+        f"{tables.accuracy(rows, STEPS)}\n"
+    )
 
 
 def main() -> None:
@@ -169,7 +158,8 @@ def main() -> None:
         if args.real:
             rows += compare(args.real, cases, ("row", "acc0"), scratch / "controls")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "accuracy.json").write_text(json.dumps({"date": date, "rows": rows}, indent=1))
+    record = {"date": date, "steps": STEPS, "rows": rows}
+    (RESULTS / "accuracy.json").write_text(json.dumps(record, indent=1))
     (RESULTS / "accuracy.md").write_text(markdown(rows, date))
     print(markdown(rows, date))
 

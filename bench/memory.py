@@ -19,6 +19,7 @@ import json
 import resource
 from pathlib import Path
 
+import tables
 from workers import report_result, run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,23 +87,11 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        f"# Peak memory by prompt length: `{report['model']}`",
-        "",
+    return (
+        f"# Peak memory by prompt length: `{report['model']}`\n\n"
         f"{report['date']}; `python bench/memory.py`; one process per length, {NEW_TOKENS} new "
-        "tokens.",
-        "",
-        "| prompt tokens | precision | RSS after load MiB | peak RSS MiB | peak - loaded MiB "
-        "| KV cache MiB | one chunk's logits MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"| {r['length']:,} | {r['precision']} | {r['loaded_mib']:,.0f} | {r['peak_mib']:,.0f} "
-            f"| {r['peak_mib'] - r['loaded_mib']:,.0f} | {r['kv_mib']:,.0f} "
-            f"| {r['chunk_logits_mib']:,.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+        f"tokens.\n\n{tables.memory(report)}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import tables
 from onnx import TensorProto
 
 import phi3v.convert as convert
@@ -147,49 +148,21 @@ def time_suffixes(model: Path, repeats: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = [
+    parts = [
         "# Prefill forms: activation scales and the integer-GEMM threshold",
-        "",
         f"{report['date']}; `python bench/prefill_forms.py` (median of {report['repeats']}, "
         f"forms alternated; load average {report['loadavg_start']} -> {report['loadavg_end']}).",
-        "",
-        f"## One projection, K {K} -> N {N}, ms",
-        "",
-        "| rows | int4 MatMulNBits (released) | int8, one scale per tensor | int8, per-row scales "
-        "| per-row vs int4 |",
-        "|---|---|---|---|---|",
+        f"## One projection, K {K} -> N {N}",
+        tables.projection_speed(report),
+        "Error against a float64 product of the same int4 weights:",
+        tables.projection_error(report),
     ]
-    for r in report["speed"]:
-        lines.append(
-            f"| {r['rows']} | {r['int4']:.2f} | {r['tensor']:.2f} | {r['row']:.2f} "
-            f"| {r['int4'] / r['row']:.1f}x |"
-        )
-    lines += [
-        "",
-        "Error against a float64 product of the same int4 weights (512 rows):",
-        "",
-        "| activations | form | relative error (Frobenius) | max abs error |",
-        "|---|---|---|---|",
-    ]
-    for r in report["error"]:
-        lines.append(
-            f"| {r['activations']} | {r['form']} | {r['relative_error']:.2e} "
-            f"| {r['max_abs_error']:.3g} |"
-        )
     if report.get("suffixes"):
-        lines += [
-            "",
-            f"## Prefill of S new positions after {PREFIX} cached ones (`{report['model']}`), s",
-            "",
-            "| S | int4 decoder | integer-GEMM decoder | int4 / integer GEMM |",
-            "|---|---|---|---|",
+        parts += [
+            f"## Prefill of S new positions after {PREFIX} cached ones (`{report['model']}`)",
+            tables.prefill_threshold(report),
         ]
-        for r in report["suffixes"]:
-            lines.append(
-                f"| {r['positions']} | {r['int4']:.3f} | {r['integer GEMM']:.3f} "
-                f"| {r['int4'] / r['integer GEMM']:.2f} |"
-            )
-    return "\n".join(lines) + "\n"
+    return "\n\n".join(parts) + "\n"
 
 
 def main() -> None:

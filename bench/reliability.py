@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import tables
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 OUT = REPO / "docs" / "RELIABILITY.md"
@@ -121,20 +123,8 @@ def memory_section() -> str:
     parts = []
     for path in files:
         report = json.loads(path.read_text())
-        lines = [
-            f"`bench/results/{path.name}` ({report['date']}, `{report['model']}`):",
-            "",
-            "| prompt tokens | precision | RSS after load MiB | peak RSS MiB | peak - loaded MiB "
-            "| KV cache MiB |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in report["rows"]:
-            lines.append(
-                f"| {r['length']:,} | {r['precision']} | {r['loaded_mib']:,.0f} "
-                f"| {r['peak_mib']:,.0f} | {r['peak_mib'] - r['loaded_mib']:,.0f} "
-                f"| {r['kv_mib']:,.0f} |"
-            )
-        parts.append("\n".join(lines))
+        source = f"`bench/results/{path.name}` ({report['date']}, `{report['model']}`):"
+        parts.append(f"{source}\n\n{tables.memory(report)}")
     return "\n\n".join(parts)
 
 

@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+import tables
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 README = REPO / "README.md"
@@ -129,58 +131,17 @@ def targets_table(scale: dict, follow_up: dict | None, decode_check: dict | None
 
 
 def forms_tables(forms: dict) -> str:
-    lines = [
+    parts = [
         f"From `bench/results/prefill_forms.md` ({forms['date']}; median of {forms['repeats']}).",
-        "",
-        "| rows | int4 MatMulNBits (released) ms | int8, one scale per tensor ms "
-        "| int8, per-row scales ms | per-row speed-up |",
-        "|---|---|---|---|---|",
+        tables.projection_speed(forms),
+        tables.projection_error(forms),
     ]
-    for r in forms["speed"]:
-        lines.append(
-            f"| {r['rows']} | {r['int4']:.1f} | {r['tensor']:.1f} | {r['row']:.1f} "
-            f"| {r['int4'] / r['row']:.1f}x |"
-        )
-    lines += [
-        "",
-        "| activations (512 rows) | form | relative error vs float64 | max abs error |",
-        "|---|---|---|---|",
-    ]
-    for r in forms["error"]:
-        lines.append(
-            f"| {r['activations']} | {r['form']} | {r['relative_error']:.2e} "
-            f"| {r['max_abs_error']:.3g} |"
-        )
     if forms.get("suffixes"):
-        lines += [
-            "",
+        parts += [
             "Prefill of S new positions after 64 cached ones on the real-size set:",
-            "",
-            "| S | int4 decoder s | integer-GEMM decoder s | int4 / integer GEMM |",
-            "|---|---|---|---|",
+            tables.prefill_threshold(forms),
         ]
-        for r in forms["suffixes"]:
-            lines.append(
-                f"| {r['positions']} | {r['int4']:.3f} | {r['integer GEMM']:.3f} "
-                f"| {r['int4'] / r['integer GEMM']:.2f} |"
-            )
-    return "\n".join(lines)
-
-
-def accuracy_table(accuracy: dict) -> str:
-    lines = [
-        "| model set | case | against exact | mean abs logit diff / mean abs logit "
-        "| max abs logit diff | top-1 agreement (64 teacher-forced steps) | first token equal |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in accuracy["rows"]:
-        lines.append(
-            f"| {r['model']} | {r['case']} | {r['variant']} "
-            f"| {r['mean_abs_logit_diff'] / r['mean_abs_logit']:.1%} "
-            f"| {r['max_abs_logit_diff']:.2f} | {r['top1_agreement']:.0%} "
-            f"| {'yes' if r['first_token_equal'] else 'no'} |"
-        )
-    return "\n".join(lines)
+    return "\n\n".join(parts)
 
 
 def token_lines(scale: dict) -> str:
@@ -289,7 +250,7 @@ set. Each variant is compared with exact; the **control** is exact's own int4 we
 accuracy level 0 (fp32 activations instead of int8 blocks of 32), an equally valid reading of the
 same files, so it shows how far two correct computations drift apart on these networks.
 
-{accuracy_table(accuracy)}
+{tables.accuracy(accuracy["rows"], accuracy.get("steps", 64))}
 
 What it means, and what it cannot show:
 
