@@ -14,6 +14,7 @@ from phi3v.errors import (
     LimitError,
     ModelFolderError,
     Phi3VError,
+    PrecisionError,
     PromptError,
 )
 from phi3v.image import MAX_CROPS, ProcessedImage, preprocess_image
@@ -31,6 +32,7 @@ __all__ = [
     "ModelFolderError",
     "Phi3VError",
     "Pipeline",
+    "PrecisionError",
     "ProcessedImage",
     "Progress",
     "PromptError",

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from phi3v import convert
+from phi3v import machine
 from phi3v.config import TOKENIZER, ModelConfig, load_config
 from phi3v.errors import ImageError, LimitError, PromptError
 from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
 from phi3v.kv_cache import KVCache, bytes_per_position
+from phi3v.precision import EXACT, PrecisionChoice, open_sessions
 from phi3v.prefix_cache import LONG_ROPE_FROM, PrefixCache, position_keys, uses_long_rope
 from phi3v.prompt import END, END_OF_TEXT, build_input_ids, normalize_messages, tag_images
 from phi3v.results import Generation, Progress, StopReason, Timings
@@ -77,17 +78,18 @@ class Pipeline:
         tokenizer: PromptTokenizer,
         *,
         reuse_prefix: bool = True,
-        precision: str = "exact",
+        precision: PrecisionChoice = EXACT,
         max_prompt_tokens: int | None = None,
         cache_budget_bytes: int | None = None,
     ):
         self.config, self.sessions, self.tokenizer = config, sessions, tokenizer
-        self.precision = precision
+        self.precision = precision.precision  # what runs: "exact" or "fast"
+        self.precision_choice = precision  # and why, with the fast copies' self-check
         # Reusing a cache needs one we can rewind: the shared past/present buffer.
         self.reuse_prefix = reuse_prefix and config.past_present_share_buffer
         per_position = bytes_per_position(config.decoder)
         self.max_prompt_tokens = max_prompt_tokens or _default_prompt_limit(config, per_position)
-        budget = cache_budget_bytes or int(CACHE_MEMORY_SHARE * convert.available_memory())
+        budget = cache_budget_bytes or int(CACHE_MEMORY_SHARE * machine.available_memory())
         self._prefix = PrefixCache(budget)
         self.stop_ids = frozenset(
             (*config.eos_token_ids, tokenizer.token_id(END), tokenizer.token_id(END_OF_TEXT))
@@ -112,25 +114,25 @@ class Pipeline:
 
         ``precision``: "exact" runs the model files as they are (bit for bit what
         onnxruntime-genai computes); "fast" reads images and prompts on integer-GEMM copies of
-        the vision model and decoder (made once per folder, see :mod:`phi3v.convert`; much faster
-        on CPUs with AMX or VNNI, slightly different numbers); "auto" picks "fast" where this CPU
-        and its memory favour it. ``progress`` receives :class:`Progress` while copies are made.
+        the vision model and decoder (made and self-checked once per folder, see
+        :mod:`phi3v.precision`; much faster on CPUs with AMX or VNNI, slightly different
+        numbers); "auto" picks "fast" where this CPU and its memory favour it and the self-check
+        passed. ``progress`` receives :class:`Progress` while copies are made and checked.
         ``num_threads`` defaults to onnxruntime's choice, one per physical core. With
         ``reuse_prefix`` a conversation's next turn prefills only what is new (see
         :mod:`phi3v.prefix_cache`). ``max_prompt_tokens`` caps a request's prompt (default: what
         half of the memory available now holds). Raises ModelFolderError / ConfigError for a
-        bad folder, PromptError for a bad option.
+        bad folder, PrecisionError for a bad precision.
         """
         config = load_config(model_dir)
         tokenizer = PromptTokenizer(config.path(TOKENIZER))
-        chosen = convert.choose_precision(precision, config)
-        fast = convert.fast_models(config, progress) if chosen == "fast" else None
-        sessions = Sessions(
+        sessions, chosen = open_sessions(
             config,
-            providers,
-            num_threads,
-            vision_path=fast.vision if fast else None,
-            prefill_path=fast.decoder if fast else None,
+            tokenizer,
+            precision,
+            providers=providers,
+            num_threads=num_threads,
+            progress=progress,
         )
         return cls(
             config,
@@ -414,7 +416,7 @@ class _Speed:
 
 def _default_prompt_limit(config: ModelConfig, per_position: int) -> int:
     """The longest prompt whose KV cache fits in a share of the memory available now."""
-    fits = int(PROMPT_MEMORY_SHARE * convert.available_memory()) // per_position
+    fits = int(PROMPT_MEMORY_SHARE * machine.available_memory()) // per_position
     return max(1, min(config.context_length - 1, fits))
 
 

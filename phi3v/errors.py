@@ -26,6 +26,10 @@ class PromptError(Phi3VError):
     """The prompt, its image tags or the generation settings are invalid."""
 
 
+class PrecisionError(Phi3VError):
+    """The precision asked for is unknown, or cannot run with this model set."""
+
+
 class DownloadError(Phi3VError):
     """Fetching a model set failed (network, HTTP status, disk, checksum, lock)."""
 

@@ -125,6 +125,13 @@ class KVCache:
         self.length += new
         return self._logits[0, -1]
 
+    def last_logits(self) -> np.ndarray:
+        """The logits of every position of the last run [rows, vocab] (one row for a graph cut
+        before the LM head); valid until the next run."""
+        if self._logits is None:
+            raise RuntimeError("the cache has not run yet")
+        return self._logits[0]
+
     def close(self) -> None:
         """Release the buffers and bindings now rather than at garbage collection."""
         for binding, _ in self._bindings.values():

@@ -18,6 +18,7 @@ steps, and both decoders write the same KV cache.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,16 @@ import onnxruntime as ort
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, PromptError, first_line
 from phi3v.image import ProcessedImage
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What every session of a pipeline is created with."""
+
+    # None = onnxruntime's choice: one thread per physical core. (onnxruntime-genai uses half
+    # the hardware threads, which halves speed where there is no SMT.)
+    num_threads: int | None = None
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
 
 class Sessions:
@@ -46,18 +57,13 @@ class Sessions:
         prefill_path: Path | None = None,
     ):
         self.config = config
-        options = ort.SessionOptions()
-        if num_threads is not None:
-            # Default 0 = onnxruntime's choice: one thread per physical core. (onnxruntime-genai
-            # uses half the hardware threads, which halves speed where there is no SMT.)
-            options.intra_op_num_threads = num_threads
-        providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.options = SessionSettings(num_threads, tuple(providers or ["CPUExecutionProvider"]))
         vision_path = vision_path or config.path(config.vision.filename)
-        self.vision = _session(vision_path, options, providers)
-        self.embedding = _session(config.path(config.embedding.filename), options, providers)
-        self.decoder = _session(config.path(config.decoder.filename), options, providers)
+        self.vision = open_session(vision_path, self.options)
+        self.embedding = open_session(config.path(config.embedding.filename), self.options)
+        self.decoder = open_session(config.path(config.decoder.filename), self.options)
         self.prefill_decoder = (
-            _session(prefill_path, options, providers) if prefill_path else self.decoder
+            open_session(prefill_path, self.options) if prefill_path else self.decoder
         )
         _check_io(config, self)
 
@@ -170,10 +176,22 @@ def image_order(ids: np.ndarray) -> list[int]:
     return [int(-negative[i]) for i in sorted(first)]
 
 
-def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def open_session(
+    path: Path, settings: SessionSettings, *, fp32_activations: bool = False
+) -> ort.InferenceSession:
+    """An onnxruntime session of the model file at ``path``. ``fp32_activations`` runs int4
+    ``MatMulNBits`` with float activations whatever its accuracy level (the fast precision's
+    self-check uses it as the reference, see :mod:`phi3v.fast_check`)."""
+    options = ort.SessionOptions()
+    if settings.num_threads is not None:
+        options.intra_op_num_threads = settings.num_threads
+    if fp32_activations:
+        options.add_session_config_entry("mlas.qnbit.force_fp32", "1")
     try:
         # From the path, so the .onnx.data beside it is found (external data is path-relative).
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=list(settings.providers)
+        )
     except Exception as err:  # onnxruntime raises its own exception types, not ours
         raise ModelFolderError(
             f"onnxruntime could not load {path} ({first_line(err)}); check that "

@@ -11,7 +11,7 @@ import onnxruntime_genai as og
 import pytest
 from PIL import Image
 
-import phi3v.convert
+import phi3v.machine
 import phi3v.engine
 import phi3v.kv_cache
 from phi3v import ImageError, LimitError, Pipeline, PromptError, preprocess_image
@@ -429,7 +429,7 @@ def test_a_prompt_over_the_servers_limit_is_refused_with_what_to_do(tiny_model_d
 
 
 def test_the_default_prompt_limit_is_what_half_the_free_memory_holds(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(phi3v.convert, "available_memory", lambda: 2 * 1000 * 1024)
+    monkeypatch.setattr(phi3v.machine, "available_memory", lambda: 2 * 1000 * 1024)
     limited = Pipeline.load(tiny_model_dir, precision="exact")
     per_position = phi3v.kv_cache.bytes_per_position(limited.config.decoder)
     assert limited.max_prompt_tokens == 1000 * 1024 // per_position

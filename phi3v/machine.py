@@ -1,0 +1,62 @@
+"""What this machine can do: its CPU's integer-GEMM units and the memory free now.
+
+The "fast" precision pays off where onnxruntime's u8s8 integer GEMM has matrix units (AMX) or
+VNNI dot products to run on (docs/PERFORMANCE.md); :mod:`phi3v.precision` decides with these
+facts. Linux only reads them from /proc; elsewhere the answers are the safe ones (no integer
+units: "auto" stays exact; memory: the physical size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from pathlib import Path
+
+AMX_FLAGS = ("amx_tile", "amx_int8")  # both: the tiles and their int8 dot products
+# Integer-GEMM matrix units, or VNNI dot products: where the fast path was measured to win.
+INTEGER_GEMM_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo), empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def has_integer_gemm() -> bool:
+    """Whether this CPU has AMX or VNNI integer units."""
+    return any(flag in cpu_flags() for flag in INTEGER_GEMM_FLAGS)
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX int8 tiles (the fast precision's best case)."""
+    return all(flag in cpu_flags() for flag in AMX_FLAGS)
+
+
+def describe_cpu() -> str:
+    """The CPU's model name and its integer-GEMM flags, for benchmark results and status lines."""
+    name = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    units = [flag for flag in (*AMX_FLAGS, "avx512_vnni", "avx_vnni") if flag in cpu_flags()]
+    return f"{name} ({', '.join(units) or 'no AMX or VNNI'}), {os.cpu_count()} CPUs"
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or the physical memory if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
