@@ -11,9 +11,9 @@ import onnxruntime_genai as og
 import pytest
 from PIL import Image
 
-import phi3v.machine
 import phi3v.engine
 import phi3v.kv_cache
+import phi3v.machine
 from phi3v import ImageError, LimitError, Pipeline, PromptError, preprocess_image
 from phi3v.engine import FOLLOW_UP_ROOM
 from phi3v.kv_cache import KVCache, lazy_buffer
