@@ -25,7 +25,7 @@ from phi3v import machine
 from phi3v.config import TOKENIZER, ModelConfig, load_config
 from phi3v.errors import ImageError, LimitError, PromptError
 from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
-from phi3v.kv_cache import KVCache, bytes_per_position
+from phi3v.kv_cache import PREFILL_CHUNK, KVCache, bytes_per_position
 from phi3v.precision import EXACT, PrecisionChoice, open_sessions
 from phi3v.prefix_cache import LONG_ROPE_FROM, PrefixCache, position_keys, uses_long_rope
 from phi3v.prompt import END, END_OF_TEXT, build_input_ids, normalize_messages, tag_images
@@ -39,9 +39,6 @@ DEFAULT_MAX_NEW_TOKENS = 512
 # cache. They are address space, not memory: pages nobody writes are never made resident. (Moving
 # a 2k-position cache of the real model into a bigger one costs seconds of page faults.)
 FOLLOW_UP_ROOM = 1024
-# Prompt positions per decoder call. Bounds the logits of a prefill to [PREFILL_CHUNK, vocab]
-# (64 MB, not 128 KB per prompt token), lets Stop land between chunks and progress be shown.
-PREFILL_CHUNK = 512
 # A prompt part at least this long is prefilled on the integer-GEMM decoder in "fast" precision;
 # shorter ones on the int4 decoder, which is faster for a handful of positions (1.07x slower at
 # 4 positions, 1.2x faster at 8, 2.2x at 32 on a 2-core EPYC: bench/results/prefill_forms.md).

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from phi3v.config import ModelConfig
-from phi3v.image import preprocess_image
-from phi3v.kv_cache import KVCache
+from phi3v.image import ProcessedImage, preprocess_image
+from phi3v.kv_cache import PREFILL_CHUNK, KVCache
 from phi3v.prompt import build_input_ids, normalize_messages
 from phi3v.results import Progress
 from phi3v.sessions import Sessions, open_session
@@ -121,7 +121,7 @@ def run_check(
     for number, path in enumerate(("truth", "exact", "fast")):
         report(Progress("checking the fast copies", number, 3))
         paired = _path_sessions(sessions, path)
-        logits[path] = _answer_logits(paired, prompt, answer, image)[:, :vocab]
+        logits[path] = teacher_forced_logits(paired, prompt, answer, [image])[:, :vocab]
     report(Progress("checking the fast copies", 3, 3))
     fast, exact = (agreement(logits["truth"], logits[p]) for p in ("fast", "exact"))
     return FastCheck(
@@ -179,18 +179,26 @@ def _path_sessions(sessions: Sessions, path: str) -> Sessions:
     return paired
 
 
-def _answer_logits(sessions: Sessions, prompt: np.ndarray, answer: np.ndarray, image) -> np.ndarray:
-    """Next-token logits [answer length, vocab]: after the prompt (prefill decoder), then after
-    each answer token but the last (the step decoder, all positions in one call)."""
+def teacher_forced_logits(
+    sessions: Sessions,
+    prompt: np.ndarray,
+    answer: np.ndarray,
+    images: Sequence[ProcessedImage] = (),
+) -> np.ndarray:
+    """Next-token logits [answer length, vocab] of ``answer`` [1, A] after ``prompt`` [1, P]:
+    the prompt read as the engine reads it (the prefill decoder, chunk by chunk), then each
+    answer token but the last fed to the step decoder (all of them in one call)."""
     config: ModelConfig = sessions.config
-    (features,) = sessions.encode_images([image])
-    embeds = sessions.embed(prompt, {1: features})
+    features = dict(enumerate(sessions.encode_images(images), start=1))
+    embeds = sessions.embed(prompt, features)
     cache = KVCache(config.decoder, prompt.shape[1] + answer.shape[1], True, config.vocab_size)
     try:
-        first = cache.run(sessions.prefill_decoder, embeds).copy()
+        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
+            chunk = np.ascontiguousarray(embeds[:, start : start + PREFILL_CHUNK])
+            first = cache.run(sessions.prefill_decoder, chunk)
+        first = first.copy()
         cache.run(sessions.decoder, sessions.embed(answer[:, :-1], {}))
-        rest = cache.last_logits()
-        return np.concatenate([first[None], rest])
+        return np.concatenate([first[None], cache.last_logits()])
     finally:
         cache.close()
 

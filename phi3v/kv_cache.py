@@ -19,6 +19,10 @@ import onnxruntime as ort
 
 from phi3v.config import DecoderConfig
 
+# Prompt positions per decoder call. Bounds the logits of a prefill to [PREFILL_CHUNK, vocab]
+# (64 MB, not 128 KB per prompt token), lets Stop land between chunks and progress be shown.
+PREFILL_CHUNK = 512
+
 
 def lazy_buffer(shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array whose pages take memory only once written, so a cache can reserve room.
