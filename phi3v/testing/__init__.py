@@ -10,6 +10,10 @@ the benchmarks (``REAL``, the real dimensions with int4 ``MatMulNBits`` weights,
     build_model("/tmp/scale", size=REAL)                        # int4, as the cpu-int4 release
 
 or ``python -m phi3v.testing OUT_DIR [--size tiny|real] [--weights float|int4] ...``.
+
+Trained proxies (SmolLM2-135M as a Phi-3-V decoder, DINOv2 ViT-S/14 with int4 MatMuls), built
+from registry packages, measure what a numerics change does to a trained network: see
+:mod:`phi3v.testing.proxies`.
 """
 
 from phi3v.testing.model_builder import (
@@ -19,6 +23,13 @@ from phi3v.testing.model_builder import (
     ORIGINAL_CONTEXT,
     build_model,
     outlier_channel_ids,
+)
+from phi3v.testing.proxies import (
+    ProxyUnavailable,
+    TrainedDecoder,
+    build_decoder_proxy,
+    proxy_wheel,
+    smollm2_decoder,
 )
 from phi3v.testing.sizes import REAL, SIZES, TINY, WEIGHT_FORMATS, ModelSize
 
@@ -32,6 +43,11 @@ __all__ = [
     "TINY",
     "WEIGHT_FORMATS",
     "ModelSize",
+    "ProxyUnavailable",
+    "TrainedDecoder",
+    "build_decoder_proxy",
     "build_model",
     "outlier_channel_ids",
+    "proxy_wheel",
+    "smollm2_decoder",
 ]

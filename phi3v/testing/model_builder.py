@@ -33,8 +33,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -207,15 +209,20 @@ def _write_json(path: Path, content: dict) -> None:
 # Embedding
 
 
-def _embedding_model(g: Graph, size: ModelSize, *, legacy: bool) -> onnx.ModelProto:
+def _embedding_model(
+    g: Graph, size: ModelSize, *, legacy: bool, table: np.ndarray | None = None
+) -> onnx.ModelProto:
     """input_ids -> inputs_embeds; the redesigned model also pastes in image_features.
 
     Redesigned: image positions hold -image_id; they look up row 0 and are then overwritten, in
     sequence order, by the rows of ``image_features`` (which may be empty, [0, hidden]).
     Legacy: a bare Gather, so negative ids wrap around as in the real file (spec gotcha 5).
+    ``table`` [vocab, hidden] is the embedding table; random unless given.
     """
     hidden = size.hidden_size
-    table = g.weight("model.embed_tokens.weight", g.normal((size.vocab_size, hidden), 1.0))
+    if table is None:
+        table = g.normal((size.vocab_size, hidden), 1.0)
+    table = g.weight("model.embed_tokens.weight", table)
     ids_input = value("input_ids", INT64, ["batch_size", "sequence_length"])
     embeds_output = value("inputs_embeds", FLOAT, ["batch_size", "sequence_length", hidden])
     if legacy:
@@ -242,17 +249,69 @@ def _embedding_model(g: Graph, size: ModelSize, *, legacy: bool) -> onnx.ModelPr
 
 
 def _decoder_model(g: Graph, size: ModelSize, outliers: _Outliers) -> onnx.ModelProto:
-    """inputs_embeds + attention_mask + past KV -> logits + present KV, as genai builds Phi-3."""
+    """The random-weight decoder, with Phi-3's LongRoPE caches."""
+    return decoder_model(g, size, RandomDecoderWeights(outliers), rope=_longrope_switch)
+
+
+class DecoderWeights(Protocol):
+    """Where a decoder's weights come from: random (``build_model``) or trained (the proxies).
+
+    Names are Phi-3's (``model.layers.{i}.attn.qkv_proj``, ...); ``gain`` and ``column_gains``
+    shape random weights and are ignored by given ones.
+    """
+
+    def norm(self, g: Graph, name: str, width: int) -> str: ...
+
+    def linear(
+        self,
+        g: Graph,
+        name: str,
+        x: str,
+        k: int,
+        n: int,
+        *,
+        gain: float = 1.0,
+        column_gains: np.ndarray | None = None,
+        output: str | None = None,
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class RandomDecoderWeights:
+    """Random norms (with optional outlier channels) and random linear layers."""
+
+    outliers: _Outliers
+
+    def norm(self, g: Graph, name: str, width: int) -> str:
+        return _rms_norm_weight(g, name, width, self.outliers)
+
+    def linear(self, g, name, x, k, n, *, gain=1.0, column_gains=None, output=None) -> str:
+        return g.linear(name, x, k, n, gain=gain, column_gains=column_gains, output=output)
+
+
+RopeCaches = Callable[[Graph, str, int], tuple[str, str]]
+
+
+def decoder_model(
+    g: Graph, size: ModelSize, weights: DecoderWeights, *, rope: RopeCaches
+) -> onnx.ModelProto:
+    """inputs_embeds + attention_mask + past KV -> logits + present KV, as genai builds Phi-3.
+
+    ``rope(g, total_len, head_size)`` gives the (cos, sin) caches GroupQueryAttention rotates with.
+    """
     lengths = _gqa_lengths(g)
-    rope = _longrope_switch(g, lengths[2], size.head_size)
+    caches = rope(g, lengths[2], size.head_size)
 
     hidden, residual = "inputs_embeds", None
     for layer in range(size.num_layers):
-        hidden, residual = _decoder_layer(g, size, outliers, layer, hidden, residual, lengths, rope)
+        hidden, residual = _decoder_layer(
+            g, size, weights, layer, hidden, residual, lengths, caches
+        )
 
-    final_norm = _rms_norm_weight(g, "model.norm.weight", size.hidden_size, outliers)
+    final_norm = weights.norm(g, "model.norm.weight", size.hidden_size)
     normed, _ = _skip_rms_norm(g, "/model/norm", hidden, residual, final_norm)
-    g.linear(
+    weights.linear(
+        g,
         "lm_head",
         normed,
         size.hidden_size,
@@ -360,15 +419,15 @@ def _longrope_switch(g: Graph, total_len: str, head_size: int) -> tuple[str, str
     )
 
 
-def _decoder_layer(g: Graph, size: ModelSize, outliers, i, hidden, residual, lengths, rope):
+def _decoder_layer(g: Graph, size: ModelSize, weights, i, hidden, residual, lengths, rope):
     """Phi-3 block i; returns (MLP output, residual stream), which the next norm adds up.
 
     As in genai's builder the residual additions live inside SkipSimplifiedLayerNormalization:
     the first layer's input norm has nothing to add, so it is a plain SimplifiedLayerNormalization.
     """
-    base, weights = f"/model/layers.{i}", f"model.layers.{i}"
+    base, names = f"/model/layers.{i}", f"model.layers.{i}"
     width = size.hidden_size
-    norm = _rms_norm_weight(g, f"{weights}.input_layernorm.weight", width, outliers)
+    norm = weights.norm(g, f"{names}.input_layernorm.weight", width)
     if residual is None:
         normed = g.op(
             "SimplifiedLayerNormalization",
@@ -384,8 +443,8 @@ def _decoder_layer(g: Graph, size: ModelSize, outliers, i, hidden, residual, len
     qk_size = (size.num_heads + size.num_kv_heads) * size.head_size
     qkv_gains = np.ones(qk_size + size.num_kv_heads * size.head_size, dtype=np.float32)
     qkv_gains[:qk_size] = QK_GAIN  # q and k scaled up for sharper attention
-    qkv = g.linear(
-        f"{weights}.attn.qkv_proj", normed, width, qkv_gains.size, column_gains=qkv_gains
+    qkv = weights.linear(
+        g, f"{names}.attn.qkv_proj", normed, width, qkv_gains.size, column_gains=qkv_gains
     )
     seqlens_k, total_seq_len, _ = lengths
     attention = f"{base}/attn/GroupQueryAttention"
@@ -409,19 +468,19 @@ def _decoder_layer(g: Graph, size: ModelSize, outliers, i, hidden, residual, len
         do_rotary=1,
         rotary_interleaved=0,
     )
-    attn = g.linear(f"{weights}.attn.o_proj", attn, width, width)
+    attn = weights.linear(g, f"{names}.attn.o_proj", attn, width, width)
 
-    post_norm = _rms_norm_weight(g, f"{weights}.post_attention_layernorm.weight", width, outliers)
+    post_norm = weights.norm(g, f"{names}.post_attention_layernorm.weight", width)
     normed, residual = _skip_rms_norm(
         g, f"{base}/post_attention_layernorm", attn, residual, post_norm
     )
     ff = size.intermediate_size
-    gate_up = g.linear(f"{weights}.mlp.gate_up_proj", normed, width, 2 * ff)
+    gate_up = weights.linear(g, f"{names}.mlp.gate_up_proj", normed, width, 2 * ff)
     gate, up = g.op("Split", f"{base}/mlp/Split", [gate_up, g.const([ff, ff])], n_out=2, axis=-1)
     sigmoid = g.op("Sigmoid", f"{base}/mlp/act_fn/Sigmoid", [gate])
     silu = g.op("Mul", f"{base}/mlp/act_fn/Mul", [gate, sigmoid])
     gated = g.op("Mul", f"{base}/mlp/Mul", [silu, up])
-    return g.linear(f"{weights}.mlp.down_proj", gated, ff, width), residual
+    return weights.linear(g, f"{names}.mlp.down_proj", gated, ff, width), residual
 
 
 # ---------------------------------------------------------------------------------------------

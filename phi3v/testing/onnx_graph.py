@@ -9,6 +9,7 @@ The bytes depend only on the seed: the same seed gives byte-identical files.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ INT4_ACCURACY_LEVEL = 4
 # RMS of (code - 8) for uniform codes 0..15 around MatMulNBits' default zero point 8:
 # sqrt(variance 255/12 + squared mean 0.25) = sqrt(21.5).
 INT4_CODE_RMS = math.sqrt(21.5)
+INT4_MAX_CODE = 2**INT4_BITS - 1
 
 FLOAT, INT64, INT32, BOOL = (
     TensorProto.FLOAT,
@@ -47,6 +49,64 @@ def rng(seed: int, stream: int) -> np.random.Generator:
     """One independent random stream per model, so each file depends only on (seed, stream)."""
     # SFC64: its raw output (2.3 GB of int4 codes for the real size) comes at ~3 GB/s
     return np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, stream])))
+
+
+@dataclass(frozen=True)
+class Int4Weights:
+    """A [k, n] weight in MatMulNBits' int4 form: codes [n, k/32, 16] (two per byte, low nibble
+    first), scales [n * k/32] and zero_points [n * k/64] (two per byte, low nibble first)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    k: int
+    n: int
+
+
+def quantize_int4(weight: np.ndarray) -> Int4Weights:
+    """Asymmetric round-to-nearest int4 of a [k, n] fp32 weight, per column and block of 32 rows.
+
+    As onnxruntime's blockwise quantizer does it: each block's range is widened to include 0,
+    scale = range / 15, zero point = round(-min / scale), codes = clip(round(w / scale) + zp).
+    """
+    k, n = weight.shape
+    if k % INT4_BLOCK or (k // INT4_BLOCK) % 2:
+        raise ValueError(f"int4 weights need K (here {k}) to be a multiple of {2 * INT4_BLOCK}")
+    blocks = weight.T.reshape(n, k // INT4_BLOCK, INT4_BLOCK).astype(np.float32)
+    low = np.minimum(blocks.min(axis=2), 0.0)
+    high = np.maximum(blocks.max(axis=2), 0.0)
+    scales = (high - low) / INT4_MAX_CODE
+    scales[scales == 0] = 1.0  # an all-zero block: any scale gives codes equal to the zero point
+    zero_points = np.clip(np.round(-low / scales), 0, INT4_MAX_CODE).astype(np.uint8)
+    codes = np.round(blocks / scales[..., None]) + zero_points[..., None]
+    codes = np.clip(codes, 0, INT4_MAX_CODE).astype(np.uint8)
+    return Int4Weights(
+        codes=_pack_nibbles(codes),
+        scales=scales.reshape(-1),
+        zero_points=_pack_nibbles(zero_points).reshape(-1),
+        k=k,
+        n=n,
+    )
+
+
+def dequantize_int4(weights: Int4Weights) -> np.ndarray:
+    """The [k, n] fp32 weight MatMulNBits computes with: (code - zero_point) * scale."""
+    codes = _unpack_nibbles(weights.codes).astype(np.float32)  # [n, blocks, 32]
+    blocks = weights.k // INT4_BLOCK
+    zero_points = _unpack_nibbles(weights.zero_points.reshape(weights.n, -1))[:, :blocks]
+    scales = weights.scales.reshape(weights.n, blocks)
+    values = (codes - zero_points[..., None]) * scales[..., None]
+    return values.reshape(weights.n, weights.k).T
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """[..., 2m] values 0..15 -> [..., m] bytes, the even-indexed value in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
 class WeightFile:
@@ -179,6 +239,37 @@ class Graph:
         product = self.op("MatMul", node, [x, self.weight(f"{name}.weight", w)])
         b = self.weight(bias_name, self.normal((n,), 0.02))
         return self.op("Add", f"{name}/Add", [product, b], outputs=outputs)
+
+    def quantized_linear(
+        self,
+        name: str,
+        x: str,
+        weight: np.ndarray,
+        *,
+        accuracy_level: int = INT4_ACCURACY_LEVEL,
+        output: str | None = None,
+    ) -> str:
+        """``x @ weight`` for a given fp32 ``weight`` [k, n], as an asymmetric int4 MatMulNBits
+        (block 32, uint8 zero points; see ``quantize_int4``) at ``accuracy_level``."""
+        q = quantize_int4(weight)
+        inputs = [
+            x,
+            self.weight(f"{name}.qweight", q.codes),
+            self.weight(f"{name}.scales", q.scales),
+            self.weight(f"{name}.qzeros", q.zero_points),
+        ]
+        return self.op(
+            "MatMulNBits",
+            f"{name}/MatMulNBits",
+            inputs,
+            outputs=[output] if output else None,
+            domain="com.microsoft",
+            K=q.k,
+            N=q.n,
+            bits=INT4_BITS,
+            block_size=INT4_BLOCK,
+            accuracy_level=accuracy_level,
+        )
 
     def _int4_inputs(self, name: str, k: int, n: int, gain: float, column_gains) -> list[str]:
         """MatMulNBits' B and scales: random codes, scales giving columns of RMS gain / sqrt(k).
