@@ -11,6 +11,11 @@ from pathlib import Path
 
 from phi3v.errors import DownloadError
 
+# The int4 CPU build, in the folder each release keeps it in.
+LEGACY_FOLDER = "cpu-int4-rtn-block-32-acc-level-4"
+REDESIGNED_FOLDER = "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"
+SET_BYTES = 3_220_000_000  # about the same for every set: the Hub's file listing
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -19,9 +24,9 @@ class ModelSpec:
     name: str
     repo: str
     folder: str
-    revision: str  # a full 40-character commit, or "main" where none is known (see README)
-    layout: str  # "legacy" (June 2024, onnxruntime-genai <= 0.4) | "redesigned" (genai >= 0.5)
-    approx_bytes: int
+    revision: str = "main"  # a full 40-character commit, or "main" where none is known
+    layout: str = "redesigned"  # "legacy" (June 2024, genai <= 0.4) | "redesigned" (genai >= 0.5)
+    approx_bytes: int = SET_BYTES
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -30,27 +35,13 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="phi-3-vision-cpu",
             repo="microsoft/Phi-3-vision-128k-instruct-onnx-cpu",
-            folder="cpu-int4-rtn-block-32-acc-level-4",
+            folder=LEGACY_FOLDER,
             revision="5ec8e2b2b96cd2815f8478c6a728616f9043e62a",
             layout="legacy",
-            approx_bytes=3_220_000_000,  # the Hub's file listing of that revision
         ),
-        ModelSpec(
-            name="phi-3-vision",
-            repo="microsoft/Phi-3-vision-128k-instruct-onnx",
-            folder="cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
-            revision="main",  # only the short id d6673a5 is known
-            layout="redesigned",
-            approx_bytes=3_220_000_000,
-        ),
-        ModelSpec(
-            name="phi-3.5-vision",
-            repo="microsoft/Phi-3.5-vision-instruct-onnx",
-            folder="cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4",
-            revision="main",  # only the short id a764e22 is known
-            layout="redesigned",
-            approx_bytes=3_220_000_000,
-        ),
+        # At "main": only the short commit ids (d6673a5, a764e22) of these two are known.
+        ModelSpec("phi-3-vision", "microsoft/Phi-3-vision-128k-instruct-onnx", REDESIGNED_FOLDER),
+        ModelSpec("phi-3.5-vision", "microsoft/Phi-3.5-vision-instruct-onnx", REDESIGNED_FOLDER),
     )
 }
 DEFAULT_MODEL = "phi-3-vision-cpu"
