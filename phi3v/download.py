@@ -56,7 +56,7 @@ from phi3v.models import DEFAULT_MODEL, MODELS, ModelSpec, model_folder, model_s
 from phi3v.transfer import ChecksumError, fetch_verified, missing_bytes
 from phi3v.urls import redact_url
 
-__all__ = [  # what callers import from here; each name is defined in the module it comes from
+__all__ = [  # what callers import from here: download_model and the names they need with it
     "CHUNK_BYTES",
     "DEFAULT_ENDPOINT",
     "DEFAULT_MODEL",
