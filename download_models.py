@@ -16,11 +16,24 @@ from phi3v.download import (
     DEFAULT_ENDPOINT,
     DEFAULT_MODEL,
     MODELS,
+    DiskSpaceError,
+    EndpointError,
+    FolderError,
+    NetworkError,
+    NotFoundError,
+    ServerError,
     download_model,
     is_complete,
     model_folder,
 )
 from phi3v.errors import Phi3VError
+
+# The package's errors say what to change in its own terms; this adds the flag that does it.
+FLAG_HINTS: tuple[tuple[tuple[type[Phi3VError], ...], str], ...] = (
+    ((FolderError, DiskSpaceError), "--dir DIR downloads into another folder"),
+    ((NotFoundError,), "--model and --revision choose what to fetch, --list shows the known sets"),
+    ((EndpointError, NetworkError, ServerError), "--endpoint URL chooses another Hub or mirror"),
+)
 
 EPILOG = """\
 environment:
@@ -81,6 +94,14 @@ def list_models(root: str) -> None:
         )
 
 
+def with_flag_hint(error: Phi3VError) -> str:
+    """The error's message, followed by the flag of this command that changes what it blames."""
+    for kinds, hint in FLAG_HINTS:
+        if isinstance(error, kinds):
+            return f"{error} ({hint})"
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -94,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint=args.endpoint,
         )
     except Phi3VError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {with_flag_hint(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)

@@ -165,9 +165,9 @@ def amx_note(scale: dict) -> str:
     return (
         f"This machine's CPU has **no** AMX tiles (`{', '.join(flags)}`). The targets were set "
         "from a 2-core Xeon with AMX, where the integer GEMM of one decoder projection is about "
-        "11x faster than the int4 kernel (`shared/docs/prefill-amx.md`); without AMX the same "
-        "GEMM runs on VNNI dot products, 2-3x faster than the int4 kernel (the forms table "
-        "below), which bounds what fast can gain here."
+        "11x faster than the int4 kernel (`docs/ARCHITECTURE.md#the-fast-precisions-copies`); "
+        "without AMX the same GEMM runs on VNNI dot products, 2-3x faster than the int4 kernel "
+        "(the forms table below), which bounds what fast can gain here."
     )
 
 

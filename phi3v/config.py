@@ -1,6 +1,6 @@
 """Parse a model folder's genai_config.json (and processor_config.json) into typed objects.
 
-Two export layouts exist (see docs/model-interfaces in the project notes):
+Two export layouts exist (docs/ARCHITECTURE.md#two-export-layouts):
 
 * ``legacy``: the June-2024 export of ``microsoft/Phi-3-vision-128k-instruct-onnx-cpu``. The vision
   model outputs ``visual_features`` [1, N, hidden] for one image, the embedding model takes only

@@ -29,11 +29,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from phi3v.errors import ImageError
 
-# CLIP ViT-L/14-336 works on 336x336 tiles (Phi-3-V's img_processor; spec §4).
+# CLIP ViT-L/14-336 works on 336x336 tiles (Phi-3-V's img_processor;
+# docs/ARCHITECTURE.md#the-hd-transform).
 TILE = 336
-# Each tile becomes 12x12 = 144 tokens after the 2x2 merge of 24x24 patches (spec §6).
+# Each tile becomes 12x12 = 144 tokens after the 2x2 merge of 24x24 patches
+# (docs/ARCHITECTURE.md#the-image-token-formula).
 TOKENS_PER_TILE = 144
-# One learned "newline" token per row of 12 tokens (sub_GN / glb_GN, spec §6).
+# One learned "newline" token per row of 12 tokens (sub_GN / glb_GN,
+# docs/ARCHITECTURE.md#the-image-token-formula).
 TOKENS_PER_ROW = 12
 # The HD transform's crop budget, hd_num (Hub preprocessor_config.json; onnxruntime-extensions
 # hard-codes it): at most 16 tiles, so pixel_values has at most 16 + 1 entries (global first).
@@ -72,7 +75,8 @@ class ProcessedImage:
 
 
 def num_image_tokens(height: int, width: int) -> int:
-    """Feature rows for an HD image of (height, width): crops, global, newlines (spec §5)."""
+    """Feature rows for an HD image of (height, width): crops, global, newlines
+    (docs/ARCHITECTURE.md#the-image-token-formula)."""
     rows, cols = height // TILE, width // TILE
     return (rows * cols + 1) * TOKENS_PER_TILE + 1 + (rows + 1) * TOKENS_PER_ROW
 

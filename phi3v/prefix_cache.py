@@ -5,7 +5,7 @@ A chat re-sends the whole conversation each turn. Its start (the image placehold
 are still right. After a generation its cache is checked in under the conversation's key; when
 the next prompt of the same conversation starts with the same positions, only the rest is
 prefilled. GroupQueryAttention continues from a cache exactly as from a one-shot prefill
-(model-interfaces.md §8).
+(docs/ARCHITECTURE.md#the-kv-cache).
 
 Two positions are "the same" when they hold the same token id, or placeholders of images with
 the same pixel values (compared by :attr:`ProcessedImage.digest`). One more condition keeps reuse
@@ -31,7 +31,8 @@ import numpy as np
 from phi3v.image import ProcessedImage
 from phi3v.kv_cache import KVCache
 
-# Phi-3's original_max_position_embeddings: the LongRoPE switch inside the decoder (spec §2).
+# Phi-3's original_max_position_embeddings: the LongRoPE switch inside the decoder
+# (docs/ARCHITECTURE.md#the-model-interface).
 LONG_ROPE_FROM = 4096
 
 

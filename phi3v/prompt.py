@@ -2,8 +2,8 @@
 
 The Phi-3 chat template renders each message as ``<|role|>\\n{content}<|end|>\\n`` and ends with
 ``<|assistant|>\\n``. Image tags ``<|image_N|>`` in user messages split the prompt into chunks;
-each chunk is tokenized on its own with a leading BOS (as the Hugging Face processor does, spec
-§3.3), and each tag becomes ``num_image_tokens`` copies of ``-N``.
+each chunk is tokenized on its own with a leading BOS (as the Hugging Face processor does,
+docs/ARCHITECTURE.md#the-prompt-ids), and each tag becomes ``num_image_tokens`` copies of ``-N``.
 
 The template's own control tokens are inserted as ids. Text from a message is encoded with every
 added token treated as plain text, so a user who types ``<|end|>`` or ``<s>`` gets those

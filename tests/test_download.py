@@ -13,26 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from phi3v.download import (
-    DEFAULT_MODEL,
-    LOCK_NAME,
-    MANIFEST_NAME,
-    MODELS,
-    AuthError,
-    ChecksumError,
-    DiskSpaceError,
-    DownloadProgress,
-    LockedError,
-    NetworkError,
-    NotFoundError,
-    RangeNotSatisfiableError,
-    ServerError,
-    download_model,
-    is_complete,
-    model_folder,
-    redact_url,
-)
+from phi3v.download import DiskSpaceError, FolderError, download_model
 from phi3v.errors import DownloadError
+from phi3v.hub import AuthError, NetworkError, NotFoundError, RangeNotSatisfiableError, ServerError
+from phi3v.manifest import LOCK_NAME, MANIFEST_NAME, LockedError, is_complete
+from phi3v.meter import DownloadProgress
+from phi3v.models import DEFAULT_MODEL, MODELS, model_folder
+from phi3v.transfer import ChecksumError
+from phi3v.urls import redact_url
 from tests.fakehub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -466,8 +454,19 @@ def test_an_endpoint_that_is_not_a_url_is_reported_as_such(tmp_path):
 def test_a_root_that_cannot_hold_folders_is_reported_with_what_to_do(hub, tmp_path):
     root = tmp_path / "a-file"
     root.write_text("")
-    with pytest.raises(DownloadError, match="cannot write into .*choose another one with --dir"):
+    with pytest.raises(FolderError, match="cannot write into .*download into another folder"):
         fetch(hub, root)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    ["unreachable", "not a URL", "HTTP 404", "HTTP 500", "not a file list", "next page elsewhere"],
+)
+def test_error_messages_name_no_command_line_flag(hub, tmp_path, failure):
+    endpoint = failing_endpoint(hub, failure)
+    with pytest.raises(DownloadError) as caught:
+        download_model(DEFAULT_MODEL, tmp_path, endpoint=endpoint, **{**FAST, "retries": 0})
+    assert "--" not in str(caught.value)
 
 
 @pytest.mark.parametrize("body", [b"<html>a login page</html>", b'{"files": []}'])
@@ -638,6 +637,14 @@ def test_cli_failure_prints_one_line_without_traceback(hub, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: HTTP 404")
+
+
+def test_cli_failure_names_the_flag_that_changes_what_the_message_blames(hub, tmp_path):
+    root = tmp_path / "a-file"
+    root.write_text("")
+    result = run_cli("--dir", str(root), endpoint=hub.url)
+    assert result.stderr.startswith("error: cannot write into")
+    assert result.stderr.rstrip().endswith("(--dir DIR downloads into another folder)")
 
 
 def test_cli_failure_names_the_endpoint_without_its_password(hub, tmp_path):

@@ -482,5 +482,5 @@ def test_input_ids_beyond_the_vocabulary_are_refused(pipe):
 
 def test_num_crops_per_request_lowers_the_image_tokens(pipe, images):
     with pipe.stream("Hi", [images["tiny"]], num_crops=1, max_new_tokens=4) as few:
-        assert few.input_ids.count(-1) == 313  # 1 tile: 2*144 + 1 + 2*12 (spec §5)
+        assert few.input_ids.count(-1) == 313  # 1 tile: 2*144 + 1 + 2*12, see ARCHITECTURE.md
         assert len(few.result().token_ids) == 4

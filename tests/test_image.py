@@ -25,7 +25,8 @@ def png_bytes(image: Image.Image, **save_options) -> bytes:
     return buffer.getvalue()
 
 
-# Spec §5: input size -> padded HD (height, width) and image tokens, with 16 crops.
+# Input size -> padded HD (height, width) and image tokens, with 16 crops
+# (docs/ARCHITECTURE.md#the-image-token-formula).
 @pytest.mark.parametrize(
     ("size", "hd_size", "tokens"),
     [
@@ -53,7 +54,7 @@ def test_crops_beyond_the_hd_grid_are_zero():
 
 def test_white_padding_normalises_to_the_clip_white_point():
     processed = preprocess_image(noise(1000, 300))  # 604 px high, padded 34 + 34 to 672
-    white = (1.0 - CLIP_MEAN) / CLIP_STD  # about (1.93, 2.07, 2.15), spec §8 gotcha 7
+    white = (1.0 - CLIP_MEAN) / CLIP_STD  # about (1.93, 2.07, 2.15), see ARCHITECTURE.md
     top_rows = processed.pixel_values[1, :, :34, :]  # first crop, top padding
     np.testing.assert_allclose(
         top_rows, np.broadcast_to(white[:, None, None], top_rows.shape), rtol=1e-6
@@ -82,7 +83,8 @@ def test_global_image_is_the_whole_image_shrunk():
 
 @pytest.mark.parametrize(("num_crops", "tokens"), [(1, 313), (4, 757), (16, 2509)])
 def test_num_crops_can_be_lowered(num_crops, tokens):
-    # 336x336 with 1 crop: 1 tile, (1+1)*144 + 1 + 2*12 = 313 tokens (spec §5); 4 crops: 2x2 tiles.
+    # 336x336 with 1 crop: 1 tile, (1+1)*144 + 1 + 2*12 = 313 tokens; 4 crops: 2x2 tiles
+    # (docs/ARCHITECTURE.md#the-image-token-formula).
     processed = preprocess_image(noise(336, 336), num_crops=num_crops)
     assert processed.pixel_values.shape == (num_crops + 1, 3, TILE, TILE)
     assert processed.num_image_tokens == tokens

@@ -1,7 +1,8 @@
 """The built model sets have the real Phi-3-vision ONNX interface and behave like a language model.
 
-Interface facts are from docs/phi3v-spec.md §2 and model-interfaces.md §3; the token-count formula
-is phi3v-spec.md §4.8: (h*w + 1) * 144 + 1 + (h + 1) * 12 rows per image. The tiny sets come in
+Interface facts are from docs/ARCHITECTURE.md#the-model-interface and #two-export-layouts; the
+token-count formula is docs/ARCHITECTURE.md#the-image-token-formula: (h*w + 1) * 144 + 1 +
+(h + 1) * 12 rows per image. The tiny sets come in
 two weight formats: fp32 MatMul ("float") and MatMulNBits int4 block 32 ("int4", as released).
 """
 
@@ -148,7 +149,8 @@ def test_real_size_has_the_dimensions_of_the_real_release():
         decoder["num_key_value_heads"],
     )
     assert REAL.vocab_size == TINY.vocab_size == real["vocab_size"]
-    # CLIP ViT-L/14-336 up to hidden_states[-2]; img_projection 4096 -> 3072 -> 3072 (spec §6)
+    # CLIP ViT-L/14-336 up to hidden_states[-2]; img_projection 4096 -> 3072 -> 3072
+    # (docs/ARCHITECTURE.md#the-image-token-formula)
     assert (REAL.clip_width, REAL.clip_heads, REAL.clip_mlp) == (1024, 16, 4096)
     assert (REAL.clip_layers, REAL.clip_layers_used) == (24, 23)
     assert REAL.projection_shapes == ((4096, 3072), (3072, 3072))
@@ -417,7 +419,8 @@ CROP_GRIDS = [
 
 
 def test_token_formula_matches_the_spec_examples():
-    # phi3v-spec.md §5: 3x4 -> 1921, 4x3 -> 1933, 2x6 -> 1909, 4x4 -> 2509, 3x5 -> 2353
+    # docs/ARCHITECTURE.md#the-image-token-formula:
+    # 3x4 -> 1921, 4x3 -> 1933, 2x6 -> 1909, 4x4 -> 2509, 3x5 -> 2353
     assert [num_image_tokens(h, w) for h, w in [(3, 4), (4, 3), (2, 6), (4, 4), (3, 5)]] == [
         1921,
         1933,
@@ -643,7 +646,7 @@ def test_genai_generates_from_an_image_prompt(any_model_dir, image_path):
     processor = model.create_multimodal_processor()
 
     inputs = processor(IMAGE_PROMPT, images=og.Images.open(str(image_path)))
-    # 320x240 -> 1344x1008 HD image, 3x4 crops (phi3v-spec.md §5)
+    # 320x240 -> 1344x1008 HD image, 3x4 crops (docs/ARCHITECTURE.md#the-hd-transform)
     assert inputs["image_sizes"].as_numpy().tolist() == [[1008, 1344]]
     assert inputs["num_image_tokens"].as_numpy().tolist() == [[num_image_tokens(3, 4)]]
     assert inputs["pixel_values"].as_numpy().shape == (1, 17, 3, 336, 336)

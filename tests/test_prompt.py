@@ -1,8 +1,8 @@
 """Prompt building: the chat template, image placeholders, per-chunk BOS, and typed control tokens.
 
-Expected ids come either from the worked examples of docs/phi3v-spec.md §3.3 or from the Hugging
-Face processor's own method, re-done here with plain `tokenizers`: render the template to one
-string, split it at the image tags, encode each chunk with special tokens on.
+Expected ids come either from the worked examples of docs/ARCHITECTURE.md#the-prompt-ids or from
+the Hugging Face processor's own method, re-done here with plain `tokenizers`: render the template
+to one string, split it at the image tags, encode each chunk with special tokens on.
 """
 
 import re
@@ -29,7 +29,8 @@ def reference() -> Tokenizer:
 
 
 def reference_ids(reference: Tokenizer, rendered: str, image_tokens: list[int]) -> list[int]:
-    """The Hugging Face processor's algorithm (spec §3.3) on a rendered prompt string."""
+    """The Hugging Face processor's algorithm on a rendered prompt string
+    (docs/ARCHITECTURE.md#the-prompt-ids)."""
     chunks = TAG.split(rendered)
     numbers = [int(tag[8:-2]) for tag in TAG.findall(rendered)]
     ids = reference.encode(chunks[0]).ids
@@ -42,7 +43,7 @@ def ids_for(tokenizer, prompt, image_tokens=()) -> list[int]:
     return build_input_ids(tokenizer, normalize_messages(prompt), list(image_tokens))
 
 
-# --- the worked ids of spec §3.3 ---
+# --- the worked ids of docs/ARCHITECTURE.md#the-prompt-ids ---
 
 
 def test_text_only_prompt_matches_the_spec(tokenizer):

@@ -6,26 +6,29 @@ oracle, speed and memory) depends only on the *interface* and the shapes of the 
 writes a folder that looks, to onnxruntime and to onnxruntime-genai 0.18, like a real
 Phi-3-vision ONNX release, with random weights:
 
-* the same file names, input/output names, dtypes, ranks and dynamic axes (``phi3v-spec.md`` §2);
+* the same file names, input/output names, dtypes, ranks and dynamic axes
+  (docs/ARCHITECTURE.md#the-model-interface);
 * the decoder genai's model builder makes: ``SimplifiedLayerNormalization`` /
   ``SkipSimplifiedLayerNormalization``, a packed QKV projection into ``GroupQueryAttention`` with
   rotary inside, LongRoPE as an ``If`` on ``attention_mask.shape[1] > 4096`` choosing a short or
-  a long cos/sin cache, a SiLU-gated MLP and an ``lm_head`` (``scale-baseline.md`` §1);
+  a long cos/sin cache, a SiLU-gated MLP and an ``lm_head``
+  (docs/ARCHITECTURE.md#the-random-weight-model-sets);
 * the vision model: CLIP on every crop (patch Conv, CLS + position embedding, pre-LN, encoder
   layers with ``MultiHeadAttention`` and a QuickGelu MLP, up to hidden_states[-2]), CLS dropped,
   the 2x2 merge, the HD layout with sub_GN / glb_GN in an ONNX ``Loop``, and ``img_projection``;
   it emits exactly the Phi-3-V number of rows for any image size, because genai pre-allocates
-  that output (``model-interfaces.md`` §3);
+  that output (docs/ARCHITECTURE.md#two-export-layouts);
 * every linear layer as fp32 ``MatMul`` ("float") or as ``MatMulNBits`` int4, block 32,
   accuracy level 4 ("int4", as the cpu-int4 release); the patch Conv and the embedding table
   stay fp32, as released;
 * weights as external data in ``<name>.onnx.data`` beside each ``.onnx``.
 
-Two layouts exist (``model-interfaces.md`` §1): "redesigned" (Sep 2024, what genai 0.18 runs:
-vision -> ``image_features`` [N, H], the embedding model merges them) and "legacy" (June 2024,
-``Phi-3-vision-128k-instruct-onnx-cpu``: vision -> ``visual_features`` [1, N, H], the embedding
-model is a bare ``Gather``). The decoder, the tokenizer and the embedding table do not depend on
-the layout, so both layouts give the same tokens for the same inputs.
+Two layouts exist (docs/ARCHITECTURE.md#two-export-layouts): "redesigned" (Sep 2024, what
+genai 0.18 runs: vision -> ``image_features`` [N, H], the embedding model merges them) and
+"legacy" (June 2024, ``Phi-3-vision-128k-instruct-onnx-cpu``: vision -> ``visual_features``
+[1, N, H], the embedding model is a bare ``Gather``). The decoder, the tokenizer and the
+embedding table do not depend on the layout, so both layouts give the same tokens for the same
+inputs.
 """
 
 from __future__ import annotations
@@ -73,13 +76,13 @@ MODEL_FILES = {
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "phi3v-tokenizer"
 TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json")
 
-# --- Phi-3 text model (config.json, phi3v-spec.md §2) ---
+# --- Phi-3 text model (config.json, docs/ARCHITECTURE.md#the-model-interface) ---
 RMS_NORM_EPS = 1e-5  # rms_norm_eps
 ROPE_THETA = 10000.0  # rope_theta
 ORIGINAL_CONTEXT = 4096  # original_max_position_embeddings: where LongRoPE switches caches
-CONTEXT_LENGTH = 131072  # max_position_embeddings / genai context_length (spec §1)
+CONTEXT_LENGTH = 131072  # max_position_embeddings / genai context_length (ARCHITECTURE.md)
 
-# --- token ids (genai_config.json / tokenizer.json, phi3v-spec.md §1, §3.1) ---
+# --- token ids (genai_config.json / tokenizer.json, docs/ARCHITECTURE.md#the-prompt-ids) ---
 BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 32007  # <|end|>
 PAD_TOKEN_ID = 32000  # <|endoftext|>

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Phi-3-V's embedding and logit rows (phi3v-spec.md §1), the same in both sizes because the
-# tokenizer is the real one.
+# Phi-3-V's embedding and logit rows (docs/ARCHITECTURE.md#the-model-interface), the same in
+# both sizes because the tokenizer is the real one.
 VOCAB_SIZE = 32064
 WEIGHT_FORMATS = ("float", "int4")
 
