@@ -4,7 +4,8 @@ Nearly all of the first answer about a photo is ``MatMulNBits`` (int4, block 32,
 4), which onnxruntime runs on its AVX-512-VNNI kernel. Its u8s8 integer GEMM
 (``MatMulIntegerToFloat``) is faster on the same CPUs: it uses AMX tiles where they exist (about
 11x on one decoder projection) and VNNI dot products elsewhere (about 2-3x on an AMD EPYC without
-AMX); docs/PERFORMANCE.md has the measurements. So we rewrite each ``MatMulNBits`` as:
+AMX); docs/PERFORMANCE.md has the measurements, docs/ARCHITECTURE.md#the-fast-precisions-copies
+the design. So we rewrite each ``MatMulNBits`` as:
 
 * weights: the int4 blocks dequantized and requantized to int8 with one scale per output channel
   (the int8 grid is finer than each block's 16 levels, so this adds little error);
@@ -34,7 +35,6 @@ manifest beside the copies also records the self-check of :mod:`phi3v.fast_check
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -51,6 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, first_line
+from phi3v.files import sha256_file
 from phi3v.results import Progress
 
 CONVERTER_VERSION = 4  # bump when the rewrite changes: every cached copy is then rebuilt
@@ -577,29 +578,9 @@ def _cache_key(sources, numerics: FastNumerics, report: Callable[[Progress], Non
         for file in (path, _data_path(path)):
             if file.exists():
                 report(Progress(f"checking {file.name}", 0, 1))
-                digest.update(f"{file.name} {_file_sha256(file)}".encode())
+                memo = _cache_root(file.parent) / "hashes.json"
+                digest.update(f"{file.name} {sha256_file(file, memo=memo)}".encode())
     return digest.hexdigest()[:16]
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered beside the cache by (size, mtime) so it is hashed once."""
-    memo_path = _cache_root(path.parent) / "hashes.json"
-    stat = path.stat()
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
-    memo: dict = {}
-    with contextlib.suppress(OSError, ValueError):
-        memo = json.loads(memo_path.read_text())
-    if memo.get(path.name, {}).get("stamp") == stamp:
-        return memo[path.name]["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    memo[path.name] = {"stamp": stamp, "sha256": digest.hexdigest()}
-    with contextlib.suppress(OSError):
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        memo_path.write_text(json.dumps(memo, indent=1))
-    return digest.hexdigest()
 
 
 def _write_manifest(folder: Path, numerics: FastNumerics) -> None:
