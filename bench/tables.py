@@ -15,21 +15,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def projection_speed(forms: dict) -> str:
-    """``prefill_forms.py``: one projection's time, ms, by row count and form."""
+    """``prefill_forms.py``: one projection's time, ms, by row count and form (results from
+    converter version 3 also hold a form with one scale per tensor)."""
+    names = {"int4": "int4 MatMulNBits (released) ms", "tensor": "int8, one scale per tensor ms"}
+    names["row"] = "int8, per-row scales ms"
+    present = [form for form in names if form in forms["speed"][0]]
     return _table(
-        [
-            "rows",
-            "int4 MatMulNBits (released) ms",
-            "int8, one scale per tensor ms",
-            "int8, per-row scales ms",
-            "per-row vs int4",
-        ],
+        ["rows", *[names[form] for form in present], "per-row vs int4"],
         [
             [
                 f"{r['rows']}",
-                f"{r['int4']:.2f}",
-                f"{r['tensor']:.2f}",
-                f"{r['row']:.2f}",
+                *[f"{r[form]:.2f}" for form in present],
                 f"{r['int4'] / r['row']:.1f}x",
             ]
             for r in forms["speed"]
@@ -69,35 +65,6 @@ def prefill_threshold(forms: dict) -> str:
     )
 
 
-def accuracy(rows: list[dict], steps: int) -> str:
-    """``accuracy.py``: each variant against exact."""
-    return _table(
-        [
-            "model set",
-            "case",
-            "against exact",
-            "max abs logit diff",
-            "mean abs logit diff",
-            "mean abs logit diff / mean abs logit",
-            f"top-1 agreement ({steps} teacher-forced steps)",
-            "first token equal",
-        ],
-        [
-            [
-                r["model"],
-                r["case"],
-                r["variant"],
-                f"{r['max_abs_logit_diff']:.3f}",
-                f"{r['mean_abs_logit_diff']:.4f}",
-                f"{r['mean_abs_logit_diff'] / r['mean_abs_logit']:.1%}",
-                f"{r['top1_agreement']:.0%}",
-                "yes" if r["first_token_equal"] else "no",
-            ]
-            for r in rows
-        ],
-    )
-
-
 def memory(report: dict) -> str:
     """``memory.py``: peak RSS by prompt length."""
     return _table(
@@ -123,3 +90,56 @@ def memory(report: dict) -> str:
             for r in report["rows"]
         ],
     )
+
+
+def fidelity_report(result: dict) -> str:
+    """``accuracy.py``: each path's agreement with fp32-activation truth on the trained proxies,
+    beside the speed of one real-size decoder layer's projections in its form."""
+    decoder, vision = result["decoder"], result["vision"]
+    tune, held = decoder["tune"], decoder["held_out"]
+    speed = result.get("speed", {})
+    base = tune["paths"]["exact"]["mean_kl"]
+    columns = list(speed)
+    header = [
+        "path",
+        "top-1 (tune)",
+        "mean KL (tune)",
+        "KL / exact",
+        "first-token KL",
+        "top-1 (held out)",
+        "mean KL (held out)",
+        "vision error / exact",
+        *[f"layer ms, {name}" for name in columns],
+    ]
+    vision_base = vision["paths"]["exact"]["mean_error"]
+    rows = []
+    for path, numbers in tune["paths"].items():
+        out = held["paths"][path]
+        speed_name = "int4 (exact)" if path == "exact" else path
+        rows.append(
+            [
+                path,
+                f"{numbers['top1']:.1%}",
+                f"{numbers['mean_kl']:.4f}",
+                f"{numbers['mean_kl'] / base:.2f}x",
+                f"{numbers['first_kl']:.4f}",
+                f"{out['top1']:.1%}",
+                f"{out['mean_kl']:.4f}",
+                f"{vision['paths'][path]['mean_error'] / vision_base:.2f}x",
+                *[f"{speed[name].get(speed_name, float('nan')):.1f}" for name in columns],
+            ]
+        )
+    lines = [
+        f"{result['date']}; phi3v {result['commit']}; {result['cpu']}; `{result['command']}`; "
+        f"load average {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}.",
+        "",
+        f"Decoder proxy: {tune['documents']} tuning and {held['documents']} held-out documents, "
+        f"prompts of {min(tune['prompt_tokens'] + held['prompt_tokens'])}-"
+        f"{max(tune['prompt_tokens'] + held['prompt_tokens'])} tokens, "
+        f"{tune['answer_tokens']} teacher-forced answer tokens each. Vision proxy: "
+        f"{len(vision['photos'])} photographs, relative feature error (exact: "
+        f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows.",
+        "",
+        _table(header, rows),
+    ]
+    return "\n".join(lines)

@@ -1,6 +1,8 @@
 """Command line: ``python -m phi3v --model DIR [--image PATH]... --prompt TEXT``.
 
-Streams the answer to stdout, or prints the result object with ``--json``. Errors end the program
+Streams the answer to stdout, or prints the result object with ``--json``. ``--check`` says which
+precision runs and why, with the fast copies' self-check (``--precision fast --check`` makes and
+checks the copies). Errors end the program
 with one readable line on stderr and a non-zero exit code, never a traceback.
 """
 
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="an image file; repeat for several (<|image_N|> in the prompt)",
     )
-    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    parser.add_argument("--prompt", help="the question or instruction")
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -67,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "exact", "fast"),
         default="auto",
         help="exact: the model files as they are (what onnxruntime-genai computes); fast: "
-        "read images and prompts on integer-GEMM copies made once per model folder; auto: "
-        "fast where this CPU has AMX/VNNI and the memory for the copies",
+        "read images and prompts on integer-GEMM copies made and self-checked once per model "
+        "folder; auto: fast where this CPU has AMX/VNNI, the memory for the copies, and the "
+        "self-check passed",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="instead of answering: say which precision runs and why, with the fast copies' "
+        "self-check against fp32 activations (made and run first if missing)",
     )
     parser.add_argument(
         "--json",
@@ -85,8 +94,21 @@ def _show_progress(progress: Progress) -> None:
     print(f"\r{progress.stage}: {progress.done}/{progress.total}", end=end, file=sys.stderr)
 
 
+def _print_precision(pipe: Pipeline, as_json: bool) -> None:
+    choice = pipe.precision_choice
+    if as_json:
+        check = choice.check.to_json() if choice.check else None
+        report = {"precision": choice.precision, "reason": choice.reason, "self_check": check}
+        print(json.dumps(report))
+        return
+    print(f"precision: {choice.precision} ({choice.reason})")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.check and args.prompt is None:
+        parser.error("--prompt is required (or --check)")
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -102,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             progress=_show_progress,
         )
+        if args.check:
+            _print_precision(pipe, args.json)
+            return 0
         if args.json:
             result = pipe.generate(args.prompt, args.image, **options)
             print(json.dumps(result.to_dict(), ensure_ascii=False))

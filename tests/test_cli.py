@@ -92,3 +92,20 @@ def test_help_documents_every_option():
     for option in ("--model", "--image", "--prompt", "--max-new-tokens", "--temperature",
                    "--top-k", "--top-p", "--seed", "--num-crops", "--json"):  # fmt: skip
         assert option in done.stdout
+
+
+def test_check_says_which_precision_runs_and_the_self_check(tiny_int4_model_dir):
+    done = run_cli("--model", str(tiny_int4_model_dir), "--precision", "fast", "--check", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["precision"] == "fast"
+    assert report["self_check"]["passed"] is True
+    assert 0 <= report["self_check"]["fast"]["top1"] <= 1
+    plain = run_cli("--model", str(tiny_int4_model_dir), "--precision", "exact", "--check")
+    assert plain.stdout.strip() == "precision: exact (asked for)"
+
+
+def test_a_prompt_is_required_unless_checking(tiny_model_dir):
+    done = run_cli("--model", str(tiny_model_dir))
+    assert done.returncode == 2
+    assert "--prompt is required (or --check)" in done.stderr
