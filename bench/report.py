@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import tables
@@ -25,6 +26,7 @@ RESULTS = REPO / "bench" / "results"
 README = REPO / "README.md"
 PERFORMANCE = REPO / "docs" / "PERFORMANCE.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+ACCURACY_START, ACCURACY_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 ROWS = (  # (case, metric, title, unit, digits)
     ("image", "ttft_s", "1 photo (1935 ids): first token", "s", 1),
     ("image", "decode_ms", "1 photo: decode", "ms/token", 1),
@@ -283,6 +285,50 @@ check passed, and the result is in the copies' `manifest.json`, in `python -m ph
 app's status line and in `/v1/models`."""
 
 
+def chosen_variant(accuracy: dict, model: str) -> str:
+    """The name under which the results hold the numerics the converter uses for ``model``."""
+    chosen = asdict(getattr(convert.DEFAULT_NUMERICS, model))
+    chosen["keep_int4"] = list(chosen["keep_int4"])
+    for name, numerics in accuracy["decoder"]["numerics"].items():
+        if numerics == chosen:
+            return name
+    raise SystemExit(f"bench/results/accuracy.json has no row for the {model}'s numerics: rerun it")
+
+
+def readme_accuracy(accuracy: dict) -> str:
+    """Three lines for the README: exact, the chosen fast and per-row fast against truth."""
+    decoder, vision = accuracy["decoder"], accuracy["vision"]["paths"]
+    texts = decoder["tune"]["documents"] + decoder["held_out"]["documents"]
+    name, vision_name = chosen_variant(accuracy, "decoder"), chosen_variant(accuracy, "vision")
+
+    def line(label: str, path: str, vision_path: str) -> str:
+        tune, held = decoder["tune"]["paths"][path], decoder["held_out"]["paths"][path]
+        ratio = tune["mean_kl"] / decoder["tune"]["paths"]["exact"]["mean_kl"]
+        error = vision[vision_path]["mean_error"] / vision["exact"]["mean_error"]
+        return (
+            f"| {label} | {tune['top1']:.1%} / {held['top1']:.1%} | {tune['mean_kl']:.4f} "
+            f"({ratio:.1f}x exact) | {tune['first_kl']:.4f} | {error:.2f}x |"
+        )
+
+    rows = [line("exact", "exact", "exact"), line(f"fast ({name})", name, vision_name)]
+    if name != "per row":
+        rows.append(line("fast before (per row)", "per row", "per row"))
+    return "\n".join(
+        [
+            ACCURACY_START,
+            f"From `bench/results/accuracy.md` ({accuracy['date'][:10]}, phi3v "
+            f"{accuracy['commit']}): SmolLM2-135M on {texts} texts (tuning / held out), DINOv2 "
+            f"ViT-S/14 on {len(accuracy['vision']['photos'])} photos (the fast vision copy: "
+            f"{vision_name}).",
+            "",
+            "| path | top-1 agreement | mean KL | first-token KL | vision error vs exact |",
+            "|---|---|---|---|---|",
+            *rows,
+            ACCURACY_END,
+        ]
+    )
+
+
 def readme_block(scale: dict) -> str:
     return (
         f"{START}\nFrom {source_line(scale)} (details: `docs/PERFORMANCE.md`):\n\n"
@@ -305,11 +351,17 @@ def main() -> None:
         performance_doc(scale, forms, accuracy, follow_up, follow_up_md, decode_check)
     )
     readme = README.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(readme):
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    README.write_text(pattern.sub(lambda _: readme_block(scale), readme))
-    print(f"wrote {PERFORMANCE.relative_to(REPO)} and the README's speed table")
+    readme = _replace_block(readme, START, END, readme_block(scale))
+    readme = _replace_block(readme, ACCURACY_START, ACCURACY_END, readme_accuracy(accuracy))
+    README.write_text(readme)
+    print(f"wrote {PERFORMANCE.relative_to(REPO)} and the README's speed and accuracy blocks")
+
+
+def _replace_block(text: str, start: str, end: str, block: str) -> str:
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    return pattern.sub(lambda _: block, text)
 
 
 if __name__ == "__main__":
