@@ -25,19 +25,27 @@ from phi3v.testing.model_builder import (
     outlier_channel_ids,
 )
 from phi3v.testing.proxies import (
+    EvaluationText,
+    Photo,
     ProxyUnavailable,
     TrainedDecoder,
     build_decoder_proxy,
+    build_vision_proxy,
+    evaluation_texts,
+    proxy_photos,
     proxy_wheel,
     smollm2_decoder,
+    vision_proxy_inputs,
 )
 from phi3v.testing.sizes import REAL, SIZES, TINY, WEIGHT_FORMATS, ModelSize
 
 __all__ = [
     "DEFAULT_OUTLIER_GAIN",
+    "EvaluationText",
     "LAYOUTS",
     "MODEL_FILES",
     "ORIGINAL_CONTEXT",
+    "Photo",
     "REAL",
     "SIZES",
     "TINY",
@@ -47,7 +55,11 @@ __all__ = [
     "TrainedDecoder",
     "build_decoder_proxy",
     "build_model",
+    "build_vision_proxy",
+    "evaluation_texts",
     "outlier_channel_ids",
+    "proxy_photos",
     "proxy_wheel",
     "smollm2_decoder",
+    "vision_proxy_inputs",
 ]
