@@ -18,7 +18,11 @@ from phi3v.testing.proxies import (
     SMOLLM2,
     ProxyUnavailable,
     build_decoder_proxy,
+    build_vision_proxy,
+    evaluation_texts,
+    proxy_photos,
     smollm2_decoder,
+    vision_proxy_inputs,
 )
 from phi3v.tokenizer import PromptTokenizer
 
@@ -178,7 +182,7 @@ def test_decoder_proxy_matches_a_float64_numpy_smollm2(trained, runner):
     ids = runner.tokenizer.encode_text(ENGLISH)[:24]
     expected = _reference_logits(trained.weights, trained.rope_theta, ids)
     logits = runner.logits(ids)
-    assert np.abs(logits - expected).max() < 2e-3 * np.abs(expected).max()
+    assert np.abs(logits - expected).max() < 1e-3  # 9e-5 seen, for logits up to 30
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
 
 
@@ -196,4 +200,116 @@ def test_prefill_then_single_steps_equals_one_pass(runner):
         logits, cache = runner.step([token], cache)
         steps.append(logits[0])
     whole = runner.logits(ids)
-    np.testing.assert_allclose(np.concatenate([prefill, steps]), whole, atol=2e-3, rtol=0)
+    np.testing.assert_allclose(np.concatenate([prefill, steps]), whole, atol=5e-4, rtol=0)
+
+
+def test_the_decoder_proxy_folder_loads_as_a_pipeline_and_answers(truth_dir):
+    from phi3v import Pipeline
+
+    pipeline = Pipeline.load(truth_dir, precision="exact", num_threads=2)
+    answer = pipeline.generate("What is the capital of France?", max_new_tokens=24)
+    assert "Paris" in answer.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision
+
+
+@pytest.fixture(scope="session")
+def vision_models(tmp_path_factory):
+    """The fp32 original and the int4 proxy at accuracy level 0, both with ``features``."""
+    folder = tmp_path_factory.mktemp("vision")
+    return _or_skip(
+        lambda: (
+            build_vision_proxy(folder / "float", weights="float"),
+            build_vision_proxy(folder / "int4", accuracy_level=0),
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def photos():
+    return _or_skip(proxy_photos)
+
+
+def _session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), options)
+
+
+def _count(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(node.op_type == op_type for node in model.graph.node)
+
+
+def test_vision_proxy_rewrites_exactly_the_weight_matmuls(vision_models):
+    original, proxy = (onnx.load(path, load_external_data=False) for path in vision_models)
+    levels = {
+        attribute.i
+        for node in proxy.graph.node
+        if node.op_type == "MatMulNBits"
+        for attribute in node.attribute
+        if attribute.name == "accuracy_level"
+    }
+    assert _count(original, "MatMul") == 96  # 12 layers: q, k, v, o, fc1, fc2, QK^T, PV
+    assert _count(proxy, "MatMulNBits") == 72 and _count(proxy, "MatMul") == 24
+    assert levels == {0}
+    assert vision_models[1].with_name(vision_models[1].name + ".data").is_file()
+
+
+def test_vision_proxy_input_and_features_output(vision_models, photos):
+    inputs = vision_proxy_inputs(photos[:2])
+    session = _session(vision_models[1])
+    (features,) = session.run(["features"], {"input_image": inputs})
+    assert inputs.shape == (2, 3, 224, 224) and inputs.dtype == np.float32
+    assert [i.name for i in session.get_inputs()] == ["input_image"]
+    assert features.shape == (2, 1 + (224 // 14) ** 2, 384)
+
+
+def test_vision_proxy_at_accuracy_level_0_is_the_original_with_int4_weights(vision_models, photos):
+    original = onnx.load(vision_models[0])
+    weights = {node.input[1] for node in original.graph.node if node.op_type == "MatMul"}
+    for tensor in original.graph.initializer:  # the MatMul weights, rounded to int4 and back
+        if tensor.name in weights:
+            rounded = dequantize_int4(quantize_int4(onnx.numpy_helper.to_array(tensor)))
+            tensor.CopyFrom(onnx.numpy_helper.from_array(rounded, tensor.name))
+    inputs = vision_proxy_inputs([photos[3]])
+    rounded = ort.InferenceSession(original.SerializeToString()).run(
+        ["features"], {"input_image": inputs}
+    )[0]
+    features = _session(vision_models[1]).run(["features"], {"input_image": inputs})[0]
+    assert np.abs(features - rounded).max() < 1e-3 * np.abs(rounded).max()
+
+
+def test_vision_proxy_features_stay_close_to_the_fp32_original(vision_models, photos):
+    inputs = vision_proxy_inputs([photos[3]])
+    exact = _session(vision_models[0]).run(["features"], {"input_image": inputs})[0][0]
+    proxy = _session(vision_models[1]).run(["features"], {"input_image": inputs})[0][0]
+    cls_cosine = exact[0] @ proxy[0] / np.linalg.norm(exact[0]) / np.linalg.norm(proxy[0])
+    assert np.linalg.norm(proxy - exact) / np.linalg.norm(exact) < 0.3  # 0.17 seen: int4 weights
+    assert cls_cosine > 0.95  # 0.985 seen
+
+
+def test_proxy_photos_are_at_least_ten_real_rgb_photographs(photos):
+    assert len(photos) >= 10
+    assert all(photo.image.mode == "RGB" and min(photo.image.size) >= 256 for photo in photos)
+    assert len({photo.image.tobytes()[:4096] for photo in photos}) == len(photos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation texts
+
+
+@pytest.mark.parametrize("split, minimum", [("tune", 9), ("held_out", 3)])
+def test_evaluation_texts_are_700_to_1500_tokens_of_text(runner, split, minimum):
+    texts = evaluation_texts(split)
+    lengths = [len(runner.tokenizer.encode_text(text.text)) for text in texts]
+    assert len(texts) >= minimum
+    assert all(700 <= length <= 1500 for length in lengths), dict(
+        zip([t.name for t in texts], lengths, strict=True)
+    )
+
+
+def test_held_out_texts_are_not_among_the_tuning_texts():
+    tune = {text.text for text in evaluation_texts("tune")}
+    assert not tune & {text.text for text in evaluation_texts("held_out")}

@@ -24,20 +24,15 @@ from phi3v.testing.model_builder import (
     build_model,
     outlier_channel_ids,
 )
-from phi3v.testing.proxies import (
-    ProxyUnavailable,
-    TrainedDecoder,
-    build_decoder_proxy,
-    proxy_wheel,
-    smollm2_decoder,
-)
 from phi3v.testing.sizes import REAL, SIZES, TINY, WEIGHT_FORMATS, ModelSize
 
 __all__ = [
     "DEFAULT_OUTLIER_GAIN",
+    "EvaluationText",
     "LAYOUTS",
     "MODEL_FILES",
     "ORIGINAL_CONTEXT",
+    "Photo",
     "REAL",
     "SIZES",
     "TINY",
@@ -47,7 +42,35 @@ __all__ = [
     "TrainedDecoder",
     "build_decoder_proxy",
     "build_model",
+    "build_vision_proxy",
+    "evaluation_texts",
     "outlier_channel_ids",
+    "proxy_photos",
     "proxy_wheel",
     "smollm2_decoder",
+    "vision_proxy_inputs",
 ]
+
+# The proxies are imported when first asked for, so that ``python -m phi3v.testing.proxies``
+# (which CI runs) does not find its module imported already by this package.
+_PROXY_NAMES = {
+    "EvaluationText",
+    "Photo",
+    "ProxyUnavailable",
+    "TrainedDecoder",
+    "build_decoder_proxy",
+    "build_vision_proxy",
+    "evaluation_texts",
+    "proxy_photos",
+    "proxy_wheel",
+    "smollm2_decoder",
+    "vision_proxy_inputs",
+}
+
+
+def __getattr__(name: str):
+    if name in _PROXY_NAMES:
+        from phi3v.testing import proxies
+
+        return getattr(proxies, name)
+    raise AttributeError(f"module 'phi3v.testing' has no attribute {name!r}")

