@@ -137,10 +137,14 @@ def decoder_fidelity(folder: Path, variants: dict[str, convert.Numerics]) -> dic
     report = {}
     for split in ("tune", "held_out"):
         texts = _prompts(tokenizer, proxies.evaluation_texts(split))
-        logits = {path: [] for path in paths}
-        for prompt, answer in texts:
-            for path, sessions in paths.items():
-                logits[path].append(teacher_forced_logits(sessions, prompt, answer)[:, :vocab])
+        logits = {}
+        for path, sessions in paths.items():  # one path at a time: progress, bounded memory
+            started = time.perf_counter()
+            logits[path] = [
+                teacher_forced_logits(sessions, prompt, answer)[:, :vocab]
+                for prompt, answer in texts
+            ]
+            print(f"{split} {path}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         report[split] = {
             "documents": len(texts),
             "prompt_tokens": [int(p.shape[1]) for p, _ in texts],
@@ -159,14 +163,14 @@ def _with_decoders(sessions: Sessions, decoder, prefill=None) -> Sessions:
     return paired
 
 
-def _prompts(tokenizer: PromptTokenizer, texts: dict[str, str]) -> list[tuple]:
+def _prompts(tokenizer: PromptTokenizer, texts: list[proxies.EvaluationText]) -> list[tuple]:
     """(prompt [1, P], answer [1, 64]) per text: BOS, up to 1,200 tokens, then the next 64."""
     pairs = []
-    for name, text in sorted(texts.items()):
-        ids = tokenizer.encode_text(text)
+    for text in texts:
+        ids = tokenizer.encode_text(text.text)
         length = min(PROMPT_TOKENS[1], len(ids) - ANSWER_TOKENS)
         if length < PROMPT_TOKENS[0]:
-            raise SystemExit(f"evaluation text {name} has {len(ids)} tokens; it needs 664")
+            raise SystemExit(f"evaluation text {text.name} has {len(ids)} tokens; it needs 664")
         prompt = np.array([[tokenizer.bos_id, *ids[:length]]], np.int64)
         answer = np.array([ids[length : length + ANSWER_TOKENS]], np.int64)
         pairs.append((prompt, answer))
