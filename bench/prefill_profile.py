@@ -1,14 +1,14 @@
-"""Where the fast prefill of a photo's prompt goes, by operator, and what the chunk size and
-onnxruntime's tiled ("flash") GroupQueryAttention change.
+"""Where the fast precision's first answer about a photo goes: vision and prefill by numerics,
+chunk size and onnxruntime's tiled ("flash") GroupQueryAttention, with each operator's share.
 
-On a real-size set, the fast decoder copy prefills 1,935 positions of random embeddings (timing
-depends on shapes, not values) in chunks of ``--chunks`` positions, each chunk attending to the
-ones before it through the KV cache: smaller chunks skip more of the causal upper triangle, larger
-ones feed the GEMMs more rows. Each configuration runs in its own process (the flash switch,
-``ORT_GQA_DISABLE_FLASH_ATTENTION``, is read by the process), alternated, median of ``--runs``;
-one more run per configuration with onnxruntime's profiler gives each operator type's share.
+On a real-size set, the copies are made once per numerics into a scratch folder. One run is one
+process (``ORT_GQA_DISABLE_FLASH_ATTENTION`` is read by the process): the vision copy on the 13
+crops a 1344x1008 photo uses, then the decoder copy on its 1,935 prompt positions (random
+values: timing depends on shapes, not values) in chunks of ``chunk`` positions, each chunk
+attending to those before it through the KV cache. Configurations are alternated, median of
+``--runs``; one more run per configuration with onnxruntime's profiler gives the operator shares.
 
-    python bench/prefill_profile.py --model /tmp/scale [--runs 3] [--chunks 256 512 1935]
+    python bench/prefill_profile.py --model /tmp/scale [--runs 3]
 
 Writes ``bench/results/prefill_profile.{json,md}``.
 """
@@ -20,44 +20,64 @@ import datetime as dt
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import tables
 from workers import report_result, run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
+CROPS = 13  # the crops that photo's HD grid uses (1 global + 3 x 4)
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
+# (numerics, prefill chunk, GQA's tiled path): today's per-row copy and the chosen numerics at the
+# engine's chunk; then the chosen numerics with other chunk sizes and with the tiled path off.
+CONFIGS = (
+    ("per row", 512, True),
+    ("default", 512, True),
+    ("default", 512, False),
+    ("default", 256, True),
+    ("default", POSITIONS, True),
+)
 
 
-def worker(model: str, chunk: int, profile: bool) -> dict:
+def worker(folder: str, numerics: str, chunk: int, profile: bool) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from phi3v import convert, load_config
+    from phi3v import load_config
     from phi3v.kv_cache import KVCache
 
-    config = load_config(model)
-    copies = convert.fast_models(config)
+    copies = Path(folder) / numerics
+    config = load_config(folder.rsplit("/.bench-copies", 1)[0])
     options = ort.SessionOptions()
-    folder = tempfile.mkdtemp()
     if profile:
         options.enable_profiling = True
-        options.profile_file_prefix = str(Path(folder) / "prefill")
-    session = ort.InferenceSession(str(copies.decoder), options)
+        options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "fast")
+    vision = ort.InferenceSession(str(copies / config.vision.filename), options)
+    decoder = ort.InferenceSession(str(copies / config.decoder.filename), options)
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((1, CROPS, 3, 336, 336), np.float32)
+    feeds = {config.vision.pixel_values: pixels, config.vision.image_sizes: [[1008, 1344]]}
+    feeds[config.vision.image_sizes] = np.array(feeds[config.vision.image_sizes], np.int64)
+    started = time.perf_counter()
+    vision.run(None, feeds)
+    vision_seconds = time.perf_counter() - started
     hidden = config.decoder.hidden_size
-    embeds = np.random.default_rng(0).standard_normal((1, POSITIONS, hidden), np.float32) * 0.02
+    embeds = rng.standard_normal((1, POSITIONS, hidden), np.float32) * 0.02
     cache = KVCache(config.decoder, POSITIONS, True, config.vocab_size)
     started = time.perf_counter()
     for start in range(0, POSITIONS, chunk):
-        cache.run(session, np.ascontiguousarray(embeds[:, start : start + chunk]))
-    seconds = time.perf_counter() - started
+        cache.run(decoder, np.ascontiguousarray(embeds[:, start : start + chunk]))
+    prefill_seconds = time.perf_counter() - started
     cache.close()
-    result = {"chunk": chunk, "seconds": seconds, "flash": FLASH_OFF not in os.environ}
+    result = {"vision": vision_seconds, "prefill": prefill_seconds}
     if profile:
-        result["ops"] = _op_seconds(session.end_profiling())
+        result["vision_ops"] = _op_seconds(vision.end_profiling())
+        result["prefill_ops"] = _op_seconds(decoder.end_profiling())
     return result
 
 
@@ -70,31 +90,57 @@ def _op_seconds(trace: str) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def measure(model: str, chunks: list[int], runs: int) -> list[dict]:
-    """Alternate every (chunk, flash) configuration, ``runs`` times, then profile each once."""
+def make_copies(model: str) -> Path:
+    """The vision model and decoder copies of each numerics compared, in ``<model>/.bench-copies``."""
+    from phi3v import convert, load_config
+
+    config = load_config(model)
+    root = Path(model) / ".bench-copies"
+    numerics = {"per row": convert.FastNumerics(), "default": convert.DEFAULT_NUMERICS}
+    for name, chosen in numerics.items():
+        folder = root / name
+        key = folder / "numerics.json"
+        if key.exists() and key.read_text() == repr(chosen):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        vision, decoder = config.path(config.vision.filename), config.path(config.decoder.filename)
+        convert.convert_model(vision, folder / vision.name, chosen.vision)
+        convert.convert_model(
+            decoder, folder / decoder.name, chosen.decoder, last_position_output="logits"
+        )
+        key.write_text(repr(chosen))
+    return root
+
+
+def measure(root: Path, runs: int) -> list[dict]:
+    """Alternate every configuration ``runs`` times, then profile each once."""
     script = Path(__file__)
-    configs = [(chunk, flash) for chunk in chunks for flash in (True, False)]
-    times: dict[tuple, list[float]] = defaultdict(list)
+    times: dict[tuple, list[dict]] = defaultdict(list)
     for _ in range(runs):
-        for chunk, flash in configs:
-            spec = {"model": model, "chunk": chunk, "profile": False}
-            times[chunk, flash].append(_run(script, spec, flash)["seconds"])
+        for numerics, chunk, flash in CONFIGS:
+            spec = {"folder": str(root), "numerics": numerics, "chunk": chunk, "profile": False}
+            times[numerics, chunk, flash].append(_run(script, spec, flash))
     rows = []
-    for chunk, flash in configs:
-        profiled = _run(script, {"model": model, "chunk": chunk, "profile": True}, flash)
-        ops = profiled["ops"]
-        total = sum(ops.values())
+    for numerics, chunk, flash in CONFIGS:
+        spec = {"folder": str(root), "numerics": numerics, "chunk": chunk, "profile": True}
+        profiled = _run(script, spec, flash)
+        done = times[numerics, chunk, flash]
+        prefill_ops = profiled["prefill_ops"]
         rows.append(
             {
+                "numerics": numerics,
                 "chunk": chunk,
                 "flash": flash,
-                "seconds": statistics.median(times[chunk, flash]),
-                "runs": times[chunk, flash],
-                "ops": ops,
-                "attention_share": ops.get("GroupQueryAttention", 0.0) / total if total else 0,
+                "vision": statistics.median(r["vision"] for r in done),
+                "prefill": statistics.median(r["prefill"] for r in done),
+                "runs": done,
+                "prefill_ops": prefill_ops,
+                "vision_ops": profiled["vision_ops"],
+                "attention_share": prefill_ops.get("GroupQueryAttention", 0.0)
+                / max(sum(prefill_ops.values()), 1e-9),
             }
         )
-        print(rows[-1]["chunk"], flash, rows[-1]["seconds"], flush=True)
+        print(rows[-1]["numerics"], chunk, flash, rows[-1]["vision"], rows[-1]["prefill"])
     return rows
 
 
@@ -110,41 +156,16 @@ def _run(script: Path, spec: dict, flash: bool) -> dict:
             os.environ[FLASH_OFF] = saved
 
 
-def markdown(report: dict) -> str:
-    lines = [
-        "# Fast prefill of a photo's prompt: chunk size, tiled attention, operator shares",
-        "",
-        f"{report['date']}; phi3v {report['commit']}; {report['cpu']}; `{report['command']}`; "
-        f"{POSITIONS} positions; median of {report['runs']} processes per configuration, "
-        f"alternated; load average {report['load_before'][0]:.2f} -> "
-        f"{report['load_after'][0]:.2f}.",
-        "",
-        "| chunk | GQA tiled path | prefill s | GroupQueryAttention share "
-        "| top operators (profiled run, s) |",
-        "|---|---|---|---|---|",
-    ]
-    for row in report["rows"]:
-        top = ", ".join(f"{op} {s:.2f}" for op, s in list(row["ops"].items())[:5])
-        lines.append(
-            f"| {row['chunk']} | {'on' if row['flash'] else 'off'} | {row['seconds']:.2f} | "
-            f"{row['attention_share']:.0%} | {top} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[256, 512, POSITIONS])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         report_result(worker(**json.loads(args.worker)))
         return
-    import subprocess
-
-    from phi3v import machine
+    from phi3v import convert, machine
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     report = {
@@ -153,14 +174,18 @@ def main() -> None:
         "cpu": machine.describe_cpu(),
         "command": f"python bench/prefill_profile.py --model {args.model} --runs {args.runs}",
         "runs": args.runs,
+        "default_numerics": {
+            "vision": convert.DEFAULT_NUMERICS.vision.describe(),
+            "decoder": convert.DEFAULT_NUMERICS.decoder.describe(),
+        },
         "load_before": os.getloadavg(),
     }
-    report["rows"] = measure(args.model, args.chunks, args.runs)
+    report["rows"] = measure(make_copies(args.model), args.runs)
     report["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prefill_profile.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "prefill_profile.md").write_text(markdown(report))
-    print(markdown(report))
+    (RESULTS / "prefill_profile.md").write_text(tables.fast_profile(report) + "\n")
+    print(tables.fast_profile(report))
 
 
 if __name__ == "__main__":
