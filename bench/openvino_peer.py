@@ -255,9 +255,9 @@ def _vision_call(spec: dict, report: dict) -> Callable[[dict], tuple[np.ndarray,
 
         return whole_file
     parts = spec["parts"]
-    encoder, _, report["settings"] = load(Path(parts["encoder"]), runtime, threads)
-    layout, _, _ = load(Path(parts["layout"]), "exact", threads)
-    projection, _, _ = load(Path(parts["projection"]), runtime, threads)
+    encoder, _, report["settings"] = load(Path(parts["encoder"]["path"]), runtime, threads)
+    layout, _, _ = load(Path(parts["layout"]["path"]), "exact", threads)
+    projection, _, _ = load(Path(parts["projection"]["path"]), runtime, threads)
 
     def call(feeds):
         merged, first = _timed(encoder, feeds)
@@ -292,11 +292,11 @@ def vision_worker(spec: dict) -> dict:
 # --- cutting vision.onnx at its Loop -----------------------------------------------------------
 
 
-def cut_at_loop(source: Path, folder: Path) -> dict[str, str] | None:
+def cut_at_loop(source: Path, folder: Path) -> dict[str, dict] | None:
     """Split the model at ``source`` around its one ``Loop`` into three files in ``folder``:
     ``encoder`` (the graph inputs -> the tensors the Loop reads), ``layout`` (those tensors and
     the graph inputs -> the Loop's output) and ``projection`` (the Loop's output -> the graph
-    outputs). None when the model has no Loop."""
+    outputs). Each part: its ``path``, ``inputs`` and ``outputs``. None when there is no Loop."""
     import onnx
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
@@ -316,11 +316,14 @@ def cut_at_loop(source: Path, folder: Path) -> dict[str, str] | None:
         "layout": (read + graph_inputs, [loop.output[0]]),
         "projection": (list(loop.output[:1]), outputs),
     }
-    paths = {}
+    parts = {}
     for part, (inputs, part_outputs) in cuts.items():
-        paths[part] = str(folder / f"{part}.onnx")
-        _save(subgraph(model, inputs, part_outputs, loop), source.parent, Path(paths[part]))
-    return paths
+        path = folder / f"{part}.onnx"
+        cut = subgraph(model, inputs, part_outputs, loop)
+        _save(cut, source.parent, path)
+        names = [value.name for value in cut.graph.input]
+        parts[part] = {"path": str(path), "inputs": names, "outputs": part_outputs}
+    return parts
 
 
 def _node_inputs(node) -> list[str]:
@@ -463,7 +466,7 @@ def measure(args) -> dict:
         scratch = Path(tmp)
         config = load_config(args.model)
         report["vision_cut"] = _cut(config.path(config.vision.filename), scratch)
-        parts = report["vision_cut"].get("files")
+        parts = report["vision_cut"].get("parts")
         plan = specs(args, scratch, parts)
         runs: dict[tuple[str, str], list[dict]] = {(s["task"], s["runtime"]): [] for s in plan}
         for _ in range(args.repeats):
@@ -482,10 +485,10 @@ def measure(args) -> dict:
 
 def _cut(vision: Path, folder: Path) -> dict:
     try:
-        files = cut_at_loop(vision, folder)
+        parts = cut_at_loop(vision, folder)
     except Exception as err:  # onnx's own errors: recorded; OpenVINO then runs the file only
         return {"error": error_summary(err)}
-    return {"files": files} if files else {}
+    return {"parts": parts} if parts else {}
 
 
 def _outputs(path: Path) -> dict[str, np.ndarray]:
@@ -636,18 +639,24 @@ def _notes(report: dict) -> list[str]:
         None,
     )
     if whole:
+        parts = report["vision_cut"]["parts"]
         notes.append(
-            "- OpenVINO could not read the vision file: "
-            f"{whole['whole_file_error']}. It ran the file cut at its Loop instead: the "
-            "CLIP encoder with the 2x2 merge (pixel_values -> merged tiles) and img_projection "
-            "(the Loop's HD-ordered rows -> image features), both timed; the Loop between them "
-            "(the HD layout: reshapes and copies) ran on onnxruntime, its time given apart."
+            f"- OpenVINO could not read the vision file: {whole['whole_file_error']}. "
+            "It ran the file cut at its Loop instead, timing the two parts around it: "
+            f"{_part(parts['encoder'])} (the CLIP encoder and the 2x2 merge) and "
+            f"{_part(parts['projection'])} (img_projection). The Loop between them "
+            f"({_part(parts['layout'])}: the HD layout, reshapes and copies) ran on onnxruntime, "
+            "untimed in OpenVINO's figure; its time is given beside it."
         )
     if report["vision_cut"].get("error"):
         notes.append(
             f"- cutting the vision file at its Loop failed: {report['vision_cut']['error']}"
         )
     return notes or ["- everything ran."]
+
+
+def _part(part: dict) -> str:
+    return f"`{', '.join(part['inputs'])}` -> `{', '.join(part['outputs'])}`"
 
 
 def main() -> None:
