@@ -77,7 +77,7 @@ MIB = 1 << 20
 SOURCE_LOCATION = re.compile(r"(Exception from|Check '.*' failed at) src/\S+:\d+:?")
 NO_FAST_COPIES = (
     "no .phi3v-cache/fast-*/ copies in the model folder: make them once with "
-    "`phi3v --model DIR --precision fast 'Hi'`"
+    "`python -m phi3v --model DIR --precision fast --prompt Hi --max-new-tokens 1`"
 )
 FAST_HAS_NO_DECODE = (
     "not applicable: fast decodes on the exact int4 decoder (its prompt copy keeps the last "
@@ -190,6 +190,7 @@ def decoder_worker(spec: dict) -> dict:
     embeds = rng.standard_normal((1, positions + 1, cfg.hidden_size)) * EMBED_SCALE
     embeds = embeds.astype(np.float32)
     report: dict = {}
+    saved: dict[str, np.ndarray] = {}
     try:
         started = time.perf_counter()
         first, second, report["settings"] = load(
@@ -199,16 +200,16 @@ def decoder_worker(spec: dict) -> dict:
         first(prefill_feeds(cfg, embeds[:, :WARMUP_POSITIONS]))
         outputs, report["prefill_s"] = _timed(first, prefill_feeds(cfg, embeds[:, :positions]))
         report["prefill_peak_mib"] = _peak_mib()
-        saved = {"prefill": np.array(outputs[cfg.logits][0, -1])}  # a copy: buffers get reused
+        saved["prefill"] = np.array(outputs[cfg.logits][0, -1])  # a copy: buffers get reused
         if spec["runtime"] != "fast":
             feeds = decode_feeds(cfg, embeds[:, positions:], outputs)
             second(feeds)
             steps = [_timed(second, feeds) for _ in range(DECODE_STEPS)]
             report["decode_s"] = statistics.median(seconds for _, seconds in steps)
+            report["peak_mib"] = _peak_mib()
             saved["decode"] = np.array(steps[-1][0][cfg.logits][0, -1])
-        report["peak_mib"] = _peak_mib()
     except Exception as err:  # the runtime's own exception types: recorded, not raised
-        return {**report, "error": error_summary(err), "error_text": str(err)}
+        report.update(error=error_summary(err), error_text=str(err))
     np.savez(spec["scratch"], **saved)
     return report
 
@@ -272,19 +273,19 @@ def _vision_call(spec: dict, report: dict) -> Callable[[dict], tuple[np.ndarray,
 def vision_worker(spec: dict) -> dict:
     """Load the vision model (or OpenVINO's parts of it), warm up, time each crop count."""
     report: dict = {"crops": {}}
+    saved: dict[str, np.ndarray] = {}
     try:
         started = time.perf_counter()
         call = _vision_call(spec, report)
         report.update(load_s=time.perf_counter() - started, loaded_mib=_peak_mib())
         call(vision_feeds(spec, WARMUP_CROPS))
         report.pop("loop_s", None)
-        saved = {}
         for crops in spec["crops"]:
             features, seconds = call(vision_feeds(spec, crops))
             report["crops"][str(crops)] = {"seconds": seconds, "peak_mib": _peak_mib()}
             saved[f"crops{crops}"] = np.array(features)  # a copy: the next call reuses buffers
     except Exception as err:  # the runtime's own exception types: recorded, not raised
-        return {**report, "error": error_summary(err), "error_text": str(err)}
+        report.update(error=error_summary(err), error_text=str(err))
     np.savez(spec["scratch"], **saved)
     return report
 
@@ -314,7 +315,7 @@ def cut_at_loop(source: Path, folder: Path) -> dict[str, dict] | None:
     cuts = {
         "encoder": (graph_inputs, read),
         "layout": (read + graph_inputs, [loop.output[0]]),
-        "projection": (list(loop.output[:1]), outputs),
+        "projection": ([loop.output[0]], outputs),
     }
     parts = {}
     for part, (inputs, part_outputs) in cuts.items():
@@ -465,7 +466,8 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="openvino-peer-") as tmp:
         scratch = Path(tmp)
         config = load_config(args.model)
-        report["vision_cut"] = _cut(config.path(config.vision.filename), scratch)
+        wanted = "openvino" in args.runtimes  # the cut is OpenVINO's fallback only
+        report["vision_cut"] = _cut(config.path(config.vision.filename), scratch) if wanted else {}
         parts = report["vision_cut"].get("parts")
         plan = specs(args, scratch, parts)
         runs: dict[tuple[str, str], list[dict]] = {(s["task"], s["runtime"]): [] for s in plan}
@@ -543,23 +545,18 @@ def _timed_part(task: str, runtime: str, done: list[dict]) -> str:
 
 
 def _result(done: list[dict], what: str, crops: int | None, runtime: str) -> dict:
-    failed = next((run for run in done if "error" in run), None)
-    if failed:
-        return {"error": failed["error"]}
-    if not done:
-        return {"skipped": NO_FAST_COPIES}
     if what == "decode" and runtime == "fast":
         return {"skipped": FAST_HAS_NO_DECODE}
-    if crops is None:
-        seconds = [run[f"{what}_s"] for run in done]
-        peaks = [run["prefill_peak_mib" if what == "prefill" else "peak_mib"] for run in done]
-    else:
-        seconds = [run["crops"][str(crops)]["seconds"] for run in done]
-        peaks = [run["crops"][str(crops)]["peak_mib"] for run in done]
+    if not done:
+        return {"skipped": NO_FAST_COPIES}
+    measured = [_measured(run, what, crops) for run in done]
+    failed = next((run for run, m in zip(done, measured, strict=True) if m is None), None)
+    if failed:  # a run that stopped before this measurement: its error is this row's
+        return {"error": failed.get("error", "no result")}
     result = {
-        "seconds": seconds,
-        "median_s": statistics.median(seconds),
-        "peak_rss_mib": max(peaks),
+        "seconds": [seconds for seconds, _ in measured],
+        "median_s": statistics.median(seconds for seconds, _ in measured),
+        "peak_rss_mib": max(peak for _, peak in measured),
         "load_s": statistics.median(run["load_s"] for run in done),
         "settings": done[0].get("settings", {}),
     }
@@ -567,6 +564,16 @@ def _result(done: list[dict], what: str, crops: int | None, runtime: str) -> dic
         index = list(done[0]["crops"]).index(str(crops))
         result["loop_on_onnxruntime_s"] = statistics.median(run["loop_s"][index] for run in done)
     return result
+
+
+def _measured(run: dict, what: str, crops: int | None) -> tuple[float, float] | None:
+    """(seconds, peak RSS MiB) of one measurement in a worker's report, None if it has none."""
+    if crops is not None:
+        found = run.get("crops", {}).get(str(crops))
+        return (found["seconds"], found["peak_mib"]) if found else None
+    if what == "prefill":
+        return (run["prefill_s"], run["prefill_peak_mib"]) if "prefill_s" in run else None
+    return (run["decode_s"], run["peak_mib"]) if "peak_mib" in run else None
 
 
 def _difference(outputs: dict, task: str, runtime: str, key: str) -> float | None:
