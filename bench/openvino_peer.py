@@ -11,15 +11,16 @@ CPU has AMX or AVX512-BF16, else fp32; the results record it). Bare model calls 
   tiles, ``image_sizes`` to match).
 
 Beside each, onnxruntime on the file as it is (``exact``) and, where the folder has them, on the
-integer-GEMM copies in ``.phi3v-cache/fast-*/`` (``fast``; it decodes on the exact decoder, so it
-has no decode row). Where OpenVINO cannot read a file (2026.4 fails on ``vision.onnx``'s ``Loop``)
+integer-GEMM copies in ``.phi3v-cache/fast-*/`` (``fast``; it decodes on the exact decoder, as
+its decode row says). Where OpenVINO cannot read a file (2026.4 fails on ``vision.onnx``'s ``Loop``)
 the failure is recorded, the graph is cut at the ``Loop``, and the parts before and after it run
 on OpenVINO with the ``Loop`` (the HD layout: copies, no arithmetic) on onnxruntime between them;
 the results say exactly what was timed.
 
 One process per runtime, task and repeat, the runtimes alternated. Each process loads the model,
-warms up on a small input, times one call (the decode step: the median of a few) and reports its
-peak RSS (``ru_maxrss``). Every output is compared with exact's (relative L2 difference).
+warms up on a small input (so the timed call is the first of its size, as a new prompt or image
+is in use), times one call (the decode step: the median of a few) and reports its peak RSS
+(``ru_maxrss``). Every output is compared with exact's (relative L2 difference).
 
     python bench/openvino_peer.py --model /tmp/scale [--positions 1935] [--crops 13,17]
                                   [--repeats 3] [--results bench/results]
