@@ -143,3 +143,45 @@ def fidelity_report(result: dict) -> str:
         _table(header, rows),
     ]
     return "\n".join(lines)
+
+
+def openvino_peer(rows: list[dict]) -> str:
+    """``openvino_peer.py``: each runtime's median time, its ratio to exact, peak RSS, load time
+    and output difference from exact, by measurement; failures and skips say so."""
+    exact = {r["measurement"]: r.get("median_s") for r in rows if r["runtime"] == "exact"}
+    body = []
+    for r in rows:
+        if "median_s" not in r:
+            status = "failed" if r.get("error") else "not run"
+            body.append([r["measurement"], r["runtime"], r["timed"], status, "", "", "", ""])
+            continue
+        each = ", ".join(f"{s:.3g}" for s in r["seconds"])
+        reference = exact.get(r["measurement"])
+        loop = r.get("loop_on_onnxruntime_s")
+        timed = r["timed"] + (f"; Loop on onnxruntime {loop * 1e3:.0f} ms" if loop else "")
+        difference = r.get("difference_from_exact")
+        body.append(
+            [
+                r["measurement"],
+                r["runtime"],
+                timed,
+                f"{r['median_s']:.3g} [{each}]",
+                f"{r['median_s'] / reference:.2f}" if reference else "",
+                f"{r['peak_rss_mib']:,.0f}",
+                f"{r['load_s']:.1f}",
+                f"{difference:.1e}" if difference is not None else "",
+            ]
+        )
+    return _table(
+        [
+            "measurement",
+            "runtime",
+            "what was timed",
+            "median s [each run]",
+            "/ exact",
+            "peak RSS MiB",
+            "load s",
+            "output vs exact (rel. L2)",
+        ],
+        body,
+    )
