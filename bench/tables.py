@@ -185,3 +185,45 @@ def openvino_peer(rows: list[dict]) -> str:
         ],
         body,
     )
+
+
+def fast_profile(report: dict) -> str:
+    """``prefill_profile.py``: the fast copies' vision and prefill of a photo, by configuration."""
+    rows = []
+    for row in report["rows"]:
+        numerics = (
+            report["default_numerics"]["decoder"] if row["numerics"] == "default" else "per row"
+        )
+        top = ", ".join(f"{op} {s:.2f}" for op, s in list(row["prefill_ops"].items())[:5])
+        rows.append(
+            [
+                numerics,
+                f"{row['chunk']}",
+                "on" if row["flash"] else "off",
+                f"{row['vision']:.2f}",
+                f"{row['prefill']:.2f}",
+                f"{row['vision'] + row['prefill']:.2f}",
+                f"{row['attention_share']:.0%}",
+                top,
+            ]
+        )
+    header = [
+        "decoder numerics",
+        "prefill chunk",
+        "GQA tiled path",
+        "vision s (13 crops)",
+        "prefill s (1935)",
+        "sum s",
+        "GroupQueryAttention share of prefill",
+        "largest prefill operators, profiled run (s)",
+    ]
+    return "\n".join(
+        [
+            f"{report['date']}; phi3v {report['commit']}; {report['cpu']}; `{report['command']}`; "
+            f"median of {report['runs']} processes per row, alternated; load average "
+            f"{report['load_before'][0]:.2f} -> {report['load_after'][0]:.2f}. Vision numerics: "
+            f"{report['default_numerics']['vision']} (default) vs per row.",
+            "",
+            _table(header, rows),
+        ]
+    )
