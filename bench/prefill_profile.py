@@ -91,7 +91,7 @@ def _op_seconds(trace: str) -> dict[str, float]:
 
 
 def make_copies(model: str) -> Path:
-    """The vision model and decoder copies of each numerics compared, in ``<model>/.bench-copies``."""
+    """Vision and decoder copies of each numerics compared, in ``<model>/.bench-copies``."""
     from phi3v import convert, load_config
 
     config = load_config(model)
