@@ -33,6 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 CROPS = 13  # the crops that photo's HD grid uses (1 global + 3 x 4)
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
+COPIES = ".bench-copies"  # inside the model folder, beside .phi3v-cache
 # (numerics, prefill chunk, GQA's tiled path): today's per-row copy and the chosen numerics at the
 # engine's chunk; then the chosen numerics with other chunk sizes and with the tiled path off.
 CONFIGS = (
@@ -44,15 +45,15 @@ CONFIGS = (
 )
 
 
-def worker(folder: str, numerics: str, chunk: int, profile: bool) -> dict:
+def worker(model: str, numerics: str, chunk: int, profile: bool) -> dict:
     import numpy as np
     import onnxruntime as ort
 
     from phi3v import load_config
     from phi3v.kv_cache import KVCache
 
-    copies = Path(folder) / numerics
-    config = load_config(folder.rsplit("/.bench-copies", 1)[0])
+    copies = Path(model) / COPIES / numerics
+    config = load_config(model)
     options = ort.SessionOptions()
     if profile:
         options.enable_profiling = True
@@ -90,12 +91,12 @@ def _op_seconds(trace: str) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def make_copies(model: str) -> Path:
+def make_copies(model: str) -> None:
     """Vision and decoder copies of each numerics compared, in ``<model>/.bench-copies``."""
     from phi3v import convert, load_config
 
     config = load_config(model)
-    root = Path(model) / ".bench-copies"
+    root = Path(model) / COPIES
     numerics = {"per row": convert.FastNumerics(), "default": convert.DEFAULT_NUMERICS}
     for name, chosen in numerics.items():
         folder = root / name
@@ -109,20 +110,19 @@ def make_copies(model: str) -> Path:
             decoder, folder / decoder.name, chosen.decoder, last_position_output="logits"
         )
         key.write_text(repr(chosen))
-    return root
 
 
-def measure(root: Path, runs: int) -> list[dict]:
+def measure(model: str, runs: int) -> list[dict]:
     """Alternate every configuration ``runs`` times, then profile each once."""
     script = Path(__file__)
     times: dict[tuple, list[dict]] = defaultdict(list)
     for _ in range(runs):
         for numerics, chunk, flash in CONFIGS:
-            spec = {"folder": str(root), "numerics": numerics, "chunk": chunk, "profile": False}
+            spec = {"model": model, "numerics": numerics, "chunk": chunk, "profile": False}
             times[numerics, chunk, flash].append(_run(script, spec, flash))
     rows = []
     for numerics, chunk, flash in CONFIGS:
-        spec = {"folder": str(root), "numerics": numerics, "chunk": chunk, "profile": True}
+        spec = {"model": model, "numerics": numerics, "chunk": chunk, "profile": True}
         profiled = _run(script, spec, flash)
         done = times[numerics, chunk, flash]
         prefill_ops = profiled["prefill_ops"]
@@ -180,7 +180,8 @@ def main() -> None:
         },
         "load_before": os.getloadavg(),
     }
-    report["rows"] = measure(make_copies(args.model), args.runs)
+    make_copies(args.model)
+    report["rows"] = measure(args.model, args.runs)
     report["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prefill_profile.json").write_text(json.dumps(report, indent=1) + "\n")
