@@ -85,12 +85,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true", help="accuracy only")
+    parser.add_argument(
+        "--speed", action="store_true", help="re-measure the speed into the existing results"
+    )
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.speed_only:  # the child process of the VNNI-only run
         print(json.dumps(layer_speed(variants, args.repeats)))
+        return
+    if args.speed:
+        result = json.loads((RESULTS / "accuracy.json").read_text())
+        result["speed"] = measure_speed(variants, args)
+        result["speed_load"] = os.getloadavg()
+        _write(result)
         return
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -104,10 +113,20 @@ def main() -> None:
             "vision": vision_fidelity(work / "vision", variants),
         }
     if not args.skip_speed:
-        result["speed"] = {"this CPU": layer_speed(variants, args.repeats)}
-        if machine.has_amx():
-            result["speed"]["AMX refused (VNNI only)"] = _speed_without_amx(args)
+        result["speed"] = measure_speed(variants, args)
     result["load_after"] = os.getloadavg()
+    _write(result)
+
+
+def measure_speed(variants: dict[str, convert.Numerics], args) -> dict:
+    """Layer speed on this CPU, and with AMX refused where it has AMX."""
+    speed = {"this CPU": layer_speed(variants, args.repeats)}
+    if machine.has_amx():
+        speed["AMX refused (VNNI only)"] = _speed_without_amx(args)
+    return speed
+
+
+def _write(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
     (RESULTS / "accuracy.md").write_text(tables.fidelity_report(result) + "\n")

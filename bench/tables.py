@@ -131,7 +131,12 @@ def fidelity_report(result: dict) -> str:
         )
     lines = [
         f"{result['date']}; phi3v {result['commit']}; {result['cpu']}; `{result['command']}`; "
-        f"load average {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}.",
+        f"load average {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}"
+        + (
+            f"; speed measured apart, load average {result['speed_load'][0]:.2f} after."
+            if "speed_load" in result
+            else "."
+        ),
         "",
         f"Decoder proxy: {tune['documents']} tuning and {held['documents']} held-out documents, "
         f"prompts of {min(tune['prompt_tokens'] + held['prompt_tokens'])}-"
