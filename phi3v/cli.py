@@ -14,6 +14,7 @@ import sys
 
 from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
 from phi3v.errors import Phi3VError
+from phi3v.precision import PRECISIONS
 from phi3v.results import Progress
 
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "exact", "fast"),
+        choices=PRECISIONS,
         default="auto",
         help="exact: the model files as they are (what onnxruntime-genai computes); fast: "
         "read images and prompts on integer-GEMM copies made and self-checked once per model "

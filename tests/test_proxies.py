@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from phi3v import Pipeline
 from phi3v.testing.model_builder import MODEL_FILES
 from phi3v.testing.onnx_graph import dequantize_int4, quantize_int4
 from phi3v.testing.proxies import (
@@ -313,3 +314,16 @@ def test_evaluation_texts_are_700_to_1500_tokens_of_text(runner, split, minimum)
 def test_held_out_texts_are_not_among_the_tuning_texts():
     tune = {text.text for text in evaluation_texts("tune")}
     assert not tune & {text.text for text in evaluation_texts("held_out")}
+
+
+@pytest.fixture(scope="session")
+def proxy_dir(tmp_path_factory):
+    """The decoder proxy as released: int4, accuracy level 4, a full model set."""
+    return _or_skip(lambda: build_decoder_proxy(tmp_path_factory.mktemp("proxy4")))
+
+
+def test_the_fast_self_check_passes_the_default_numerics_on_a_trained_network(proxy_dir):
+    pipe = Pipeline.load(proxy_dir, precision="fast")
+    check = pipe.precision_choice.check
+    assert check.passed, check.summary()
+    assert check.exact.top1 > 0.5  # a trained network agrees with itself on most tokens
