@@ -59,7 +59,7 @@ class _Request:
     max_new_tokens: int
     sampling: Sampling
     conversation: Hashable | None  # whose KV cache to continue and keep; None: a one-off
-    scope: Hashable | None  # where image features are looked up and kept (feature_cache)
+    scope: Hashable | None = None  # where image features are looked up and kept (feature_cache)
     share: bool = False  # keep the KV cache as a prefix for everyone (Pipeline.warm)
 
     @property
@@ -226,10 +226,11 @@ class Pipeline:
 
         The images' features and the prompt's KV cache are kept in the public scope: a later
         call (any conversation, any owner) with the same images at the same crop count skips
-        the vision model, and one whose prompt starts with this one's positions prefills only
-        the rest (it gets a copy; nothing it writes reaches the prefix). Arguments as in
-        :meth:`stream`. Public by design, and so only for what everyone may know (an app's own
-        examples, never a visitor's upload): any caller's speed shows what was warmed.
+        the vision model, and one whose prompt starts the same way, through at least a whole
+        image, prefills only the rest (on a copy: nothing it writes reaches the prefix).
+        Arguments as in :meth:`stream`. Public by design, and so only for what everyone may
+        know (an app's own examples, never a visitor's upload): any caller's speed shows what
+        was warmed.
 
         Returns a :class:`Stream` that produces no tokens; nothing runs until it is iterated or
         ``result()`` is called, and ``cancel()`` stops it.
@@ -299,7 +300,7 @@ class Pipeline:
         finished = False
         try:
             new_ids = request.input_ids[:, reused:]
-            embeds = self._read_images(request, new_ids, run)
+            embeds = self._read_images(new_ids, request.images, run, request.scope)
             logits = self._prefill(cache, embeds, run)
             choose, deltas = request.sampling.sampler(), TextDeltas(self.tokenizer)
             reason: StopReason = "length"
@@ -327,15 +328,21 @@ class Pipeline:
         finally:
             self._checkin(request, cache, keys, run, finished)
 
-    def _read_images(self, request: _Request, new_ids: np.ndarray, run: _RunState) -> np.ndarray:
+    def _read_images(
+        self,
+        new_ids: np.ndarray,
+        images: Sequence[ProcessedImage],
+        run: _RunState,
+        scope: Hashable | None = None,
+    ) -> np.ndarray:
         """Embeddings of the new prompt positions, with the features of the images they hold:
-        kept ones from the feature cache, the others from the vision model."""
+        kept ones from the feature cache (``scope``'s or public), the others from the vision
+        model."""
         numbers = image_order(new_ids[0])  # the images whose positions still need computing
         run.progress = Progress("vision", 0, len(numbers))
         started = time.perf_counter()
-        images = [request.images[n - 1] for n in numbers]
         encoded = self._features.get_or_encode(
-            request.scope, images, lambda missing: self._encode(missing, run)
+            scope, [images[n - 1] for n in numbers], lambda missing: self._encode(missing, run)
         )
         run.vision_seconds = time.perf_counter() - started
         features = dict(zip(numbers, encoded, strict=True))
