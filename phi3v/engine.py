@@ -6,8 +6,8 @@
 
 Everything that can be wrong with a request (messages, image tags, images, settings, size) is
 checked when ``stream``/``generate`` is called, before any model runs. One generation is
-:meth:`Pipeline._run`: check out a KV cache, read the images, prefill the new prompt positions in
-chunks, then sample / stop? / step until done.
+:meth:`Pipeline._run`: check out a KV cache, read the images (or take their kept features),
+prefill the new prompt positions in chunks, then sample / stop? / step until done.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import onnxruntime as ort
 from phi3v import machine
 from phi3v.config import TOKENIZER, ModelConfig, load_config
 from phi3v.errors import ImageError, LimitError, PromptError
+from phi3v.feature_cache import PUBLIC, FeatureCache, request_scope
 from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
 from phi3v.kv_cache import PREFILL_CHUNK, KVCache, bytes_per_position
 from phi3v.precision import EXACT, PrecisionChoice, open_sessions
@@ -57,8 +58,9 @@ class _Request:
     images: tuple[ProcessedImage, ...]
     max_new_tokens: int
     sampling: Sampling
-    conversation: Hashable
-    remember: bool = True  # keep the KV cache for the conversation's next turn
+    conversation: Hashable | None  # whose KV cache to continue and keep; None: a one-off
+    scope: Hashable | None = None  # where image features are looked up and kept (feature_cache)
+    share: bool = False  # keep the KV cache as a prefix for everyone (Pipeline.warm)
 
     @property
     def max_length(self) -> int:
@@ -78,6 +80,7 @@ class Pipeline:
         precision: PrecisionChoice = EXACT,
         max_prompt_tokens: int | None = None,
         cache_budget_bytes: int | None = None,
+        feature_cache_bytes: int | None = None,
     ):
         self.config, self.sessions, self.tokenizer = config, sessions, tokenizer
         self.precision = precision.precision  # what runs: "exact" or "fast"
@@ -88,6 +91,7 @@ class Pipeline:
         self.max_prompt_tokens = max_prompt_tokens or _default_prompt_limit(config, per_position)
         budget = cache_budget_bytes or int(CACHE_MEMORY_SHARE * machine.available_memory())
         self._prefix = PrefixCache(budget)
+        self._features = FeatureCache(feature_cache_bytes)
         self.stop_ids = frozenset(
             (*config.eos_token_ids, tokenizer.token_id(END), tokenizer.token_id(END_OF_TEXT))
         )
@@ -105,6 +109,7 @@ class Pipeline:
         reuse_prefix: bool = True,
         precision: str = "auto",
         max_prompt_tokens: int | None = None,
+        feature_cache_bytes: int | None = None,
         progress: Callable[[Progress], None] | None = None,
     ) -> Pipeline:
         """Load a model folder (either export layout).
@@ -118,8 +123,10 @@ class Pipeline:
         ``num_threads`` defaults to onnxruntime's choice, one per physical core. With
         ``reuse_prefix`` a conversation's next turn prefills only what is new (see
         :mod:`phi3v.prefix_cache`). ``max_prompt_tokens`` caps a request's prompt (default: what
-        half of the memory available now holds). Raises ModelFolderError / ConfigError for a
-        bad folder, PrecisionError for a bad precision.
+        half of the memory available now holds). ``feature_cache_bytes`` bounds the images'
+        vision features kept for later requests (default 256 MiB, 0 keeps none; see
+        :mod:`phi3v.feature_cache`). Raises ModelFolderError / ConfigError for a bad folder,
+        PrecisionError for a bad precision.
         """
         config = load_config(model_dir)
         tokenizer = PromptTokenizer(config.path(TOKENIZER))
@@ -138,15 +145,19 @@ class Pipeline:
             reuse_prefix=reuse_prefix,
             precision=chosen,
             max_prompt_tokens=max_prompt_tokens,
+            feature_cache_bytes=feature_cache_bytes,
         )
 
     def clear_cache(self) -> None:
-        """Release every KV cache kept for a follow-up turn."""
+        """Release every kept KV cache and image feature (the warmed examples' too)."""
         self._prefix.clear()
+        self._features.clear()
 
     def forget(self, conversation: Hashable) -> None:
-        """Release the KV cache kept for ``conversation``'s next turn, if any."""
+        """Release the KV cache kept for ``conversation``'s next turn, if any, and the image
+        features kept for it (those of a call that named no ``owner``)."""
         self._prefix.release(conversation)
+        self._features.release(request_scope(None, conversation))
 
     def generate(
         self, prompt: Prompt = "", images: Sequence[ImageInput] = (), **options
@@ -169,6 +180,7 @@ class Pipeline:
         num_crops: int | None = None,
         conversation: Hashable | None = None,
         remember: bool = True,
+        owner: Hashable | None = None,
     ) -> Stream:
         """Start a generation; iterate the result for text deltas as they are produced.
 
@@ -178,10 +190,18 @@ class Pipeline:
         placeholders ``-N`` refer to ``images[N-1]``. ``num_crops`` (1..16) trades image detail for
         speed. A KV cache is reused only by a later call with the same ``conversation`` (calls
         without one share a default); ``remember=False`` neither continues nor keeps one (a
-        one-off question, such as an anonymous API call's). Bad input raises a
-        :class:`~phi3v.errors.Phi3VError` here, before any model runs.
+        one-off question, such as an anonymous API call's). An image's vision features are
+        kept for later calls of the same ``owner`` (a visitor, who may hold several
+        conversations; without one, of the same conversation) and never seen by another
+        (:mod:`phi3v.feature_cache`). Any call reuses what :meth:`warm` prepared. Bad input
+        raises a :class:`~phi3v.errors.Phi3VError` here, before any model runs.
         """
         started = time.perf_counter()
+        _check_max_new_tokens(max_new_tokens)
+        if not remember:
+            conversation = None
+        elif conversation is None:
+            conversation = DEFAULT_CONVERSATION
         request = self._prepare(
             prompt,
             images,
@@ -189,22 +209,41 @@ class Pipeline:
             num_crops,
             max_new_tokens,
             Sampling(temperature, top_k, top_p, seed),
-            DEFAULT_CONVERSATION if conversation is None else conversation,
-            remember,
+            conversation,
+            request_scope(owner, conversation),
         )
         return Stream(self, request, started)
+
+    def warm(
+        self,
+        prompt: Prompt = "",
+        images: Sequence[ImageInput] = (),
+        *,
+        input_ids: Sequence[int] | None = None,
+        num_crops: int | None = None,
+    ) -> Stream:
+        """Read an example's images and prompt ahead of time, for every caller.
+
+        The images' features and the prompt's KV cache are kept in the public scope: a later
+        call (any conversation, any owner) with the same images at the same crop count skips
+        the vision model, and one whose prompt starts the same way, through at least a whole
+        image, prefills only the rest (on a copy: nothing it writes reaches the prefix).
+        Arguments as in :meth:`stream`. Public by design, and so only for what everyone may
+        know (an app's own examples, never a visitor's upload): any caller's speed shows what
+        was warmed.
+
+        Returns a :class:`Stream` that produces no tokens; nothing runs until it is iterated or
+        ``result()`` is called, and ``cancel()`` stops it.
+        """
+        started = time.perf_counter()
+        request = self._prepare(prompt, images, input_ids, num_crops, 0, Sampling(), None, PUBLIC)
+        return Stream(self, replace(request, share=True), started)
 
     # --- one request -----------------------------------------------------------------------
 
     def _prepare(
-        self, prompt, images, input_ids, num_crops, max_new_tokens, sampling, conversation, remember
+        self, prompt, images, input_ids, num_crops, max_new_tokens, sampling, conversation, scope
     ) -> _Request:
-        if (
-            not isinstance(max_new_tokens, int)
-            or isinstance(max_new_tokens, bool)
-            or max_new_tokens < 1
-        ):
-            raise PromptError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
             raise PromptError("images must be a list (of file paths, bytes or PIL images)")
         messages = None
@@ -222,7 +261,7 @@ class Pipeline:
             ids = self._check_input_ids(input_ids, counts)
         self._check_size(ids.shape[1], sum(counts))
         room = self.config.context_length - ids.shape[1]
-        return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation, remember)
+        return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation, scope)
 
     def _check_size(self, length: int, image_tokens: int) -> None:
         context, limit = self.config.context_length, self.max_prompt_tokens
@@ -261,7 +300,7 @@ class Pipeline:
         finished = False
         try:
             new_ids = request.input_ids[:, reused:]
-            embeds = self._read_images(new_ids, request.images, run)
+            embeds = self._read_images(new_ids, request.images, run, request.scope)
             logits = self._prefill(cache, embeds, run)
             choose, deltas = request.sampling.sampler(), TextDeltas(self.tokenizer)
             reason: StopReason = "length"
@@ -290,19 +329,32 @@ class Pipeline:
             self._checkin(request, cache, keys, run, finished)
 
     def _read_images(
-        self, new_ids: np.ndarray, images: Sequence[ProcessedImage], run: _RunState
+        self,
+        new_ids: np.ndarray,
+        images: Sequence[ProcessedImage],
+        run: _RunState,
+        scope: Hashable | None = None,
     ) -> np.ndarray:
-        """Embeddings of the new prompt positions, with the features of the images they hold."""
+        """Embeddings of the new prompt positions, with the features of the images they hold:
+        kept ones from the feature cache (``scope``'s or public), the others from the vision
+        model."""
         numbers = image_order(new_ids[0])  # the images whose positions still need computing
         run.progress = Progress("vision", 0, len(numbers))
         started = time.perf_counter()
-        encoded = self.sessions.encode_images([images[n - 1] for n in numbers], run.run_options)
+        encoded = self._features.get_or_encode(
+            scope, [images[n - 1] for n in numbers], lambda missing: self._encode(missing, run)
+        )
         run.vision_seconds = time.perf_counter() - started
-        if numbers:
-            crops = sum(images[n - 1].used_crops for n in numbers)
-            self._speed.vision.record(crops, run.vision_seconds)
         features = dict(zip(numbers, encoded, strict=True))
         return self.sessions.embed(new_ids, features, run.run_options)
+
+    def _encode(self, images: list[ProcessedImage], run: _RunState) -> list[np.ndarray]:
+        """The vision model's features of ``images``; its speed is recorded for estimates."""
+        started = time.perf_counter()
+        encoded = self.sessions.encode_images(images, run.run_options)
+        crops = sum(image.used_crops for image in images)
+        self._speed.vision.record(crops, time.perf_counter() - started)
+        return encoded
 
     def _prefill(self, cache: KVCache, embeds: np.ndarray, run: _RunState) -> np.ndarray:
         """Run the decoder over ``embeds`` in chunks; the logits of the last position."""
@@ -325,7 +377,7 @@ class Pipeline:
 
     def _checkout(self, request: _Request) -> tuple[KVCache, np.ndarray | None, int]:
         capacity = min(request.max_length + FOLLOW_UP_ROOM, self.config.context_length)
-        if not (self.reuse_prefix and request.remember):
+        if not self.reuse_prefix:
             return self._new_cache(capacity), None, 0
         keys = position_keys(request.input_ids, request.images)
         cache, reused = self._prefix.checkout(
@@ -337,12 +389,16 @@ class Pipeline:
         if not finished:
             run.stop_reason = "cancelled"
         run.progress = Progress("done")
-        if finished and keys is not None:
+        if not finished or keys is None:
+            cache.close()
+        elif request.share:
+            self._prefix.share(keys, cache)
+        elif request.conversation is not None:
             # What the cache holds: the prompt, then each generated token that was fed back.
             held = np.concatenate([keys, np.array(run.token_ids, dtype=np.int64)])
             self._prefix.checkin(request.conversation, held, cache)
         else:
-            cache.close()
+            cache.close()  # a one-off call keeps nothing
 
     def _new_cache(self, capacity: int) -> KVCache:
         config = self.config
@@ -352,12 +408,22 @@ class Pipeline:
 
     def estimate_first_token(self, request: _Request) -> float | None:
         """Seconds from the call to the first token, from this machine's measured speed."""
-        crops = sum(image.used_crops for image in request.images)
+        unread = [im for im in request.images if not self._features.holds(request.scope, im)]
+        crops = sum(image.used_crops for image in unread)
         vision = self._speed.vision.estimate(crops) if crops else 0.0
         prefill = self._speed.prefill.estimate(request.input_ids.shape[1])
         if vision is None or prefill is None:
             return None
         return vision + prefill
+
+
+def _check_max_new_tokens(max_new_tokens: object) -> None:
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
+        raise PromptError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
 
 
 def _chunks(cached: int, total: int) -> list[tuple[int, int]]:

@@ -58,8 +58,8 @@ class ProcessedImage:
     ``pixel_values``: float32 [num_crops + 1, 3, 336, 336] (global image, crops, zero padding).
     ``image_size``: (height, width) of the padded HD image, both multiples of 336.
     ``num_image_tokens``: how many feature rows the vision model returns for it.
-    ``digest``: identifies the pixel values (a hash of the HD image and num_crops they derive
-    from), so a cached prefix can tell the same image from another.
+    ``digest``: identifies the pixel values (a 256-bit hash of the HD image and num_crops they
+    derive from), so a cached prefix or cached features can tell the same image from another.
     """
 
     pixel_values: np.ndarray
@@ -95,7 +95,7 @@ def preprocess_image(image: ImageInput, num_crops: int = MAX_CROPS) -> Processed
     pixel_values = np.zeros((num_crops + 1, 3, TILE, TILE), dtype=np.float32)
     pixel_values[0] = global_image(pixels)
     pixel_values[1 : 1 + len(crops)] = crops
-    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16, salt=bytes([num_crops]))
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=32, salt=bytes([num_crops]))
     digest.update(f"{width}x{height}".encode())
     return ProcessedImage(
         pixel_values, (height, width), num_image_tokens(height, width), digest.digest()

@@ -4,9 +4,9 @@ The cache never leaves onnxruntime's reach: past and present tensors are OrtValu
 IOBinding. With ``past_present_share_buffer`` (the released configs' setting) each layer's key and
 value live in one buffer [1, kv_heads, capacity, head_size] bound as both the past input and the
 present output, and GroupQueryAttention writes the new positions in place; so the cache can be
-rewound (keep a prefix) and several decoder sessions (the int4 decoder and its integer-GEMM copy
-for prompt processing) can write the same buffers. Otherwise each run's ``present.*`` outputs
-become the next run's ``past_key_values.*`` inputs.
+rewound (keep a prefix) or copied (start from a shared one), and several decoder sessions (the
+int4 decoder and its integer-GEMM copy for prompt processing) can write the same buffers.
+Otherwise each run's ``present.*`` outputs become the next run's ``past_key_values.*`` inputs.
 """
 
 from __future__ import annotations
@@ -85,12 +85,20 @@ class KVCache:
 
     def grown_to(self, capacity: int) -> KVCache:
         """A cache with room for ``capacity`` positions holding this one's; closes this one."""
-        bigger = KVCache(self.config, capacity, True, self.vocab_size)
-        for old, new in zip(self._buffers, bigger._buffers, strict=True):
-            new[:, :, : self.length] = old[:, :, : self.length]
-        bigger.length = self.length
+        bigger = self.copy(capacity, self.length)
         self.close()
         return bigger
+
+    def copy(self, capacity: int, length: int) -> KVCache:
+        """A new cache with room for ``capacity`` positions holding this one's first ``length``;
+        this one is left as it is (a shared prefix is copied, so no writer reaches it)."""
+        if not self.share_buffer or not 0 <= length <= min(self.length, capacity):
+            raise ValueError("only a shared-buffer cache can be copied, and only what it holds")
+        copied = KVCache(self.config, capacity, True, self.vocab_size)
+        for old, new in zip(self._buffers, copied._buffers, strict=True):
+            new[:, :, :length] = old[:, :, :length]
+        copied.length = length
+        return copied
 
     def run(
         self,

@@ -14,8 +14,12 @@ and with a long one beyond (an ``If`` inside the model), so a prefix computed un
 only reused by a prompt under the same one.
 
 Caches are kept per conversation, so one visitor's cache is never reused by (and its timing never
-observable to) another; the least recently used are released once the kept caches together
-exceed a memory budget (the most recent one is always kept).
+observable to) another. The one exception is made on purpose: a *shared* prefix (:meth:`share`,
+the operator's precomputed examples) is read by any conversation whose prompt starts with it, as
+far as the match holds at least one whole image. Such a conversation gets a copy of the positions
+it reuses, never the shared buffers, so no conversation's writes reach the prefix or another
+conversation. The least recently used caches, shared or not, are released once the kept caches
+together exceed a memory budget (the most recent one is always kept).
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ def uses_long_rope(length: int) -> bool:
     return length > LONG_ROPE_FROM
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """The key of a shared prefix among the kept caches: no conversation's key equals it."""
+
+    keys: bytes
+
+
 @dataclass
 class _Entry:
     keys: np.ndarray  # what each cached position holds
@@ -73,11 +84,18 @@ class PrefixCache:
         new_cache: Callable[[int], KVCache],
     ) -> tuple[KVCache, int]:
         """A cache for a prompt with ``keys`` that will hold ``needed`` positions, and how many
-        of its leading positions it already holds: the conversation's kept cache if it shares a
-        prefix, else ``new_cache(capacity)``. The cache is the caller's until :meth:`checkin`."""
+        of its leading positions it already holds: the conversation's kept cache or a copy of a
+        shared prefix, whichever holds more of the prompt, else ``new_cache(capacity)``. A
+        ``conversation`` of None has no cache of its own. The cache is the caller's until
+        :meth:`checkin`."""
         with self._lock:
             entry = self._entries.pop(conversation, None)
-        reused = _reusable_length(entry, keys) if entry else 0
+            reused = _reusable_length(entry, keys) if entry else 0
+            shared, from_shared = self._longest_shared(keys)
+            if from_shared > reused:
+                if entry:
+                    entry.cache.close()  # before allocating the copy, not after
+                return shared.cache.copy(capacity, from_shared), from_shared
         if not reused:
             if entry:
                 entry.cache.close()  # before allocating the new cache, not after
@@ -90,12 +108,20 @@ class PrefixCache:
 
     def checkin(self, conversation: Hashable, keys: np.ndarray, cache: KVCache) -> None:
         """Keep ``cache`` (holding ``keys``) for the conversation's next turn."""
-        entry = _Entry(keys[: cache.length], len(keys), cache)
+        self._keep(conversation, _Entry(keys[: cache.length], len(keys), cache))
+
+    def share(self, keys: np.ndarray, cache: KVCache) -> None:
+        """Keep ``cache`` (holding the prompt ``keys``) as a prefix that any conversation whose
+        prompt starts the same way reuses. Public by design: a request's speed shows whether
+        it matched, so share only what everyone may know (the app's own examples)."""
+        self._keep(_Shared(keys.tobytes()), _Entry(keys[: cache.length], len(keys), cache))
+
+    def _keep(self, key: Hashable, entry: _Entry) -> None:
         released = []
         with self._lock:
-            if (previous := self._entries.pop(conversation, None)) is not None:
+            if (previous := self._entries.pop(key, None)) is not None:
                 released.append(previous)
-            self._entries[conversation] = entry
+            self._entries[key] = entry
             while len(self._entries) > 1 and self._resident() > self.budget_bytes:
                 released.append(self._entries.popitem(last=False)[1])
         for old in released:
@@ -118,6 +144,18 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _longest_shared(self, keys: np.ndarray) -> tuple[_Entry | None, int]:
+        """The shared prefix holding most of a prompt with ``keys``, and how much; marked as
+        just used. Called with the lock held."""
+        longest, best = 0, None
+        for key, entry in self._entries.items():
+            if isinstance(key, _Shared) and (length := _shared_length(entry, keys)) > longest:
+                longest, best = length, key
+        if best is None:
+            return None, 0
+        self._entries.move_to_end(best)
+        return self._entries[best], longest
+
     def _resident(self) -> int:
         return sum(entry.cache.resident_bytes for entry in self._entries.values())
 
@@ -131,6 +169,14 @@ def _reusable_length(entry: _Entry, keys: np.ndarray) -> int:
     differs = np.flatnonzero(entry.keys[:limit] != keys[:limit])
     length = int(differs[0]) if differs.size else limit
     return _image_run_start(keys, length)
+
+
+def _shared_length(entry: _Entry, keys: np.ndarray) -> int:
+    """How many leading positions of a prompt a shared prefix gives: as many as match, when
+    they hold at least one whole image. (Every prompt starts with the same few template tokens;
+    those are not worth a copy, and a prompt about another picture reuses nothing.)"""
+    length = _reusable_length(entry, keys)
+    return length if (keys[:length] < 0).any() else 0
 
 
 def _image_run_start(keys: np.ndarray, length: int) -> int:

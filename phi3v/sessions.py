@@ -2,13 +2,13 @@
 
 Fusion differs by export layout (see :mod:`phi3v.config`):
 
-* redesigned: all images go through the vision model in one call and the embedding model
-  scatters the feature rows into the positions holding negative ids, in sequence order;
-* legacy: the vision model takes one image per call and the embedding model is a bare Gather, so
-  we embed the ids with placeholders clamped to 0 and write each image's rows over the positions
-  holding its own placeholder ``-N``.
+* redesigned: the embedding model scatters the images' feature rows into the positions holding
+  negative ids, in sequence order;
+* legacy: the embedding model is a bare Gather, so we embed the ids with placeholders clamped to
+  0 and write each image's rows over the positions holding its own placeholder ``-N``.
 
 Either way, image N's rows land on the run of ``-N`` placeholders, whatever the order of the tags.
+The vision model reads one image per call in both layouts.
 
 With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
 prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
@@ -72,13 +72,12 @@ class Sessions:
     ) -> list[np.ndarray]:
         """Vision features of each image, [num_image_tokens, hidden] apiece, in the given order.
 
-        The redesigned vision model takes every image in one call; the legacy one takes one.
+        One image per call, also where the model would take several (the redesigned layout):
+        an image's features then depend on its own pixels only, never on the images beside it,
+        so features kept from any earlier run are exact (:mod:`phi3v.feature_cache`). Batching
+        saves nothing here: every crop goes through CLIP on its own either way.
         """
-        if not images:
-            return []
-        if self.config.layout == "legacy":
-            return [self._run_vision([image], run_options)[0] for image in images]
-        return self._run_vision(images, run_options)
+        return [self._run_vision(image, run_options) for image in images]
 
     def embed(
         self,
@@ -104,32 +103,24 @@ class Sessions:
         """Embedding [1, 1, hidden] of one generated token."""
         return self._run_embedding(np.array([[token_id]], dtype=np.int64), None, run_options)
 
-    def _run_vision(
-        self, images: Sequence[ProcessedImage], run_options: ort.RunOptions | None
-    ) -> list[np.ndarray]:
+    def _run_vision(self, image: ProcessedImage, run_options: ort.RunOptions | None) -> np.ndarray:
         vision = self.config.vision
-        crops = {image.pixel_values.shape[0] - 1 for image in images}
-        if len(crops) > 1:
-            raise PromptError(
-                f"all images of one prompt need the same num_crops, got {sorted(crops)}"
-            )
         # Only the crops the HD grid uses: every crop goes through CLIP on its own and the
         # model drops the zero padding crops by ``image_sizes``, so skipping them is exact
         # (13 of 17 crops for a 4:3 photo at 16 crops).
-        used = max(image.used_crops for image in images)
         feeds = {
-            vision.pixel_values: np.stack([image.pixel_values[:used] for image in images]),
-            vision.image_sizes: np.array([image.image_size for image in images], dtype=np.int64),
+            vision.pixel_values: image.pixel_values[None, : image.used_crops],
+            vision.image_sizes: np.array([image.image_size], dtype=np.int64),
         }
         (features,) = self.vision.run([vision.features], feeds, run_options)
         features = features.reshape(-1, features.shape[-1])  # legacy: [1, N, hidden]
-        counts = [image.num_image_tokens for image in images]
-        if features.shape[0] != sum(counts):
+        if features.shape[0] != image.num_image_tokens:
             raise ModelFolderError(
-                f"the vision model returned {features.shape[0]} feature rows for images that need "
-                f"{sum(counts)}; {vision.filename} does not follow the Phi-3-V token formula"
+                f"the vision model returned {features.shape[0]} feature rows for an image that "
+                f"needs {image.num_image_tokens}; {vision.filename} does not follow the Phi-3-V "
+                "token formula"
             )
-        return np.split(features, np.cumsum(counts)[:-1])
+        return features
 
     def _run_embedding(
         self,

@@ -4,6 +4,10 @@ The page comes up at once and polls :meth:`ModelLoader.status` for a :class:`Mod
 snapshot: its phase (waiting, downloading, converting, loading, ready, failed) and that phase's
 progress. Other parts of the app (the chat, the OpenAI endpoint) take the loaded
 :class:`~phi3v.Pipeline` from :attr:`ModelLoader.pipeline`.
+
+Once the model is ready, :meth:`ModelLoader.warm_examples` reads the example cards' pictures and
+questions ahead of time (:meth:`~phi3v.Pipeline.warm`), so an example answers at once. It uses
+the model only while no visitor holds or waits for it.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from phi3v import Phi3VError, Pipeline, Progress
+from phi3v import Phi3VError, Pipeline, Progress, Stream
 from phi3v.download import (
     DEFAULT_MODEL,
     DownloadProgress,
@@ -24,6 +29,8 @@ from phi3v.download import (
     is_complete,
     model_folder,
 )
+from phi3v_app.history import conversation, user_message
+from phi3v_app.turns import ModelTurns, QueueFull
 
 log = logging.getLogger("phi3v.app")
 
@@ -31,6 +38,10 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # where model sets a
 
 Phase = Literal["waiting", "downloading", "converting", "loading", "ready", "failed"]
 PRECISIONS = ("auto", "exact", "fast")
+# How often the warm-up looks whether a visitor wants the model: the longest a visitor waits
+# behind it (plus the model call being aborted).
+WARM_POLL_SECONDS = 0.1
+Example = tuple[str, Sequence[str | Path]]  # a question and its pictures, as on a card
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,44 @@ class ModelLoader:
             num_crops=config.num_crops if config else 0,
         )
 
+    def warm_examples(self, turns: ModelTurns, examples: Sequence[Example]) -> threading.Thread:
+        """Once the model is ready, read each example's pictures and question ahead of time
+        (:meth:`Pipeline.warm`) in a background thread, so that its first answer starts at once.
+
+        Visitors never wait behind it: it takes the model's turn in ``turns`` only while nobody
+        holds or waits for it, and gives it up (the example is read again later) as soon as
+        someone starts waiting. The examples are public, so what is warmed serves everyone.
+        Call it after :meth:`start`. Returns the thread; it ends once every example is ready,
+        or at once when the model could not be loaded.
+        """
+        thread = threading.Thread(
+            target=self._warm, args=(turns, list(examples)), name="phi3v-warm", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _warm(self, turns: ModelTurns, examples: list[Example]) -> None:
+        if not self.wait():
+            return
+        for text, pictures in examples:
+            while not self._warm_one(turns, text, [str(path) for path in pictures]):
+                pass  # a visitor came first; read it again once the model is free
+
+    def _warm_one(self, turns: ModelTurns, text: str, pictures: list[str]) -> bool:
+        """Read one example while nobody wants the model; False when a visitor came first."""
+        while turns.busy:
+            time.sleep(WARM_POLL_SECONDS)
+        # The prompt exactly as the chat sends it when the card is clicked.
+        messages, images = conversation([user_message(text, pictures)])
+        try:
+            with turns.turn():
+                return _run_until_wanted(self.pipeline.warm(messages, images), turns)
+        except QueueFull:
+            return False
+        except Exception as err:  # an example that cannot be read is skipped, not retried
+            log.warning("example %r not prepared: %s", text, err)
+            return True
+
     def _run(self) -> None:
         try:
             if self.download and not is_complete(self.folder):
@@ -146,3 +195,26 @@ class ModelLoader:
     def _on_conversion(self, progress: Progress) -> None:
         self._conversion = progress
         self._phase = "converting"
+
+
+def _run_until_wanted(stream: Stream, turns: ModelTurns) -> bool:
+    """Run ``stream`` to its end unless someone starts waiting for the model: then cancel it
+    (a model call in progress is aborted). True when it ran to its end."""
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=_cancel_when_wanted, args=(stream, turns, done), name="phi3v-warm-watch"
+    )
+    watcher.start()
+    try:
+        stream.result()
+    finally:
+        done.set()
+        watcher.join()
+    return stream.stop_reason != "cancelled"
+
+
+def _cancel_when_wanted(stream: Stream, turns: ModelTurns, done: threading.Event) -> None:
+    while not done.wait(WARM_POLL_SECONDS):
+        if turns.waiting:
+            stream.cancel()
+            return

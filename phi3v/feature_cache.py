@@ -1,0 +1,136 @@
+"""Vision features kept per image, so the vision model reads a picture once.
+
+The features of an image depend on its pixel values alone (:meth:`Sessions.encode_images` runs
+each image in a call of its own), so features kept from one run are, bit for bit, what the vision
+model would compute again: a later prompt holding the same image at the same crop count skips the
+vision run and gives the same tokens.
+
+An image is known by :func:`image_key`: the digest of the HD image its pixel values are cut from
+(:attr:`ProcessedImage.digest`, 256-bit BLAKE2b salted with the crop count), with the crop count
+and the HD size beside it. Pixel values are a function of exactly those, so two different images
+never share an entry (short of a BLAKE2b collision).
+
+**Privacy.** A hit skips seconds of work, which anyone can time. So entries are kept per *scope*,
+and a request sees only its own scope and the public one: visitor A can never learn from a fast
+answer that visitor B sent the same picture. The scope is the caller's ``owner`` key (a visitor,
+an API user: one owner may hold several conversations), else the conversation, else none (a
+one-off call keeps nothing). The public scope holds only what the operator put there on purpose
+(:meth:`Pipeline.warm`: the app's example pictures), so a hit on it tells nothing private. We
+scope rather than equalise (answer a hit only after the time a miss would take) because
+equalising would throw away the saving for everyone, while scoping keeps it where it is wanted:
+a visitor's own next conversation and everyone's examples. The scopes share one memory budget,
+least recently used first out; an eviction tells another visitor at most that the server was
+busy, never which picture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import numpy as np
+
+from phi3v.image import ProcessedImage
+
+# Ten full-detail photos of the real model (1,921 rows x 3,072 float32 = 23.6 MB each).
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+
+
+class _Public:
+    """The scope of the operator's precomputed examples; no caller-given key equals it."""
+
+    def __repr__(self) -> str:
+        return "PUBLIC"
+
+
+PUBLIC = _Public()
+
+
+def request_scope(owner: Hashable | None, conversation: Hashable | None) -> Hashable | None:
+    """The private scope of a request: its ``owner``, else its ``conversation`` (None for a
+    one-off call), else None (such a request reads the public scope only and keeps nothing)."""
+    if owner is not None:
+        return ("owner", owner)  # tagged: an owner and a conversation never share a scope
+    return None if conversation is None else ("conversation", conversation)
+
+
+def image_key(image: ProcessedImage) -> tuple:
+    """What identifies an image's features: its digest, crop count and HD size."""
+    digest = image.digest or hashlib.blake2b(image.pixel_values.tobytes()).digest()
+    return digest, image.pixel_values.shape[0] - 1, image.image_size
+
+
+class FeatureCache:
+    """Vision features per (scope, image), least recently used out beyond ``budget_bytes``.
+
+    Safe to use from several threads. A budget of 0 keeps nothing; None is the default.
+    """
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = DEFAULT_BUDGET_BYTES if budget_bytes is None else budget_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[Hashable, tuple], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def get_or_encode(
+        self,
+        scope: Hashable | None,
+        images: Sequence[ProcessedImage],
+        encode: Callable[[list[ProcessedImage]], list[np.ndarray]],
+    ) -> list[np.ndarray]:
+        """The features of each image: kept ones from ``scope`` or the public scope, the rest
+        from ``encode(missing images)``, which are then kept under ``scope`` (unless None)."""
+        found = [self._get(scope, image) for image in images]
+        missing = [image for image, hit in zip(images, found, strict=True) if hit is None]
+        encoded = iter(encode(missing) if missing else [])
+        result = []
+        for image, hit in zip(images, found, strict=True):
+            if hit is None:
+                hit = next(encoded)
+                if scope is not None:
+                    self._put(scope, image, hit)
+            result.append(hit)
+        return result
+
+    def holds(self, scope: Hashable | None, image: ProcessedImage) -> bool:
+        """Whether a request in ``scope`` would find ``image``'s features."""
+        key = image_key(image)
+        with self._lock:
+            return (scope, key) in self._entries or (PUBLIC, key) in self._entries
+
+    def release(self, scope: Hashable) -> None:
+        """Drop every entry of ``scope``."""
+        with self._lock:
+            for key in [key for key in self._entries if key[0] == scope]:
+                self._bytes -= self._entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _get(self, scope: Hashable | None, image: ProcessedImage) -> np.ndarray | None:
+        key = image_key(image)
+        with self._lock:
+            for entry in ((scope, key), (PUBLIC, key)):
+                if entry[0] is not None and entry in self._entries:
+                    self._entries.move_to_end(entry)
+                    return self._entries[entry]
+        return None
+
+    def _put(self, scope: Hashable, image: ProcessedImage, features: np.ndarray) -> None:
+        if features.nbytes > self.budget_bytes:
+            return
+        kept = np.array(features)  # our own copy, read-only: no caller can change a later hit
+        kept.flags.writeable = False
+        with self._lock:
+            entry = (scope, image_key(image))
+            if (old := self._entries.pop(entry, None)) is not None:
+                self._bytes -= old.nbytes
+            self._entries[entry] = kept
+            self._bytes += kept.nbytes
+            while self._bytes > self.budget_bytes:
+                self._bytes -= self._entries.popitem(last=False)[1].nbytes

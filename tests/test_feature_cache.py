@@ -1,0 +1,173 @@
+"""A picture is read by the vision model once: kept features, and examples warmed for everyone.
+
+Kept features serve later calls of the same owner (else conversation) only; what
+``Pipeline.warm`` prepared serves every caller. Every answer is compared with a pipeline that
+keeps nothing: the caches may only save time.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from phi3v import Pipeline, preprocess_image
+from tests.test_cache import count_vision_runs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "data" / "examples"
+CHART, SCENE = str(EXAMPLES / "bar_chart.png"), str(EXAMPLES / "scene.png")
+QUESTION = "<|image_1|>\nWhich month had the most rain?"
+OTHER_QUESTION = "<|image_1|>\nWhat colour are the bars?"
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_model_dir, reuse_prefix=False, feature_cache_bytes=0)
+
+
+@pytest.fixture
+def pipe(tiny_model_dir) -> Pipeline:
+    return Pipeline.load(tiny_model_dir)
+
+
+def ask(pipe: Pipeline, question: str, picture: str, **options):
+    return pipe.generate(question, [picture], max_new_tokens=16, **options)
+
+
+# --- kept features -------------------------------------------------------------------------------
+
+
+def test_a_second_conversation_about_the_same_picture_skips_the_vision_model(
+    pipe, fresh, monkeypatch
+):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="first")
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    second = ask(pipe, OTHER_QUESTION, CHART, owner="ada", conversation="second")
+    assert vision_runs == []
+    assert second.reused_tokens == 0  # a conversation of its own: only its text was prefilled
+    assert second.token_ids == ask(fresh, OTHER_QUESTION, CHART).token_ids
+
+
+def test_another_picture_is_read(pipe, monkeypatch):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="first")
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    ask(pipe, QUESTION, SCENE, owner="ada", conversation="second")
+    assert len(vision_runs) == 1
+
+
+def test_the_same_picture_at_another_crop_count_is_read_again(pipe, monkeypatch):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="first", num_crops=4)
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="second", num_crops=2)
+    assert len(vision_runs) == 1
+
+
+def test_one_owners_picture_is_never_a_hit_for_another(pipe, fresh, monkeypatch):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="ada's")
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    bob = ask(pipe, QUESTION, CHART, owner="bob", conversation="bob's")
+    assert len(vision_runs) == 1
+    assert bob.reused_tokens == 0
+    assert bob.token_ids == ask(fresh, QUESTION, CHART).token_ids
+
+
+def test_without_an_owner_features_are_kept_for_the_conversation_only(pipe, monkeypatch):
+    ask(pipe, QUESTION, CHART, conversation="first")
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    ask(pipe, QUESTION, CHART, conversation="second")
+    assert len(vision_runs) == 1
+
+
+def test_a_one_off_call_keeps_no_features(pipe, monkeypatch):
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    ask(pipe, QUESTION, CHART, remember=False)
+    ask(pipe, QUESTION, CHART, remember=False)
+    assert len(vision_runs) == 2
+
+
+def test_forget_drops_the_conversations_features(pipe, monkeypatch):
+    ask(pipe, QUESTION, CHART, conversation="first")
+    pipe.forget("first")
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    ask(pipe, OTHER_QUESTION, CHART, conversation="first")
+    assert len(vision_runs) == 1
+
+
+def test_beyond_the_budget_the_least_recently_used_picture_goes(tiny_model_dir, monkeypatch):
+    rows = preprocess_image(CHART).num_image_tokens  # the scene has the same size: as many rows
+    pipe = Pipeline.load(tiny_model_dir)
+    one_picture = rows * pipe.config.decoder.hidden_size * 4  # float32 features
+    pipe = Pipeline.load(tiny_model_dir, feature_cache_bytes=one_picture)
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="1")
+    ask(pipe, QUESTION, SCENE, owner="ada", conversation="2")  # pushes the chart out
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    ask(pipe, OTHER_QUESTION, SCENE, owner="ada", conversation="3")
+    assert vision_runs == []
+    ask(pipe, OTHER_QUESTION, CHART, owner="ada", conversation="4")
+    assert len(vision_runs) == 1
+
+
+def test_kept_features_give_the_tokens_of_a_fresh_run_in_fast_precision(
+    tiny_int4_model_dir, monkeypatch
+):
+    pipe = Pipeline.load(tiny_int4_model_dir, precision="fast")
+    fresh = Pipeline.load(
+        tiny_int4_model_dir, precision="fast", reuse_prefix=False, feature_cache_bytes=0
+    )
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="first")
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    second = ask(pipe, OTHER_QUESTION, CHART, owner="ada", conversation="second")
+    assert vision_runs == []
+    assert second.token_ids == ask(fresh, OTHER_QUESTION, CHART).token_ids
+
+
+# --- warmed examples -----------------------------------------------------------------------------
+
+
+def test_warming_an_example_produces_no_tokens(pipe):
+    warmed = pipe.warm(QUESTION, [CHART]).result()
+    assert warmed.token_ids == [] and warmed.text == ""
+
+
+def test_a_warmed_example_is_answered_from_its_prefix_by_anyone(pipe, fresh, monkeypatch):
+    pipe.warm(QUESTION, [CHART]).result()
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    answer = ask(pipe, QUESTION, CHART, owner="bob", conversation="bob's")
+    assert answer.reused_tokens == len(answer.input_ids) - 1  # only the last position ran
+    assert vision_runs == []
+    assert answer.token_ids == ask(fresh, QUESTION, CHART).token_ids
+
+
+def test_a_one_off_call_reuses_a_warmed_example_too(pipe):
+    pipe.warm(QUESTION, [CHART]).result()
+    answer = ask(pipe, QUESTION, CHART, remember=False)
+    assert answer.reused_tokens == len(answer.input_ids) - 1
+
+
+def test_another_question_about_a_warmed_picture_reuses_the_picture(pipe, fresh, monkeypatch):
+    pipe.warm(QUESTION, [CHART]).result()
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    answer = ask(pipe, OTHER_QUESTION, CHART, conversation="other")
+    image_end = answer.input_ids.index(-1) + preprocess_image(CHART).num_image_tokens
+    assert image_end <= answer.reused_tokens < len(answer.input_ids) - 1
+    assert vision_runs == []
+    assert answer.token_ids == ask(fresh, OTHER_QUESTION, CHART).token_ids
+
+
+def test_a_prompt_about_another_picture_reuses_nothing_of_a_warmed_example(pipe):
+    pipe.warm(QUESTION, [CHART]).result()
+    assert ask(pipe, QUESTION, SCENE, conversation="other").reused_tokens == 0
+    assert pipe.generate("Hello", max_new_tokens=4, conversation="text").reused_tokens == 0
+
+
+def test_what_one_conversation_writes_never_reaches_a_warmed_example(pipe, fresh):
+    pipe.warm(QUESTION, [CHART]).result()
+    ask(pipe, OTHER_QUESTION, CHART, conversation="writer")  # writes over the question's places
+    answer = ask(pipe, QUESTION, CHART, conversation="reader")
+    assert answer.reused_tokens == len(answer.input_ids) - 1
+    assert answer.token_ids == ask(fresh, QUESTION, CHART).token_ids
+
+
+def test_a_cancelled_warm_up_leaves_no_prefix(pipe):
+    warming = pipe.warm(QUESTION, [CHART])
+    warming.cancel()
+    assert warming.result().stop_reason == "cancelled"
+    assert ask(pipe, QUESTION, CHART, conversation="after").reused_tokens == 0

@@ -1,0 +1,82 @@
+"""The app reads its example cards ahead of time, and never keeps a visitor waiting for that."""
+
+import threading
+
+from phi3v_app.answers import Answers, generation_options
+from phi3v_app.history import user_message
+from phi3v_app.loading import ModelLoader
+from phi3v_app.page import EXAMPLES, EXAMPLES_DIR
+from phi3v_app.turns import ModelTurns
+from tests.app_helpers import LOAD_TIMEOUT_S, ready_loader, wait_until
+
+CARDS = [(text, [str(EXAMPLES_DIR / name) for name in names]) for text, names in EXAMPLES]
+
+
+def recorded_streams(pipe, monkeypatch) -> list:
+    """Every stream the app starts on ``pipe``, kept so its reuse can be read."""
+    streams, real_stream = [], pipe.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    return streams
+
+
+def click_card(runner: Answers, session: str, card) -> None:
+    """What the page does when ``session`` clicks ``card``, at the page's default settings."""
+    text, pictures = card
+    crops = runner.loader.status().num_crops  # the image-detail slider's value once loaded
+    options = generation_options(8, 0, 1, 0, crops)
+    ticket = runner.begin(session)
+    for _ in runner.run(ticket, [user_message(text, pictures)], options, session):
+        pass
+
+
+def test_an_examples_first_answer_reuses_the_prefix_warmed_after_start_up(
+    tiny_model_dir, monkeypatch
+):
+    turns = ModelTurns(4)
+    loader = ModelLoader(tiny_model_dir).start()
+    warming = loader.warm_examples(turns, CARDS)
+    warming.join(LOAD_TIMEOUT_S)
+    assert not warming.is_alive()
+    streams = recorded_streams(loader.pipeline, monkeypatch)
+    click_card(Answers(loader, turns), "a visitor", CARDS[0])
+    (stream,) = streams
+    assert stream.stop_reason is not None and stream.stop_reason != "cancelled"
+    assert stream.reused_tokens == len(stream.input_ids) - 1  # only the last position ran
+
+
+def test_a_visitor_who_comes_during_the_warm_up_gets_the_model_first(tiny_model_dir, monkeypatch):
+    loader = ready_loader(tiny_model_dir)
+    pipe = loader.pipeline
+    turns = ModelTurns(4)
+    real_run = pipe.sessions.decoder.run_with_iobinding
+    inside = threading.Event()
+
+    def long_first_prefill(binding, run_options=None):  # a model call that only a cancel ends
+        if not inside.is_set():
+            inside.set()
+            wait_until(lambda: run_options.terminate, timeout=LOAD_TIMEOUT_S)
+        return real_run(binding, run_options)
+
+    monkeypatch.setattr(pipe.sessions.decoder, "run_with_iobinding", long_first_prefill)
+    warming = loader.warm_examples(turns, CARDS[:1])
+    assert inside.wait(LOAD_TIMEOUT_S)  # the warm-up holds the model, in a long call
+    served = threading.Event()
+    visitor = threading.Thread(target=take_turn, args=(turns, served), daemon=True)
+    visitor.start()
+    assert served.wait(LOAD_TIMEOUT_S)  # the warm-up gave the model up
+    visitor.join(LOAD_TIMEOUT_S)
+    warming.join(LOAD_TIMEOUT_S)  # and read the example once the visitor was done
+    assert not warming.is_alive()
+    streams = recorded_streams(pipe, monkeypatch)
+    click_card(Answers(loader, turns), "a visitor", CARDS[0])
+    assert streams[0].reused_tokens == len(streams[0].input_ids) - 1
+
+
+def take_turn(turns: ModelTurns, served: threading.Event) -> None:
+    with turns.turn():
+        served.set()
