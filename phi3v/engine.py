@@ -389,16 +389,19 @@ class Pipeline:
         if not finished:
             run.stop_reason = "cancelled"
         run.progress = Progress("done")
-        if not finished or keys is None:
-            cache.close()
-        elif request.share:
+        # A stopped generation is kept too, as far as it got: the follow-up after Stop then
+        # reads only what is new (the picture is not read again). An error keeps nothing.
+        keep = keys is not None and (finished or run.cancelled)
+        if keep and request.share and finished:
             self._prefix.share(keys, cache)
-        elif request.conversation is not None:
-            # What the cache holds: the prompt, then each generated token that was fed back.
+        elif keep and not request.share and request.conversation is not None:
+            # What the cache holds: the prompt, then each generated token that was fed back
+            # (checkin keeps as many keys as the cache has positions: a model call that Stop
+            # aborted wrote none).
             held = np.concatenate([keys, np.array(run.token_ids, dtype=np.int64)])
             self._prefix.checkin(request.conversation, held, cache)
         else:
-            cache.close()  # a one-off call keeps nothing
+            cache.close()  # a one-off call, an unfinished warm-up or an error keeps nothing
 
     def _new_cache(self, capacity: int) -> KVCache:
         config = self.config

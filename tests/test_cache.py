@@ -130,12 +130,29 @@ def test_the_cache_grows_when_a_follow_up_needs_more_room(pipe, fresh, pictures,
     assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=long).token_ids
 
 
-def test_a_cancelled_generation_is_not_kept(pipe, pictures):
+def test_a_follow_up_after_stop_reuses_what_the_stopped_answer_computed(
+    pipe, fresh, pictures, monkeypatch
+):
     stream = pipe.stream("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=100)
-    next(stream)
-    stream.close()
+    shown = "".join(delta for _, delta in zip(range(5), stream, strict=False))
+    stream.cancel()
+    assert list(stream) == [] and stream.stop_reason == "cancelled"
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    messages = follow_up("<|image_1|>\nWhat is it?", shown, "And the colours?")
+    second = pipe.generate(messages, pictures[:1], max_new_tokens=12)
+    assert second.reused_tokens > 1921  # the picture and the question came from the cache
+    assert vision_runs == []
+    assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=12).token_ids
+
+
+def test_stop_while_the_picture_is_read_keeps_only_finished_chunks(pipe, fresh, pictures):
+    stream = pipe.stream("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=4)
+    stream.cancel()  # before the first model call
+    assert list(stream) == []
+    again = pipe.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=4)
     assert (
-        pipe.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=4).reused_tokens == 0
+        again.token_ids
+        == fresh.generate("<|image_1|>\nWhat is it?", pictures[:1], max_new_tokens=4).token_ids
     )
 
 
