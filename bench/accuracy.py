@@ -42,7 +42,7 @@ import onnxruntime as ort
 import tables
 from onnx import TensorProto
 
-from phi3v import convert, machine
+from phi3v import convert, integer_gemm, machine
 from phi3v.config import TOKENIZER, load_config
 from phi3v.fast_check import agreement, kl_divergence, teacher_forced_logits
 from phi3v.sessions import Sessions, SessionSettings, open_session
@@ -54,7 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = (600, 1200)  # a prompt takes as much of a text as fits in this range
 ANSWER_TOKENS = 64
-N = convert.Numerics
+N = integer_gemm.Numerics
 # The forms compared. "per group" keeps K whole in one batched GEMM whose [G, rows, N] partial
 # products are summed; "hadamard" rotates each input online in blocks (weights at conversion);
 # "int4 <role>" leaves those projections as MatMulNBits. Sizes that do not divide a projection's
@@ -118,7 +118,7 @@ def main() -> None:
     _write(result)
 
 
-def measure_speed(variants: dict[str, convert.Numerics], args) -> dict:
+def measure_speed(variants: dict[str, integer_gemm.Numerics], args) -> dict:
     """Layer speed on this CPU, and with AMX refused where it has AMX."""
     speed = {"this CPU": layer_speed(variants, args.repeats)}
     if machine.has_amx():
@@ -136,7 +136,7 @@ def _write(result: dict) -> None:
 # --- decoder -------------------------------------------------------------------------------------
 
 
-def decoder_fidelity(folder: Path, variants: dict[str, convert.Numerics]) -> dict:
+def decoder_fidelity(folder: Path, variants: dict[str, integer_gemm.Numerics]) -> dict:
     """Per split and path: agreement with truth over every teacher-forced answer position."""
     proxies.build_decoder_proxy(folder)
     config = load_config(folder)
@@ -212,7 +212,7 @@ def _agreement(truth: list[np.ndarray], path: list[np.ndarray]) -> dict:
 # --- vision --------------------------------------------------------------------------------------
 
 
-def vision_fidelity(folder: Path, variants: dict[str, convert.Numerics]) -> dict:
+def vision_fidelity(folder: Path, variants: dict[str, integer_gemm.Numerics]) -> dict:
     """Relative error of each path's features to truth's, mean and worst over the photos."""
     source = proxies.build_vision_proxy(folder)
     photos = proxies.proxy_photos()
@@ -248,7 +248,7 @@ def vision_fidelity(folder: Path, variants: dict[str, convert.Numerics]) -> dict
 # --- speed ---------------------------------------------------------------------------------------
 
 
-def layer_speed(variants: dict[str, convert.Numerics], repeats: int) -> dict:
+def layer_speed(variants: dict[str, integer_gemm.Numerics], repeats: int) -> dict:
     """ms for one real-size decoder layer's four projections at 512 rows, per form, alternated."""
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

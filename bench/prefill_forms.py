@@ -33,6 +33,7 @@ import tables
 from onnx import TensorProto
 
 import phi3v.convert as convert
+import phi3v.integer_gemm as integer_gemm
 from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,7 +58,7 @@ def projection_models(folder: Path) -> dict[str, Path]:
         )
     source.write_bytes(model.SerializeToString())
     row = folder / "row.onnx"
-    convert.convert_model(source, row, convert.Numerics())
+    convert.convert_model(source, row, integer_gemm.Numerics())
     return {"int4": source, "row": row}
 
 

@@ -5,20 +5,13 @@ Nearly all of the first answer about a photo is ``MatMulNBits`` (int4, block 32,
 (``MatMulIntegerToFloat``) is faster on the same CPUs: it uses AMX tiles where they exist (about
 11x on one decoder projection) and VNNI dot products elsewhere (about 2-3x on an AMD EPYC without
 AMX); docs/PERFORMANCE.md has the measurements, docs/ARCHITECTURE.md#the-fast-precisions-copies
-the design. So we rewrite each ``MatMulNBits`` as:
-
-* weights: the int4 blocks dequantized and requantized to int8 with one scale per output channel
-  (the int8 grid is finer than each block's 16 levels, so this adds little error);
-* activations: quantized to 8 bits with one symmetric scale (``absmax / 127`` around the zero
-  point 128) per row, or per group of columns along K, as :class:`Numerics` says;
-* optionally an online block-Hadamard rotation of the activations first (the weights rotated the
-  other way at conversion, so the product is unchanged): it spreads an outlier channel over its
-  block, so one large value no longer crushes the resolution of every other value in its row;
-* optionally, projections of a kind (say the MLP's down projection, whose inputs are the spikiest
-  in trained LLMs) left as int4 ``MatMulNBits``.
+the design. So we rewrite each ``MatMulNBits`` as that GEMM, in the numerics a
+:class:`~phi3v.integer_gemm.Numerics` names (:mod:`phi3v.integer_gemm`): int8 weights per output
+channel, 8-bit activations per row or per group along K, optionally an online block-Hadamard
+rotation, optionally some projections left int4.
 
 Which of these the copies use (:data:`DEFAULT_NUMERICS`) was chosen on trained proxy networks by
-KL divergence and top-1 agreement against fp32 activations (bench/fidelity.py,
+KL divergence and top-1 agreement against fp32 activations (bench/accuracy.py,
 docs/PERFORMANCE.md); random weights have no outlier channels and cannot show the difference.
 
 The decoder copy is also cut before the LM head to the last position (the prefill needs only its
@@ -38,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, first_line
 from phi3v.files import sha256_file
+from phi3v.integer_gemm import GemmBuilder, Numerics, constants, projection_role
 from phi3v.results import Progress
 
 CONVERTER_VERSION = 4  # bump when the rewrite changes: every cached copy is then rebuilt
@@ -60,49 +53,6 @@ CACHE_ENV = "PHI3V_CACHE_DIR"
 MANIFEST = "manifest.json"
 ALIGN = 4096  # external-data offsets on page boundaries, so onnxruntime can map them
 INT4_ZERO_POINT = 8  # MatMulNBits' zero point when the node has none
-INT8_PEAK = 127  # symmetric int8: activations and weights map [-peak, peak] to [-127, 127]
-# Reductions take their axes as an input from this ONNX opset on (an attribute before).
-AXES_AS_INPUT_FROM = 18
-
-# What a projection does, from its node's name: the genai model builder's decoder names
-# (qkv_proj, o_proj, gate_up_proj, down_proj), CLIP's (q/k/v_proj, out_proj, fc1, fc2) and
-# DINOv2's (attn/qkv, attn/proj, mlp/fc1, mlp/fc2).
-ROLES = {
-    "attention_in": r"qkv|q_proj|k_proj|v_proj",
-    "attention_out": r"o_proj|out_proj|attn[./_]proj|dense",
-    "mlp_in": r"gate_up|gate_proj|up_proj|fc1",
-    "mlp_out": r"down_proj|fc2",
-}
-
-
-@dataclass(frozen=True)
-class Numerics:
-    """How one model's integer-GEMM copy computes its projections.
-
-    ``rotation``: block size of the online Hadamard rotation of each projection's input (0: none;
-    a power of two; a projection whose K it does not divide uses the largest power of two that
-    does). ``group``: activation columns sharing one scale along K (0: one scale per row over the
-    whole K). ``keep_int4``: roles (keys of :data:`ROLES`) whose projections stay ``MatMulNBits``.
-    """
-
-    rotation: int = 0
-    group: int = 0
-    keep_int4: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        for size in (self.rotation, self.group):
-            if size and size & (size - 1):
-                raise ValueError(f"rotation and group sizes are powers of two, got {size}")
-        unknown = set(self.keep_int4) - set(ROLES)
-        if unknown:
-            raise ValueError(f"unknown projection roles {sorted(unknown)}; known: {list(ROLES)}")
-
-    def describe(self) -> str:
-        """A short name, e.g. ``"hadamard 64, per row, int4 mlp_out"``."""
-        parts = [f"hadamard {self.rotation}"] if self.rotation else []
-        parts.append(f"per group of {self.group}" if self.group else "per row")
-        parts += [f"int4 {role}" for role in self.keep_int4]
-        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -139,12 +89,6 @@ class FastModels:
         temporary = self.folder / f"{MANIFEST}.{os.getpid()}.tmp"
         temporary.write_text(json.dumps(manifest, indent=1))
         os.replace(temporary, self.folder / MANIFEST)
-
-
-def projection_role(name: str) -> str:
-    """The role (a key of :data:`ROLES`) of the projection named ``name``, or ``"other"``."""
-    lowered = name.lower()
-    return next((role for role, pattern in ROLES.items() if re.search(pattern, lowered)), "other")
 
 
 def has_int4_layers(path: Path) -> bool:
@@ -218,7 +162,7 @@ def convert_model(
     head = _last_position_cut(graph, last_position_output) if last_position_output else None
     old_nodes = [_copy(node) for node in graph.node]
     targets = [node for node in old_nodes if _converts(node, head, numerics)]
-    builder = _GemmBuilder(opset)
+    builder = GemmBuilder(opset)
     nodes: list[onnx.NodeProto] = []
     converted = {id(node) for node in targets}
     for node in old_nodes:
@@ -273,7 +217,7 @@ def _last_position_cut(graph: onnx.GraphProto, logits: str) -> str | None:
             if len(dims) == 3:
                 dims[1].ClearField("dim_param")
                 dims[1].dim_value = 1
-    graph.initializer.extend(_constants({"minus_one": [-1], "int_max": [2**62], "axis_one": [1]}))
+    graph.initializer.extend(constants({"minus_one": [-1], "int_max": [2**62], "axis_one": [1]}))
     return head.output[0] if head.op_type == "MatMulNBits" else None
 
 
@@ -310,191 +254,6 @@ def _zero_points(node, initializers, reader, n: int, blocks: int) -> np.ndarray:
     pairs = packed.reshape(n, -1)
     both = np.stack([pairs & 0x0F, pairs >> 4], axis=-1).reshape(n, -1)[:, :blocks]
     return both.astype(np.float32)[:, :, None]
-
-
-def hadamard(size: int) -> np.ndarray:
-    """The orthonormal Sylvester-Hadamard matrix of ``size`` (a power of two), symmetric."""
-    matrix = np.ones((1, 1), np.float64)
-    while matrix.shape[0] < size:
-        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
-    return (matrix / np.sqrt(size)).astype(np.float32)
-
-
-def fitting_block(size: int, k: int) -> int:
-    """The largest power of two that is at most ``size`` and divides ``k`` (1 if none above)."""
-    block = size
-    while block > 1 and k % block:
-        block //= 2
-    return block
-
-
-def quantize_per_channel(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float [K, N] -> (int8 [K, N], float32 scale per output channel [N]), symmetric."""
-    peak = np.abs(weights).max(axis=0)
-    step = np.where(peak > 0, peak / INT8_PEAK, 1.0).astype(np.float32)
-    return np.rint(weights / step).astype(np.int8), step
-
-
-class _GemmBuilder:
-    """Makes the integer-GEMM nodes of one model; collects their weights and shared constants."""
-
-    def __init__(self, opset: int):
-        self.opset = opset
-        self.weights: list[TensorProto] = []
-        self._constants: dict[str, np.ndarray] = {
-            "tiny": np.array(1e-12, np.float32),
-            "inv127": np.array(1 / INT8_PEAK, np.float32),
-            "zp128": np.array(128, np.uint8),
-            "last_axis": np.array([-1], np.int64),
-            "first_axis": np.array([0], np.int64),
-            "zero": np.array([0], np.int64),
-            "column": np.array([-1, 1], np.int64),
-        }
-
-    def constants(self) -> list[TensorProto]:
-        return _constants(self._constants)
-
-    def integer_gemm(
-        self, node: onnx.NodeProto, weights: np.ndarray, numerics: Numerics
-    ) -> list[onnx.NodeProto]:
-        """Nodes computing ``node``'s output (float [..., K] -> [..., N]) on the integer GEMM."""
-        name, x, y = node.name or node.output[0], node.input[0], node.output[0]
-        k, n = weights.shape
-        t = _Names(name)
-        nodes = [self._node("Reshape", [x, self._const(f"rows_of_{k}", [-1, k])], t("x2"))]
-        x2 = t("x2")
-        rotation = fitting_block(numerics.rotation, k) if numerics.rotation else 1
-        if rotation > 1:
-            weights = (hadamard(rotation) @ weights.reshape(k // rotation, rotation, n)).reshape(
-                k, n
-            )
-            self._constants[f"hadamard_{rotation}"] = hadamard(rotation)
-            nodes += self._rotation(t, x2, k, rotation)
-            x2 = t("rotated")
-        group = fitting_block(numerics.group, k) if numerics.group else k
-        quantized, channel_scale = quantize_per_channel(weights)
-        weight_name, scale_name = f"{name}/weight_int8", f"{name}/channel_scale"
-        if group < k:  # [G, g, N]: one GEMM per group, batched
-            quantized = quantized.reshape(k // group, group, n)
-        self.weights += [
-            numpy_helper.from_array(quantized, weight_name),
-            numpy_helper.from_array(channel_scale, scale_name),
-        ]
-        if group < k:
-            nodes += self._per_group(t, x2, k, group, weight_name, scale_name)
-        else:
-            nodes += self._per_row(t, x2, weight_name, scale_name)
-        # Back to x's leading dimensions: [..., N].
-        nodes += [
-            self._node("Shape", [x], t("shape")),
-            self._node("Slice", [t("shape"), "phi3v/zero", "phi3v/last_axis"], t("lead")),
-            self._node(
-                "Concat", [t("lead"), self._const(f"width_{n}", [n])], t("out_shape"), axis=0
-            ),
-        ]
-        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
-        out = t("no_bias") if bias else y
-        nodes.append(self._node("Reshape", [t("y2"), t("out_shape")], out))
-        if bias:
-            # Not MatMulIntegerToFloat's own bias input: with a per-row a_scale, onnxruntime
-            # (1.32) scales the bias by it too.
-            nodes.append(self._node("Add", [out, bias], y))
-        return nodes
-
-    def _rotation(self, t, x2: str, k: int, block: int) -> list[onnx.NodeProto]:
-        """x [R, K] -> x @ blockdiag(H) [R, K]: a [R, K/b, b] @ [b, b] fp32 product."""
-        blocks = self._const(f"blocks_{k}_{block}", [-1, k // block, block])
-        return [
-            self._node("Reshape", [x2, blocks], t("blocked")),
-            self._node("MatMul", [t("blocked"), f"phi3v/hadamard_{block}"], t("turned")),
-            self._node("Reshape", [t("turned"), f"phi3v/rows_of_{k}"], t("rotated")),
-        ]
-
-    def _per_row(self, t, x2: str, weight: str, scale: str) -> list[onnx.NodeProto]:
-        """[R, K] float -> one symmetric uint8 scale per row -> MatMulIntegerToFloat [R, N].
-        Three passes over the activations (max, min, quantize) and none over the output: the
-        row and channel scales are applied in the GEMM's output step."""
-        return [
-            *self._row_scales(t, x2, "scale"),
-            self._node("QuantizeLinear", [x2, t("scale"), t("zp")], t("xq"), axis=0),
-            self._node("Reshape", [t("scale"), "phi3v/column"], t("scale_column")),
-            self._node(
-                "MatMulIntegerToFloat",
-                [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128"],
-                t("y2"),
-                domain="com.microsoft",
-            ),
-        ]
-
-    def _per_group(self, t, x2: str, k: int, group: int, weight, scale) -> list[onnx.NodeProto]:
-        """[R, K] -> a scale per row and group of ``group`` columns -> G batched GEMMs, summed.
-        Measured for accuracy: its [G, R, N] partial products cost G times the output."""
-        groups = k // group
-        return [
-            self._node(
-                "Reshape", [x2, self._const(f"groups_{k}_{group}", [-1, groups, group])], t("xg")
-            ),
-            self._node("Transpose", [t("xg")], t("gx"), perm=[1, 0, 2]),
-            self._node(
-                "Reshape", [t("gx"), self._const(f"rows_of_{group}", [-1, group])], t("gx2")
-            ),
-            *self._row_scales(t, t("gx2"), "scale"),
-            self._node("QuantizeLinear", [t("gx2"), t("scale"), t("zp")], t("gq2"), axis=0),
-            self._node("Shape", [t("gx")], t("gshape")),
-            self._node("Reshape", [t("gq2"), t("gshape")], t("gq")),
-            self._node(
-                "Reshape",
-                [t("scale"), self._const(f"g_column_{groups}", [groups, -1, 1])],
-                t("gscale"),
-            ),
-            self._node(
-                "MatMulIntegerToFloat",
-                [t("gq"), weight, t("gscale"), scale, "phi3v/zp128"],
-                t("partial"),
-                domain="com.microsoft",
-            ),
-            self._node("ReduceSum", [t("partial"), "phi3v/first_axis"], t("y2"), keepdims=0),
-        ]
-
-    def _row_scales(self, t, x2: str, out: str) -> list[onnx.NodeProto]:
-        """Per row of [R, C]: ``max(|x|) / 127`` (from max and min, no |x| temporary), and a
-        matching zero point 128 per row."""
-        return [
-            self._reduce("ReduceMax", x2, t("high")),
-            self._reduce("ReduceMin", x2, t("low")),
-            self._node("Neg", [t("low")], t("minus_low")),
-            self._node("Max", [t("high"), t("minus_low"), "phi3v/tiny"], t("peak")),
-            self._node("Mul", [t("peak"), "phi3v/inv127"], t(out)),
-            self._node("Shape", [t(out)], t("rows")),
-            self._node("Expand", ["phi3v/zp128", t("rows")], t("zp")),
-        ]
-
-    def _reduce(self, op: str, x: str, out: str) -> onnx.NodeProto:
-        if self.opset >= AXES_AS_INPUT_FROM:
-            return self._node(op, [x, "phi3v/last_axis"], out, keepdims=0)
-        return self._node(op, [x], out, axes=[-1], keepdims=0)
-
-    def _const(self, name: str, values) -> str:
-        self._constants[name] = np.array(values, np.int64)
-        return f"phi3v/{name}"
-
-    @staticmethod
-    def _node(op: str, inputs: list[str], output: str, domain: str = "", **attrs):
-        return helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs)
-
-
-class _Names:
-    """``t("x")`` -> ``"<node>/x"``: the names of one projection's intermediate tensors."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def __call__(self, suffix: str) -> str:
-        return f"{self.prefix}/{suffix}"
-
-
-def _constants(values: dict) -> list[TensorProto]:
-    return [numpy_helper.from_array(np.asarray(v), f"phi3v/{k}") for k, v in values.items()]
 
 
 # --- reading and writing tensors ------------------------------------------------------------

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from phi3v import machine
 from phi3v.config import TOKENIZER, ModelConfig, load_config
@@ -31,6 +30,7 @@ from phi3v.precision import EXACT, PrecisionChoice, open_sessions
 from phi3v.prefix_cache import LONG_ROPE_FROM, PrefixCache, position_keys, uses_long_rope
 from phi3v.prompt import END, END_OF_TEXT, build_input_ids, normalize_messages, tag_images
 from phi3v.results import Generation, Progress, StopReason, Timings
+from phi3v.run_state import MeasuredSpeed, RunState
 from phi3v.sampling import Sampling
 from phi3v.sessions import Sessions, check_placeholders, image_order
 from phi3v.tokenizer import PromptTokenizer, TextDeltas
@@ -97,7 +97,7 @@ class Pipeline:
         )
         # Logit rows past the tokenizer's last id (32045..32063) have no text; never pick them.
         self.vocab_limit = min(config.vocab_size, tokenizer.vocab_size)
-        self._speed = _Speed()
+        self._speed = MeasuredSpeed()
 
     @classmethod
     def load(
@@ -292,7 +292,7 @@ class Pipeline:
         check_placeholders(ids[0], counts)
         return ids
 
-    def _run(self, request: _Request, run: _RunState) -> Iterator[str]:
+    def _run(self, request: _Request, run: RunState) -> Iterator[str]:
         """Images -> prefill -> sample / stop? / step: yields text deltas, records ``run``."""
         options = run.run_options
         cache, keys, reused = self._checkout(request)
@@ -332,7 +332,7 @@ class Pipeline:
         self,
         new_ids: np.ndarray,
         images: Sequence[ProcessedImage],
-        run: _RunState,
+        run: RunState,
         scope: Hashable | None = None,
     ) -> np.ndarray:
         """Embeddings of the new prompt positions, with the features of the images they hold:
@@ -348,7 +348,7 @@ class Pipeline:
         features = dict(zip(numbers, encoded, strict=True))
         return self.sessions.embed(new_ids, features, run.run_options)
 
-    def _encode(self, images: list[ProcessedImage], run: _RunState) -> list[np.ndarray]:
+    def _encode(self, images: list[ProcessedImage], run: RunState) -> list[np.ndarray]:
         """The vision model's features of ``images``; its speed is recorded for estimates."""
         started = time.perf_counter()
         encoded = self.sessions.encode_images(images, run.run_options)
@@ -356,7 +356,7 @@ class Pipeline:
         self._speed.vision.record(crops, time.perf_counter() - started)
         return encoded
 
-    def _prefill(self, cache: KVCache, embeds: np.ndarray, run: _RunState) -> np.ndarray:
+    def _prefill(self, cache: KVCache, embeds: np.ndarray, run: RunState) -> np.ndarray:
         """Run the decoder over ``embeds`` in chunks; the logits of the last position."""
         total = embeds.shape[1]
         decoder = self.sessions.decoder
@@ -385,7 +385,7 @@ class Pipeline:
         )
         return cache, keys, reused
 
-    def _checkin(self, request, cache: KVCache, keys, run: _RunState, finished: bool) -> None:
+    def _checkin(self, request, cache: KVCache, keys, run: RunState, finished: bool) -> None:
         if not finished:
             run.stop_reason = "cancelled"
         run.progress = Progress("done")
@@ -459,27 +459,6 @@ def _preprocess(image: ImageInput, num_crops: int, number: int, count: int) -> P
         raise ImageError(f"image {number} of {count}: {err}") from err
 
 
-class _Rate:
-    """Seconds per unit of work (crops, prompt positions), from the latest large-enough run."""
-
-    def __init__(self, min_units: int):
-        self.min_units = min_units
-        self.seconds_per_unit: float | None = None
-
-    def record(self, units: int, seconds: float) -> None:
-        if units >= self.min_units:
-            self.seconds_per_unit = seconds / units
-
-    def estimate(self, units: int) -> float | None:
-        return None if self.seconds_per_unit is None else units * self.seconds_per_unit
-
-
-class _Speed:
-    def __init__(self) -> None:
-        self.vision = _Rate(min_units=1)
-        self.prefill = _Rate(min_units=256)  # short prefills measure per-call overhead
-
-
 def _default_prompt_limit(config: ModelConfig, per_position: int) -> int:
     """The longest prompt whose KV cache fits in a share of the memory available now."""
     fits = int(PROMPT_MEMORY_SHARE * machine.available_memory()) // per_position
@@ -499,7 +478,7 @@ class Stream:
         self.estimated_first_token = pipeline.estimate_first_token(request)
         # The generator references only the run state, never this object, so dropping the
         # stream drops the generator by reference counting (no cycle waiting for the GC).
-        self._run = _RunState(started)
+        self._run = RunState(started)
         self._deltas = pipeline._run(request, self._run)
 
     def __iter__(self) -> Iterator[str]:
@@ -569,43 +548,4 @@ class Stream:
             self.stop_reason,
             self.timings,
             self.reused_tokens,
-        )
-
-
-class _RunState:
-    """What a running generation has done so far; written by :meth:`Pipeline._run`."""
-
-    def __init__(self, started: float):
-        self.started = started
-        self.preprocess_seconds = time.perf_counter() - started
-        self.vision_seconds = self.prefill_seconds = 0.0
-        self.progress = Progress("preprocess")
-        self.token_ids: list[int] = []
-        self.stop_reason: StopReason | None = None
-        self.reused_tokens = 0
-        self.cancelled = False
-        self.run_options = ort.RunOptions()  # shared by every model call of this generation
-        self.sampled = 0
-        self.first_token_at = self.last_token_at = 0.0
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.run_options.terminate = True  # onnxruntime checks it between nodes
-
-    def count_token(self, produced: int, limit: int) -> None:
-        now = time.perf_counter()
-        if self.sampled == 0:
-            self.first_token_at = now
-        self.last_token_at = now
-        self.sampled += 1
-        self.progress = Progress("decode", produced, limit)
-
-    def timings(self) -> Timings:
-        elapsed = self.last_token_at - self.first_token_at
-        return Timings(
-            preprocess=self.preprocess_seconds,
-            vision=self.vision_seconds,
-            prefill=self.prefill_seconds,
-            time_to_first_token=self.first_token_at - self.started if self.sampled else 0.0,
-            decode_tokens_per_second=(self.sampled - 1) / elapsed if elapsed > 0 else 0.0,
         )

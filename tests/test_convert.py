@@ -16,6 +16,7 @@ from PIL import Image
 
 import phi3v.convert as convert
 import phi3v.engine as engine
+import phi3v.integer_gemm as integer_gemm
 from phi3v import (
     Pipeline,
     PrecisionError,
@@ -26,6 +27,7 @@ from phi3v import (
     preprocess_image,
 )
 from phi3v.kv_cache import KVCache
+from phi3v.run_state import RunState
 from phi3v.sessions import SessionSettings, open_session
 from phi3v.testing import build_model
 from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
@@ -173,7 +175,7 @@ def first_logits(pipe, prompt, images=()):
     )
     stream.close()
     cache = pipe._new_cache(len(stream.input_ids) + 1)
-    run = engine._RunState(0.0)
+    run = RunState(0.0)
     embeds = pipe._read_images(request.input_ids, request.images, run)
     logits = pipe._prefill(cache, embeds, run).copy()
     cache.close()
@@ -281,9 +283,9 @@ def test_a_hadamard_rotation_beats_per_row_scales_on_outlier_channels(tmp_path):
         tmp_path,
         {
             "exact": None,
-            "per row": convert.Numerics(),
-            "hadamard": convert.Numerics(rotation=64),
-            "per group": convert.Numerics(group=32),
+            "per row": integer_gemm.Numerics(),
+            "hadamard": integer_gemm.Numerics(rotation=64),
+            "per group": integer_gemm.Numerics(group=32),
         },
     )
     assert errors["hadamard"] < errors["per group"] < errors["per row"]
@@ -293,9 +295,9 @@ def test_a_hadamard_rotation_beats_per_row_scales_on_outlier_channels(tmp_path):
 @pytest.mark.parametrize(
     "numerics",
     [
-        convert.Numerics(rotation=32),
-        convert.Numerics(group=16),
-        convert.Numerics(keep_int4=("mlp_out",)),
+        integer_gemm.Numerics(rotation=32),
+        integer_gemm.Numerics(group=16),
+        integer_gemm.Numerics(keep_int4=("mlp_out",)),
     ],
     ids=["hadamard", "per group", "int4 down projections"],
 )
@@ -307,13 +309,15 @@ def test_every_numerics_variant_computes_the_same_model(tiny_int4_model_dir, num
 
 
 def test_projections_kept_int4_stay_matmulnbits(model):
-    numerics = convert.Numerics(keep_int4=("mlp_out",))
+    numerics = integer_gemm.Numerics(keep_int4=("mlp_out",))
     fast = convert.fast_models(
         load_config(model), numerics=convert.FastNumerics(numerics, numerics)
     )
     for path in (fast.vision, fast.decoder):
         graph = onnx.load(str(path), load_external_data=False).graph
-        kept = {convert.projection_role(n.name) for n in graph.node if n.op_type == "MatMulNBits"}
+        kept = {
+            integer_gemm.projection_role(n.name) for n in graph.node if n.op_type == "MatMulNBits"
+        }
         assert "mlp_out" in kept and kept <= {"mlp_out", "other"}
 
 
@@ -330,21 +334,21 @@ def test_projections_kept_int4_stay_matmulnbits(model):
     ],
 )
 def test_projection_roles_are_read_from_node_names(name, role):
-    assert convert.projection_role(name) == role
+    assert integer_gemm.projection_role(name) == role
 
 
 def test_numerics_take_powers_of_two_and_known_roles():
     with pytest.raises(ValueError, match="powers of two"):
-        convert.Numerics(rotation=48)
+        integer_gemm.Numerics(rotation=48)
     with pytest.raises(ValueError, match="unknown projection roles"):
-        convert.Numerics(keep_int4=("lm_head",))
+        integer_gemm.Numerics(keep_int4=("lm_head",))
 
 
 def test_the_hadamard_blocks_are_orthonormal_and_fit_k():
-    h = convert.hadamard(64)
+    h = integer_gemm.hadamard(64)
     np.testing.assert_allclose(h @ h.T, np.eye(64), atol=1e-6)
-    assert convert.fitting_block(128, 576) == 64  # SmolLM2's width, 9 x 64
-    assert convert.fitting_block(128, 3072) == 128
+    assert integer_gemm.fitting_block(128, 576) == 64  # SmolLM2's width, 9 x 64
+    assert integer_gemm.fitting_block(128, 3072) == 128
 
 
 # --- the self-check on the user's weights
@@ -352,13 +356,13 @@ def test_the_hadamard_blocks_are_orthonormal_and_fit_k():
 
 def damaged_weights(monkeypatch):
     """A converter bug: every int8 weight channel's scale three times too large."""
-    honest = convert.quantize_per_channel
+    honest = integer_gemm.quantize_per_channel
 
     def damaged(weights):
         quantized, scale = honest(weights)
         return quantized, scale * 3
 
-    monkeypatch.setattr(convert, "quantize_per_channel", damaged)
+    monkeypatch.setattr(integer_gemm, "quantize_per_channel", damaged)
 
 
 @pytest.fixture
@@ -462,7 +466,7 @@ def test_chunked_prefill_equals_one_shot_prefill_in_exact(tiny_int4_model_dir, l
     for chunk in (length, 128):
         monkeypatch.setattr(engine, "PREFILL_CHUNK", chunk)
         cache = pipe._new_cache(length + 1)
-        logits = pipe._prefill(cache, embeds, engine._RunState(0.0)).copy()
+        logits = pipe._prefill(cache, embeds, RunState(0.0)).copy()
         step = pipe.sessions.embed_token(7)
         results.append((logits, cache.run(pipe.sessions.decoder, step).copy()))
         cache.close()

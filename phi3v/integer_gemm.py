@@ -1,0 +1,260 @@
+"""The integer-GEMM form of one int4 projection, in the numerics a :class:`Numerics` names.
+
+Given a ``MatMulNBits`` node's weights (dequantized to float [K, N]), :class:`GemmBuilder` writes
+the nodes computing the same product on onnxruntime's u8s8 GEMM (``MatMulIntegerToFloat``):
+
+* weights: int8 with one scale per output channel (the int8 grid is finer than each int4 block's
+  16 levels, so this adds little error);
+* activations: 8 bits with one symmetric scale (``absmax / 127`` around the zero point 128) per
+  row, or per group of columns along K;
+* optionally an online block-Hadamard rotation of the activations first, the weights rotated the
+  other way here, so the product is unchanged while an outlier channel's energy is spread over
+  its block instead of crushing the resolution of every other value in its row.
+
+Every node is valid from ONNX opset 14 (the released models' opset) upward.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+INT8_PEAK = 127  # symmetric int8: activations and weights map [-peak, peak] to [-127, 127]
+# Reductions take their axes as an input from this ONNX opset on (an attribute before).
+AXES_AS_INPUT_FROM = 18
+
+# What a projection does, from its node's name: the genai model builder's decoder names
+# (qkv_proj, o_proj, gate_up_proj, down_proj), CLIP's (q/k/v_proj, out_proj, fc1, fc2) and
+# DINOv2's (attn/qkv, attn/proj, mlp/fc1, mlp/fc2).
+ROLES = {
+    "attention_in": r"qkv|q_proj|k_proj|v_proj",
+    "attention_out": r"o_proj|out_proj|attn[./_]proj|dense",
+    "mlp_in": r"gate_up|gate_proj|up_proj|fc1",
+    "mlp_out": r"down_proj|fc2",
+}
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How one model's integer-GEMM copy computes its projections.
+
+    ``rotation``: block size of the online Hadamard rotation of each projection's input (0: none;
+    a power of two; a projection whose K it does not divide uses the largest power of two that
+    does). ``group``: activation columns sharing one scale along K (0: one scale per row over the
+    whole K). ``keep_int4``: roles (keys of :data:`ROLES`) whose projections stay ``MatMulNBits``.
+    """
+
+    rotation: int = 0
+    group: int = 0
+    keep_int4: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for size in (self.rotation, self.group):
+            if size and size & (size - 1):
+                raise ValueError(f"rotation and group sizes are powers of two, got {size}")
+        unknown = set(self.keep_int4) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown projection roles {sorted(unknown)}; known: {list(ROLES)}")
+
+    def describe(self) -> str:
+        """A short name, e.g. ``"hadamard 64, per row, int4 mlp_out"``."""
+        parts = [f"hadamard {self.rotation}"] if self.rotation else []
+        parts.append(f"per group of {self.group}" if self.group else "per row")
+        parts += [f"int4 {role}" for role in self.keep_int4]
+        return ", ".join(parts)
+
+
+def projection_role(name: str) -> str:
+    """The role (a key of :data:`ROLES`) of the projection named ``name``, or ``"other"``."""
+    lowered = name.lower()
+    return next((role for role, pattern in ROLES.items() if re.search(pattern, lowered)), "other")
+
+
+def hadamard(size: int) -> np.ndarray:
+    """The orthonormal Sylvester-Hadamard matrix of ``size`` (a power of two), symmetric."""
+    matrix = np.ones((1, 1), np.float64)
+    while matrix.shape[0] < size:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return (matrix / np.sqrt(size)).astype(np.float32)
+
+
+def fitting_block(size: int, k: int) -> int:
+    """The largest power of two that is at most ``size`` and divides ``k`` (1 if none above)."""
+    block = size
+    while block > 1 and k % block:
+        block //= 2
+    return block
+
+
+def quantize_per_channel(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [K, N] -> (int8 [K, N], float32 scale per output channel [N]), symmetric."""
+    peak = np.abs(weights).max(axis=0)
+    step = np.where(peak > 0, peak / INT8_PEAK, 1.0).astype(np.float32)
+    return np.rint(weights / step).astype(np.int8), step
+
+
+class GemmBuilder:
+    """Makes the integer-GEMM nodes of one model; collects their weights and shared constants."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.weights: list[TensorProto] = []
+        self._constants: dict[str, np.ndarray] = {
+            "tiny": np.array(1e-12, np.float32),
+            "inv127": np.array(1 / INT8_PEAK, np.float32),
+            "zp128": np.array(128, np.uint8),
+            "last_axis": np.array([-1], np.int64),
+            "first_axis": np.array([0], np.int64),
+            "zero": np.array([0], np.int64),
+            "column": np.array([-1, 1], np.int64),
+        }
+
+    def constants(self) -> list[TensorProto]:
+        return constants(self._constants)
+
+    def integer_gemm(
+        self, node: onnx.NodeProto, weights: np.ndarray, numerics: Numerics
+    ) -> list[onnx.NodeProto]:
+        """Nodes computing ``node``'s output (float [..., K] -> [..., N]) on the integer GEMM."""
+        name, x, y = node.name or node.output[0], node.input[0], node.output[0]
+        k, n = weights.shape
+        t = _Names(name)
+        nodes = [self._node("Reshape", [x, self._const(f"rows_of_{k}", [-1, k])], t("x2"))]
+        x2 = t("x2")
+        rotation = fitting_block(numerics.rotation, k) if numerics.rotation else 1
+        if rotation > 1:
+            weights = (hadamard(rotation) @ weights.reshape(k // rotation, rotation, n)).reshape(
+                k, n
+            )
+            self._constants[f"hadamard_{rotation}"] = hadamard(rotation)
+            nodes += self._rotation(t, x2, k, rotation)
+            x2 = t("rotated")
+        group = fitting_block(numerics.group, k) if numerics.group else k
+        quantized, channel_scale = quantize_per_channel(weights)
+        weight_name, scale_name = f"{name}/weight_int8", f"{name}/channel_scale"
+        if group < k:  # [G, g, N]: one GEMM per group, batched
+            quantized = quantized.reshape(k // group, group, n)
+        self.weights += [
+            numpy_helper.from_array(quantized, weight_name),
+            numpy_helper.from_array(channel_scale, scale_name),
+        ]
+        if group < k:
+            nodes += self._per_group(t, x2, k, group, weight_name, scale_name)
+        else:
+            nodes += self._per_row(t, x2, weight_name, scale_name)
+        # Back to x's leading dimensions: [..., N].
+        nodes += [
+            self._node("Shape", [x], t("shape")),
+            self._node("Slice", [t("shape"), "phi3v/zero", "phi3v/last_axis"], t("lead")),
+            self._node(
+                "Concat", [t("lead"), self._const(f"width_{n}", [n])], t("out_shape"), axis=0
+            ),
+        ]
+        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
+        out = t("no_bias") if bias else y
+        nodes.append(self._node("Reshape", [t("y2"), t("out_shape")], out))
+        if bias:
+            # Not MatMulIntegerToFloat's own bias input: with a per-row a_scale, onnxruntime
+            # (1.32) scales the bias by it too.
+            nodes.append(self._node("Add", [out, bias], y))
+        return nodes
+
+    def _rotation(self, t, x2: str, k: int, block: int) -> list[onnx.NodeProto]:
+        """x [R, K] -> x @ blockdiag(H) [R, K]: a [R, K/b, b] @ [b, b] fp32 product."""
+        blocks = self._const(f"blocks_{k}_{block}", [-1, k // block, block])
+        return [
+            self._node("Reshape", [x2, blocks], t("blocked")),
+            self._node("MatMul", [t("blocked"), f"phi3v/hadamard_{block}"], t("turned")),
+            self._node("Reshape", [t("turned"), f"phi3v/rows_of_{k}"], t("rotated")),
+        ]
+
+    def _per_row(self, t, x2: str, weight: str, scale: str) -> list[onnx.NodeProto]:
+        """[R, K] float -> one symmetric uint8 scale per row -> MatMulIntegerToFloat [R, N].
+        Three passes over the activations (max, min, quantize) and none over the output: the
+        row and channel scales are applied in the GEMM's output step."""
+        return [
+            *self._row_scales(t, x2, "scale"),
+            self._node("QuantizeLinear", [x2, t("scale"), t("zp")], t("xq"), axis=0),
+            self._node("Reshape", [t("scale"), "phi3v/column"], t("scale_column")),
+            self._node(
+                "MatMulIntegerToFloat",
+                [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128"],
+                t("y2"),
+                domain="com.microsoft",
+            ),
+        ]
+
+    def _per_group(self, t, x2: str, k: int, group: int, weight, scale) -> list[onnx.NodeProto]:
+        """[R, K] -> a scale per row and group of ``group`` columns -> G batched GEMMs, summed.
+        Measured for accuracy: its [G, R, N] partial products cost G times the output."""
+        groups = k // group
+        return [
+            self._node(
+                "Reshape", [x2, self._const(f"groups_{k}_{group}", [-1, groups, group])], t("xg")
+            ),
+            self._node("Transpose", [t("xg")], t("gx"), perm=[1, 0, 2]),
+            self._node(
+                "Reshape", [t("gx"), self._const(f"rows_of_{group}", [-1, group])], t("gx2")
+            ),
+            *self._row_scales(t, t("gx2"), "scale"),
+            self._node("QuantizeLinear", [t("gx2"), t("scale"), t("zp")], t("gq2"), axis=0),
+            self._node("Shape", [t("gx")], t("gshape")),
+            self._node("Reshape", [t("gq2"), t("gshape")], t("gq")),
+            self._node(
+                "Reshape",
+                [t("scale"), self._const(f"g_column_{groups}", [groups, -1, 1])],
+                t("gscale"),
+            ),
+            self._node(
+                "MatMulIntegerToFloat",
+                [t("gq"), weight, t("gscale"), scale, "phi3v/zp128"],
+                t("partial"),
+                domain="com.microsoft",
+            ),
+            self._node("ReduceSum", [t("partial"), "phi3v/first_axis"], t("y2"), keepdims=0),
+        ]
+
+    def _row_scales(self, t, x2: str, out: str) -> list[onnx.NodeProto]:
+        """Per row of [R, C]: ``max(|x|) / 127`` (from max and min, no |x| temporary), and a
+        matching zero point 128 per row."""
+        return [
+            self._reduce("ReduceMax", x2, t("high")),
+            self._reduce("ReduceMin", x2, t("low")),
+            self._node("Neg", [t("low")], t("minus_low")),
+            self._node("Max", [t("high"), t("minus_low"), "phi3v/tiny"], t("peak")),
+            self._node("Mul", [t("peak"), "phi3v/inv127"], t(out)),
+            self._node("Shape", [t(out)], t("rows")),
+            self._node("Expand", ["phi3v/zp128", t("rows")], t("zp")),
+        ]
+
+    def _reduce(self, op: str, x: str, out: str) -> onnx.NodeProto:
+        if self.opset >= AXES_AS_INPUT_FROM:
+            return self._node(op, [x, "phi3v/last_axis"], out, keepdims=0)
+        return self._node(op, [x], out, axes=[-1], keepdims=0)
+
+    def _const(self, name: str, values) -> str:
+        self._constants[name] = np.array(values, np.int64)
+        return f"phi3v/{name}"
+
+    @staticmethod
+    def _node(op: str, inputs: list[str], output: str, domain: str = "", **attrs):
+        return helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs)
+
+
+class _Names:
+    """``t("x")`` -> ``"<node>/x"``: the names of one projection's intermediate tensors."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __call__(self, suffix: str) -> str:
+        return f"{self.prefix}/{suffix}"
+
+
+def constants(values: dict) -> list[TensorProto]:
+    """Initializers ``phi3v/<name>`` of the given values (the copies' shared constants)."""
+    return [numpy_helper.from_array(np.asarray(v), f"phi3v/{k}") for k, v in values.items()]
