@@ -22,7 +22,7 @@ from workers import report_result, run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 33  # 32 decode steps after the first token
-PRECISIONS = ("exact", "fast")
+COMPARED = ("exact", "fast")
 
 
 def worker(model: str, precision: str, length: int) -> dict:
@@ -54,13 +54,13 @@ def main() -> None:
     started = os.getloadavg()
     runs = []
     for _ in range(args.runs):
-        for precision in PRECISIONS:
+        for precision in COMPARED:
             spec = {"model": str(args.model), "precision": precision, "length": args.length}
             runs.append(run_worker(__file__, spec, "--model", str(args.model)))
             print(runs[-1], flush=True)
     medians = {
         p: statistics.median(r["decode_ms"] for r in runs if r["precision"] == p)
-        for p in PRECISIONS
+        for p in COMPARED
     }
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -80,7 +80,7 @@ def main() -> None:
         "| precision | decode ms/token, each run | median |",
         "|---|---|---|",
     ]
-    for p in PRECISIONS:
+    for p in COMPARED:
         each = ", ".join(f"{r['decode_ms']:.1f}" for r in runs if r["precision"] == p)
         lines.append(f"| {p} | {each} | {medians[p]:.1f} |")
     lines += ["", f"fast / exact: **{medians['fast'] / medians['exact']:.2f}**"]
