@@ -29,9 +29,10 @@ AXES_AS_INPUT_FROM = 18
 
 # What a projection does, from its node's name: the genai model builder's decoder names
 # (qkv_proj, o_proj, gate_up_proj, down_proj), CLIP's (q/k/v_proj, out_proj, fc1, fc2) and
-# DINOv2's (attn/qkv, attn/proj, mlp/fc1, mlp/fc2).
+# DINOv2's as Hugging Face exports it (attention/query|key|value, attention/output/dense,
+# mlp/fc1, mlp/fc2).
 ROLES = {
-    "attention_in": r"qkv|q_proj|k_proj|v_proj",
+    "attention_in": r"qkv|[qkv]_proj|attention/(query|key|value)",
     "attention_out": r"o_proj|out_proj|attn[./_]proj|dense",
     "mlp_in": r"gate_up|gate_proj|up_proj|fc1",
     "mlp_out": r"down_proj|fc2",

@@ -330,6 +330,8 @@ def test_projections_kept_int4_stay_matmulnbits(model):
         ("/model/layers.3/mlp/down_proj/MatMulNBits", "mlp_out"),
         ("/img_processor/vision_model/encoder/layers.0/self_attn/out_proj/MatMul", "attention_out"),
         ("/blocks.0/mlp/fc2/MatMul", "mlp_out"),
+        ("/backbone/encoder/layer.0/attention/attention/key/MatMulNBits", "attention_in"),
+        ("/backbone/encoder/layer.0/attention/output/dense/MatMulNBits", "attention_out"),
         ("/img_projection/img_projection.0/MatMul", "other"),
     ],
 )
