@@ -59,8 +59,7 @@ def main() -> None:
             runs.append(run_worker(__file__, spec, "--model", str(args.model)))
             print(runs[-1], flush=True)
     medians = {
-        p: statistics.median(r["decode_ms"] for r in runs if r["precision"] == p)
-        for p in COMPARED
+        p: statistics.median(r["decode_ms"] for r in runs if r["precision"] == p) for p in COMPARED
     }
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -45,14 +45,14 @@ CONFIGS = (
 )
 
 
-def worker(model: str, numerics: str, chunk: int, profile: bool) -> dict:
+def worker(model: str, numerics: str, chunk: int, profile: bool, before: str | None) -> dict:
     import numpy as np
     import onnxruntime as ort
 
     from phi3v import load_config
     from phi3v.kv_cache import KVCache
 
-    copies = Path(model) / COPIES / numerics
+    copies = Path(before) if numerics == "before" else Path(model) / COPIES / numerics
     config = load_config(model)
     options = ort.SessionOptions()
     if profile:
@@ -112,17 +112,19 @@ def make_copies(model: str) -> None:
         key.write_text(repr(chosen))
 
 
-def measure(model: str, runs: int) -> list[dict]:
+def measure(model: str, runs: int, before: str | None) -> list[dict]:
     """Alternate every configuration ``runs`` times, then profile each once."""
     script = Path(__file__)
+    configs = ([("before", 512, True)] if before else []) + list(CONFIGS)
     times: dict[tuple, list[dict]] = defaultdict(list)
+    base = {"model": model, "before": before}
     for _ in range(runs):
-        for numerics, chunk, flash in CONFIGS:
-            spec = {"model": model, "numerics": numerics, "chunk": chunk, "profile": False}
+        for numerics, chunk, flash in configs:
+            spec = {**base, "numerics": numerics, "chunk": chunk, "profile": False}
             times[numerics, chunk, flash].append(_run(script, spec, flash))
     rows = []
-    for numerics, chunk, flash in CONFIGS:
-        spec = {"model": model, "numerics": numerics, "chunk": chunk, "profile": True}
+    for numerics, chunk, flash in configs:
+        spec = {**base, "numerics": numerics, "chunk": chunk, "profile": True}
         profiled = _run(script, spec, flash)
         done = times[numerics, chunk, flash]
         prefill_ops = profiled["prefill_ops"]
@@ -160,6 +162,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--before",
+        help="a folder with copies made by an earlier converter, timed as one more row",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -172,7 +178,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit.stdout.strip(),
         "cpu": machine.describe_cpu(),
-        "command": f"python bench/prefill_profile.py --model {args.model} --runs {args.runs}",
+        "command": f"python bench/prefill_profile.py --model {args.model} --runs {args.runs}"
+        + (f" --before {args.before}" if args.before else ""),
         "runs": args.runs,
         "default_numerics": {
             "vision": convert.DEFAULT_NUMERICS.vision.describe(),
@@ -181,7 +188,7 @@ def main() -> None:
         "load_before": os.getloadavg(),
     }
     make_copies(args.model)
-    report["rows"] = measure(args.model, args.runs)
+    report["rows"] = measure(args.model, args.runs, args.before)
     report["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prefill_profile.json").write_text(json.dumps(report, indent=1) + "\n")
