@@ -317,7 +317,9 @@ def test_stream_reports_progress_while_running(pipe, images):
 
 @pytest.fixture
 def closed(pipe, monkeypatch) -> list[bool]:
-    """Records each KV cache released; the pipeline starts with none kept from earlier tests."""
+    """Records each KV cache released; the pipeline starts with none kept from earlier tests.
+    (A stopped generation of a conversation keeps its cache for the follow-up, test_cache.py; these
+    tests stop one-off calls, which keep nothing.)"""
     closed = []
 
     class Recording(phi3v.engine.KVCache):
@@ -331,7 +333,7 @@ def closed(pipe, monkeypatch) -> list[bool]:
 
 
 def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, closed):
-    stream = pipe.stream("Hello", max_new_tokens=500)
+    stream = pipe.stream("Hello", max_new_tokens=500, remember=False)
     next(stream)
     stream.close()
     assert closed == [True]
@@ -344,7 +346,7 @@ def test_closing_a_stream_ends_the_generation_and_frees_its_cache(pipe, closed):
 def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, closed):
     gc.disable()
     try:
-        for count, _delta in enumerate(pipe.stream("Hello", max_new_tokens=500)):
+        for count, _delta in enumerate(pipe.stream("Hello", max_new_tokens=500, remember=False)):
             if count == 2:
                 break
         assert closed == [True]  # freed by reference counting, before any GC cycle
@@ -354,7 +356,7 @@ def test_a_consumer_that_drops_the_stream_frees_the_cache_without_the_gc(pipe, c
 
 def test_cancel_during_the_vision_model_ends_before_any_token(pipe, images, closed, monkeypatch):
     run = pipe.sessions.vision.run
-    stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50)
+    stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50, remember=False)
 
     def vision_then_cancel(*args, **kwargs):
         stream.cancel()  # as if Stop were pressed while the image is being read
@@ -367,7 +369,7 @@ def test_cancel_during_the_vision_model_ends_before_any_token(pipe, images, clos
 
 
 def test_cancel_aborts_the_running_prefill(pipe, images, closed, monkeypatch):
-    stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50)
+    stream = pipe.stream("Describe.", [images["landscape"]], max_new_tokens=50, remember=False)
     run = pipe.sessions.decoder.run_with_iobinding
 
     def cancelled_while_running(binding, run_options=None):
@@ -381,7 +383,7 @@ def test_cancel_aborts_the_running_prefill(pipe, images, closed, monkeypatch):
 
 
 def test_cancel_from_another_thread_ends_a_running_stream(pipe, closed):
-    stream = pipe.stream("Write at length.", max_new_tokens=100_000)
+    stream = pipe.stream("Write at length.", max_new_tokens=100_000, remember=False)
     started, received = threading.Event(), []
 
     def consume():
