@@ -19,6 +19,9 @@ ERROR_MARK = "⚠"  # an assistant message starting with this is an error, not a
 STOPPED_MARK = "■"  # ... or the note of an answer stopped before its first word
 MAX_IMAGES_PER_MESSAGE = 8
 MAX_IMAGES_PER_CONVERSATION = 16  # each image is up to ~2,000 prompt tokens at full detail
+# Per uploaded file, in the chat (Gradio's max_file_size) and per image in the OpenAI API: 20 MiB,
+# room for a full-resolution phone photo as PNG.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"}
 )

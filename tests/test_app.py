@@ -26,7 +26,7 @@ import app
 from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
 from phi3v_app import cli, view
-from phi3v_app.answers import Answers, check_images, generation_options
+from phi3v_app.chat import Answers, check_images, generation_options
 from phi3v_app.history import (
     ERROR_MARK,
     MAX_IMAGES_PER_MESSAGE,
@@ -442,7 +442,8 @@ def test_a_damaged_upload_is_numbered_within_its_own_message(tmp_path):
 
 def test_a_model_that_is_not_ready_is_explained_in_the_chat():
     runner = Answers(ModelLoader("/nonexistent/model-folder"), ModelTurns(4))
-    ((history, _),) = runner.run(runner.begin("s"), [user("Hi.")], {})
+    updates = list(runner.run(runner.begin("s"), [user("Hi.")], {}))
+    history = last_chat(updates)
     assert text_of(history[-1]).startswith(ERROR_MARK)
     assert "still loading" in text_of(history[-1])
 
@@ -499,8 +500,8 @@ def test_fast_precision_shows_the_conversion_then_says_fast_mode(tiny_int4_model
 
 @pytest.fixture(scope="module")
 def live(loader):
-    with serve_demo(loader, queue_size=1) as (url, demo):
-        yield url, demo
+    with serve_demo(loader, queue_size=1) as (url, app):
+        yield url, app
 
 
 @pytest.fixture
@@ -547,7 +548,7 @@ def test_a_call_without_a_conversation_id_keeps_no_kv_cache(client, loader):
 
 
 def test_a_cancelled_call_stops_and_the_model_is_free_again(client, live):
-    turns = live[1].answers.turns
+    turns = live[1].turns
     job = ask(client, "Write a long story.", max_new_tokens=LONG)
     wait_until(lambda: job.outputs(), timeout=60)
     assert job.cancel()
@@ -604,8 +605,8 @@ def test_a_malformed_request_gets_a_message_and_the_log_one_line(live, data, cap
 
 
 def test_a_full_line_refuses_the_next_call_with_a_message(live):
-    url, demo = live
-    turns = demo.answers.turns  # queue_size=1: one call may wait
+    url, app = live
+    turns = app.turns  # queue_size=1: one call may wait
     with turns.turn():
         waiting = ask(Client(url, download_files=False, verbose=False), "Wait for me.")
         wait_until(lambda: turns.waiting == 1)

@@ -62,8 +62,8 @@ def browser():
 @pytest.fixture(scope="module")
 def live(tiny_model_dir):
     """One server for the module, with room for one answer waiting in line."""
-    with serve_demo(ready_loader(tiny_model_dir), queue_size=1) as (url, demo):
-        yield url, demo
+    with serve_demo(ready_loader(tiny_model_dir), queue_size=1) as (url, app):
+        yield url, app
 
 
 def open_page(browser, url: str, viewport=DESKTOP, **options):
@@ -192,14 +192,14 @@ def test_clear_during_an_answer_stops_it_and_nothing_comes_back(page, live):
     expect(status(page)).to_contain_text("Answering")
     page.locator("#chat").get_by_role("button", name="Clear").click()
     expect(prompt(page)).to_be_enabled()
-    wait_until(lambda: not live[1].answers.turns.busy)  # the model was let go
+    wait_until(lambda: not live[1].turns.busy)  # the model was let go
     page.wait_for_timeout(300)
     assert page.locator("#chat [data-testid='bot']").count() == 0, "the chat stays empty"
     expect(page.locator("#stop")).to_be_disabled()
 
 
 def test_stop_while_waiting_in_line_removes_the_question_from_the_line(page, live):
-    turns = live[1].answers.turns
+    turns = live[1].turns
     ask(page, "Hello?")
     expect(status(page)).to_contain_text("Done")
     with turns.turn():  # another visitor's answer has the model
@@ -214,8 +214,8 @@ def test_stop_while_waiting_in_line_removes_the_question_from_the_line(page, liv
 
 
 def test_a_full_line_is_said_in_the_chat_and_stop_and_reload_still_work(browser, live):
-    url, demo = live
-    turns = demo.answers.turns  # one answer may wait
+    url, app = live
+    turns = app.turns  # one answer may wait
     first, second = open_page(browser, url), open_page(browser, url)
     with turns.turn():
         ask(first, "I wait.")

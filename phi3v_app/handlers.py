@@ -1,0 +1,183 @@
+"""What each control of the page does: one named method per event, over the chat's answers.
+
+Every control (send, Stop, retry, undo, edit, clear, an example, page load, the model box's
+refresh) runs outside Gradio's queue and returns at once; only :meth:`Handlers.answer` streams.
+Each handler decides the state of the input and of Stop from the session's real state
+(:meth:`Answers.pending`), whichever event ends first. The layout that wires them is
+:mod:`phi3v_app.page`.
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from pathlib import Path
+
+import gradio as gr
+
+from phi3v_app import view
+from phi3v_app.chat import Answers, check_images, generation_options
+from phi3v_app.chat_api import file_paths
+from phi3v_app.history import (
+    HistoryError,
+    error_message,
+    message_parts,
+    upload_name,
+    user_message,
+    without_last_answer,
+    without_last_turn,
+)
+
+
+def session_of(request: gr.Request | None) -> str:
+    """The browser session a request comes from ("" for none)."""
+    return (request.session_hash if request is not None else None) or ""
+
+
+def _files_exist(message: dict) -> bool:
+    _, files = message_parts(message.get("content"))
+    return all(Path(path).is_file() for path in files)
+
+
+def _skip(value):
+    return gr.skip() if value is None else value
+
+
+def locked():
+    """The input and Stop while an answer is on its way: the input waits, Stop works."""
+    return gr.MultimodalTextbox(value=None, interactive=False), gr.Button(interactive=True)
+
+
+class Handlers:
+    """The page's event handlers over one :class:`Answers`."""
+
+    def __init__(self, answers: Answers):
+        self.answers = answers
+        self.loader = answers.loader
+
+    # --- the model box ---------------------------------------------------------------------
+
+    def refresh(self, request: gr.Request):
+        """The model box, the input's state, the crops default, the poll timer, Try again."""
+        status = self.loader.status()
+        ready, failed = status.phase == "ready", status.phase == "failed"
+        free = ready and not self.answers.pending(session_of(request))
+        return (
+            view.model_panel(status),
+            gr.MultimodalTextbox(
+                interactive=free, placeholder=view.input_placeholder(status.phase)
+            ),
+            gr.Slider(value=status.num_crops) if ready else gr.Slider(),
+            gr.Timer(active=not (ready or failed)),
+            gr.Button(visible=failed),
+        )
+
+    def restart_loading(self):
+        self.loader.start()
+        return gr.Timer(active=True), gr.Button(visible=False)
+
+    # --- around an answer ------------------------------------------------------------------
+
+    def settle(self, history, request: gr.Request):
+        """After an answer's event ended: the controls as the session really is (a newer
+        answer, started by Retry, may be running), and the chat saved in the browser."""
+        busy = self.answers.pending(session_of(request))
+        return (
+            gr.MultimodalTextbox(interactive=self.loader.ready and not busy),
+            gr.Button(interactive=busy),
+            gr.skip() if busy else list(history or []),
+        )
+
+    @staticmethod
+    def restore(saved, shown):
+        """The chat this browser had before a reload (none if the server dropped its pictures:
+        the conversation could not go on about them). A chat already going on is kept."""
+        if shown:
+            return gr.skip()
+        saved = [message for message in saved or [] if isinstance(message, dict)]
+        return saved if all(_files_exist(message) for message in saved) else []
+
+    def send(self, history, message, request: gr.Request):
+        history = list(history or [])
+        text = ((message or {}).get("text") or "").strip()
+        files = file_paths((message or {}).get("files"))
+        if not (text or files):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        try:
+            check_images(files)
+        except HistoryError as err:  # shown in the chat; the file is not shown as a picture
+            names = ", ".join(upload_name(path) for path in files)
+            shown = f"{text}\n\n(attached: {names})" if text else f"(attached: {names})"
+            history += [user_message(shown, []), error_message(str(err))]
+            return history, gr.MultimodalTextbox(value=None), gr.skip(), view.error_status()
+        self.answers.begin(session_of(request))
+        history.append(user_message(text, files))
+        return history, *locked(), view.status_line("busy", "Sending…")
+
+    def answer(
+        self, history, max_new_tokens, temperature, top_p, top_k, num_crops, req: gr.Request
+    ):
+        """Stream the answer to the last question: (chat, status line) updates."""
+        session = session_of(req)
+        options = generation_options(max_new_tokens, temperature, top_p, top_k, num_crops)
+        run = self.answers.run(self.answers.current(session), history, options, session)
+        updated = False
+        with closing(run):  # closed by a cancel: the runner stops the answer
+            for chat, status in run:
+                updated = True
+                yield _skip(chat), _skip(status)
+        if not updated:  # nothing to answer, or silenced: a generator without a yield would
+            yield gr.skip(), gr.skip()  # empty the chat
+
+    def stop(self, request: gr.Request):
+        self.answers.stop(session_of(request))
+        return gr.Button(interactive=False)
+
+    # --- the chat's own icons --------------------------------------------------------------
+
+    def retry(self, history, request: gr.Request):
+        self.answers.begin(session_of(request))  # stops the answer still running, if any
+        again = view.status_line("busy", "Asking again…")
+        return without_last_answer(history or []), *locked(), again
+
+    def undo(self, history, request: gr.Request):
+        history = list(history or [])
+        self.answers.forget(session_of(request), leave=without_last_turn(history))
+        last_question = next((m for m in reversed(history) if m.get("role") == "user"), None)
+        text, files = message_parts(last_question["content"]) if last_question else ("", [])
+        return (
+            without_last_turn(history),
+            gr.MultimodalTextbox(
+                value={"text": text, "files": files}, interactive=self.loader.ready
+            ),
+            gr.Button(interactive=False),
+            "",
+        )
+
+    def edit(self, history, event: gr.EditData, request: gr.Request):
+        history = list(history or [])
+        index = event.index if isinstance(event.index, int) else event.index[0]
+        if not 0 <= index < len(history) or history[index].get("role") != "user":
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        _, files = message_parts(history[index]["content"])
+        self.answers.begin(session_of(request))
+        edited = user_message(str(event.value or "").strip(), files)
+        return [*history[:index], edited], *locked(), view.status_line("busy", "Asking again…")
+
+    def clear(self, request: gr.Request):
+        self.answers.forget(session_of(request), leave=[])
+        return (
+            [],
+            gr.MultimodalTextbox(value=None, interactive=self.loader.ready),
+            gr.Button(interactive=False),
+            "",
+        )
+
+    def run_example(self, history, event: gr.SelectData, request: gr.Request):
+        value = event.value if isinstance(event.value, dict) else {}
+        files = file_paths(value.get("files"))
+        text = str(value.get("text") or "")
+        if not self.loader.ready or self.answers.pending(session_of(request)):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        self.answers.begin(session_of(request))
+        history = [*(history or []), user_message(text, files)]
+        return history, *locked(), view.status_line("busy", "Sending…")
