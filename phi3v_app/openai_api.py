@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from phi3v import Pipeline
+from phi3v_app import runner
 from phi3v_app.history import MAX_IMAGES_PER_CONVERSATION, MAX_UPLOAD_BYTES
 from phi3v_app.openai_schema import (
     APIError,
@@ -38,18 +39,6 @@ from phi3v_app.openai_schema import (
     RemoteImage,
     parse_request,
     too_large,
-)
-from phi3v_app.runner import (
-    Answer,
-    Delta,
-    Event,
-    Failed,
-    Finished,
-    Question,
-    Queued,
-    Runner,
-    Stopped,
-    Usage,
 )
 from phi3v_app.turns import ModelTurns
 
@@ -68,7 +57,7 @@ RETRY_AFTER_S = 10  # suggested to callers told that the model is busy or not re
 
 @dataclass(frozen=True)
 class _Settings:
-    runner: Runner
+    runner: runner.Runner
     model_name: str
     api_key: str | None
     allow_remote_images: bool
@@ -97,7 +86,7 @@ def add_openai_routes(
     made to reach hosts behind its firewall).
     """
     settings = _Settings(
-        Runner(pipeline, turns),
+        runner.Runner(pipeline, turns),
         model_name,
         api_key,
         allow_remote_images,
@@ -257,7 +246,7 @@ def _fetch(url: str, number: int, max_bytes: int) -> bytes:
     return bytes(data)
 
 
-def _question(chat: ChatRequest, images: list[bytes]) -> Question:
+def _question(chat: ChatRequest, images: list[bytes]) -> runner.Question:
     """The runner's question for the request.
 
     The KV cache kept after an answer is continued by the next request with the same ``user``
@@ -265,7 +254,7 @@ def _question(chat: ChatRequest, images: list[bytes]) -> Question:
     continues nor keeps a cache: anonymous callers cannot time what another sent, and one-off
     questions do not push kept conversations out of the memory budget.
     """
-    return Question(
+    return runner.Question(
         list(chat.messages),
         images,
         chat.generation_options(),
@@ -284,24 +273,24 @@ class _CallerGone(Exception):
 class _Events:
     """One answer's events (:mod:`phi3v_app.runner`), awaited between looks at the caller."""
 
-    def __init__(self, answer: Answer, request: Request):
+    def __init__(self, answer: runner.Answer, request: Request):
         self.answer = answer
         self.request = request
         self._events = answer.events(tick=POLL_S)
 
-    async def next(self) -> Event:
+    async def next(self) -> runner.Event:
         """The next event; raises _CallerGone (and cancels the answer) once the caller left."""
         if await self.request.is_disconnected():
             self.cancel()
             raise _CallerGone
         return await run_in_threadpool(next, self._events)
 
-    async def started(self) -> Event:
+    async def started(self) -> runner.Event:
         """The first event after the wait in line: Reading or later. Raises APIError for a
         failure before any text (busy, bad input) and _CallerGone for a caller that left."""
-        while isinstance(event := await self.next(), Queued):
+        while isinstance(event := await self.next(), runner.Queued):
             pass
-        if isinstance(event, Failed):
+        if isinstance(event, runner.Failed):
             raise _failure_error(event)
         return event
 
@@ -309,7 +298,7 @@ class _Events:
         self.answer.cancel()
 
 
-def _failure_error(failed: Failed) -> APIError:
+def _failure_error(failed: runner.Failed) -> APIError:
     """A failed answer as OpenAI's error: 429 busy, 503 not ready, 400 bad input, 500 else."""
     if failed.kind == "busy":
         return APIError(
@@ -341,9 +330,9 @@ def _not_ready() -> APIError:
     )
 
 
-def _finish_reason(event: Finished | Stopped) -> str:
+def _finish_reason(event: runner.Finished | runner.Stopped) -> str:
     """OpenAI's finish_reason: "length" at max tokens, "stop" otherwise."""
-    return "length" if isinstance(event, Finished) and event.reason == "length" else "stop"
+    return "length" if isinstance(event, runner.Finished) and event.reason == "length" else "stop"
 
 
 class StopText:
@@ -399,7 +388,8 @@ class _Answer:
         self.model = model_name
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.usage = Usage()
+        self.usage = runner.Usage()  # the latest counts, from the runner's events
+        self.finish_reason = "stop"  # OpenAI's, set when the answer ends
 
     def completion(self, text: str, finish_reason: str) -> dict:
         message = {"role": "assistant", "content": text}
@@ -425,7 +415,9 @@ class _Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-async def _texts(events: _Events, first: Event, answer: _Answer) -> AsyncIterator[str | None]:
+async def _texts(
+    events: _Events, first: runner.Event, answer: _Answer
+) -> AsyncIterator[str | None]:
     """The answer's text, cut at the request's stop sequences, as it becomes safe to send;
     None at each tick without text. Sets ``answer.usage``; ends at the finish, whose reason
     it leaves in ``answer.finish_reason``. Leaving early cancels the answer."""
@@ -433,20 +425,20 @@ async def _texts(events: _Events, first: Event, answer: _Answer) -> AsyncIterato
     event = first
     try:
         while True:
-            if isinstance(event, Delta):
+            if isinstance(event, runner.Delta):
                 answer.usage = event.usage
                 if text := cut.push(event.text):
                     yield text
                 if cut.stopped:
                     answer.finish_reason = "stop"
                     return
-            elif isinstance(event, (Finished, Stopped)):
+            elif isinstance(event, (runner.Finished, runner.Stopped)):
                 answer.usage = event.usage
                 if tail := cut.flush():
                     yield tail
                 answer.finish_reason = _finish_reason(event)
                 return
-            elif isinstance(event, Failed):
+            elif isinstance(event, runner.Failed):
                 raise _failure_error(event)
             else:
                 yield None
@@ -455,13 +447,13 @@ async def _texts(events: _Events, first: Event, answer: _Answer) -> AsyncIterato
         events.cancel()  # a no-op after the end; frees the model when the caller left
 
 
-async def _collect(events: _Events, first: Event, answer: _Answer) -> dict:
+async def _collect(events: _Events, first: runner.Event, answer: _Answer) -> dict:
     """The whole answer as one ``chat.completion`` object."""
     text = "".join([piece async for piece in _texts(events, first, answer) if piece])
     return answer.completion(text, answer.finish_reason)
 
 
-async def _sse_events(events: _Events, first: Event, answer: _Answer) -> AsyncIterator[str]:
+async def _sse_events(events: _Events, first: runner.Event, answer: _Answer) -> AsyncIterator[str]:
     """The answer as server-sent events: a role chunk, text chunks, a finish chunk, (usage),
     ``data: [DONE]``. Leaving early (the caller went away) cancels the answer."""
     yield _sse(answer.chunk({"role": "assistant", "content": ""}))

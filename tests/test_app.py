@@ -478,16 +478,11 @@ def test_first_launch_downloads_with_progress_then_loads(tmp_path, monkeypatch):
 def test_fast_precision_shows_the_conversion_then_says_fast_mode(tiny_int4_model_dir, tmp_path):
     folder = tmp_path / "int4"
     shutil.copytree(tiny_int4_model_dir, folder, ignore=shutil.ignore_patterns(".phi3v-cache"))
-    loader = ModelLoader(folder, precision="fast")
+    loader = ModelLoader(folder, precision="fast").start()
     seen: list[ModelStatus] = []
-    record = loader._on_conversion
-
-    def watched(progress):  # the page polls status(); here every report is looked at
-        record(progress)
+    while not seen or seen[-1].phase not in ("ready", "failed"):  # as the page polls, faster
         seen.append(loader.status())
-
-    loader._on_conversion = watched
-    assert loader.start().wait(120), loader.status().error
+    assert loader.wait(120), loader.status().error
     converting = [status for status in seen if status.phase == "converting"]
     assert converting and any(s.conversion.total > 0 for s in converting)
     assert "Preparing fast mode" in view.model_panel(converting[-1])
@@ -541,10 +536,18 @@ def test_a_conversation_id_makes_the_next_call_a_follow_up(client, loader, monke
     assert stream.reused_tokens > 0  # and its KV cache was reused
 
 
-def test_a_call_without_a_conversation_id_keeps_no_kv_cache(client, loader):
-    kept = len(loader.pipeline._prefix)
+def test_only_a_call_with_a_conversation_id_keeps_a_kv_cache(client, loader, monkeypatch):
+    remembered = []
+    real_stream = loader.pipeline.stream
+
+    def recording_stream(*args, **kwargs):
+        remembered.append(kwargs["remember"])
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(loader.pipeline, "stream", recording_stream)
     ask(client, "A one-off question.").result(timeout=ANSWER_TIMEOUT_S)
-    assert len(loader.pipeline._prefix) == kept
+    ask(client, "A question to follow up.", conversation_id="c-2").result(timeout=ANSWER_TIMEOUT_S)
+    assert remembered == [False, True]
 
 
 def test_a_cancelled_call_stops_and_the_model_is_free_again(client, live):

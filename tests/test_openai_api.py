@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from phi3v import Pipeline
+from phi3v_app.history import typed_text
 from phi3v_app.openai_api import StopText, add_openai_routes
 from phi3v_app.turns import ModelTurns
 
@@ -155,21 +156,21 @@ def assert_same_answer(response, generation) -> None:
 def test_only_requests_with_the_same_user_continue_each_others_kv_cache(api, pipe, monkeypatch):
     """Reuse makes a repeated prompt's first token faster; between anonymous callers that
     would tell one what another sent (issue 9's timing side channel)."""
-    streams = []
+    streams, remembered = [], []
     real_stream = pipe.stream
 
     def recording_stream(*args, **kwargs):
+        remembered.append(kwargs["remember"])
         streams.append(real_stream(*args, **kwargs))
         return streams[-1]
 
     monkeypatch.setattr(pipe, "stream", recording_stream)
     question = [{"role": "user", "content": [image_part(png("teal")), text_part("And this?")]}]
-    kept = len(pipe._prefix)
     for _ in range(2):
         ask(api, question)
-    assert len(pipe._prefix) == kept  # anonymous calls keep nothing either
     for _ in range(2):
         ask(api, question, user="ada")
+    assert remembered == [False, False, True, True]  # anonymous calls keep no cache either
     assert [s.reused_tokens > 0 for s in streams] == [False, False, False, True]
 
 
@@ -299,11 +300,16 @@ def test_stop_text_releases_the_held_back_end_when_the_answer_ends():
     assert not text.stopped
 
 
-def test_a_typed_image_tag_stays_text(api):
+def test_a_typed_image_tag_stays_text(api, pipe):
     typed = "What does <|image_1|> mean?"
-    assert ask(api, [{"role": "user", "content": typed}]).choices[0].message.content is not None
-    parts = [image_part(png("red")), text_part(typed)]
-    assert ask(api, [{"role": "user", "content": parts}]).usage.prompt_tokens > 100
+    as_text = typed_text(typed)  # what the chat gives the model for the same typing
+    alone = ask(api, [{"role": "user", "content": typed}])
+    assert_same_answer(alone, expected(pipe, [{"role": "user", "content": as_text}]))
+    red = png("red")
+    parts = [image_part(red), text_part(typed)]
+    beside = ask(api, [{"role": "user", "content": parts}])
+    generation = expected(pipe, [{"role": "user", "content": f"<|image_1|>\n{as_text}"}], [red])
+    assert_same_answer(beside, generation)
 
 
 def test_models_lists_the_loaded_model_set(api):
