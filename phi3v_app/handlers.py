@@ -153,12 +153,20 @@ class Handlers:
             "",
         )
 
-    def edit(self, history, event: gr.EditData, request: gr.Request):
+    def edit(self, history, saved, event: gr.EditData, request: gr.Request):
+        """Answer an edited question again, with its pictures; the later turns are dropped.
+
+        The browser sends the chat with the edited message's content replaced by its new text,
+        the pictures gone; they are taken back from the chat as saved when the last answer
+        ended (``saved``, the same messages up to the edit)."""
         history = list(history or [])
         index = event.index if isinstance(event.index, int) else event.index[0]
         if not 0 <= index < len(history) or history[index].get("role") != "user":
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         _, files = message_parts(history[index]["content"])
+        before = [m for m in saved or [] if isinstance(m, dict)]
+        if not files and index < len(before) and before[index].get("role") == "user":
+            files = message_parts(before[index]["content"])[1]
         self.answers.begin(session_of(request))
         edited = user_message(str(event.value or "").strip(), files)
         return [*history[:index], edited], *locked(), view.status_line("busy", "Asking again…")

@@ -105,6 +105,10 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             buttons=["copy", "copy_all"],
             feedback_options=None,
             editable="user",
+            # Each part of a message in a bubble of its own: Gradio's edit of a bubble holding a
+            # picture and text throws in the browser (it copies the picture as if it were text)
+            # and never reaches the server; alone, the text is edited and the picture kept.
+            group_consecutive_messages=False,
             elem_id="chat",
         )
         status = gr.HTML("", elem_id="status")
@@ -183,7 +187,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             chat_input.submit(handlers.send, [chatbot, chat_input], started_answer, **control)
         )
         then_answer(chatbot.retry(handlers.retry, [chatbot], started_answer, **control))
-        then_answer(chatbot.edit(handlers.edit, [chatbot], started_answer, **control))
+        then_answer(chatbot.edit(handlers.edit, [chatbot, saved], started_answer, **control))
         then_answer(
             chatbot.example_select(handlers.run_example, [chatbot], started_answer, **control)
         )

@@ -258,6 +258,38 @@ def test_editing_a_question_answers_it_again(page):
     expect(prompt(page)).to_be_enabled()
 
 
+def record_streams(pipe, monkeypatch) -> list:
+    """The pipeline's streams from now on, kept so their public counters can be read."""
+    streams = []
+    real_stream = pipe.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    return streams
+
+
+def test_editing_a_question_with_a_picture_answers_it_again_without_rereading_it(
+    page, live, monkeypatch
+):
+    streams = record_streams(live[1].loader.pipeline, monkeypatch)
+    ask(page, "First question.", CHART)
+    expect(status(page)).to_contain_text("Done")
+    expect(prompt(page)).to_be_enabled()
+    page.locator("#chat").get_by_role("button", name="Edit").click()
+    page.locator("#chat textarea").fill("Changed question.")
+    page.locator("#chat").get_by_role("button", name="Submit").click()
+    expect(page.locator("#chat [data-testid='user']").last).to_have_text("Changed question.")
+    expect(status(page)).to_contain_text("Done")
+    expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)  # the picture stays
+    expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)
+    assert len(streams) == 2, "the edited question was answered again"
+    image_positions = sum(1 for token in streams[0].input_ids if token < 0)
+    assert streams[1].reused_tokens >= image_positions, "the picture was not read again"
+
+
 def test_an_example_runs_on_a_click(page):
     page.get_by_text("Describe this picture in two sentences.").first.click()
     expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)
