@@ -40,7 +40,9 @@ def quiet_malformed_requests(demo: gr.Blocks) -> None:
     async def preprocess_data(block_fn, inputs, state, explicit_call=False):
         try:
             return await parse(block_fn, inputs, state, explicit_call)
-        except gr.Error:
+        except gr.Error as err:  # Gradio's own check (a file type the input does not take)
+            log.warning("refused request to %s: %s", block_fn.name, first_line(err))
+            err.print_exception = False
             raise
         except Exception as err:
             reason = f"{type(err).__name__}: {first_line(err)}"

@@ -39,6 +39,9 @@ from phi3v_app.turns import ModelTurns
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "examples"
 QUEUE_SIZE = 16  # answers waiting for the model; the next one is told to try again later
+# Pasted text stays text up to this length (Gradio would turn a longer paste into a .txt
+# attachment, which the picture-only input refuses): the prompt limit says what is too long.
+MAX_PASTED_CHARS = 10_000_000
 
 HEADER = """\
 # Phi-3 Vision on CPU
@@ -120,7 +123,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
                 file_count="multiple",
                 sources=["upload"],
                 interactive=start.phase == "ready",
-                max_plain_text_length=100_000,  # long pasted text stays text, not a .txt file
+                max_plain_text_length=MAX_PASTED_CHARS,
                 scale=1,
                 min_width=120,
                 elem_id="chat-input",

@@ -345,6 +345,29 @@ def test_a_pasted_file_that_is_not_a_picture_is_named_not_ignored(page):
     expect(status(page)).to_contain_text("notes.txt is not a picture")
 
 
+def paste_text(page, text: str) -> None:
+    """Paste ``text`` into the question box as a person does: clipboard, then Ctrl+V."""
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.evaluate("text => navigator.clipboard.writeText(text)", text)
+    prompt(page).focus()
+    page.keyboard.press("Control+V")
+
+
+def test_a_long_paste_stays_text_and_over_the_limit_is_told_in_the_chat(
+    page, live, monkeypatch, capfd
+):
+    monkeypatch.setattr(live[1].loader.pipeline, "max_prompt_tokens", 1000)
+    paste_text(page, "word " * 30_000)  # 150,000 characters
+    wait_until(lambda: len(prompt(page).input_value()) > 100_000)  # text, not an attachment
+    prompt(page).press("Enter")
+    reply = page.locator("#chat [data-testid='bot']").last
+    expect(reply).to_contain_text("too much for the model at once")
+    expect(reply).to_contain_text("this server takes at most 1,000")
+    expect(status(page)).to_contain_text("Not answered")
+    expect(prompt(page)).to_be_enabled()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_the_chat_survives_a_reload(page):
     ask(page, "Which month had the most rain?", CHART)
     expect(status(page)).to_contain_text("Done")
