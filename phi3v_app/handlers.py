@@ -18,10 +18,13 @@ from phi3v_app import view
 from phi3v_app.chat import Answers, check_images, generation_options
 from phi3v_app.chat_api import file_paths
 from phi3v_app.history import (
+    REFUSED_UPLOAD,
     HistoryError,
     error_message,
+    last_question,
     message_parts,
-    upload_name,
+    refused_upload,
+    reply_kind,
     user_message,
     without_last_answer,
     without_last_turn,
@@ -105,9 +108,7 @@ class Handlers:
         try:
             check_images(files)
         except HistoryError as err:  # shown in the chat; the file is not shown as a picture
-            names = ", ".join(upload_name(path) for path in files)
-            shown = f"{text}\n\n(attached: {names})" if text else f"(attached: {names})"
-            history += [user_message(shown, []), error_message(str(err))]
+            history += [*refused_upload(text, files), error_message(str(err), REFUSED_UPLOAD)]
             return history, gr.MultimodalTextbox(value=None), gr.skip(), view.error_status()
         self.answers.begin(session_of(request))
         history.append(user_message(text, files))
@@ -135,9 +136,25 @@ class Handlers:
     # --- the chat's own icons --------------------------------------------------------------
 
     def retry(self, history, request: gr.Request):
+        question, reply = last_question(history or [])
+        if question is not None and reply is not None and reply_kind(reply) == REFUSED_UPLOAD:
+            return self._attach_again(question)
         self.answers.begin(session_of(request))  # stops the answer still running, if any
         again = view.status_line("busy", "Asking again…")
         return without_last_answer(history or []), *locked(), again
+
+    def _attach_again(self, question: dict):
+        """Retry of a question whose file was refused: the file was not kept, so the question
+        goes back into the input, and the status line asks for the picture again."""
+        text = "" if question.get("metadata") else message_parts(question["content"])[0]
+        return (
+            gr.skip(),
+            gr.MultimodalTextbox(value={"text": text, "files": []}, interactive=self.loader.ready),
+            gr.Button(interactive=False),
+            view.status_line(
+                "error", "Not sent again", "attach the picture again (as PNG or JPEG), then send"
+            ),
+        )
 
     def undo(self, history, request: gr.Request):
         history = list(history or [])

@@ -34,6 +34,7 @@ from phi3v_app.history import (
     HistoryError,
     check_limits,
     conversation,
+    error_message,
     message_parts,
     stopped_message,
     without_last_answer,
@@ -97,7 +98,7 @@ def test_a_turn_answered_with_an_error_or_stopped_early_is_left_out_with_its_ima
         user("First.", "good.png"),
         bot("Fine."),
         user("Second.", "broken.png"),
-        bot(f"{ERROR_MARK} broken.png is corrupt"),
+        error_message("broken.png is corrupt"),
         user("Third.", "late.png"),
         stopped_message(),
         user("Fourth."),
@@ -105,6 +106,12 @@ def test_a_turn_answered_with_an_error_or_stopped_early_is_left_out_with_its_ima
     messages, images = conversation(history)
     assert images == ["good.png"]
     assert [m["content"] for m in messages] == ["<|image_1|>\nFirst.", "Fine.", "Fourth."]
+
+
+def test_an_answer_that_merely_starts_like_an_error_is_still_an_answer():
+    history = [user("Draw a warning sign."), bot(f"{ERROR_MARK} here it is"), user("Thanks.")]
+    messages, _ = conversation(history)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
 
 
 def test_notes_with_a_metadata_title_never_reach_the_model():

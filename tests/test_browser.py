@@ -41,6 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 60_000
+expect.set_options(timeout=TIMEOUT_MS)  # a loaded machine streams slowly; never a timed check
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 LONG = "4096"  # max new tokens for an answer long enough to watch, retry and stop
@@ -331,6 +332,21 @@ def test_a_damaged_picture_is_named_in_the_chat_and_never_shown_broken(page, tmp
     assert page.locator("#chat img").evaluate_all(
         "images => images.every(image => image.complete && image.naturalWidth > 0)"
     ), "no broken picture in the chat"
+    expect(prompt(page)).to_be_enabled()
+
+
+def test_retry_after_a_refused_upload_asks_for_the_file_again(page, tmp_path):
+    broken = tmp_path / "holiday.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
+    page.locator("#chat-input input[type=file]").set_input_files(str(broken))
+    prompt(page).fill("What is this?")
+    prompt(page).press("Enter")
+    expect(page.locator("#chat [data-testid='bot']").last).to_contain_text("holiday.png")
+    page.locator("#chat").get_by_role("button", name="Retry").click()
+    expect(status(page)).to_contain_text("attach the picture again")
+    expect(prompt(page)).to_have_value("What is this?")  # the question waits for the file
+    page.wait_for_timeout(300)
+    expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)  # nothing answered
     expect(prompt(page)).to_be_enabled()
 
 
