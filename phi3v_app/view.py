@@ -232,7 +232,22 @@ CSS = """
 @keyframes phi3v-spin { to { transform: rotate(360deg); } }
 #input-row { align-items: stretch; flex-wrap: nowrap; gap: 8px; }
 #input-row > * { min-width: 0; }
-#stop { align-self: stretch; max-height: 64px; }
+#stop { align-self: stretch; max-height: 64px; transition: none; }  /* its state, at once */
+/* Stop is red while it can stop an answer and quiet while there is none, in both themes
+   (Gradio's "stop" variant is grey in the light theme and indigo in the dark one, and its
+   disabled state is the brighter). White on red-700 in light mode, near-black on red-400 in
+   dark mode: both WCAG AA, and both stand out from the page behind. */
+#stop:enabled { background: #b91c1c; border-color: #b91c1c; color: #ffffff; opacity: 1; }
+#stop:enabled:hover { background: #991b1b; border-color: #991b1b; }
+.dark #stop:enabled { background: #f87171; border-color: #f87171; color: #1c0606; }
+.dark #stop:enabled:hover { background: #fca5a5; border-color: #fca5a5; }
+#stop:disabled { background: var(--button-secondary-background-fill);
+                 border-color: var(--border-color-primary);
+                 color: #6b7280; opacity: 1; box-shadow: none; }
+.dark #stop:disabled { color: #d1d5db; }
+/* Gradio's footer links are faint (2.4:1 in the light theme): readable at WCAG AA. */
+footer .show-api, footer .built-with, footer .settings { color: var(--body-text-color) !important;
+                                                        opacity: 1 !important; }
 @media (max-width: 640px) {
   #header p { display: none; }
   #chat { height: calc(100dvh - 420px) !important; }

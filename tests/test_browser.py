@@ -468,6 +468,63 @@ def _contrast(page, selector: str) -> float:
     )
 
 
+BUTTONS_JS = f"""() => {{ {LUMINANCE_JS}
+  const parse = s => {{ const v = s.match(/[\\d.]+/g).map(Number); return [v[0], v[1], v[2],
+                                                                       v.length > 3 ? v[3] : 1]; }};
+  const over = (top, alpha, under) => under.map((c, i) => alpha * top[i] + (1 - alpha) * c);
+  const css = c => `rgb(${{c[0]}}, ${{c[1]}}, ${{c[2]}})`;
+  const ratio = (x, y) => {{ const [a, b] = [luminance(css(x)), luminance(css(y))];
+                            return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }};
+  return [...document.querySelectorAll("button")].filter(b => b.offsetParent !== null)
+    .map(button => {{
+      let behind = button.parentElement;  // the nearest box painted below the button
+      while (parse(getComputedStyle(behind).backgroundColor)[3] === 0)
+        behind = behind.parentElement;
+      const under = parse(getComputedStyle(behind).backgroundColor).slice(0, 3);
+      const style = getComputedStyle(button), opacity = Number(style.opacity);
+      const fill = parse(style.backgroundColor), ink = parse(style.color);
+      const own = over(fill.slice(0, 3), fill[3], under);
+      const painted = over(own, opacity, under);
+      const text = over(over(ink.slice(0, 3), ink[3], own), opacity, under);
+      return {{name: (button.getAttribute("aria-label") || button.innerText || "").trim(),
+               disabled: button.disabled, words: button.innerText.trim() !== "",
+               text: ratio(text, painted), stands_out: ratio(painted, under)}};
+    }});
+}}"""
+
+
+def button_colours(page) -> dict[tuple[str, bool], dict]:
+    """Every visible button's contrasts, by (name, disabled): its text or icon against its own
+    background, and that background against what is behind it (opacity and alpha included)."""
+    return {(b["name"], b["disabled"]): b for b in page.evaluate(BUTTONS_JS)}
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_every_button_state_is_readable_and_stop_looks_like_what_it_is(browser, live, theme):
+    page = open_page(browser, f"{live[0]}?__theme={theme}", color_scheme=theme)
+    expect(prompt(page)).to_be_enabled()
+    assert (_page_luminance(page) < 0.2) == (theme == "dark"), "the theme is in use"
+    ask(page, "Hello?")
+    expect(status(page)).to_contain_text("Done")
+    expect(page.locator("#stop")).to_be_disabled()
+    idle = button_colours(page)
+    set_max_new_tokens(page, LONG)
+    ask(page, "Tell me a long story.")
+    expect(page.locator("#stop")).to_be_enabled()
+    answering = button_colours(page)
+    page.keyboard.press("Escape")
+    page.close()
+    for (name, disabled), button in {**idle, **answering}.items():
+        least = 4.5 if button["words"] else 3.0  # WCAG AA: text, and icons (non-text)
+        if disabled:
+            least = 3.0 if button["words"] else 1.5  # still legible, visibly inactive
+        assert button["text"] >= least, f"{theme}: {name} (disabled={disabled}) {button}"
+    stop_on, stop_off = answering[("Stop", False)], idle[("Stop", True)]
+    assert stop_on["stands_out"] >= 3.0, f"{theme}: enabled Stop looks like an action"
+    assert stop_off["stands_out"] < stop_on["stands_out"], f"{theme}: disabled Stop recedes"
+    assert stop_off["text"] < stop_on["text"], f"{theme}: disabled Stop reads as inactive"
+
+
 def _page_luminance(page) -> float:
     """Luminance of the page's background (the body's, as the theme paints it)."""
     return page.evaluate(
