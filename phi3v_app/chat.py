@@ -22,7 +22,9 @@ Nothing here imports Gradio: ``run`` yields ``None`` for "leave this output as i
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,18 +105,37 @@ def check_images(paths: Sequence[str]) -> None:
     """Raise :class:`HistoryError` naming the first upload that is not a readable picture, by
     its own name and its place in the message. The log gets the reason, in one line."""
     for number, path in enumerate(paths, 1):
+        if unreadable(path) is None:
+            continue
         where = f" (image {number} of {len(paths)} in this message)" if len(paths) > 1 else ""
-        name = upload_name(path)
-        try:
-            if not is_image_name(path):
-                raise ImageError("not an image file type")
-            load_rgb(path)
-        except ImageError as err:
-            log.warning("refused upload %s: %s", name, err)
-            raise HistoryError(
-                f"{name}{where} could not be read as a picture: it is not a PNG, JPEG, WebP or "
-                "GIF image, or it is damaged. Send it again as a PNG or JPEG file."
-            ) from None
+        raise HistoryError(
+            f"{upload_name(path)}{where} could not be read as a picture: it is not a PNG, JPEG, "
+            "WebP or GIF image, or it is damaged. Send it again as a PNG or JPEG file."
+        )
+
+
+def unreadable(path: str) -> str | None:
+    """Why the uploaded file at ``path`` is not a picture the model can read (damaged, of
+    another type, or gone from the server); None when it is one. The log gets the reason once,
+    in one line."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        log.warning("refused upload %s: the file is gone", upload_name(path))
+        return "the file is gone"
+    return _unreadable(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)  # an upload is checked as it arrives and again when sent
+def _unreadable(path: str, mtime_ns: int, size: int) -> str | None:
+    try:
+        if not is_image_name(path):
+            raise ImageError("not an image file type")
+        load_rgb(path)
+    except ImageError as err:
+        log.warning("refused upload %s: %s", upload_name(path), err)
+        return str(err)
+    return None
 
 
 def failure_text(failed: Failed, images: Sequence[str] = ()) -> str:

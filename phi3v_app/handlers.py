@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from phi3v_app import view
-from phi3v_app.chat import Answers, check_images, generation_options
+from phi3v_app.chat import Answers, check_images, generation_options, unreadable
 from phi3v_app.chat_api import file_paths
 from phi3v_app.history import (
     REFUSED_UPLOAD,
@@ -25,6 +25,7 @@ from phi3v_app.history import (
     message_parts,
     refused_upload,
     reply_kind,
+    upload_name,
     user_message,
     without_last_answer,
     without_last_turn,
@@ -113,6 +114,25 @@ class Handlers:
         self.answers.begin(session_of(request))
         history.append(user_message(text, files))
         return history, *locked(), view.status_line("busy", "Sending…")
+
+    @staticmethod
+    def check_upload(message):
+        """A file that is not a picture is taken out of the input as it arrives, and the status
+        line says so (a broken thumbnail would say nothing until the message was sent)."""
+        message = message or {}
+        files = file_paths(message.get("files"))
+        refused = [path for path in files if unreadable(path) is not None]
+        if not refused:
+            return gr.skip(), gr.skip()
+        names = ", ".join(upload_name(path) for path in refused)
+        what = "is not a picture" if len(refused) == 1 else "are not pictures"
+        kept = [path for path in files if path not in refused]
+        return (
+            gr.MultimodalTextbox(value={"text": message.get("text") or "", "files": kept}),
+            view.status_line(
+                "error", f"{names} {what}", "not attached: send pictures as PNG, JPEG, WebP or GIF"
+            ),
+        )
 
     def answer(
         self, history, max_new_tokens, temperature, top_p, top_k, num_crops, req: gr.Request

@@ -201,6 +201,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             lambda: [], None, saved, **control
         )
         stop_button.click(handlers.stop, None, stop_button, **control)
+        chat_input.change(handlers.check_upload, chat_input, [chat_input, status], **control)
 
         watched = [panel, chat_input, num_crops, timer, load_again]
         timer.tick(handlers.refresh, None, watched, **control)

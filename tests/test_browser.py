@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import playwright.sync_api as sync_api  # a declared test dependency: never skipped
 import pytest
@@ -319,26 +320,27 @@ def test_an_example_runs_on_a_click(page):
     expect(prompt(page)).to_be_enabled()
 
 
-def test_a_damaged_picture_is_named_in_the_chat_and_never_shown_broken(page, tmp_path):
+def test_a_damaged_picture_is_named_at_the_input_and_never_shown_broken(page, tmp_path):
     broken = tmp_path / "holiday.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
     page.locator("#chat-input input[type=file]").set_input_files(str(broken))
-    prompt(page).fill("What is this?")
-    prompt(page).press("Enter")
-    reply = page.locator("#chat [data-testid='bot']").last
-    expect(reply).to_contain_text("holiday.png")
-    expect(reply).not_to_contain_text("image 1 of")
-    expect(reply).not_to_contain_text(str(tmp_path))
-    assert page.locator("#chat img").evaluate_all(
+    expect(status(page)).to_contain_text("holiday.png is not a picture")
+    expect(status(page)).not_to_contain_text(str(tmp_path))
+    expect(page.locator("#chat-input img")).to_have_count(0)
+    assert page.locator("img").evaluate_all(
         "images => images.every(image => image.complete && image.naturalWidth > 0)"
-    ), "no broken picture in the chat"
+    ), "no broken picture on the page"
     expect(prompt(page)).to_be_enabled()
 
 
 def test_retry_after_a_refused_upload_asks_for_the_file_again(page, tmp_path):
-    broken = tmp_path / "holiday.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
-    page.locator("#chat-input input[type=file]").set_input_files(str(broken))
+    picture = tmp_path / "holiday.png"
+    shutil.copyfile(CHART, picture)
+    page.locator("#chat-input input[type=file]").set_input_files(str(picture))
+    thumbnail = page.locator("#chat-input img")
+    expect(thumbnail).to_have_count(1)
+    uploaded = unquote(thumbnail.get_attribute("src").split("file=", 1)[1])
+    Path(uploaded).unlink()  # the server lost the upload (its cache was cleaned) before sending
     prompt(page).fill("What is this?")
     prompt(page).press("Enter")
     expect(page.locator("#chat [data-testid='bot']").last).to_contain_text("holiday.png")
@@ -348,6 +350,20 @@ def test_retry_after_a_refused_upload_asks_for_the_file_again(page, tmp_path):
     page.wait_for_timeout(300)
     expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)  # nothing answered
     expect(prompt(page)).to_be_enabled()
+
+
+def test_a_file_that_is_not_a_picture_is_refused_at_the_input_before_sending(page, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("a text file renamed as a picture")
+    prompt(page).fill("What is this?")
+    page.locator("#chat-input input[type=file]").set_input_files([str(fake), str(CHART)])
+    expect(status(page)).to_contain_text("notes.png is not a picture")
+    expect(page.locator("#chat-input img")).to_have_count(1)  # the chart stays, nothing broken
+    assert page.locator("#chat-input img").evaluate_all(
+        "images => images.every(image => image.complete && image.naturalWidth > 0)"
+    ), "no broken thumbnail in the input"
+    expect(prompt(page)).to_have_value("What is this?")
+    expect(page.locator("#chat [data-testid='user']")).to_have_count(0)  # nothing was sent
 
 
 def test_a_pasted_file_that_is_not_a_picture_is_named_not_ignored(page):
