@@ -101,6 +101,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         panel = gr.HTML(view.model_panel(start), elem_id="model-panel")
         load_again = gr.Button("Try again", size="sm", visible=False)
         chatbot = gr.Chatbot(
+            label="Chat",
             show_label=False,
             height=None,
             placeholder=PLACEHOLDER,
@@ -117,6 +118,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         status = gr.HTML("", elem_id="status")
         with gr.Row(elem_id="input-row", equal_height=True):
             chat_input = gr.MultimodalTextbox(
+                label="Your question",  # read out by screen readers only
                 show_label=False,
                 placeholder=view.input_placeholder(start.phase),
                 file_types=["image"],
@@ -201,7 +203,13 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             lambda: [], None, saved, **control
         )
         stop_button.click(handlers.stop, None, stop_button, **control)
-        chat_input.change(handlers.check_upload, chat_input, [chat_input, status], **control)
+        chat_input.change(
+            handlers.check_upload,
+            chat_input,
+            [chat_input, status],
+            trigger_mode="always_last",  # typing sends changes too: only the latest is checked
+            **control,
+        )
 
         watched = [panel, chat_input, num_crops, timer, load_again]
         timer.tick(handlers.refresh, None, watched, **control)

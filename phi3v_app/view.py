@@ -248,6 +248,7 @@ CSS = """
 /* Gradio's footer links are faint (2.4:1 in the light theme): readable at WCAG AA. */
 footer .show-api, footer .built-with, footer .settings { color: var(--body-text-color) !important;
                                                         opacity: 1 !important; }
+#chat .edit-textarea { width: 100% !important; min-height: 4.5em !important; }
 @media (max-width: 640px) {
   #header p { display: none; }
   #chat { height: calc(100dvh - 420px) !important; }
@@ -278,5 +279,44 @@ document.addEventListener("paste", (event) => {
     "is not a picture"}. Only pictures (PNG, JPEG, WebP, GIF) can be attached.`;
   status.replaceChildren(line);
 }, true);
+// Every control gets a unique name a screen reader can say: Gradio's are the same for every
+// message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
+// sliders and an unnamed edit box. Names are set again whenever Gradio re-renders.
+const RENAMED = {"Submit": "Save the edit", "Cancel": "Cancel the edit"};
+function rename(element, name) {
+  if (element.getAttribute("aria-label") !== name) element.setAttribute("aria-label", name);
+}
+function nameControls() {
+  const send = document.querySelector("#chat-input button[aria-label='Submit']");
+  if (send) rename(send, "Send");
+  for (const reset of document.querySelectorAll("button[aria-label^='Reset to default']")) {
+    const label = reset.closest(".block")?.querySelector("label, [data-testid='block-info']");
+    if (label) rename(reset, `Reset ${label.textContent.trim()} to its default`);
+  }
+  const chat = document.querySelector("#chat");
+  if (!chat) return;
+  const counts = {question: 0, answer: 0};
+  let role = null, where = null;
+  for (const part of chat.querySelectorAll(".message-row, .message-buttons")) {
+    if (part.classList.contains("message-row")) {
+      const now = part.classList.contains("user-row") ? "question" : "answer";
+      if (now !== role) { role = now; counts[role] += 1; where = `${role} ${counts[role]}`; }
+    }
+    if (!where) continue;
+    for (const box of part.querySelectorAll("textarea")) rename(box, `Edit ${where}`);
+    for (const button of part.querySelectorAll("button")) {
+      button.dataset.phi3vName ??= button.getAttribute("aria-label") || button.innerText.trim();
+      const base = button.dataset.phi3vName;
+      rename(button, `${RENAMED[base] || base} (${where})`);
+    }
+  }
+}
+let naming = false;
+new MutationObserver(() => {
+  if (naming) return;
+  naming = true;
+  requestAnimationFrame(() => { nameControls(); naming = false; });
+}).observe(document.documentElement,
+           {subtree: true, childList: true, attributes: true, attributeFilter: ["aria-label"]});
 </script>
 """

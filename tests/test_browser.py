@@ -9,6 +9,7 @@ phone layouts go to test-artifacts/; to refresh the ones in docs/ as well:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import unquote
@@ -423,6 +424,82 @@ def test_every_button_has_an_accessible_name(page):
                                        b.title || '').trim())"""
     )
     assert names and all(names), names
+
+
+CONTROL = re.compile(r'- (button|textbox|slider|spinbutton|checkbox) "([^"]*)"')
+
+
+def control_names(page) -> list[tuple[str, str]]:
+    """(role, accessible name) of every control in the page's accessibility tree."""
+    return CONTROL.findall(page.locator("body").aria_snapshot())
+
+
+def test_every_control_has_a_unique_meaningful_name_also_while_editing(page):
+    set_max_new_tokens(page, "8")
+    page.get_by_role("button", name="Parameters").click()  # its sliders in the tree too
+    for question in ("First question.", "Second question."):
+        ask(page, question)
+        expect(page.locator("#chat [data-testid='bot']")).to_have_count(
+            1 if question.startswith("First") else 2
+        )
+        expect(prompt(page)).to_be_enabled()
+    page.locator("#chat").get_by_role("button", name=re.compile("^Edit")).last.click()
+    expect(page.locator("#chat textarea")).to_have_count(1)
+    page.wait_for_timeout(300)  # the names follow Gradio's render
+    controls = control_names(page)
+    names = [name for _, name in controls]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    for meaningless in ("", "Submit", "MultimodalTextbox", "Reset to default value"):
+        assert meaningless not in names, controls
+    assert ("textbox", "Edit question 2") in controls  # the edit box says what it edits
+    assert page.locator("#chat textarea").bounding_box()["width"] >= 200
+
+
+def tab_to(page, name: str, limit: int = 120) -> None:
+    """Press Tab until the focused control's accessible name starts with ``name``."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            """() => { const e = document.activeElement;
+                       return (e.getAttribute('aria-label') || e.placeholder || e.innerText ||
+                               '').trim(); }"""
+        )
+        if focused.startswith(name):
+            return
+    raise AssertionError(f"Tab never reached {name!r}")
+
+
+def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page):
+    set_max_new_tokens(page, LONG)
+    tab_to(page, "Ask about your pictures")
+    page.keyboard.type("Tell me a long story.")
+    page.keyboard.press("Enter")
+    expect(status(page)).to_contain_text("Answering")
+    tab_to(page, "Stop")
+    page.keyboard.press("Enter")
+    expect(status(page)).to_contain_text("Stopped")
+    expect(prompt(page)).to_be_enabled()
+    tab_to(page, "Retry (answer 1)")
+    page.keyboard.press("Enter")
+    expect(status(page)).to_contain_text("Answering")
+    page.keyboard.press("Escape")
+    expect(status(page)).to_contain_text("Stopped")
+    expect(prompt(page)).to_be_enabled()
+    tab_to(page, "Edit (question 1)")
+    page.keyboard.press("Enter")
+    tab_to(page, "Edit question 1")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("A short one.")
+    tab_to(page, "Save the edit (question 1)")
+    page.keyboard.press("Enter")
+    expect(page.locator("#chat [data-testid='user']").last).to_have_text("A short one.")
+    expect(status(page)).to_contain_text("Answering")
+    page.keyboard.press("Escape")
+    expect(prompt(page)).to_be_enabled()
+    tab_to(page, "Undo (answer 1)")
+    page.keyboard.press("Enter")
+    expect(prompt(page)).to_have_value("A short one.")
+    expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
 
 
 # --- layouts -------------------------------------------------------------------------------------
