@@ -138,6 +138,7 @@ async def _chat_completions(request: Request, settings: _Settings) -> Response:
         max_images=settings.max_images,
         max_image_bytes=settings.max_image_bytes,
     )
+    _check_model(chat.model, settings.model_name)
     images = await run_in_threadpool(
         _load_images, chat.images, settings.allow_remote_images, settings.max_image_bytes
     )
@@ -161,6 +162,18 @@ async def _chat_completions(request: Request, settings: _Settings) -> Response:
     except _CallerGone:
         log.info("a caller left before its answer was complete")
         return Response(status_code=499)
+
+
+def _check_model(asked: str | None, served: str) -> None:
+    """A request for a model this server does not run is a 404, as OpenAI answers it."""
+    if asked is not None and asked != served:
+        raise APIError(
+            404,
+            f"the model `{asked}` is not served here; this server runs `{served}` "
+            "(GET /v1/models lists it): send that name as `model`",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _check_key(request: Request, api_key: str | None) -> None:

@@ -14,6 +14,8 @@ from phi3v.results import Progress, Timings
 from phi3v_app.history import ERROR_MARK
 from phi3v_app.loading import ModelStatus
 
+ESTIMATE_CEILING = 0.99  # a share estimated from the clock never claims the prompt is read
+
 # How the precision the model runs in is said to a visitor (Pipeline.precision).
 PRECISION_WORDS = {
     "exact": "exact mode (the same numbers as Microsoft's runtime)",
@@ -89,8 +91,21 @@ def reading_status(progress: Progress, elapsed: float, estimate: float | None) -
         what = "the image" if progress.total == 1 else _count(progress.total, "image")
         return status_line("busy", f"Reading {what}…", clock)
     if progress.stage == "prefill" and progress.total > 0:
-        return status_line("busy", f"Reading your question… {progress.fraction:.0%}", clock)
+        return status_line(
+            "busy",
+            f"Reading your question… {_prefill_share(progress, elapsed, estimate):.0%}",
+            clock,
+        )
     return status_line("busy", "Thinking…", clock)
+
+
+def _prefill_share(progress: Progress, elapsed: float, estimate: float | None) -> float:
+    """How much of the prompt has been read. The engine reports it per chunk, and a long
+    prompt's first chunk is long (it must cross 4096 positions at once): between reports the
+    clock against this machine's measured time moves it on, short of 100 %."""
+    if estimate is None or estimate <= 0:
+        return progress.fraction
+    return max(progress.fraction, min(elapsed / estimate, ESTIMATE_CEILING))
 
 
 def answer_status(

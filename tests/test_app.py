@@ -208,10 +208,18 @@ def test_reading_shows_the_stage_the_percentage_and_the_measured_estimate():
     vision = view.reading_status(Progress("vision", 0, 1), 12.3, 41.0)
     assert "Reading the image" in vision and "12 s of about 41 s" in vision
     assert "Reading 2 images" in view.reading_status(Progress("vision", 0, 2), 1.0, None)
-    prefill = view.reading_status(Progress("prefill", 1024, 1935), 30.0, 41.0)
+    prefill = view.reading_status(Progress("prefill", 1024, 1935), 10.0, 41.0)
     assert "53%" in prefill
     unmeasured = view.reading_status(Progress("vision", 0, 1), 3.0, None)
     assert "about" not in unmeasured and "3.0 s" in unmeasured
+
+
+def test_a_long_first_chunk_moves_on_with_the_clock_short_of_done():
+    progress = Progress("prefill", 0, 6000)  # the engine reports once the first chunk is read
+    assert "Reading your question… 25%" in view.reading_status(progress, 10.0, 40.0)
+    assert "Reading your question… 50%" in view.reading_status(progress, 20.0, 40.0)
+    assert "Reading your question… 99%" in view.reading_status(progress, 60.0, 40.0)
+    assert "Reading your question… 0%" in view.reading_status(progress, 10.0, None)
 
 
 def test_an_estimate_that_ran_out_grows_with_the_clock():

@@ -155,7 +155,7 @@ def test_upload_ask_watch_the_answer_stream_in_then_esc_stops_it(page):
 CONTROLS_JS = """() => [document.querySelector('#status').innerText,
                          document.querySelector('#chat-input textarea').disabled,
                          document.querySelector('#stop').disabled,
-                         [...document.querySelectorAll('#chat button[aria-label=Retry]')]
+                         [...document.querySelectorAll('#chat button[aria-label^=Retry]')]
                              .every(button => button.disabled)]"""
 
 
@@ -254,7 +254,7 @@ def test_editing_a_question_answers_it_again(page):
     expect(prompt(page)).to_be_enabled()
     page.locator("#chat").get_by_role("button", name="Edit").click()
     page.locator("#chat textarea").fill("Changed question.")
-    page.locator("#chat").get_by_role("button", name="Submit").click()
+    page.locator("#chat").get_by_role("button", name="Save the edit").click()
     expect(page.locator("#chat [data-testid='user']")).to_have_text("Changed question.")
     expect(status(page)).to_contain_text("Done")
     expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)
@@ -283,7 +283,7 @@ def test_editing_a_question_with_a_picture_answers_it_again_without_rereading_it
     expect(prompt(page)).to_be_enabled()
     page.locator("#chat").get_by_role("button", name="Edit").click()
     page.locator("#chat textarea").fill("Changed question.")
-    page.locator("#chat").get_by_role("button", name="Submit").click()
+    page.locator("#chat").get_by_role("button", name="Save the edit").click()
     expect(page.locator("#chat [data-testid='user']").last).to_have_text("Changed question.")
     expect(status(page)).to_contain_text("Done")
     expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)  # the picture stays

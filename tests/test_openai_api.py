@@ -316,6 +316,19 @@ def test_models_lists_the_loaded_model_set(api):
     assert [model.id for model in api.models.list().data] == [MODEL]
 
 
+def test_the_answer_names_the_model_that_runs(api):
+    assert ask(api, [{"role": "user", "content": "Hi"}]).model == MODEL
+
+
+def test_a_model_that_is_not_served_is_a_404_model_not_found(api):
+    with pytest.raises(openai.NotFoundError) as refused:
+        api.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+        )
+    assert refused.value.body["code"] == "model_not_found"
+    assert f"this server runs `{MODEL}`" in refused.value.body["message"]
+
+
 # --- the turn: one generation at a time, shared with the chat -------------------------------------
 
 
@@ -601,7 +614,7 @@ def test_the_readme_openai_example_runs_against_the_app_with_a_login(tiny_model_
             if line.startswith("* Running on"):
                 break
         key = next(line.split()[-1] for line in printed if line.startswith("* API key"))
-        probe = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        probe = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
         chat = f"{url}/v1/chat/completions"
         assert requests.post(chat, json=probe).status_code == 401
 
