@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
 import playwright.sync_api as sync_api  # a declared test dependency: never skipped
 import pytest
 
+from phi3v.kv_cache import KVCache
 from phi3v_app.loading import ModelLoader
 from tests.app_helpers import first_launch, ready_loader, serve, serve_demo, wait_until
 
@@ -312,6 +315,43 @@ def test_a_follow_up_after_stop_does_not_read_the_picture_again(page, live, monk
     assert len(streams) == 2
     prompt_before_stop = len(streams[0].input_ids)
     assert streams[1].reused_tokens >= prompt_before_stop, "only the new turn was read"
+
+
+def test_the_reading_progress_moves_through_a_long_first_chunk(page, monkeypatch):
+    """On a slow CPU a long prompt's first prefill chunk (past 4096 positions) takes seconds;
+    here every prefill chunk takes 1 ms per position, and the long one is held open until the
+    status line has moved three times (it would sit at 0 % until the chunk ended)."""
+    real_run = KVCache.run
+    inside, moved = threading.Event(), threading.Event()
+
+    def slow_run(cache, session, embeds, run_options=None):
+        positions = embeds.shape[1]
+        if positions > 2048:  # the long first chunk
+            inside.set()
+            moved.wait(60)
+        elif positions >= 256:  # enough for the pipeline to time a prefill
+            time.sleep(positions / 1000)
+        return real_run(cache, session, embeds, run_options)
+
+    monkeypatch.setattr(KVCache, "run", slow_run)
+    set_max_new_tokens(page, "2")
+    ask(page, "word " * 600)  # timed: this machine's prefill speed, for the estimate
+    expect(status(page)).to_contain_text("Done")
+    expect(prompt(page)).to_be_enabled()
+    ask(page, "word " * 6000)
+    assert inside.wait(60)
+    shown: set[str] = set()
+
+    def moved_three_times() -> bool:
+        found = re.search(r"Reading your question… (\d+)%", status(page).inner_text())
+        shown.update([found.group(1)] if found else [])
+        return len(shown) >= 3
+
+    try:
+        wait_until(moved_three_times, timeout=30, every=0.1)
+    finally:
+        moved.set()
+    expect(status(page)).to_contain_text("Done")
 
 
 def test_an_example_runs_on_a_click(page):
