@@ -551,6 +551,10 @@ def test_the_layout_fits_the_screen(browser, live, viewport, name):
     expect(prompt(page)).to_be_enabled()
     ask(page, "Which month had the most rain, and how much was it?", CHART)
     expect(status(page)).to_contain_text("Done")
+    expect(prompt(page)).to_be_enabled()  # the answer's event is over
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.get_by_role("button", name="Retry (answer 1)")).to_be_visible()  # named
+    page.wait_for_timeout(500)  # the last renders (which scroll the chat down) are done
     page.locator("#chat").evaluate(  # back to the top of the chat, where the picture is
         """chat => [chat, ...chat.querySelectorAll('*')]
                     .filter(e => e.scrollHeight > e.clientHeight + 1)
