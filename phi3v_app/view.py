@@ -301,9 +301,22 @@ const RENAMED = {"Submit": "Save the edit", "Cancel": "Cancel the edit"};
 function rename(element, name) {
   if (element.getAttribute("aria-label") !== name) element.setAttribute("aria-label", name);
 }
+// A disabled control says why in its tooltip.
+function explain(element, why) {
+  const title = element.disabled ? why : "";
+  if ((element.getAttribute("title") || "") !== title) element.setAttribute("title", title);
+}
 function nameControls() {
   const send = document.querySelector("#chat-input button[aria-label='Submit']");
   if (send) rename(send, "Send");
+  const stop = document.querySelector("#stop");
+  if (stop) explain(stop, "Nothing to stop: no answer is running");
+  const answering = stop && !stop.disabled;
+  const box = document.querySelector("#chat-input textarea");
+  if (box) explain(box, answering ? "An answer is on its way: wait, or press Stop (Esc)"
+                                  : "The chat opens when the model is ready");
+  for (const button of document.querySelectorAll("#chat .message-buttons button"))
+    explain(button, "Wait for the answer to end, or press Stop (Esc)");
   for (const reset of document.querySelectorAll("button[aria-label^='Reset to default']")) {
     const label = reset.closest(".block")?.querySelector("label, [data-testid='block-info']");
     if (label) rename(reset, `Reset ${label.textContent.trim()} to its default`);
@@ -332,6 +345,7 @@ new MutationObserver(() => {
   naming = true;
   requestAnimationFrame(() => { nameControls(); naming = false; });
 }).observe(document.documentElement,
-           {subtree: true, childList: true, attributes: true, attributeFilter: ["aria-label"]});
+           {subtree: true, childList: true, attributes: true,
+            attributeFilter: ["aria-label", "disabled"]});
 </script>
 """

@@ -495,6 +495,18 @@ def test_every_control_has_a_unique_meaningful_name_also_while_editing(page):
     assert page.locator("#chat textarea").bounding_box()["width"] >= 200
 
 
+def test_a_disabled_control_says_why_in_its_tooltip(page):
+    expect(page.locator("#stop")).to_have_attribute("title", re.compile("no answer is running"))
+    set_max_new_tokens(page, LONG)
+    ask(page, "Tell me a long story.")
+    expect(page.locator("#stop")).to_be_enabled()
+    expect(page.locator("#stop")).to_have_attribute("title", "")
+    expect(prompt(page)).to_have_attribute("title", re.compile("press Stop"))
+    page.keyboard.press("Escape")
+    expect(prompt(page)).to_be_enabled()
+    expect(prompt(page)).to_have_attribute("title", "")
+
+
 def tab_to(page, name: str, limit: int = 120) -> None:
     """Press Tab until the focused control's accessible name starts with ``name``."""
     for _ in range(limit):
