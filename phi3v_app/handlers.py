@@ -9,6 +9,10 @@ Each handler decides the state of the input and of Stop from the session's real 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import tempfile
 from contextlib import closing
 from pathlib import Path
 
@@ -30,6 +34,11 @@ from phi3v_app.history import (
     without_last_answer,
     without_last_turn,
 )
+from phi3v_app.transcript import from_openai, to_openai
+
+log = logging.getLogger("phi3v.app")
+
+SAVED_CHATS = Path(tempfile.gettempdir()) / "phi3v-chats"  # downloads, and loaded pictures
 
 
 def session_of(request: gr.Request | None) -> str:
@@ -226,3 +235,34 @@ class Handlers:
         self.answers.begin(session_of(request))
         history = [*(history or []), user_message(text, files)]
         return history, *locked(), view.status_line("busy", "Sending…")
+
+    # --- the chat as a file ----------------------------------------------------------------
+
+    @staticmethod
+    def export(history):
+        """The chat as a JSON file of OpenAI messages, for the download button (none while the
+        chat is empty)."""
+        messages = to_openai(history or [])
+        if not messages:
+            return gr.DownloadButton(value=None, interactive=False)
+        text = json.dumps(messages, ensure_ascii=False, indent=1)
+        SAVED_CHATS.mkdir(exist_ok=True)
+        path = SAVED_CHATS / f"chat-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        path.write_text(text)
+        return gr.DownloadButton(value=str(path), interactive=True)
+
+    def load(self, upload, request: gr.Request):
+        """A downloaded chat, loaded back to go on with it: (chat, status line)."""
+        if self.answers.pending(session_of(request)):
+            return gr.skip(), view.status_line("error", "Not loaded", "stop the answer first")
+        pictures = SAVED_CHATS / "pictures"
+        pictures.mkdir(parents=True, exist_ok=True)
+        try:
+            messages = json.loads(Path(str(upload)).read_text(encoding="utf-8"))
+            history = from_openai(messages, pictures)
+            check_images([path for m in history for path in message_parts(m["content"])[1]])
+        except (ValueError, OSError, HistoryError) as err:
+            log.warning("refused a saved chat: %s", err)
+            what = str(err) if isinstance(err, HistoryError) else "it is not a saved chat (JSON)"
+            return gr.skip(), view.status_line("error", "Not loaded", what)
+        return history, view.status_line("done", "Chat loaded", "ask your next question")

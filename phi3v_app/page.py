@@ -162,6 +162,13 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
                 )
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="Top-p", info="1 = off.")
                 top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k", info="0 = off.")
+        with gr.Row(elem_id="transcript"):
+            download = gr.DownloadButton(
+                "Download the chat (JSON)", size="sm", interactive=False, elem_id="download"
+            )
+            upload = gr.UploadButton(
+                "Load a chat (JSON)", file_types=[".json"], size="sm", elem_id="load"
+            )
         gr.Markdown(API_NOTE, elem_id="api-note")
         # The chat survives a reload: kept in this browser (encrypted with a key of this
         # server process), saved whenever an answer ends.
@@ -186,7 +193,8 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
 
         def then_answer(event):
             answered = event.then(**ask, concurrency_limit=None, **private)
-            answered.then(handlers.settle, chatbot, [*controls, saved], **control)
+            settled = answered.then(handlers.settle, chatbot, [*controls, saved], **control)
+            settled.then(handlers.export, chatbot, download, **control)
 
         then_answer(
             chat_input.submit(handlers.send, [chatbot, chat_input], started_answer, **control)
@@ -198,10 +206,13 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         )
         chatbot.undo(handlers.undo, [chatbot], started_answer, **control).then(
             lambda history: history, chatbot, saved, **control
-        )
+        ).then(handlers.export, chatbot, download, **control)
         chatbot.clear(handlers.clear, None, started_answer, **control).then(
             lambda: [], None, saved, **control
-        )
+        ).then(handlers.export, chatbot, download, **control)
+        upload.upload(handlers.load, upload, [chatbot, status], **control).then(
+            lambda history: history, chatbot, saved, **control
+        ).then(handlers.export, chatbot, download, **control)
         stop_button.click(handlers.stop, None, stop_button, **control)
         chat_input.change(
             handlers.check_upload,

@@ -41,6 +41,7 @@ from phi3v_app.history import (
     without_last_turn,
 )
 from phi3v_app.loading import ModelLoader, ModelStatus
+from phi3v_app.transcript import from_openai, to_openai
 from phi3v_app.turns import ModelTurns
 from tests.app_helpers import ask, first_launch, free_port, ready_loader, serve_demo, wait_until
 
@@ -721,3 +722,32 @@ def test_share_that_cannot_open_a_tunnel_fails_clearly(tiny_model_dir, monkeypat
     err = capsys.readouterr().err
     assert "--share could not open a public link" in err
     assert "Run without --share" in err
+
+
+# --- the chat as a file --------------------------------------------------------------------------
+
+
+def test_a_saved_chat_holds_the_answered_turns_with_pictures_inline():
+    history = [user("What is this?", str(CHART)), bot("A chart."), user("Hi."), stopped_message()]
+    (question, answer) = to_openai(history)
+    assert question["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert question["content"][1] == {"type": "text", "text": "What is this?"}
+    assert answer == {"role": "assistant", "content": "A chart."}
+
+
+def test_a_saved_chat_loads_back_as_the_same_conversation(tmp_path):
+    history = [user("What is this?", str(CHART)), bot("A chart.")]
+    loaded = from_openai(to_openai(history), tmp_path)
+    messages, images = conversation(loaded)
+    assert messages == conversation(history)[0]
+    assert Path(images[0]).read_bytes() == CHART.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [{"not": "a list"}, [{"role": "tool", "content": "x"}], [{"role": "user", "content": [1]}]],
+    ids=["not-a-list", "a-tool-message", "a-part-that-is-not-text"],
+)
+def test_a_file_that_is_not_a_saved_chat_is_refused_with_a_reason(saved, tmp_path):
+    with pytest.raises(HistoryError, match="saved chat|Message 1"):
+        from_openai(saved, tmp_path)

@@ -8,6 +8,7 @@ phone layouts go to test-artifacts/; to refresh the ones in docs/ as well:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -439,6 +440,34 @@ def test_a_long_paste_stays_text_and_over_the_limit_is_told_in_the_chat(
     expect(status(page)).to_contain_text("Not answered")
     expect(prompt(page)).to_be_enabled()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_downloaded_chat_loads_back_and_goes_on_with_its_picture(page, browser, live, tmp_path):
+    set_max_new_tokens(page, "8")
+    ask(page, "Which month had the most rain?", CHART)
+    expect(status(page)).to_contain_text("Done")
+    download_button = page.locator("#download")
+    expect(download_button).to_be_enabled()
+    with page.expect_download() as downloading:
+        download_button.click()
+    saved = tmp_path / downloading.value.suggested_filename
+    downloading.value.save_as(saved)
+    assert saved.suffix == ".json"
+    messages = json.loads(Path(saved).read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    other = open_page(browser, live[0])  # another browser: a new session, an empty chat
+    expect(prompt(other)).to_be_enabled()
+    with other.expect_file_chooser() as choosing:
+        other.locator("#load").click()
+    choosing.value.set_files(saved)
+    expect(status(other)).to_contain_text("Chat loaded")
+    expect(other.locator("#chat [data-testid='user'] img")).to_have_count(1)
+    expect(other.locator("#chat [data-testid='bot']")).to_have_count(1)
+    ask(other, "And the least?")
+    expect(status(other)).to_contain_text("Done")
+    expect(other.locator("#chat [data-testid='bot']")).to_have_count(2)
+    other.close()
 
 
 def test_the_chat_survives_a_reload(page):
