@@ -34,6 +34,19 @@ def ask(client: Client, text: str, *files: Path, max_new_tokens=64, conversation
     )
 
 
+def record_streams(pipe, monkeypatch) -> list:
+    """The pipeline's streams from now on, kept so their public counters can be read."""
+    streams = []
+    real_stream = pipe.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    return streams
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

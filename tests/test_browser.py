@@ -22,7 +22,14 @@ import pytest
 
 from phi3v.kv_cache import KVCache
 from phi3v_app.loading import ModelLoader
-from tests.app_helpers import first_launch, ready_loader, serve, serve_demo, wait_until
+from tests.app_helpers import (
+    first_launch,
+    ready_loader,
+    record_streams,
+    serve,
+    serve_demo,
+    wait_until,
+)
 
 expect = sync_api.expect
 
@@ -263,19 +270,6 @@ def test_editing_a_question_answers_it_again(page):
     expect(status(page)).to_contain_text("Done")
     expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)
     expect(prompt(page)).to_be_enabled()
-
-
-def record_streams(pipe, monkeypatch) -> list:
-    """The pipeline's streams from now on, kept so their public counters can be read."""
-    streams = []
-    real_stream = pipe.stream
-
-    def recording_stream(*args, **kwargs):
-        streams.append(real_stream(*args, **kwargs))
-        return streams[-1]
-
-    monkeypatch.setattr(pipe, "stream", recording_stream)
-    return streams
 
 
 def test_editing_a_question_with_a_picture_answers_it_again_without_rereading_it(

@@ -33,6 +33,7 @@ from phi3v import Pipeline
 from phi3v_app.history import typed_text
 from phi3v_app.openai_api import StopText, add_openai_routes
 from phi3v_app.turns import ModelTurns
+from tests.app_helpers import record_streams
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "phi3v-tiny"
@@ -360,14 +361,7 @@ def test_a_full_queue_answers_429_and_the_next_request_after_it_is_served(pipe):
 def test_a_caller_that_leaves_mid_stream_cancels_the_generation_and_frees_the_turn(
     pipe, monkeypatch
 ):
-    streams = []
-    start_stream = pipe.stream
-
-    def recording_stream(*args, **kwargs):
-        streams.append(start_stream(*args, **kwargs))
-        return streams[-1]
-
-    monkeypatch.setattr(pipe, "stream", recording_stream)
+    streams = record_streams(pipe, monkeypatch)
     with api_server(pipe, ModelTurns(max_waiting=0)) as (url, turns):
         api = client(url)
         question = [{"role": "user", "content": "Go on forever."}]
