@@ -240,16 +240,16 @@ class Handlers:
 
     @staticmethod
     def export(history):
-        """The chat as a JSON file of OpenAI messages, for the download button (none while the
-        chat is empty)."""
+        """The chat as a JSON file of OpenAI messages, for the download button (hidden while
+        there is nothing to download)."""
         messages = to_openai(history or [])
         if not messages:
-            return gr.DownloadButton(value=None, interactive=False)
+            return gr.DownloadButton(value=None, visible=False)
         text = json.dumps(messages, ensure_ascii=False, indent=1)
         SAVED_CHATS.mkdir(exist_ok=True)
         path = SAVED_CHATS / f"chat-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
         path.write_text(text)
-        return gr.DownloadButton(value=str(path), interactive=True)
+        return gr.DownloadButton(value=str(path), visible=True)
 
     def load(self, upload, request: gr.Request):
         """A downloaded chat, loaded back to go on with it: (chat, status line)."""

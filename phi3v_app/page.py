@@ -164,7 +164,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
                 top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k", info="0 = off.")
         with gr.Row(elem_id="transcript"):
             download = gr.DownloadButton(
-                "Download the chat (JSON)", size="sm", interactive=False, elem_id="download"
+                "Download the chat (JSON)", size="sm", visible=False, elem_id="download"
             )
             upload = gr.UploadButton(
                 "Load a chat (JSON)", file_types=[".json"], size="sm", elem_id="load"

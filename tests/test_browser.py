@@ -372,12 +372,13 @@ def test_a_damaged_picture_is_named_at_the_input_and_never_shown_broken(page, tm
 def test_retry_after_a_refused_upload_asks_for_the_file_again(page, tmp_path):
     picture = tmp_path / "holiday.png"
     shutil.copyfile(CHART, picture)
+    prompt(page).fill("What is this?")
     page.locator("#chat-input input[type=file]").set_input_files(str(picture))
     thumbnail = page.locator("#chat-input img")
     expect(thumbnail).to_have_count(1)
+    page.wait_for_timeout(2000)  # the input's own check of the upload is over (it passed)
     uploaded = unquote(thumbnail.get_attribute("src").split("file=", 1)[1])
     Path(uploaded).unlink()  # the server lost the upload (its cache was cleaned) before sending
-    prompt(page).fill("What is this?")
     prompt(page).press("Enter")
     expect(page.locator("#chat [data-testid='bot']").last).to_contain_text("holiday.png")
     page.locator("#chat").get_by_role("button", name="Retry").click()
