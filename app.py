@@ -2,9 +2,10 @@
 
     python app.py --help
 
-The app itself is the ``phi3v_app`` package: history conversion (``history``), what the page
-says (``view``), getting the model ready (``loading``), the answer runner (``answers``), the
-page (``page``) and this command line (``cli``).
+The app itself is the ``phi3v_app`` package: getting the model ready (``loading``), the answer
+runner (``runner``) and the chat's side of it (``chat``), the page (``page``, ``handlers``,
+``view``), the APIs (``chat_api``, ``openai_api``) and this command line (``cli``); the README's
+module table lists them all.
 """
 
 import sys

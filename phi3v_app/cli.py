@@ -19,37 +19,38 @@ from collections.abc import Sequence
 import gradio as gr
 
 from phi3v.download import DEFAULT_MODEL, MODELS
+from phi3v_app.history import MAX_UPLOAD_BYTES
 from phi3v_app.loading import DATA_DIR, PRECISIONS, ModelLoader
 from phi3v_app.openai_api import API_KEY_ENV, add_openai_routes
-from phi3v_app.page import EXAMPLES_DIR, QUEUE_SIZE, build_demo
+from phi3v_app.page import EXAMPLES_DIR, QUEUE_SIZE, ChatApp, build_app
 from phi3v_app.turns import ModelTurns
 from phi3v_app.view import CSS, HEAD
 
 AUTH_ENV = "PHI3V_AUTH"  # "user:password", the same as --auth
 PRECISION_ENV = "PHI3V_PRECISION"  # the same as --precision
-MAX_FILE_SIZE = "20mb"  # per upload; bigger files are refused before they reach the model
 
 
-def create_demo(loader: ModelLoader, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+def create_app(loader: ModelLoader, queue_size: int = QUEUE_SIZE) -> ChatApp:
     """The page over ``loader``, with one :class:`ModelTurns` line of ``queue_size`` waiting
-    answers; the line and the loader are ``demo.answers.turns`` / ``demo.answers.loader``."""
-    return build_demo(loader, ModelTurns(queue_size))
+    answers (``app.turns``)."""
+    return build_app(loader, ModelTurns(queue_size))
 
 
 def add_routes(
-    server, demo: gr.Blocks, *, api_key: str | None = None, allow_remote_images: bool = False
+    server, app: ChatApp, *, api_key: str | None = None, allow_remote_images: bool = False
 ) -> None:
     """The one place where more HTTP routes join the app's FastAPI ``server`` once it runs.
 
-    Whatever is mounted here shares the page's model: ``demo.answers.loader.pipeline`` and its
-    line, ``demo.answers.turns`` (take a turn around every use of the pipeline). Here: the
-    OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models`` (:mod:`phi3v_app.openai_api`).
+    Whatever is mounted here shares the page's model: ``app.loader.pipeline`` and its line,
+    ``app.turns`` (every answer goes through :class:`phi3v_app.runner.Runner` over that line).
+    Here: the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``
+    (:mod:`phi3v_app.openai_api`).
     """
-    loader = demo.answers.loader
+    loader = app.loader
     add_openai_routes(
         server,
         lambda: loader.pipeline,
-        demo.answers.turns,
+        app.turns,
         model_name=loader.status().name,
         api_key=api_key,
         allow_remote_images=allow_remote_images,
@@ -57,13 +58,13 @@ def add_routes(
 
 
 def launch(
-    demo: gr.Blocks, *, api_key: str | None = None, allow_remote_images: bool = False, **options
+    app: ChatApp, *, api_key: str | None = None, allow_remote_images: bool = False, **options
 ):
     """``demo.launch`` with the app's look, upload limit and error display, without blocking;
     then :func:`add_routes` (the API's options go there). Returns (FastAPI app, local URL, share
     URL)."""
-    server, local_url, share_url = demo.launch(
-        max_file_size=MAX_FILE_SIZE,
+    server, local_url, share_url = app.demo.launch(
+        max_file_size=MAX_UPLOAD_BYTES,
         theme=gr.themes.Soft(primary_hue="indigo"),
         css=CSS,
         head=HEAD,
@@ -72,7 +73,7 @@ def launch(
         prevent_thread_lock=True,
         **options,
     )
-    add_routes(server, demo, api_key=api_key, allow_remote_images=allow_remote_images)
+    add_routes(server, app, api_key=api_key, allow_remote_images=allow_remote_images)
     return server, local_url, share_url
 
 
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("phi3v").setLevel(logging.INFO)
     loader = ModelLoader(args.model_dir, args.model, DATA_DIR, args.precision).start()
-    demo = create_demo(loader)
+    app = create_app(loader)
     if args.share and not args.auth:
         print("note: anyone with the public link can use this app; add --auth USER:PASSWORD")
     api_key = args.api_key
@@ -184,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key = secrets.token_urlsafe(24)
         print(f"* API key (made up for this run; choose one with --api-key): {api_key}", flush=True)
     _, local_url, share_url = launch(
-        demo,
+        app,
         server_name=args.host,
         server_port=args.port,
         share=args.share,
@@ -200,11 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"hand). Run without --share to serve only at {local_url}",
             file=sys.stderr,
         )
-        demo.close()
+        app.demo.close()
         return 1
     print(f"* Running on {local_url}", flush=True)
     print(f"* OpenAI-compatible API: {local_url.rstrip('/')}/v1/chat/completions", flush=True)
     if share_url:
         print(f"* Public link: {share_url} (valid for up to a week)", flush=True)
-    demo.block_thread()
+    app.demo.block_thread()
     return 0

@@ -15,10 +15,19 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-ERROR_MARK = "⚠"  # an assistant message starting with this is an error, not an answer
-STOPPED_MARK = "■"  # ... or the note of an answer stopped before its first word
+ERROR_MARK = "⚠"  # what an error reply starts with, for the eye
+STOPPED_MARK = "■"  # ... and the note of an answer stopped before its first word
+# What a reply the app wrote itself is, kept in the message's metadata "id" (Gradio shows a
+# message with an id and no title like any other, and sends it back): the app reads what a
+# reply was from there, never from its wording.
+ERROR = "phi3v-error"
+STOPPED = "phi3v-stopped"
+REFUSED_UPLOAD = "phi3v-refused-upload"  # a file that is not a picture; it was not kept
 MAX_IMAGES_PER_MESSAGE = 8
 MAX_IMAGES_PER_CONVERSATION = 16  # each image is up to ~2,000 prompt tokens at full detail
+# Per uploaded file, in the chat (Gradio's max_file_size) and per image in the OpenAI API: 20 MiB,
+# room for a full-resolution phone photo as PNG.
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic"}
 )
@@ -63,12 +72,16 @@ def _is_note(message: dict) -> bool:
     return bool((message.get("metadata") or {}).get("title"))
 
 
+def reply_kind(message: dict) -> str | None:
+    """ERROR, STOPPED or REFUSED_UPLOAD for a reply the app wrote itself; None for an answer."""
+    if message.get("role") != "assistant":
+        return None
+    return (message.get("metadata") or {}).get("id")
+
+
 def is_unanswered_reply(message: dict) -> bool:
     """An error, or the note of an answer stopped before its first word."""
-    if message.get("role") != "assistant":
-        return False
-    text, _ = message_parts(message["content"])
-    return text.startswith((ERROR_MARK, STOPPED_MARK))
+    return reply_kind(message) in (ERROR, STOPPED, REFUSED_UPLOAD)
 
 
 def _turns(history: Sequence[dict]) -> list[tuple[list[dict], list[dict]]]:
@@ -162,16 +175,36 @@ def user_message(text: str, files: Sequence[str]) -> dict:
     return {"role": "user", "content": content}
 
 
+def refused_upload(text: str, files: Sequence[str]) -> list[dict]:
+    """The user message of a send whose files were refused: the text alone (the refusal names
+    the files), or, with no text, the files' names, marked so that Retry knows it had none."""
+    if text:
+        return [user_message(text, [])]
+    names = ", ".join(upload_name(path) for path in files)
+    return [{**user_message(f"(attached: {names})", []), "metadata": {"id": REFUSED_UPLOAD}}]
+
+
 def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def error_message(text: str) -> dict:
-    return assistant_message(f"{ERROR_MARK} {text}")
+def error_message(text: str, kind: str = ERROR) -> dict:
+    """The reply of a question that was not answered, saying why."""
+    return {"role": "assistant", "content": f"{ERROR_MARK} {text}", "metadata": {"id": kind}}
 
 
 def stopped_message() -> dict:
-    return assistant_message(f"{STOPPED_MARK} _Stopped before the answer began._")
+    text = f"{STOPPED_MARK} _Stopped before the answer began._"
+    return {"role": "assistant", "content": text, "metadata": {"id": STOPPED}}
+
+
+def last_question(history: Sequence[dict]) -> tuple[dict | None, dict | None]:
+    """The last user message and the first reply to it (None where there is none)."""
+    for index in range(len(history) - 1, -1, -1):
+        if history[index].get("role") == "user":
+            reply = history[index + 1] if index + 1 < len(history) else None
+            return history[index], reply
+    return None, None
 
 
 def without_last_answer(history: Sequence[dict]) -> list[dict]:

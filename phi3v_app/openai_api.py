@@ -7,20 +7,19 @@ page's port, a Space and a share link serve them too. Tools that speak OpenAI's 
 ``openai`` package, Open WebUI, curl scripts) can then ask about images.
 
 One request: the key -> the body (:func:`~phi3v_app.openai_schema.parse_request`) -> the images
-(``data:`` URLs decoded; ``http(s)`` ones fetched only with ``allow_remote_images``) ->
-``Pipeline.stream`` (every ``Phi3VError`` there is the caller's 400) -> the model's turn, as a
-chat visitor waits for it (429 when the queue is full) -> a worker thread reads the stream and
-cuts the text at stop sequences -> one JSON answer, or server-sent events ending in
-``data: [DONE]``. A caller that goes away cancels its generation and frees the turn.
+(``data:`` URLs decoded; ``http(s)`` ones fetched only with ``allow_remote_images``) -> the answer
+runner (:mod:`phi3v_app.runner`, the chat's too: the same line for the model's turn) -> its
+typed events rendered here: a failure before the first word as an HTTP error (429 when the line
+is full, 400 for bad input such as a prompt over the limit), the text cut at stop sequences into
+one JSON answer or server-sent events ending in ``data: [DONE]``. A caller that goes away
+cancels its answer and frees the turn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,9 +30,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from phi3v import Phi3VError, Pipeline, Stream
-from phi3v.errors import LimitError
-from phi3v_app.history import MAX_IMAGES_PER_CONVERSATION
+from phi3v import Pipeline
+from phi3v_app import runner
+from phi3v_app.history import MAX_IMAGES_PER_CONVERSATION, MAX_UPLOAD_BYTES
 from phi3v_app.openai_schema import (
     APIError,
     ChatRequest,
@@ -41,25 +40,24 @@ from phi3v_app.openai_schema import (
     parse_request,
     too_large,
 )
-from phi3v_app.turns import ModelTurns, QueueFull, TurnCancelled
+from phi3v_app.turns import ModelTurns
 
 log = logging.getLogger("phi3v.app.openai")
 
 API_KEY_ENV = "PHI3V_API_KEY"  # the same as the app's --api-key
 MAX_IMAGES = MAX_IMAGES_PER_CONVERSATION  # per request, over the whole conversation
-MAX_IMAGE_BYTES = 20_000_000  # per image, as the chat's uploads
+MAX_IMAGE_BYTES = MAX_UPLOAD_BYTES  # per image, as the chat's uploads
 MAX_BODY_BYTES = 100_000_000  # a few large images, base64-encoded
 REMOTE_TIMEOUT_S = 20  # to connect, and between two reads, when fetching an image URL
 REMOTE_DEADLINE_S = 60  # for a whole image download
-POLL_S = 0.25  # how often a waiting request looks whether its caller is still there
+POLL_S = 0.25  # how often a request without news looks whether its caller is still there
 KEEPALIVE_S = 15  # an SSE comment after this long without text (proxies close idle streams)
 RETRY_AFTER_S = 10  # suggested to callers told that the model is busy or not ready
 
 
 @dataclass(frozen=True)
 class _Settings:
-    pipeline: Callable[[], Pipeline | None]
-    turns: ModelTurns
+    runner: runner.Runner
     model_name: str
     api_key: str | None
     allow_remote_images: bool
@@ -88,7 +86,12 @@ def add_openai_routes(
     made to reach hosts behind its firewall).
     """
     settings = _Settings(
-        pipeline, turns, model_name, api_key, allow_remote_images, max_images, max_image_bytes
+        runner.Runner(pipeline, turns),
+        model_name,
+        api_key,
+        allow_remote_images,
+        max_images,
+        max_image_bytes,
     )
 
     async def chat_completions(request: Request) -> Response:
@@ -128,41 +131,49 @@ def _error_response(request: Request, err: APIError) -> JSONResponse:
 
 async def _chat_completions(request: Request, settings: _Settings) -> Response:
     _check_key(request, settings.api_key)
-    pipe = settings.pipeline()
-    if pipe is None:
-        raise APIError(
-            503,
-            "the model is not ready yet (still downloading or loading; the web page shows its "
-            "progress); try again in a minute",
-            type="server_error",
-            code="model_not_ready",
-        )
+    if settings.runner.pipeline() is None:
+        raise _not_ready()
     chat = parse_request(
         await _read_json(request),
         max_images=settings.max_images,
         max_image_bytes=settings.max_image_bytes,
     )
+    _check_model(chat.model, settings.model_name)
     images = await run_in_threadpool(
         _load_images, chat.images, settings.allow_remote_images, settings.max_image_bytes
     )
-    stream = await run_in_threadpool(_start, pipe, chat, images)
-    generation = _Generation(stream, settings.turns, chat.stop, asyncio.get_running_loop())
+    events = _Events(settings.runner.start(_question(chat, images)), request)
     try:
-        await generation.wait_for_turn(request)
+        first = await events.started()
     except _CallerGone:
         return Response(status_code=499)  # nobody reads it; the log shows why the request ended
-    answer = _Answer(chat, settings.model_name, stream)
+    except APIError:
+        events.cancel()
+        raise
+    answer = _Answer(chat, settings.model_name)
     if chat.stream:
         return StreamingResponse(
-            _events(generation, answer, request),
+            _sse_events(events, first, answer),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        return JSONResponse(await _collect(generation, answer, request))
+        return JSONResponse(await _collect(events, first, answer))
     except _CallerGone:
         log.info("a caller left before its answer was complete")
         return Response(status_code=499)
+
+
+def _check_model(asked: str | None, served: str) -> None:
+    """A request for a model this server does not run is a 404, as OpenAI answers it."""
+    if asked is not None and asked != served:
+        raise APIError(
+            404,
+            f"the model `{asked}` is not served here; this server runs `{served}` "
+            "(GET /v1/models lists it): send that name as `model`",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _check_key(request: Request, api_key: str | None) -> None:
@@ -248,140 +259,93 @@ def _fetch(url: str, number: int, max_bytes: int) -> bytes:
     return bytes(data)
 
 
-def _start(pipe: Pipeline, chat: ChatRequest, images: list[bytes]) -> Stream:
-    """``Pipeline.stream`` for the request: checks everything before any model runs.
+def _question(chat: ChatRequest, images: list[bytes]) -> runner.Question:
+    """The runner's question for the request.
 
     The KV cache kept after an answer is continued by the next request with the same ``user``
     (a follow-up question does not read the images again). A request without one neither
     continues nor keeps a cache: anonymous callers cannot time what another sent, and one-off
     questions do not push kept conversations out of the memory budget.
     """
-    try:
-        return pipe.stream(
-            list(chat.messages),
-            images,
-            conversation=("openai", chat.user),
-            remember=chat.user is not None,
-            **chat.generation_options(),
-        )
-    except LimitError as err:
-        raise APIError(400, str(err), param="messages", code="context_length_exceeded") from err
-    except Phi3VError as err:
-        raise APIError(400, str(err)) from err
+    return runner.Question(
+        list(chat.messages),
+        images,
+        chat.generation_options(),
+        conversation=("openai", chat.user),
+        remember=chat.user is not None,
+    )
 
 
-# --- the generation, in a worker thread ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Finished:
-    reason: str  # "stop" / "length" as OpenAI's finish_reason; "cancelled" when the caller left
-
-
-_TURN = object()  # the model's turn has come
+# --- the runner's events, read from the server's event loop --------------------------------------
 
 
 class _CallerGone(Exception):
     """The caller closed the connection."""
 
 
-class _Generation:
-    """One generation in a worker thread: wait for the turn, read the stream, cut at stops.
+class _Events:
+    """One answer's events (:mod:`phi3v_app.runner`), awaited between looks at the caller."""
 
-    The thread hands over, in order: ``_TURN``, text (already cut at the stop sequences), then
-    a ``_Finished`` or an exception (QueueFull at once when the queue is full).
-    """
+    def __init__(self, answer: runner.Answer, request: Request):
+        self.answer = answer
+        self.request = request
+        self._events = answer.events(tick=POLL_S)
 
-    def __init__(
-        self,
-        stream: Stream,
-        turns: ModelTurns,
-        stops: Sequence[str],
-        loop: asyncio.AbstractEventLoop,
-    ):
-        self.stream = stream
-        self.turns = turns
-        self.stops = stops
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.gone = threading.Event()
-        self._next_check = 0.0
-        threading.Thread(target=self._work, name="phi3v-openai", daemon=True).start()
+    async def next(self) -> runner.Event:
+        """The next event; raises _CallerGone (and cancels the answer) once the caller left."""
+        if await self.request.is_disconnected():
+            self.cancel()
+            raise _CallerGone
+        return await run_in_threadpool(next, self._events)
+
+    async def started(self) -> runner.Event:
+        """The first event after the wait in line: Reading or later. Raises APIError for a
+        failure before any text (busy, bad input) and _CallerGone for a caller that left."""
+        while isinstance(event := await self.next(), runner.Queued):
+            pass
+        if isinstance(event, runner.Failed):
+            raise _failure_error(event)
+        return event
 
     def cancel(self) -> None:
-        """End the generation (or the wait for the turn) as soon as it can; safe to repeat."""
-        self.gone.set()
-        self.stream.cancel()
+        self.answer.cancel()
 
-    async def wait_for_turn(self, request: Request) -> None:
-        """Returns when the model is this request's; raises APIError 429 when the queue is full,
-        _CallerGone when the caller left while waiting."""
-        event = await self.next(request)
-        if isinstance(event, QueueFull):
-            raise APIError(
-                429,
-                f"the model is busy and its queue is full ({event}); try again in a minute",
-                type="rate_limit_error",
-                code="queue_full",
-            )
-        if isinstance(event, BaseException):
-            raise _internal_error(event)
 
-    async def next(self, request: Request, idle: float | None = None) -> object:
-        """The next event from the worker; None after ``idle`` seconds without one. Raises
-        _CallerGone (and cancels) once the caller has closed the connection."""
-        waited = 0.0
-        while True:
-            if time.monotonic() >= self._next_check:
-                self._next_check = time.monotonic() + POLL_S
-                if await request.is_disconnected():
-                    self.cancel()
-                    raise _CallerGone
-            try:
-                return self.events.get_nowait()
-            except asyncio.QueueEmpty:
-                pass
-            try:
-                return await asyncio.wait_for(self.events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                waited += POLL_S
-                if idle is not None and waited >= idle:
-                    return None
+def _failure_error(failed: runner.Failed) -> APIError:
+    """A failed answer as OpenAI's error: 429 busy, 503 not ready, 400 bad input, 500 else."""
+    if failed.kind == "busy":
+        return APIError(
+            429,
+            f"the model is busy and its queue is full ({failed.reason}); try again in a minute",
+            type="rate_limit_error",
+            code="queue_full",
+        )
+    if failed.kind == "not_ready":
+        return _not_ready()
+    if failed.kind == "too_large":
+        return APIError(400, failed.reason, param="messages", code="context_length_exceeded")
+    if failed.kind in ("bad_image", "bad_input"):
+        return APIError(400, failed.reason)
+    return APIError(
+        500,
+        f"the generation failed ({failed.reason}); the server log has details",
+        type="server_error",
+    )
 
-    def _work(self) -> None:
-        try:
-            with self.turns.turn(cancelled=self.gone):
-                try:
-                    self._put(_TURN)
-                    self._put(self._read())
-                finally:
-                    self.stream.close()  # frees the KV cache before the next turn starts
-        except TurnCancelled:
-            log.info("a caller left while waiting for the model")
-        except BaseException as err:  # QueueFull, or a failure: the request answers it
-            self._put(err)
-        finally:
-            self.stream.close()  # when the turn never came
 
-    def _read(self) -> _Finished:
-        text = StopText(self.stops)
-        for delta in self.stream:
-            if cut := text.push(delta):
-                self._put(cut)
-            if text.stopped:
-                return _Finished("stop")
-            if self.gone.is_set():
-                return _Finished("cancelled")
-        if tail := text.flush():
-            self._put(tail)
-        reason = self.stream.stop_reason
-        return _Finished("stop" if reason == "eos" else reason or "stop")
+def _not_ready() -> APIError:
+    return APIError(
+        503,
+        "the model is not ready yet (still downloading or loading; the web page shows its "
+        "progress); try again in a minute",
+        type="server_error",
+        code="model_not_ready",
+    )
 
-    def _put(self, event: object) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the server's loop has closed; nobody is listening
-            self.cancel()
+
+def _finish_reason(event: runner.Finished | runner.Stopped) -> str:
+    """OpenAI's finish_reason: "length" at max tokens, "stop" otherwise."""
+    return "length" if isinstance(event, runner.Finished) and event.reason == "length" else "stop"
 
 
 class StopText:
@@ -432,87 +396,100 @@ class StopText:
 class _Answer:
     """The fields every response of one request shares, and its chunk / completion objects."""
 
-    def __init__(self, chat: ChatRequest, model_name: str, stream: Stream):
+    def __init__(self, chat: ChatRequest, model_name: str):
         self.chat = chat
         self.model = model_name
-        self.stream = stream
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-
-    def usage(self) -> dict:
-        prompt, completion = len(self.stream.input_ids), len(self.stream.token_ids)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
+        self.usage = runner.Usage()  # the latest counts, from the runner's events
+        self.finish_reason = "stop"  # OpenAI's, set when the answer ends
 
     def completion(self, text: str, finish_reason: str) -> dict:
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": self._usage()}
 
     def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return {**self._head("chat.completion.chunk"), "choices": [choice]}
 
     def usage_chunk(self) -> dict:
-        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()}
+        return {**self._head("chat.completion.chunk"), "choices": [], "usage": self._usage()}
+
+    def _usage(self) -> dict:
+        usage = self.usage
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        }
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
 
-async def _collect(generation: _Generation, answer: _Answer, request: Request) -> dict:
-    """The whole answer as one ``chat.completion`` object."""
-    text = ""
+async def _texts(
+    events: _Events, first: runner.Event, answer: _Answer
+) -> AsyncIterator[str | None]:
+    """The answer's text, cut at the request's stop sequences, as it becomes safe to send;
+    None at each tick without text. Sets ``answer.usage``; ends at the finish, whose reason
+    it leaves in ``answer.finish_reason``. Leaving early cancels the answer."""
+    cut = StopText(answer.chat.stop)
+    event = first
     try:
         while True:
-            event = await generation.next(request)
-            if isinstance(event, str):
-                text += event
-            elif isinstance(event, _Finished):
-                return answer.completion(text, event.reason)
-            elif isinstance(event, BaseException):
-                raise _internal_error(event)
+            if isinstance(event, runner.Delta):
+                answer.usage = event.usage
+                if text := cut.push(event.text):
+                    yield text
+                if cut.stopped:
+                    answer.finish_reason = "stop"
+                    return
+            elif isinstance(event, (runner.Finished, runner.Stopped)):
+                answer.usage = event.usage
+                if tail := cut.flush():
+                    yield tail
+                answer.finish_reason = _finish_reason(event)
+                return
+            elif isinstance(event, runner.Failed):
+                raise _failure_error(event)
+            else:
+                yield None
+            event = await events.next()
     finally:
-        generation.cancel()
+        events.cancel()  # a no-op after the end; frees the model when the caller left
 
 
-async def _events(generation: _Generation, answer: _Answer, request: Request) -> AsyncIterator[str]:
+async def _collect(events: _Events, first: runner.Event, answer: _Answer) -> dict:
+    """The whole answer as one ``chat.completion`` object."""
+    text = "".join([piece async for piece in _texts(events, first, answer) if piece])
+    return answer.completion(text, answer.finish_reason)
+
+
+async def _sse_events(events: _Events, first: runner.Event, answer: _Answer) -> AsyncIterator[str]:
     """The answer as server-sent events: a role chunk, text chunks, a finish chunk, (usage),
-    ``data: [DONE]``. Leaving early (the caller went away) cancels the generation."""
+    ``data: [DONE]``. Leaving early (the caller went away) cancels the answer."""
+    yield _sse(answer.chunk({"role": "assistant", "content": ""}))
+    quiet_since = time.monotonic()
     try:
-        yield _sse(answer.chunk({"role": "assistant", "content": ""}))
-        while True:
-            event = await generation.next(request, idle=KEEPALIVE_S)
-            if event is None:
+        async for text in _texts(events, first, answer):
+            if text:
+                quiet_since = time.monotonic()
+                yield _sse(answer.chunk({"content": text}))
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                quiet_since = time.monotonic()
                 yield ": the model is still working\n\n"  # a comment: clients skip it
-            elif isinstance(event, str):
-                yield _sse(answer.chunk({"content": event}))
-            elif isinstance(event, _Finished):
-                yield _sse(answer.chunk({}, event.reason))
-                if answer.chat.include_usage:
-                    yield _sse(answer.usage_chunk())
-                yield "data: [DONE]\n\n"
-                return
-            elif isinstance(event, BaseException):
-                yield _sse(_internal_error(event).body())
-                yield "data: [DONE]\n\n"
-                return
+    except APIError as err:  # a failure after the stream began: its error object, then the end
+        yield _sse(err.body())
+        yield "data: [DONE]\n\n"
+        return
     except _CallerGone:
         log.info("a caller left while its answer streamed")
-    finally:
-        generation.cancel()
-
-
-def _internal_error(err: BaseException) -> APIError:
-    log.error("generation failed", exc_info=err)
-    return APIError(
-        500,
-        f"the generation failed ({type(err).__name__}: {err}); the server log has details",
-        type="server_error",
-    )
+        return
+    yield _sse(answer.chunk({}, answer.finish_reason))
+    if answer.chat.include_usage:
+        yield _sse(answer.usage_chunk())
+    yield "data: [DONE]\n\n"
 
 
 def _sse(data: dict) -> str:

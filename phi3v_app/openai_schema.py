@@ -87,6 +87,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    model: str | None = None  # the model the caller asked for (None: whatever is served)
 
     def generation_options(self) -> dict:
         """Keyword arguments for ``Pipeline.stream``."""
@@ -130,6 +131,7 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
         stream=_flag(body.get("stream"), "stream"),
         include_usage=_flag(stream_options.get("include_usage"), "stream_options.include_usage"),
         user=_user(body.get("user")),
+        model=_model(body.get("model")),
     )
 
 
@@ -339,6 +341,12 @@ def _flag(value: object, field: str) -> bool:
     if not isinstance(value, bool):
         raise APIError(400, f"`{field}` must be true or false, got {value!r}", param=field)
     return value
+
+
+def _model(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise APIError(400, f"`model` must be a string, got {value!r}", param="model")
 
 
 def _user(value: object) -> str | None:

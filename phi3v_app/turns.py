@@ -1,15 +1,15 @@
 """One model, one answer at a time: every caller of the pipeline takes a turn here.
 
-The chat's answers already run one at a time in Gradio's queue (``concurrency_limit=1``); the
-OpenAI-compatible endpoint is not a Gradio event, so both take the same turn object around their
-use of the pipeline. Turns are granted in arrival order; a bounded number of callers may wait,
-and the next one is refused at once (so the server never piles up work it cannot do).
+The answer runner (:mod:`phi3v_app.runner`) takes a turn here around every use of the pipeline,
+for the chat, its ``/chat`` API and the OpenAI-compatible endpoint alike. Turns are granted in
+arrival order; a bounded number of callers may wait, and the next one is refused at once (so the
+server never piles up work it cannot do). A waiting caller is told its place in the line.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -46,10 +46,16 @@ class ModelTurns:
             return self._issued > self._serving
 
     @contextmanager
-    def turn(self, cancelled: threading.Event | None = None) -> Iterator[None]:
+    def turn(
+        self,
+        cancelled: threading.Event | None = None,
+        waiting: Callable[[int], None] | None = None,
+    ) -> Iterator[None]:
         """Hold the model for the ``with`` block. Raises :class:`QueueFull` at once when
         ``max_waiting`` callers already wait, :class:`TurnCancelled` when ``cancelled`` is set
-        before the turn comes."""
+        before the turn comes. While the caller waits, ``waiting(ahead)`` hears how many callers
+        the model serves first (the one holding it included), each time that number changes."""
+        told = None
         with self._condition:
             if self._issued > self._serving and self._waiting() >= self.max_waiting:
                 raise QueueFull(f"{self._waiting()} requests are already waiting for the model")
@@ -58,6 +64,12 @@ class ModelTurns:
                 if cancelled is not None and cancelled.is_set():
                     self._skipped.add(ticket)
                     raise TurnCancelled("cancelled while waiting for the model")
+                ahead = (
+                    ticket - self._serving - sum(self._serving < s < ticket for s in self._skipped)
+                )
+                if waiting is not None and ahead != told:
+                    told = ahead
+                    waiting(ahead)
                 self._condition.wait(self.POLL_SECONDS)
         try:
             yield
@@ -68,6 +80,11 @@ class ModelTurns:
                     self._skipped.discard(self._serving)
                     self._serving += 1
                 self._condition.notify_all()
+
+    def _ahead_of(self, ticket: int) -> int:
+        """Callers served before ``ticket``: the holder and those waiting since earlier."""
+        gone = sum(self._serving < skipped < ticket for skipped in self._skipped)
+        return ticket - self._serving - gone
 
     def _waiting(self) -> int:
         holder = 1 if self._issued > self._serving else 0

@@ -14,6 +14,8 @@ from phi3v.results import Progress, Timings
 from phi3v_app.history import ERROR_MARK
 from phi3v_app.loading import ModelStatus
 
+ESTIMATE_CEILING = 0.99  # a share estimated from the clock never claims the prompt is read
+
 # How the precision the model runs in is said to a visitor (Pipeline.precision).
 PRECISION_WORDS = {
     "exact": "exact mode (the same numbers as Microsoft's runtime)",
@@ -89,8 +91,21 @@ def reading_status(progress: Progress, elapsed: float, estimate: float | None) -
         what = "the image" if progress.total == 1 else _count(progress.total, "image")
         return status_line("busy", f"Reading {what}…", clock)
     if progress.stage == "prefill" and progress.total > 0:
-        return status_line("busy", f"Reading your question… {progress.fraction:.0%}", clock)
+        return status_line(
+            "busy",
+            f"Reading your question… {_prefill_share(progress, elapsed, estimate):.0%}",
+            clock,
+        )
     return status_line("busy", "Thinking…", clock)
+
+
+def _prefill_share(progress: Progress, elapsed: float, estimate: float | None) -> float:
+    """How much of the prompt has been read. The engine reports it per chunk, and a long
+    prompt's first chunk is long (it must cross 4096 positions at once): between reports the
+    clock against this machine's measured time moves it on, short of 100 %."""
+    if estimate is None or estimate <= 0:
+        return progress.fraction
+    return max(progress.fraction, min(elapsed / estimate, ESTIMATE_CEILING))
 
 
 def answer_status(
@@ -232,7 +247,23 @@ CSS = """
 @keyframes phi3v-spin { to { transform: rotate(360deg); } }
 #input-row { align-items: stretch; flex-wrap: nowrap; gap: 8px; }
 #input-row > * { min-width: 0; }
-#stop { align-self: stretch; max-height: 64px; }
+#stop { align-self: stretch; max-height: 64px; transition: none; }  /* its state, at once */
+/* Stop is red while it can stop an answer and quiet while there is none, in both themes
+   (Gradio's "stop" variant is grey in the light theme and indigo in the dark one, and its
+   disabled state is the brighter). White on red-700 in light mode, near-black on red-400 in
+   dark mode: both WCAG AA, and both stand out from the page behind. */
+#stop:enabled { background: #b91c1c; border-color: #b91c1c; color: #ffffff; opacity: 1; }
+#stop:enabled:hover { background: #991b1b; border-color: #991b1b; }
+.dark #stop:enabled { background: #f87171; border-color: #f87171; color: #1c0606; }
+.dark #stop:enabled:hover { background: #fca5a5; border-color: #fca5a5; }
+#stop:disabled { background: var(--button-secondary-background-fill);
+                 border-color: var(--border-color-primary);
+                 color: #6b7280; opacity: 1; box-shadow: none; }
+.dark #stop:disabled { color: #d1d5db; }
+/* Gradio's footer links are faint (2.4:1 in the light theme): readable at WCAG AA. */
+footer .show-api, footer .built-with, footer .settings { color: var(--body-text-color) !important;
+                                                        opacity: 1 !important; }
+#chat .edit-textarea { width: 100% !important; min-height: 4.5em !important; }
 @media (max-width: 640px) {
   #header p { display: none; }
   #chat { height: calc(100dvh - 420px) !important; }
@@ -263,5 +294,58 @@ document.addEventListener("paste", (event) => {
     "is not a picture"}. Only pictures (PNG, JPEG, WebP, GIF) can be attached.`;
   status.replaceChildren(line);
 }, true);
+// Every control gets a unique name a screen reader can say: Gradio's are the same for every
+// message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
+// sliders and an unnamed edit box. Names are set again whenever Gradio re-renders.
+const RENAMED = {"Submit": "Save the edit", "Cancel": "Cancel the edit"};
+function rename(element, name) {
+  if (element.getAttribute("aria-label") !== name) element.setAttribute("aria-label", name);
+}
+// A disabled control says why in its tooltip.
+function explain(element, why) {
+  const title = element.disabled ? why : "";
+  if ((element.getAttribute("title") || "") !== title) element.setAttribute("title", title);
+}
+function nameControls() {
+  const send = document.querySelector("#chat-input button[aria-label='Submit']");
+  if (send) rename(send, "Send");
+  const stop = document.querySelector("#stop");
+  if (stop) explain(stop, "Nothing to stop: no answer is running");
+  const answering = stop && !stop.disabled;
+  const box = document.querySelector("#chat-input textarea");
+  if (box) explain(box, answering ? "An answer is on its way: wait, or press Stop (Esc)"
+                                  : "The chat opens when the model is ready");
+  for (const button of document.querySelectorAll("#chat .message-buttons button"))
+    explain(button, "Wait for the answer to end, or press Stop (Esc)");
+  for (const reset of document.querySelectorAll("button[aria-label^='Reset to default']")) {
+    const label = reset.closest(".block")?.querySelector("label, [data-testid='block-info']");
+    if (label) rename(reset, `Reset ${label.textContent.trim()} to its default`);
+  }
+  const chat = document.querySelector("#chat");
+  if (!chat) return;
+  const counts = {question: 0, answer: 0};
+  let role = null, where = null;
+  for (const part of chat.querySelectorAll(".message-row, .message-buttons")) {
+    if (part.classList.contains("message-row")) {
+      const now = part.classList.contains("user-row") ? "question" : "answer";
+      if (now !== role) { role = now; counts[role] += 1; where = `${role} ${counts[role]}`; }
+    }
+    if (!where) continue;
+    for (const box of part.querySelectorAll("textarea")) rename(box, `Edit ${where}`);
+    for (const button of part.querySelectorAll("button")) {
+      button.dataset.phi3vName ??= button.getAttribute("aria-label") || button.innerText.trim();
+      const base = button.dataset.phi3vName;
+      rename(button, `${RENAMED[base] || base} (${where})`);
+    }
+  }
+}
+let naming = false;
+new MutationObserver(() => {
+  if (naming) return;
+  naming = true;
+  requestAnimationFrame(() => { nameControls(); naming = false; });
+}).observe(document.documentElement,
+           {subtree: true, childList: true, attributes: true,
+            attributeFilter: ["aria-label", "disabled"]});
 </script>
 """

@@ -9,14 +9,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import gradio as gr
 from gradio_client import Client, handle_file
 
 from phi3v.download import DEFAULT_MODEL, MODELS
 from phi3v.testing import build_model as build_tiny_model
-from phi3v_app.cli import create_demo, launch
+from phi3v_app.cli import create_app, launch
 from phi3v_app.loading import ModelLoader
-from phi3v_app.page import QUEUE_SIZE
+from phi3v_app.page import QUEUE_SIZE, ChatApp
 from tests.fakehub import FakeHub
 
 LOAD_TIMEOUT_S = 60
@@ -35,6 +34,19 @@ def ask(client: Client, text: str, *files: Path, max_new_tokens=64, conversation
     )
 
 
+def record_streams(pipe, monkeypatch) -> list:
+    """The pipeline's streams from now on, kept so their public counters can be read."""
+    streams = []
+    real_stream = pipe.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(real_stream(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    return streams
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,17 +54,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_demo(
-    loader: ModelLoader, queue_size: int = QUEUE_SIZE
-) -> Iterator[tuple[str, gr.Blocks]]:
+def serve_demo(loader: ModelLoader, queue_size: int = QUEUE_SIZE) -> Iterator[tuple[str, ChatApp]]:
     """Launch the app for ``loader`` on a free 127.0.0.1 port with ``queue_size`` answers
-    allowed to wait; yield (its URL, the Blocks); close it after."""
-    demo = create_demo(loader, queue_size)
-    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    allowed to wait; yield (its URL, the app: its page and its line); close it after."""
+    app = create_app(loader, queue_size)
+    _, url, _ = launch(app, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
-        yield url, demo
+        yield url, app
     finally:
-        demo.close()
+        app.demo.close()
 
 
 @contextmanager

@@ -26,7 +26,7 @@ import app
 from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
 from phi3v_app import cli, view
-from phi3v_app.answers import Answers, check_images, generation_options
+from phi3v_app.chat import Answers, check_images, generation_options
 from phi3v_app.history import (
     ERROR_MARK,
     MAX_IMAGES_PER_MESSAGE,
@@ -34,12 +34,14 @@ from phi3v_app.history import (
     HistoryError,
     check_limits,
     conversation,
+    error_message,
     message_parts,
     stopped_message,
     without_last_answer,
     without_last_turn,
 )
 from phi3v_app.loading import ModelLoader, ModelStatus
+from phi3v_app.transcript import from_openai, to_openai
 from phi3v_app.turns import ModelTurns
 from tests.app_helpers import ask, first_launch, free_port, ready_loader, serve_demo, wait_until
 
@@ -97,7 +99,7 @@ def test_a_turn_answered_with_an_error_or_stopped_early_is_left_out_with_its_ima
         user("First.", "good.png"),
         bot("Fine."),
         user("Second.", "broken.png"),
-        bot(f"{ERROR_MARK} broken.png is corrupt"),
+        error_message("broken.png is corrupt"),
         user("Third.", "late.png"),
         stopped_message(),
         user("Fourth."),
@@ -105,6 +107,12 @@ def test_a_turn_answered_with_an_error_or_stopped_early_is_left_out_with_its_ima
     messages, images = conversation(history)
     assert images == ["good.png"]
     assert [m["content"] for m in messages] == ["<|image_1|>\nFirst.", "Fine.", "Fourth."]
+
+
+def test_an_answer_that_merely_starts_like_an_error_is_still_an_answer():
+    history = [user("Draw a warning sign."), bot(f"{ERROR_MARK} here it is"), user("Thanks.")]
+    messages, _ = conversation(history)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
 
 
 def test_notes_with_a_metadata_title_never_reach_the_model():
@@ -201,10 +209,18 @@ def test_reading_shows_the_stage_the_percentage_and_the_measured_estimate():
     vision = view.reading_status(Progress("vision", 0, 1), 12.3, 41.0)
     assert "Reading the image" in vision and "12 s of about 41 s" in vision
     assert "Reading 2 images" in view.reading_status(Progress("vision", 0, 2), 1.0, None)
-    prefill = view.reading_status(Progress("prefill", 1024, 1935), 30.0, 41.0)
+    prefill = view.reading_status(Progress("prefill", 1024, 1935), 10.0, 41.0)
     assert "53%" in prefill
     unmeasured = view.reading_status(Progress("vision", 0, 1), 3.0, None)
     assert "about" not in unmeasured and "3.0 s" in unmeasured
+
+
+def test_a_long_first_chunk_moves_on_with_the_clock_short_of_done():
+    progress = Progress("prefill", 0, 6000)  # the engine reports once the first chunk is read
+    assert "Reading your question… 25%" in view.reading_status(progress, 10.0, 40.0)
+    assert "Reading your question… 50%" in view.reading_status(progress, 20.0, 40.0)
+    assert "Reading your question… 99%" in view.reading_status(progress, 60.0, 40.0)
+    assert "Reading your question… 0%" in view.reading_status(progress, 10.0, None)
 
 
 def test_an_estimate_that_ran_out_grows_with_the_clock():
@@ -442,7 +458,8 @@ def test_a_damaged_upload_is_numbered_within_its_own_message(tmp_path):
 
 def test_a_model_that_is_not_ready_is_explained_in_the_chat():
     runner = Answers(ModelLoader("/nonexistent/model-folder"), ModelTurns(4))
-    ((history, _),) = runner.run(runner.begin("s"), [user("Hi.")], {})
+    updates = list(runner.run(runner.begin("s"), [user("Hi.")], {}))
+    history = last_chat(updates)
     assert text_of(history[-1]).startswith(ERROR_MARK)
     assert "still loading" in text_of(history[-1])
 
@@ -477,16 +494,11 @@ def test_first_launch_downloads_with_progress_then_loads(tmp_path, monkeypatch):
 def test_fast_precision_shows_the_conversion_then_says_fast_mode(tiny_int4_model_dir, tmp_path):
     folder = tmp_path / "int4"
     shutil.copytree(tiny_int4_model_dir, folder, ignore=shutil.ignore_patterns(".phi3v-cache"))
-    loader = ModelLoader(folder, precision="fast")
+    loader = ModelLoader(folder, precision="fast").start()
     seen: list[ModelStatus] = []
-    record = loader._on_conversion
-
-    def watched(progress):  # the page polls status(); here every report is looked at
-        record(progress)
+    while not seen or seen[-1].phase not in ("ready", "failed"):  # as the page polls, faster
         seen.append(loader.status())
-
-    loader._on_conversion = watched
-    assert loader.start().wait(120), loader.status().error
+    assert loader.wait(120), loader.status().error
     converting = [status for status in seen if status.phase == "converting"]
     assert converting and any(s.conversion.total > 0 for s in converting)
     assert "Preparing fast mode" in view.model_panel(converting[-1])
@@ -499,8 +511,8 @@ def test_fast_precision_shows_the_conversion_then_says_fast_mode(tiny_int4_model
 
 @pytest.fixture(scope="module")
 def live(loader):
-    with serve_demo(loader, queue_size=1) as (url, demo):
-        yield url, demo
+    with serve_demo(loader, queue_size=1) as (url, app):
+        yield url, app
 
 
 @pytest.fixture
@@ -540,14 +552,22 @@ def test_a_conversation_id_makes_the_next_call_a_follow_up(client, loader, monke
     assert stream.reused_tokens > 0  # and its KV cache was reused
 
 
-def test_a_call_without_a_conversation_id_keeps_no_kv_cache(client, loader):
-    kept = len(loader.pipeline._prefix)
+def test_only_a_call_with_a_conversation_id_keeps_a_kv_cache(client, loader, monkeypatch):
+    remembered = []
+    real_stream = loader.pipeline.stream
+
+    def recording_stream(*args, **kwargs):
+        remembered.append(kwargs["remember"])
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(loader.pipeline, "stream", recording_stream)
     ask(client, "A one-off question.").result(timeout=ANSWER_TIMEOUT_S)
-    assert len(loader.pipeline._prefix) == kept
+    ask(client, "A question to follow up.", conversation_id="c-2").result(timeout=ANSWER_TIMEOUT_S)
+    assert remembered == [False, True]
 
 
 def test_a_cancelled_call_stops_and_the_model_is_free_again(client, live):
-    turns = live[1].answers.turns
+    turns = live[1].turns
     job = ask(client, "Write a long story.", max_new_tokens=LONG)
     wait_until(lambda: job.outputs(), timeout=60)
     assert job.cancel()
@@ -604,8 +624,8 @@ def test_a_malformed_request_gets_a_message_and_the_log_one_line(live, data, cap
 
 
 def test_a_full_line_refuses_the_next_call_with_a_message(live):
-    url, demo = live
-    turns = demo.answers.turns  # queue_size=1: one call may wait
+    url, app = live
+    turns = app.turns  # queue_size=1: one call may wait
     with turns.turn():
         waiting = ask(Client(url, download_files=False, verbose=False), "Wait for me.")
         wait_until(lambda: turns.waiting == 1)
@@ -702,3 +722,32 @@ def test_share_that_cannot_open_a_tunnel_fails_clearly(tiny_model_dir, monkeypat
     err = capsys.readouterr().err
     assert "--share could not open a public link" in err
     assert "Run without --share" in err
+
+
+# --- the chat as a file --------------------------------------------------------------------------
+
+
+def test_a_saved_chat_holds_the_answered_turns_with_pictures_inline():
+    history = [user("What is this?", str(CHART)), bot("A chart."), user("Hi."), stopped_message()]
+    (question, answer) = to_openai(history)
+    assert question["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert question["content"][1] == {"type": "text", "text": "What is this?"}
+    assert answer == {"role": "assistant", "content": "A chart."}
+
+
+def test_a_saved_chat_loads_back_as_the_same_conversation(tmp_path):
+    history = [user("What is this?", str(CHART)), bot("A chart.")]
+    loaded = from_openai(to_openai(history), tmp_path)
+    messages, images = conversation(loaded)
+    assert messages == conversation(history)[0]
+    assert Path(images[0]).read_bytes() == CHART.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [{"not": "a list"}, [{"role": "tool", "content": "x"}], [{"role": "user", "content": [1]}]],
+    ids=["not-a-list", "a-tool-message", "a-part-that-is-not-text"],
+)
+def test_a_file_that_is_not_a_saved_chat_is_refused_with_a_reason(saved, tmp_path):
+    with pytest.raises(HistoryError, match="saved chat|Message 1"):
+        from_openai(saved, tmp_path)

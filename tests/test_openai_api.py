@@ -30,8 +30,10 @@ from fastapi import FastAPI
 from PIL import Image
 
 from phi3v import Pipeline
+from phi3v_app.history import typed_text
 from phi3v_app.openai_api import StopText, add_openai_routes
 from phi3v_app.turns import ModelTurns
+from tests.app_helpers import record_streams
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "phi3v-tiny"
@@ -155,21 +157,21 @@ def assert_same_answer(response, generation) -> None:
 def test_only_requests_with_the_same_user_continue_each_others_kv_cache(api, pipe, monkeypatch):
     """Reuse makes a repeated prompt's first token faster; between anonymous callers that
     would tell one what another sent (issue 9's timing side channel)."""
-    streams = []
+    streams, remembered = [], []
     real_stream = pipe.stream
 
     def recording_stream(*args, **kwargs):
+        remembered.append(kwargs["remember"])
         streams.append(real_stream(*args, **kwargs))
         return streams[-1]
 
     monkeypatch.setattr(pipe, "stream", recording_stream)
     question = [{"role": "user", "content": [image_part(png("teal")), text_part("And this?")]}]
-    kept = len(pipe._prefix)
     for _ in range(2):
         ask(api, question)
-    assert len(pipe._prefix) == kept  # anonymous calls keep nothing either
     for _ in range(2):
         ask(api, question, user="ada")
+    assert remembered == [False, False, True, True]  # anonymous calls keep no cache either
     assert [s.reused_tokens > 0 for s in streams] == [False, False, False, True]
 
 
@@ -299,15 +301,33 @@ def test_stop_text_releases_the_held_back_end_when_the_answer_ends():
     assert not text.stopped
 
 
-def test_a_typed_image_tag_stays_text(api):
+def test_a_typed_image_tag_stays_text(api, pipe):
     typed = "What does <|image_1|> mean?"
-    assert ask(api, [{"role": "user", "content": typed}]).choices[0].message.content is not None
-    parts = [image_part(png("red")), text_part(typed)]
-    assert ask(api, [{"role": "user", "content": parts}]).usage.prompt_tokens > 100
+    as_text = typed_text(typed)  # what the chat gives the model for the same typing
+    alone = ask(api, [{"role": "user", "content": typed}])
+    assert_same_answer(alone, expected(pipe, [{"role": "user", "content": as_text}]))
+    red = png("red")
+    parts = [image_part(red), text_part(typed)]
+    beside = ask(api, [{"role": "user", "content": parts}])
+    generation = expected(pipe, [{"role": "user", "content": f"<|image_1|>\n{as_text}"}], [red])
+    assert_same_answer(beside, generation)
 
 
 def test_models_lists_the_loaded_model_set(api):
     assert [model.id for model in api.models.list().data] == [MODEL]
+
+
+def test_the_answer_names_the_model_that_runs(api):
+    assert ask(api, [{"role": "user", "content": "Hi"}]).model == MODEL
+
+
+def test_a_model_that_is_not_served_is_a_404_model_not_found(api):
+    with pytest.raises(openai.NotFoundError) as refused:
+        api.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=1
+        )
+    assert refused.value.body["code"] == "model_not_found"
+    assert f"this server runs `{MODEL}`" in refused.value.body["message"]
 
 
 # --- the turn: one generation at a time, shared with the chat -------------------------------------
@@ -341,14 +361,7 @@ def test_a_full_queue_answers_429_and_the_next_request_after_it_is_served(pipe):
 def test_a_caller_that_leaves_mid_stream_cancels_the_generation_and_frees_the_turn(
     pipe, monkeypatch
 ):
-    streams = []
-    start_stream = pipe.stream
-
-    def recording_stream(*args, **kwargs):
-        streams.append(start_stream(*args, **kwargs))
-        return streams[-1]
-
-    monkeypatch.setattr(pipe, "stream", recording_stream)
+    streams = record_streams(pipe, monkeypatch)
     with api_server(pipe, ModelTurns(max_waiting=0)) as (url, turns):
         api = client(url)
         question = [{"role": "user", "content": "Go on forever."}]
@@ -595,7 +608,7 @@ def test_the_readme_openai_example_runs_against_the_app_with_a_login(tiny_model_
             if line.startswith("* Running on"):
                 break
         key = next(line.split()[-1] for line in printed if line.startswith("* API key"))
-        probe = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        probe = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
         chat = f"{url}/v1/chat/completions"
         assert requests.post(chat, json=probe).status_code == 401
 

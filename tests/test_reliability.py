@@ -48,8 +48,8 @@ def write_record():
 @pytest.fixture(scope="module")
 def live(tiny_model_dir):
     loader = ready_loader(tiny_model_dir)
-    with serve_demo(loader, queue_size=16) as (url, demo):
-        yield url, demo
+    with serve_demo(loader, queue_size=16) as (url, app):
+        yield url, app
 
 
 def client(url: str) -> Client:
@@ -107,7 +107,7 @@ def _rss_mib() -> float:
 
 
 def test_a_soak_of_streams_with_a_third_cancelled_leaves_the_server_as_it_was(live):
-    url, demo = live
+    url, app = live
     c = client(url)
     reference = ask(c, "Tell me a story.", SCENE).result(timeout=ANSWER_TIMEOUT_S)
     rss, threads = _rss_mib(), threading.active_count()
@@ -119,7 +119,7 @@ def test_a_soak_of_streams_with_a_third_cancelled_leaves_the_server_as_it_was(li
             cancelled += job.cancel()
         else:
             finished += bool(job.result(timeout=ANSWER_TIMEOUT_S))
-    wait_until(lambda: not demo.answers.turns.busy, timeout=60)
+    wait_until(lambda: not app.turns.busy, timeout=60)
     again = ask(c, "Tell me a story.", SCENE).result(timeout=ANSWER_TIMEOUT_S)
     growth, new_threads = _rss_mib() - rss, threading.active_count() - threads
     record(
