@@ -19,10 +19,11 @@ from collections.abc import Sequence
 import gradio as gr
 
 from phi3v.download import DEFAULT_MODEL, MODELS
+from phi3v.precision import PRECISIONS
 from phi3v_app.history import MAX_UPLOAD_BYTES
-from phi3v_app.loading import DATA_DIR, PRECISIONS, ModelLoader
+from phi3v_app.loading import DATA_DIR, ModelLoader
 from phi3v_app.openai_api import API_KEY_ENV, add_openai_routes
-from phi3v_app.page import EXAMPLES_DIR, QUEUE_SIZE, ChatApp, build_app
+from phi3v_app.page import EXAMPLES, EXAMPLES_DIR, QUEUE_SIZE, ChatApp, build_app
 from phi3v_app.turns import ModelTurns
 from phi3v_app.view import CSS, HEAD
 
@@ -178,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("phi3v").setLevel(logging.INFO)
     loader = ModelLoader(args.model_dir, args.model, DATA_DIR, args.precision).start()
     app = create_app(loader)
+    # The example cards' pictures and questions are read once the model is ready, in the
+    # background and never ahead of a visitor, so a click on one answers at once.
+    loader.warm_examples(
+        app.turns, [(t, [EXAMPLES_DIR / n for n in names]) for t, names in EXAMPLES]
+    )
     if args.share and not args.auth:
         print("note: anyone with the public link can use this app; add --auth USER:PASSWORD")
     api_key = args.api_key

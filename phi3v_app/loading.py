@@ -37,7 +37,6 @@ log = logging.getLogger("phi3v.app")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # where model sets are downloaded
 
 Phase = Literal["waiting", "downloading", "converting", "loading", "ready", "failed"]
-PRECISIONS = ("auto", "exact", "fast")
 # How often the warm-up looks whether a visitor wants the model: the longest a visitor waits
 # behind it (plus the model call being aborted).
 WARM_POLL_SECONDS = 0.1
@@ -56,6 +55,7 @@ class ModelStatus:
     error: str | None = None
     load_seconds: float = 0.0
     precision: str = ""  # "exact" or "fast" once loaded
+    precision_reason: str = ""  # why, with the fast copies' self-check where there is one
     context_length: int = 0
     num_crops: int = 0
 
@@ -120,6 +120,7 @@ class ModelLoader:
             error=self._error,
             load_seconds=self._load_seconds,
             precision=pipe.precision if pipe is not None else "",
+            precision_reason=pipe.precision_choice.reason if pipe is not None else "",
             context_length=config.context_length if config else 0,
             num_crops=config.num_crops if config else 0,
         )

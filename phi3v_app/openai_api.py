@@ -111,6 +111,11 @@ def add_openai_routes(
             "created": settings.created,
             "owned_by": "phi3v",
         }
+        if (pipe := pipeline()) is not None:  # which precision runs, and its self-check
+            choice = pipe.precision_choice
+            check = choice.check.to_json() if choice.check else None
+            model["phi3v"] = {"precision": choice.precision, "reason": choice.reason}
+            model["phi3v"]["self_check"] = check
         return JSONResponse({"object": "list", "data": [model]})
 
     app.add_api_route(

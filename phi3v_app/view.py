@@ -145,6 +145,7 @@ def model_panel(status: ModelStatus) -> str:
         return (
             f'<div class="model ready"><b>✓ Ready:</b> {name}, {mode}, '
             f"loaded in {duration(status.load_seconds)}."
+            f'<div class="hint">Why this mode: {html.escape(status.precision_reason)}.</div>'
             '<div class="hint">The first answer about a picture is the slow one: the model '
             "reads the whole image first (on a small CPU that takes minutes; the line under "
             "the chat shows how far it got). Follow-up questions start in seconds. Lower "

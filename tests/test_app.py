@@ -266,6 +266,12 @@ def test_the_ready_model_says_its_precision_in_words_and_no_jargon():
         assert "up to a minute" not in panel
 
 
+def test_the_ready_model_says_why_it_runs_in_its_precision_with_the_self_check():
+    reason = "fast: 95.9% top-1 agreement with fp32, KL 0.0044 (exact: 96.1%, 0.0034): passed"
+    status = ModelStatus("ready", "m", Path("d"), precision="fast", precision_reason=reason)
+    assert f"Why this mode: {reason}." in view.model_panel(status)
+
+
 def test_a_failure_is_shown_escaped_with_what_to_do():
     panel = view.model_panel(ModelStatus("failed", "m", Path("d"), error="no <genai_config.json>"))
     assert "no &lt;genai_config.json&gt;" in panel

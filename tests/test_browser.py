@@ -291,11 +291,6 @@ def test_editing_a_question_with_a_picture_answers_it_again_without_rereading_it
     assert streams[1].reused_tokens >= image_positions, "the picture was not read again"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs phi3v.engine to keep a cancelled generation's KV cache (issue 18 #4); "
-    "remove this mark when it does",
-)
 def test_a_follow_up_after_stop_does_not_read_the_picture_again(page, live, monkeypatch):
     streams = record_streams(live[1].loader.pipeline, monkeypatch)
     set_max_new_tokens(page, LONG)

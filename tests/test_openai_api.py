@@ -317,6 +317,11 @@ def test_models_lists_the_loaded_model_set(api):
     assert [model.id for model in api.models.list().data] == [MODEL]
 
 
+def test_models_says_which_precision_runs_and_why(api):
+    (model,) = api.models.list().data
+    assert model.phi3v == {"precision": "exact", "reason": "asked for", "self_check": None}
+
+
 def test_the_answer_names_the_model_that_runs(api):
     assert ask(api, [{"role": "user", "content": "Hi"}]).model == MODEL
 
