@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tables
-from onnx import TensorProto
 
 import phi3v.convert as convert
 import phi3v.integer_gemm as integer_gemm
-from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
+from phi3v.testing.onnx_graph import projection_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K, N = 3072, 8192  # Phi-3-mini's hidden size -> its MLP's gate+up width / 2
@@ -47,16 +46,7 @@ PREFIX = 64
 
 def projection_models(folder: Path) -> dict[str, Path]:
     """One MatMulNBits node as released, and its integer-GEMM rewrite with per-row scales."""
-    source = folder / "int4.onnx"
-    with WeightFile(folder / "int4.onnx.data") as weights:
-        graph = Graph(weights, rng(0, 0), weight_format="int4")
-        graph.linear("proj", "x", K, N, output="y")
-        model = graph.model(
-            "projection",
-            [value("x", TensorProto.FLOAT, ["rows", K])],
-            [value("y", TensorProto.FLOAT, ["rows", N])],
-        )
-    source.write_bytes(model.SerializeToString())
+    source = projection_model(folder / "int4.onnx", "proj", K, N)
     row = folder / "row.onnx"
     convert.convert_model(source, row, integer_gemm.Numerics())
     return {"int4": source, "row": row}

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
 from PIL import Image
 
 import phi3v.convert as convert
@@ -30,7 +29,7 @@ from phi3v.kv_cache import KVCache
 from phi3v.run_state import RunState
 from phi3v.sessions import SessionSettings, open_session
 from phi3v.testing import build_model
-from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
+from phi3v.testing.onnx_graph import projection_model
 from phi3v.tokenizer import PromptTokenizer
 
 # Long enough (> FAST_PREFILL_FROM ids) to be prefilled on the integer-GEMM copy.
@@ -253,16 +252,9 @@ def projection_errors(folder, numerics_variants):
     """Relative error against fp32 activations of one int4 projection (K 256 -> N 128) and of
     its integer-GEMM copies, on activations with three outlier channels (x40)."""
     k, n = 256, 128
-    source = folder / "int4.onnx"
-    with WeightFile(folder / "int4.onnx.data") as weights:
-        graph = Graph(weights, rng(0, 0), weight_format="int4")
-        graph.linear("layers.0.mlp.gate_up_proj", "x", k, n, output="y")
-        model = graph.model(
-            "projection",
-            [value("x", TensorProto.FLOAT, ["batch", "rows", k])],
-            [value("y", TensorProto.FLOAT, ["batch", "rows", n])],
-        )
-    source.write_bytes(model.SerializeToString())
+    source = projection_model(
+        folder / "int4.onnx", "layers.0.mlp.gate_up_proj", k, n, leading=("batch", "rows")
+    )
     x = np.random.default_rng(1).standard_normal((1, 64, k)).astype(np.float32)
     x[..., [3, 77, 130]] *= 40
     settings = SessionSettings()

@@ -308,3 +308,19 @@ class Graph:
         )
         model.ir_version = IR_VERSION
         return model
+
+
+def projection_model(path: Path, name: str, k: int, n: int, leading=("rows",)) -> Path:
+    """One int4 ``MatMulNBits`` projection, K -> N, as a model file at ``path`` (weights in
+    ``<path>.data``): input ``x`` [*leading, K], output ``y`` [*leading, N]. For the converter's
+    tests and benchmarks."""
+    with WeightFile(path.with_name(path.name + ".data")) as weights:
+        graph = Graph(weights, rng(0, 0), weight_format="int4")
+        graph.linear(name, "x", k, n, output="y")
+        model = graph.model(
+            "projection",
+            [value("x", TensorProto.FLOAT, [*leading, k])],
+            [value("y", TensorProto.FLOAT, [*leading, n])],
+        )
+    path.write_bytes(model.SerializeToString())
+    return path
