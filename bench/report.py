@@ -249,10 +249,36 @@ decoder; the threshold table is what `FAST_PREFILL_FROM` in `phi3v/engine.py` fo
 
 {accuracy_section(accuracy)}
 
+{optional_sections()}
+
 ## Follow-up questions
 
 {follow_up_md.split(chr(10), 1)[1].strip()}
 """
+
+
+def optional_sections() -> str:
+    """The fast profile and the OpenVINO peer, where their results files exist."""
+    parts = []
+    profile = RESULTS / "prefill_profile.json"
+    if profile.exists():
+        parts += [
+            "## Where the fast first answer goes",
+            "From `bench/results/prefill_profile.md`: the fast copies' vision model on the 13 "
+            "crops of a 1344x1008 photo and the decoder copy on its 1,935 prompt positions "
+            "(real-size set), by numerics (the converter before this change, per-row scales, "
+            "the default), prefill chunk and GroupQueryAttention's tiled path "
+            "(`ORT_GQA_DISABLE_FLASH_ATTENTION`).",
+            tables.fast_profile(json.loads(profile.read_text())),
+        ]
+    peer = RESULTS / "openvino.json"
+    if peer.exists():
+        parts += [
+            "## OpenVINO beside onnxruntime",
+            "From `bench/results/openvino.md` (the same ONNX files; what did not run says why).",
+            tables.openvino_peer(json.loads(peer.read_text())["rows"]),
+        ]
+    return "\n\n".join(parts)
 
 
 def accuracy_section(accuracy: dict) -> str:
