@@ -2,7 +2,7 @@
 
 import threading
 
-from phi3v_app.answers import Answers, generation_options
+from phi3v_app.chat import Answers, generation_options
 from phi3v_app.history import user_message
 from phi3v_app.loading import ModelLoader
 from phi3v_app.page import EXAMPLES, EXAMPLES_DIR
@@ -30,7 +30,7 @@ def click_card(runner: Answers, session: str, card) -> None:
     crops = runner.loader.status().num_crops  # the image-detail slider's value once loaded
     options = generation_options(8, 0, 1, 0, crops)
     ticket = runner.begin(session)
-    for _ in runner.run(ticket, [user_message(text, pictures)], options, session):
+    for _ in runner.events(ticket, [user_message(text, pictures)], options, session):
         pass
 
 
