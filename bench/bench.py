@@ -190,6 +190,23 @@ def _rss_mib() -> float:
 # Driver side
 
 
+def prepare_fast(model: Path) -> dict:
+    """Make the fast copies and run their self-check (once per folder, as a user's first
+    start does); their one-time cost, timed apart."""
+    from phi3v import Pipeline, convert, load_config
+
+    started = time.perf_counter()
+    convert.fast_models(load_config(model))
+    converted = time.perf_counter()
+    pipe = Pipeline.load(model, precision="fast")
+    check = pipe.precision_choice.check
+    return {
+        "conversion_s": round(converted - started, 1),
+        "check_s": check.seconds if check else None,
+        "check": check.to_json() if check else None,
+    }
+
+
 def make_image(path: Path) -> Path:
     """A seeded 1344x1008 RGB PNG: smooth colour ramps plus noise, so it is not trivially flat."""
     from PIL import Image
@@ -577,12 +594,10 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
             "phi3v": model,
             "phi3v-fast": model,
         }
-        if "phi3v-fast" in configs:  # made once per model folder, before any timed run
-            from phi3v import convert, load_config
-
-            started = time.perf_counter()
-            convert.fast_models(load_config(model))
-            print(f"  fast copies ready in {time.perf_counter() - started:.1f} s", flush=True)
+        fast_setup = None
+        if "phi3v-fast" in configs:  # made and checked once per folder, before any timed run
+            fast_setup = prepare_fast(model)
+            print(f"  fast copies ready: {fast_setup}", flush=True)
         ids, _ = run_process(
             ["--tokenize", json.dumps({"model": str(model), "cases": cases, "image": str(image)})]
         )
@@ -614,6 +629,7 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
         "prompt_ids": {c: len(ids[c]) for c in cases},
         "input_ids": ids,
         "image": {"size": IMAGE_SIZE, "kind": "seeded ramps + noise PNG"},
+        "fast_setup": fast_setup,
         "busy_share_threshold": BUSY_SHARE,
         "busy_attempts": sum(a["busy"] for r in results for a in r["attempts"]),
         "busy_final": sum(r["attempts"][-1]["busy"] for r in results),
