@@ -160,7 +160,7 @@ def _run(script: Path, spec: dict, flash: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="a real-size set (python -m phi3v.testing DIR --size real)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--before",
@@ -171,6 +171,8 @@ def main() -> None:
     if args.worker:
         report_result(worker(**json.loads(args.worker)))
         return
+    if not args.model:
+        parser.error("--model is required")
     from phi3v import convert, machine
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
