@@ -196,9 +196,11 @@ def fast_profile(report: dict) -> str:
     """``prefill_profile.py``: the fast copies' vision and prefill of a photo, by configuration."""
     rows = []
     for row in report["rows"]:
-        numerics = (
-            report["default_numerics"]["decoder"] if row["numerics"] == "default" else "per row"
-        )
+        numerics = {
+            "default": report["default_numerics"]["decoder"],
+            "per row": "per row",
+            "before": "per row, converter v3 (before)",
+        }[row["numerics"]]
         top = ", ".join(f"{op} {s:.2f}" for op, s in list(row["prefill_ops"].items())[:5])
         rows.append(
             [
