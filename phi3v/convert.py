@@ -337,7 +337,7 @@ def _cache_root(model_dir: Path) -> Path:
 def _cache_key(sources, numerics: FastNumerics, report: Callable[[Progress], None]) -> str:
     digest = hashlib.sha256(f"phi3v.convert {CONVERTER_VERSION} {numerics}".encode())
     for path in sources:
-        for file in (path, _data_path(path)):
+        for file in (path, data_path(path)):
             if file.exists():
                 report(Progress(f"checking {file.name}", 0, 1))
                 memo = _cache_root(file.parent) / "hashes.json"
@@ -377,5 +377,6 @@ def _load_graph(path: Path) -> onnx.ModelProto:
         ) from err
 
 
-def _data_path(path: Path) -> Path:
+def data_path(path: Path) -> Path:
+    """The external-data file beside the ONNX model at ``path``."""
     return path.with_name(path.name + ".data")

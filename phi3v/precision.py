@@ -122,5 +122,5 @@ def _why_not_fast(config: ModelConfig, precision: str) -> str | None:
 
 
 def _file_size(path) -> int:
-    data = path.with_name(path.name + ".data")
+    data = convert.data_path(path)
     return data.stat().st_size if data.exists() else path.stat().st_size
