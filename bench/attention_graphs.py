@@ -1,4 +1,4 @@
-"""One decoder layer's prefill attention as small ONNX graphs, one per form (bench/attention_forms.py).
+"""One decoder layer's prefill attention as small ONNX graphs, one per form (attention_forms.py).
 
 Every form takes the layer's rotated queries, keys and values as the projections give them,
 ``q [1, S, heads * head]``, ``k`` and ``v [1, S, kv_heads * head]``, and returns the attention
@@ -109,7 +109,7 @@ def gqa_model(heads: int, kv_heads: int, head: int) -> onnx.ModelProto:
 
 
 def mha_model(heads: int, head: int, positions: int, chunk: int) -> onnx.ModelProto:
-    """``MultiHeadAttention`` per chunk of queries over every key up to the chunk's end, unmasked."""
+    """``MultiHeadAttention`` per chunk of queries over all keys up to the chunk's end, unmasked."""
     g = _Graph()
     outputs = []
     for start in range(0, positions, chunk):
@@ -180,15 +180,14 @@ def _keys_int8(g, k, heads, positions, head, chunk, scale) -> tuple[str, str]:
     (1/sqrt(head) folded in)."""
     mean = g.op("ReduceMean", [g.slice(k, 1, 0, min(chunk, positions))], axes=[1], keepdims=1)
     centred = g.op("Sub", [k, mean])
-    token_scale = g.op(
-        "Mul", [_peak(g, centred, [2]), g.const(1 / 127, np.float32)]
-    )  # [H, S, 1]
+    token_scale = g.op("Mul", [_peak(g, centred, [2]), g.const(1 / 127, np.float32)])  # [H, S, 1]
     flat = g.op("Reshape", [centred, g.const([heads * positions, head])])
     flat_scale = g.op("Reshape", [token_scale, g.const([heads * positions])])
     zero = g.const(np.zeros(heads * positions), np.int8)
     codes = g.op("QuantizeLinear", [flat, flat_scale, zero], axis=0)
-    codes = g.op("Transpose", [g.op("Reshape", [codes, g.const([heads, positions, head])])],
-                 perm=[0, 2, 1])
+    codes = g.op(
+        "Transpose", [g.op("Reshape", [codes, g.const([heads, positions, head])])], perm=[0, 2, 1]
+    )
     column = g.op("Reshape", [token_scale, g.const([heads, 1, positions])])
     return codes, g.op("Mul", [column, g.const(scale, np.float32)])
 
