@@ -146,8 +146,8 @@ def synthetic_inputs(positions: int, heads: int, head: int, seed: int = 0) -> di
     q *= 1.5
     sink = rng.standard_normal((heads, 1, head))
     sink /= np.linalg.norm(sink, axis=-1, keepdims=True)
-    q += rng.uniform(0, 3, (heads, 1, 1)) * sink
-    k[:, :1] += 12 * sink
+    q += rng.uniform(2, 5, (heads, 1, 1)) * sink
+    k[:, :1] += 20 * sink
     v[:, :1] *= 0.1
     v[:, :, rng.choice(head, 2, replace=False)] *= 5
     return {name: _flat(x) for name, x in (("q", q), ("k", k), ("v", v))}
