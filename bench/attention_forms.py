@@ -196,9 +196,18 @@ def errors(paths: dict, inputs: dict, heads: int) -> dict:
     repeated = {"q": q, "k": repeat_kv(k, heads, kv_heads), "v": repeat_kv(v, heads, kv_heads)}
     result = {"sink_weight": sink, "forms": {}}
     for name, path in paths.items():
-        kind = FORMS[name][0]
+        kind, _, env = FORMS[name]
         feeds = inputs if kind == "gqa" else repeated
-        out = run_form(open_form(path), kind, feeds["q"], feeds["k"], feeds["v"])
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)  # the tiled path's switch is read when GQA runs
+        try:
+            out = run_form(open_form(path), kind, feeds["q"], feeds["k"], feeds["v"])
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         result["forms"][name] = {
             "relative_error": float(np.linalg.norm(out - exact) / np.linalg.norm(exact)),
             "max_abs_error": float(np.abs(out - exact).max()),
