@@ -243,7 +243,42 @@ def _form_pairs(report: dict, name: str) -> str:
 
 
 def attention_forms(report: dict) -> str:
-    """``attention_forms.py``: each attention form's time for one layer, its error, the target."""
+    """``attention_forms.py``: the run, each form's time and error, and the target."""
+    parts = [attention_header(report), attention_table(report)]
+    if report.get("target"):
+        parts.append(attention_target(report))
+    return "\n\n".join(parts)
+
+
+def attention_header(report: dict) -> str:
+    """Where, when and how the attention forms were measured."""
+    shape, errors = report["shape"], report["error"]
+    proxy = errors.get("proxy")
+    proxy_line = (
+        f" Proxy: SmolLM2-135M's rotated Q/K/V ({proxy['shape']['heads']} heads of "
+        f"{proxy['shape']['head']}, {proxy['shape']['kv_heads']} key/value heads) on "
+        f"`{proxy['shape']['text']}`, layers {', '.join(proxy['layers'])}, weight on the first key "
+        + "/".join(f"{layer['sink_weight']:.2f}" for layer in proxy["layers"].values())
+        + "."
+        if proxy
+        else ""
+    )
+    return (
+        f"{report['date']}; phi3v {report['versions']['phi3v_commit']}; {report['cpu']} "
+        f"(`{', '.join(report['cpu_flags'])}`); onnxruntime {report['versions']['onnxruntime']}; "
+        f"`{report['command']}`; median of {report['rounds']} processes x {report['repeats']} "
+        f"runs per form, forms alternated, 2 threads; load average "
+        f"{report['load_before'][0]:.2f} -> {report['load_after'][0]:.2f}.\n\n"
+        f"One layer: {shape['heads']} heads of {shape['head']} ({shape['kv_heads']} key/value "
+        f"heads), {shape['positions']:,} positions; GroupQueryAttention in chunks of "
+        f"{shape['chunk']} as the fast prefill runs it. Error: against float64 causal attention; "
+        f"synthetic Q/K/V with outlier channels, a key bias and a sink (mean weight on the first "
+        f"key {errors['synthetic']['sink_weight']:.2f}).{proxy_line}"
+    )
+
+
+def attention_table(report: dict) -> str:
+    """One row per form: pairs computed, ms and GQA's ratio per run, errors."""
     speed, errors = report["speed"], report["error"]
     base = "GroupQueryAttention"
     runs = list(speed)
@@ -253,7 +288,7 @@ def attention_forms(report: dict) -> str:
     header += ["relative error (synthetic)", "max abs error (synthetic)"]
     proxy = errors.get("proxy")
     if proxy:
-        header.append(f"relative error, proxy layers {', '.join(proxy['layers'])}")
+        header.append(f"relative error, proxy layers {' / '.join(proxy['layers'])}")
     rows = []
     for name in speed[runs[0]]:
         row = [name, _form_pairs(report, name)]
@@ -270,25 +305,7 @@ def attention_forms(report: dict) -> str:
                 )
             )
         rows.append(row)
-    shape = report["shape"]
-    lines = [
-        f"{report['date']}; phi3v {report['versions']['phi3v_commit']}; {report['cpu']}; "
-        f"onnxruntime {report['versions']['onnxruntime']}; `{report['command']}`; "
-        f"median of {report['rounds']} processes x {report['repeats']} runs per form, alternated, "
-        f"2 threads; load average {report['load_before'][0]:.2f} -> "
-        f"{report['load_after'][0]:.2f}.",
-        "",
-        f"One layer: {shape['heads']} heads of {shape['head']} ({shape['kv_heads']} key/value "
-        f"heads), {shape['positions']:,} positions; GroupQueryAttention in chunks of "
-        f"{shape['chunk']} as the fast prefill runs it. Synthetic inputs: mean attention weight "
-        f"on the sink key {errors['synthetic']['sink_weight']:.2f}.",
-        "",
-        _table(header, rows),
-    ]
-    goal = report.get("target")
-    if goal:
-        lines += ["", attention_target(report)]
-    return "\n".join(lines)
+    return _table(header, rows)
 
 
 def attention_target(report: dict) -> str:
