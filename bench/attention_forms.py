@@ -48,6 +48,9 @@ BLOCK = 256  # query rows per block of the block-causal forms
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
 TARGET_SHARE = 0.25  # issue 16: prefill attention <= 25 % of prefill time
 MARK = "RESULT "
+# The CPU flags that decide which kernels run: matrix tiles, vector widths, dot products.
+FLAGS = {"amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
+FLAGS |= {"avx512_fp16", "avx_vnni"}
 # name -> (graph, query block, environment): "gqa" runs in chunks, the rest in one run.
 FORMS = {
     "GroupQueryAttention": ("gqa", 0, {}),
@@ -376,7 +379,7 @@ def main() -> None:
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": machine.describe_cpu(),
-        "cpu_flags": sorted(f for f in machine.cpu_flags() if f.startswith(("amx", "avx"))),
+        "cpu_flags": sorted(machine.cpu_flags() & FLAGS),
         "command": "python bench/attention_forms.py " + " ".join(sys.argv[1:]),
         "versions": versions(),
         "shape": {
