@@ -327,7 +327,8 @@ def estimates(speed: dict, pairs: dict, goal: dict) -> dict:
     """
     mha = speed["MultiHeadAttention, no mask (not causal)"]["median_ms"]
     fp32_ms = mha * pairs["causal"] / pairs["chunked"]
-    macs = 2 * 3072 * 9216 + 3072 * 3072 + 3 * 3072 * 8192  # one position through a layer
+    # One position through a layer's projections: qkv, o, gate_up (2 x 8192), down.
+    macs = 3072 * 9216 + 3072 * 3072 + 2 * 3072 * 8192 + 8192 * 3072
     int8_ops = 2 * POSITIONS * macs * LAYERS / goal["projections_s"]
     product_ms = 1000 * 4 * HEAD * HEADS * pairs["causal"] / (int8_ops / 2)
     plain = speed["block-causal fp32, 256"]["median_ms"]
