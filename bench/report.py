@@ -424,7 +424,7 @@ def attention_section(report: dict) -> str:
 
         parts.append(
             ("**The target is met by a measured form.** " if met else "**The target is missed**: ")
-            + f"{allowed:.0f} ms per layer is {gqa / allowed:.1f}x GroupQueryAttention's speed; "
+            + f"{allowed:.0f} ms per layer needs {gqa / allowed:.1f}x GroupQueryAttention's speed; "
             f"the best causal form measured takes {best:.0f} ms. "
             + (
                 ""
