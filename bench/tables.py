@@ -234,3 +234,101 @@ def fast_profile(report: dict) -> str:
             _table(header, rows),
         ]
     )
+
+
+def _form_pairs(report: dict, name: str) -> str:
+    """The (query, key) pairs a form computes, as a multiple of the causal minimum."""
+    pairs = report["pairs"]
+    return f"{pairs['forms'][name] / pairs['causal']:.2f}x"
+
+
+def attention_forms(report: dict) -> str:
+    """``attention_forms.py``: the run, each form's time and error, and the target."""
+    parts = [attention_header(report), attention_table(report)]
+    if report.get("target"):
+        parts.append(attention_target(report))
+    return "\n\n".join(parts)
+
+
+def attention_header(report: dict) -> str:
+    """Where, when and how the attention forms were measured."""
+    shape, errors = report["shape"], report["error"]
+    proxy = errors.get("proxy")
+    proxy_line = (
+        f" Proxy: SmolLM2-135M's rotated Q/K/V ({proxy['shape']['heads']} heads of "
+        f"{proxy['shape']['head']}, {proxy['shape']['kv_heads']} key/value heads) on "
+        f"`{proxy['shape']['text']}`, layers {', '.join(proxy['layers'])}, weight on the first key "
+        + "/".join(f"{layer['sink_weight']:.2f}" for layer in proxy["layers"].values())
+        + "."
+        if proxy
+        else ""
+    )
+    return (
+        f"{report['date']}; phi3v {report['versions']['phi3v_commit']}; {report['cpu']} "
+        f"(`{', '.join(report['cpu_flags'])}`); onnxruntime {report['versions']['onnxruntime']}; "
+        f"`{report['command']}`; median of {report['rounds']} processes x {report['repeats']} "
+        f"runs per form, forms alternated, 2 threads; load average "
+        f"{report['load_before'][0]:.2f} -> {report['load_after'][0]:.2f}.\n\n"
+        f"One layer: {shape['heads']} heads of {shape['head']} ({shape['kv_heads']} key/value "
+        f"heads), {shape['positions']:,} positions; GroupQueryAttention in chunks of "
+        f"{shape['chunk']} as the fast prefill runs it. Error: against float64 causal attention; "
+        f"synthetic Q/K/V with outlier channels, a key bias and a sink (mean weight on the first "
+        f"key {errors['synthetic']['sink_weight']:.2f}).{proxy_line}"
+    )
+
+
+def attention_table(report: dict) -> str:
+    """One row per form: pairs computed, ms and GQA's ratio per run, errors."""
+    speed, errors = report["speed"], report["error"]
+    base = "GroupQueryAttention"
+    runs = list(speed)
+    header = ["form", "pairs / causal minimum"]
+    for run in runs:
+        header += [f"ms, {run}", f"GQA / form, {run}"]
+    header += ["relative error (synthetic)", "max abs error (synthetic)"]
+    proxy = errors.get("proxy")
+    if proxy:
+        header.append(f"relative error, proxy layers {' / '.join(proxy['layers'])}")
+    rows = []
+    for name in speed[runs[0]]:
+        row = [name, _form_pairs(report, name)]
+        for run in runs:
+            ms = speed[run][name]["median_ms"]
+            row += [f"{ms:.0f}", f"{speed[run][base]['median_ms'] / ms:.2f}x"]
+        synthetic = errors["synthetic"]["forms"][name]
+        row += [f"{synthetic['relative_error']:.1e}", f"{synthetic['max_abs_error']:.2g}"]
+        if proxy:
+            row.append(
+                " / ".join(
+                    f"{layer['forms'][name]['relative_error']:.1e}"
+                    for layer in proxy["layers"].values()
+                )
+            )
+        rows.append(row)
+    return _table(header, rows)
+
+
+def attention_target(report: dict) -> str:
+    """The arithmetic of issue 16's 25 % target, and the fused-kernel estimates."""
+    goal, shape = report["target"], report["shape"]
+    gqa = report["speed"]["this CPU"]["GroupQueryAttention"]["median_ms"]
+    layers = shape["layers"]
+    lines = [
+        f"From {goal['source']}: in the profiled fast prefill (chunk {shape['chunk']}) "
+        f"GroupQueryAttention took {goal['attention_s']:.2f} s and every other operator "
+        f"{goal['other_s']:.2f} s: attention is {goal['share']:.0%}. For attention to be 25 % it "
+        f"may take a third of the rest, {goal['allowed_s']:.2f} s, "
+        f"**{goal['allowed_ms_per_layer']:.0f} ms per layer**: "
+        f"{gqa / goal['allowed_ms_per_layer']:.1f}x faster than GroupQueryAttention here "
+        f"({gqa:.0f} ms; {1000 * goal['attention_s'] / layers:.0f} ms per layer in the profiled "
+        "prefill, which also rotates Q and K and runs under the profiler).",
+        "",
+        "| fused block-causal kernel (estimate) | ms per layer | 32 layers, s | attention share |",
+        "|---|---|---|---|",
+    ]
+    for name, e in report["estimates"].items():
+        if isinstance(e, dict):
+            lines.append(
+                f"| {name} | {e['ms_per_layer']:.0f} | {e['total_s']:.1f} | {e['share']:.0%} |"
+            )
+    return "\n".join(lines)
