@@ -295,13 +295,14 @@ class Pipeline:
     def _run(self, request: _Request, run: RunState) -> Iterator[str]:
         """Images -> prefill -> sample / stop? / step: yields text deltas, records ``run``."""
         options = run.run_options
-        cache, keys, reused = self._checkout(request)
+        cache, keys, reused, logits = self._checkout(request)
         run.reused_tokens = reused
-        finished = False
+        finished, prompt_logits = False, logits
         try:
-            new_ids = request.input_ids[:, reused:]
-            embeds = self._read_images(new_ids, request.images, run, request.scope)
-            logits = self._prefill(cache, embeds, run)
+            if logits is None:  # else a warmed example's prompt, whole: its logits were kept
+                new_ids = request.input_ids[:, reused:]
+                embeds = self._read_images(new_ids, request.images, run, request.scope)
+                logits = prompt_logits = self._prefill(cache, embeds, run)
             choose, deltas = request.sampling.sampler(), TextDeltas(self.tokenizer)
             reason: StopReason = "length"
             for produced in range(1, request.max_new_tokens + 1):
@@ -326,7 +327,7 @@ class Pipeline:
                 raise
             # else: onnxruntime aborted a run because we asked it to; end quietly
         finally:
-            self._checkin(request, cache, keys, run, finished)
+            self._checkin(request, cache, keys, run, finished, prompt_logits)
 
     def _read_images(
         self,
@@ -375,17 +376,23 @@ class Pipeline:
         run.progress = Progress("decode", 0, 0)
         return logits
 
-    def _checkout(self, request: _Request) -> tuple[KVCache, np.ndarray | None, int]:
+    def _checkout(
+        self, request: _Request
+    ) -> tuple[KVCache, np.ndarray | None, int, np.ndarray | None]:
+        """The request's cache, its prompt's position keys, how many positions the cache
+        already holds, and the last position's logits when it holds them all."""
         capacity = min(request.max_length + FOLLOW_UP_ROOM, self.config.context_length)
         if not self.reuse_prefix:
-            return self._new_cache(capacity), None, 0
+            return self._new_cache(capacity), None, 0, None
         keys = position_keys(request.input_ids, request.images)
-        cache, reused = self._prefix.checkout(
+        cache, reused, logits = self._prefix.checkout(
             request.conversation, keys, request.max_length, capacity, self._new_cache
         )
-        return cache, keys, reused
+        return cache, keys, reused, logits
 
-    def _checkin(self, request, cache: KVCache, keys, run: RunState, finished: bool) -> None:
+    def _checkin(
+        self, request, cache: KVCache, keys, run: RunState, finished: bool, prompt_logits
+    ) -> None:
         if not finished:
             run.stop_reason = "cancelled"
         run.progress = Progress("done")
@@ -393,7 +400,7 @@ class Pipeline:
         # reads only what is new (the picture is not read again). An error keeps nothing.
         keep = keys is not None and (finished or run.cancelled)
         if keep and request.share and finished:
-            self._prefix.share(keys, cache)
+            self._prefix.share(keys, cache, prompt_logits)
         elif keep and not request.share and request.conversation is not None:
             # What the cache holds: the prompt, then each generated token that was fed back
             # (checkin keeps as many keys as the cache has positions: a model call that Stop

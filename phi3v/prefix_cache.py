@@ -18,8 +18,11 @@ observable to) another. The one exception is made on purpose: a *shared* prefix 
 the operator's precomputed examples) is read by any conversation whose prompt starts with it, as
 far as the match holds at least one whole image. Such a conversation gets a copy of the positions
 it reuses, never the shared buffers, so no conversation's writes reach the prefix or another
-conversation. The least recently used caches, shared or not, are released once the kept caches
-together exceed a memory budget (the most recent one is always kept).
+conversation. A shared prefix also keeps the logits of its last position, so a prompt that is
+exactly the example needs no decoder run before its first token: those are the logits a run
+without any cache computes, since the prefix was read the same way, in the same chunks. The
+least recently used caches, shared or not, are released once the kept caches together exceed a
+memory budget (the most recent one is always kept).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class _Entry:
     keys: np.ndarray  # what each cached position holds
     prompt_length: int  # of the generation that built it (its RoPE regime)
     cache: KVCache
+    logits: np.ndarray | None = None  # of the last position, when it is the whole prompt's
 
 
 class PrefixCache:
@@ -82,10 +86,11 @@ class PrefixCache:
         needed: int,
         capacity: int,
         new_cache: Callable[[int], KVCache],
-    ) -> tuple[KVCache, int]:
-        """A cache for a prompt with ``keys`` that will hold ``needed`` positions, and how many
-        of its leading positions it already holds: the conversation's kept cache or a copy of a
-        shared prefix, whichever holds more of the prompt, else ``new_cache(capacity)``. A
+    ) -> tuple[KVCache, int, np.ndarray | None]:
+        """A cache for a prompt with ``keys`` that will hold ``needed`` positions, how many of
+        its leading positions it already holds, and, when that is the whole prompt, the logits
+        of its last position (else None). The cache is the conversation's kept one or a copy of
+        a shared prefix, whichever holds more of the prompt, else ``new_cache(capacity)``. A
         ``conversation`` of None has no cache of its own. The cache is the caller's until
         :meth:`checkin`."""
         with self._lock:
@@ -95,26 +100,32 @@ class PrefixCache:
             if from_shared > reused:
                 if entry:
                     entry.cache.close()  # before allocating the copy, not after
-                return shared.cache.copy(capacity, from_shared), from_shared
+                # a copy: a sampler may scale its logits in place
+                logits = shared.logits.copy() if from_shared == len(keys) else None
+                return shared.cache.copy(capacity, from_shared), from_shared, logits
         if not reused:
             if entry:
                 entry.cache.close()  # before allocating the new cache, not after
-            return new_cache(capacity), 0
+            return new_cache(capacity), 0, None
         cache = entry.cache
         cache.rewind(reused)
         if cache.capacity < needed:
             cache = cache.grown_to(max(capacity, 2 * cache.capacity))
-        return cache, reused
+        return cache, reused, None
 
     def checkin(self, conversation: Hashable, keys: np.ndarray, cache: KVCache) -> None:
         """Keep ``cache`` (holding ``keys``) for the conversation's next turn."""
         self._keep(conversation, _Entry(keys[: cache.length], len(keys), cache))
 
-    def share(self, keys: np.ndarray, cache: KVCache) -> None:
-        """Keep ``cache`` (holding the prompt ``keys``) as a prefix that any conversation whose
-        prompt starts the same way reuses. Public by design: a request's speed shows whether
-        it matched, so share only what everyone may know (the app's own examples)."""
-        self._keep(_Shared(keys.tobytes()), _Entry(keys[: cache.length], len(keys), cache))
+    def share(self, keys: np.ndarray, cache: KVCache, logits: np.ndarray) -> None:
+        """Keep ``cache`` (holding the whole prompt ``keys``) and the ``logits`` of its last
+        position as a prefix that any conversation whose prompt starts the same way reuses.
+        Public by design: a request's speed shows whether it matched, so share only what
+        everyone may know (the app's own examples)."""
+        if cache.length != len(keys):
+            raise ValueError("a shared prefix holds its whole prompt")
+        entry = _Entry(keys.copy(), len(keys), cache, logits.copy())
+        self._keep(_Shared(keys.tobytes()), entry)
 
     def _keep(self, key: Hashable, entry: _Entry) -> None:
         released = []
@@ -172,9 +183,12 @@ def _reusable_length(entry: _Entry, keys: np.ndarray) -> int:
 
 
 def _shared_length(entry: _Entry, keys: np.ndarray) -> int:
-    """How many leading positions of a prompt a shared prefix gives: as many as match, when
-    they hold at least one whole image. (Every prompt starts with the same few template tokens;
-    those are not worth a copy, and a prompt about another picture reuses nothing.)"""
+    """How many leading positions of a prompt a shared prefix gives: all of them when the prompt
+    is the prefix's own (its kept logits give the first token), else as many as match, when they
+    hold at least one whole image. (Every prompt starts with the same few template tokens; those
+    are not worth a copy, and a prompt about another picture reuses nothing.)"""
+    if entry.logits is not None and np.array_equal(entry.keys, keys):
+        return len(keys)
     length = _reusable_length(entry, keys)
     return length if (keys[:length] < 0).any() else 0
 

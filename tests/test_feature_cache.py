@@ -131,15 +131,37 @@ def test_a_warmed_example_is_answered_from_its_prefix_by_anyone(pipe, fresh, mon
     pipe.warm(QUESTION, [CHART]).result()
     vision_runs = count_vision_runs(pipe, monkeypatch)
     answer = ask(pipe, QUESTION, CHART, owner="bob", conversation="bob's")
-    assert answer.reused_tokens == len(answer.input_ids) - 1  # only the last position ran
+    assert answer.reused_tokens == len(answer.input_ids)  # the whole prompt, logits and all
     assert vision_runs == []
+    assert answer.token_ids == ask(fresh, QUESTION, CHART).token_ids
+
+
+def test_a_warmed_examples_first_token_needs_no_model_run(pipe, fresh, monkeypatch):
+    pipe.warm(QUESTION, [CHART]).result()
+    decoder_runs = []
+    run = pipe.sessions.decoder.run_with_iobinding
+    monkeypatch.setattr(
+        pipe.sessions.decoder,
+        "run_with_iobinding",
+        lambda *args, **kwargs: decoder_runs.append(1) or run(*args, **kwargs),
+    )
+    first = pipe.generate(QUESTION, [CHART], max_new_tokens=1, conversation="one token")
+    assert decoder_runs == []
+    assert first.token_ids == fresh.generate(QUESTION, [CHART], max_new_tokens=1).token_ids
+
+
+def test_an_example_warmed_twice_is_still_answered_from_its_prefix(pipe, fresh):
+    pipe.warm(QUESTION, [CHART]).result()
+    pipe.warm(QUESTION, [CHART]).result()  # reads nothing: the kept prefix is kept again
+    answer = ask(pipe, QUESTION, CHART, conversation="after two")
+    assert answer.reused_tokens == len(answer.input_ids)
     assert answer.token_ids == ask(fresh, QUESTION, CHART).token_ids
 
 
 def test_a_one_off_call_reuses_a_warmed_example_too(pipe):
     pipe.warm(QUESTION, [CHART]).result()
     answer = ask(pipe, QUESTION, CHART, remember=False)
-    assert answer.reused_tokens == len(answer.input_ids) - 1
+    assert answer.reused_tokens == len(answer.input_ids)
 
 
 def test_another_question_about_a_warmed_picture_reuses_the_picture(pipe, fresh, monkeypatch):
@@ -162,7 +184,7 @@ def test_what_one_conversation_writes_never_reaches_a_warmed_example(pipe, fresh
     pipe.warm(QUESTION, [CHART]).result()
     ask(pipe, OTHER_QUESTION, CHART, conversation="writer")  # writes over the question's places
     answer = ask(pipe, QUESTION, CHART, conversation="reader")
-    assert answer.reused_tokens == len(answer.input_ids) - 1
+    assert answer.reused_tokens == len(answer.input_ids)
     assert answer.token_ids == ask(fresh, QUESTION, CHART).token_ids
 
 

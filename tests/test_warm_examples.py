@@ -46,7 +46,7 @@ def test_an_examples_first_answer_reuses_the_prefix_warmed_after_start_up(
     click_card(Answers(loader, turns), "a visitor", CARDS[0])
     (stream,) = streams
     assert stream.stop_reason is not None and stream.stop_reason != "cancelled"
-    assert stream.reused_tokens == len(stream.input_ids) - 1  # only the last position ran
+    assert stream.reused_tokens == len(stream.input_ids)  # the whole prompt, logits and all
 
 
 def test_a_visitor_who_comes_during_the_warm_up_gets_the_model_first(tiny_model_dir, monkeypatch):
@@ -74,7 +74,7 @@ def test_a_visitor_who_comes_during_the_warm_up_gets_the_model_first(tiny_model_
     assert not warming.is_alive()
     streams = recorded_streams(pipe, monkeypatch)
     click_card(Answers(loader, turns), "a visitor", CARDS[0])
-    assert streams[0].reused_tokens == len(streams[0].input_ids) - 1
+    assert streams[0].reused_tokens == len(streams[0].input_ids)
 
 
 def take_turn(turns: ModelTurns, served: threading.Event) -> None:
