@@ -257,7 +257,8 @@ def attention_header(report: dict) -> str:
     proxy_line = (
         f" Proxy: SmolLM2-135M's rotated Q/K/V ({proxy['shape']['heads']} heads of "
         f"{proxy['shape']['head']}, {proxy['shape']['kv_heads']} key/value heads) on "
-        f"`{proxy['shape']['text']}`, layers {', '.join(proxy['layers'])}, weight on the first key "
+        f"`{proxy['shape']['text']}`, layers {', '.join(map(str, proxy['layers']))}, weight on the "
+        "first key "
         + "/".join(f"{layer['sink_weight']:.2f}" for layer in proxy["layers"].values())
         + "."
         if proxy
@@ -288,7 +289,7 @@ def attention_table(report: dict) -> str:
     header += ["relative error (synthetic)", "max abs error (synthetic)"]
     proxy = errors.get("proxy")
     if proxy:
-        header.append(f"relative error, proxy layers {' / '.join(proxy['layers'])}")
+        header.append(f"relative error, proxy layers {' / '.join(map(str, proxy['layers']))}")
     rows = []
     for name in speed[runs[0]]:
         row = [name, _form_pairs(report, name)]
