@@ -40,15 +40,15 @@ from phi3v.testing import proxies
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N = integer_gemm.Numerics
-OUT, FC2 = "attention_out", "mlp_out"
+QKV, OUT, FC2 = "attention_in", "attention_out", "mlp_out"
 BASELINE = "hadamard 32 (today's fast)"
 CANDIDATES = {
     BASELINE: N(rotation=32),
     "hadamard 32, remainder on all": N(rotation=32, fine_weights=tuple(integer_gemm.ROLES)),
+    "hadamard 64, remainder qkv+out": N(rotation=64, fine_weights=(QKV, OUT)),
+    "hadamard 32, remainder qkv+out": N(rotation=32, fine_weights=(QKV, OUT)),
     "hadamard 64, remainder out+fc2": N(rotation=64, fine_weights=(OUT, FC2)),
-    "hadamard 32, remainder out+fc2": N(rotation=32, fine_weights=(OUT, FC2)),
     "hadamard 32, remainder out": N(rotation=32, fine_weights=(OUT,)),
-    "hadamard 128, remainder out": N(rotation=128, fine_weights=(OUT,)),
 }
 TARGET_ERROR = 1.5  # x exact's mean feature error on the proxy
 TARGET_TIME = 1.10  # x today's fast copy at 17 crops
