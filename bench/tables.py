@@ -333,3 +333,103 @@ def attention_target(report: dict) -> str:
                 f"| {name} | {e['ms_per_layer']:.0f} | {e['total_s']:.1f} | {e['share']:.0%} |"
             )
     return "\n".join(lines)
+
+
+def _rotation_name(rotation) -> str:
+    return {0: "none", "whole": "whole K"}.get(rotation, f"block {rotation}")
+
+
+def vision_attribution(result: dict) -> str:
+    """``vision_attribution.py``: the fast vision copy's error on the proxy, by source, role,
+    layer and remainder weights, as multiples of exact's error."""
+    rotations = list(dict.fromkeys(row["rotation"] for row in result["sources"]))
+    parts = list(dict.fromkeys(row["part"] for row in result["sources"]))
+    ratio = {(r["part"], r["rotation"]): r["ratio"] for r in result["sources"]}
+    default = result["default_rotation"]
+    head = (
+        f"{result['date']}; phi3v {result['commit']}; {result['cpu']}; DINOv2 ViT-S/14 int4 on "
+        f"{result['photos']} photographs; exact's mean relative feature error "
+        f"{result['exact_error']:.4f}; every figure is a path's mean error / exact's."
+    )
+    sources = _table(
+        ["rounded (every projection)", *[_rotation_name(r) for r in rotations]],
+        [[part, *[f"{ratio[part, r]:.2f}x" for r in rotations]] for part in parts],
+    )
+    roles = _table(
+        [
+            "role alone, rotation " + _rotation_name(default),
+            "share of the GEMM work",
+            "weights int8",
+            "activations",
+            "both",
+        ],
+        [
+            [
+                r["role"],
+                f"{r['flops_share']:.0%}",
+                f"{r['weights']:.2f}x",
+                f"{r['activations']:.2f}x",
+                f"{r['both']:.2f}x",
+            ]
+            for r in result["roles"]
+        ],
+    )
+    layers = _table(
+        ["layer alone", *[str(r["layer"]) for r in result["layers"]]],
+        [
+            [part, *[f"{r[part]:.2f}" for r in result["layers"]]]
+            for part in ("weights", "activations", "both")
+        ],
+    )
+    remainder = _table(
+        ["rotation", "remainder weights on", "GEMM work added", "error / exact", "worst photo"],
+        [
+            [
+                _rotation_name(r["rotation"]),
+                r["remainder"],
+                f"+{r['added_gemm_share']:.0%}",
+                f"{r['ratio']:.2f}x",
+                f"{r['worst_ratio']:.2f}x",
+            ]
+            for r in result["remainder"]
+        ],
+    )
+    copies = _table(
+        ["numerics", "real copy", "simulated"],
+        [[r["numerics"], f"{r['copy']:.2f}x", f"{r['simulated']:.2f}x"] for r in result["copies"]],
+    )
+    return "\n\n".join(
+        [
+            head,
+            "By source and rotation:",
+            sources,
+            "By role:",
+            roles,
+            "By layer (error / exact with that layer alone rounded):",
+            layers,
+            "Remainder weights (the whole copy rounded, activations per row):",
+            remainder,
+            "The simulation against real integer-GEMM copies:",
+            copies,
+        ]
+    )
+
+
+def vision_speed(result: dict, target_error: float, target_time: float) -> str:
+    """``vision_speed.py``: candidates' error on the proxy beside their vision time at 17 crops."""
+    columns = list(result["speed"])
+    base = result["baseline"]
+    header = ["candidate", "vision error / exact (proxy)"]
+    for column in columns:
+        header += [f"s, {column}", f"vs {base}, {column}"]
+    header.append("meets both targets")
+    rows = []
+    for name, accuracy in result["accuracy"].items():
+        row = [name, f"{accuracy['ratio']:.2f}x"]
+        met = accuracy["ratio"] <= target_error
+        for column in columns:
+            times = result["speed"][column]
+            row += [f"{times[name]:.2f}", f"{times[name] / times[base]:.2f}x"]
+            met = met and times[name] / times[base] <= target_time
+        rows.append([*row, "**yes**" if met else "no"])
+    return _table(header, rows)

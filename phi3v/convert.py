@@ -186,6 +186,19 @@ def convert_model(
     _write_with_data(model, target, reader)
 
 
+def int4_weights(source: Path) -> dict[str, np.ndarray]:
+    """Each int4 ``MatMulNBits`` of the model at ``source`` as float32 [K, N], by node name
+    (for the benchmarks that study the numerics)."""
+    model = _load_graph(source)
+    reader = _TensorReader(source.parent)
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    return {
+        node.name or node.output[0]: _dequantize(node, initializers, reader)
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+    }
+
+
 def _converts(node: onnx.NodeProto, head: str | None, numerics: Numerics) -> bool:
     if node.op_type != "MatMulNBits" or node.output[0] == head:
         return False
@@ -335,7 +348,7 @@ def _cache_root(model_dir: Path) -> Path:
 
 
 def _cache_key(sources, numerics: FastNumerics, report: Callable[[Progress], None]) -> str:
-    digest = hashlib.sha256(f"phi3v.convert {CONVERTER_VERSION} {numerics}".encode())
+    digest = hashlib.sha256(f"phi3v.convert {CONVERTER_VERSION} {_numerics_key(numerics)}".encode())
     for path in sources:
         for file in (path, data_path(path)):
             if file.exists():
@@ -343,6 +356,12 @@ def _cache_key(sources, numerics: FastNumerics, report: Callable[[Progress], Non
                 memo = _cache_root(file.parent) / "hashes.json"
                 digest.update(f"{file.name} {sha256_file(file, memo=memo)}".encode())
     return digest.hexdigest()[:16]
+
+
+def _numerics_key(numerics: FastNumerics) -> str:
+    """The numerics as the cache key spells them. Options added later are left out while they
+    keep their default, so copies made before an option existed keep their key."""
+    return repr(numerics).replace(", fine_weights=()", "")
 
 
 def _write_manifest(folder: Path, numerics: FastNumerics) -> None:

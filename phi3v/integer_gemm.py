@@ -9,7 +9,11 @@ the nodes computing the same product on onnxruntime's u8s8 GEMM (``MatMulInteger
   row, or per group of columns along K;
 * optionally an online block-Hadamard rotation of the activations first, the weights rotated the
   other way here, so the product is unchanged while an outlier channel's energy is spread over
-  its block instead of crushing the resolution of every other value in its row.
+  its block instead of crushing the resolution of every other value in its row;
+* optionally, for the roles :attr:`Numerics.fine_weights` names, an int8 remainder weight beside
+  the int8 one (``w ~ q * s + r * s2``, :func:`quantize_with_remainder`): a second GEMM on the
+  same quantized activations, which makes the weights about as exact as the int4 ones at twice
+  that projection's GEMM time.
 
 Every node is valid from ONNX opset 14 (the released models' opset) upward.
 """
@@ -47,25 +51,31 @@ class Numerics:
     a power of two; a projection whose K it does not divide uses the largest power of two that
     does). ``group``: activation columns sharing one scale along K (0: one scale per row over the
     whole K). ``keep_int4``: roles (keys of :data:`ROLES`) whose projections stay ``MatMulNBits``.
+    ``fine_weights``: roles whose int8 weights carry an int8 remainder (with per-row scales only).
     """
 
     rotation: int = 0
     group: int = 0
     keep_int4: tuple[str, ...] = ()
+    fine_weights: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for size in (self.rotation, self.group):
             if size and size & (size - 1):
                 raise ValueError(f"rotation and group sizes are powers of two, got {size}")
-        unknown = set(self.keep_int4) - set(ROLES)
+        unknown = set(self.keep_int4 + self.fine_weights) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown projection roles {sorted(unknown)}; known: {list(ROLES)}")
+        if self.group and self.fine_weights:
+            raise ValueError("remainder weights (fine_weights) go with per-row scales only")
 
     def describe(self) -> str:
         """A short name, e.g. ``"hadamard 64, per row, int4 mlp_out"``."""
         parts = [f"hadamard {self.rotation}"] if self.rotation else []
         parts.append(f"per group of {self.group}" if self.group else "per row")
         parts += [f"int4 {role}" for role in self.keep_int4]
+        if self.fine_weights:
+            parts.append(f"remainder {'+'.join(self.fine_weights)}")
         return ", ".join(parts)
 
 
@@ -96,6 +106,20 @@ def quantize_per_channel(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     peak = np.abs(weights).max(axis=0)
     step = np.where(peak > 0, peak / INT8_PEAK, 1.0).astype(np.float32)
     return np.rint(weights / step).astype(np.int8), step
+
+
+def quantize_with_remainder(
+    weights: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float [K, N] -> (int8 q, scale s, int8 r, scale s2) with ``w ~ q * s + r * s2``.
+
+    ``r`` is the per-channel int8 quantization of what ``q * s`` leaves (at most half a step of
+    ``s``), so the pair holds about 15 bits per weight: finer than the int4 block grid it came
+    from, where int8 alone is not (its step spans a whole column's range).
+    """
+    quantized, step = quantize_per_channel(weights)
+    remainder, fine_step = quantize_per_channel(weights - quantized.astype(np.float32) * step)
+    return quantized, step, remainder, fine_step
 
 
 class GemmBuilder:
@@ -135,16 +159,22 @@ class GemmBuilder:
             nodes += self._rotation(t, x2, k, rotation)
             x2 = t("rotated")
         group = fitting_block(numerics.group, k) if numerics.group else k
-        quantized, channel_scale = quantize_per_channel(weights)
+        if projection_role(name) in numerics.fine_weights:
+            quantized, channel_scale, remainder, fine_scale = quantize_with_remainder(weights)
+            self._add_weight(
+                f"{name}/remainder_int8", remainder, f"{name}/remainder_scale", fine_scale
+            )
+        else:
+            quantized, channel_scale = quantize_per_channel(weights)
         weight_name, scale_name = f"{name}/weight_int8", f"{name}/channel_scale"
         if group < k:  # [G, g, N]: one GEMM per group, batched
             quantized = quantized.reshape(k // group, group, n)
-        self.weights += [
-            numpy_helper.from_array(quantized, weight_name),
-            numpy_helper.from_array(channel_scale, scale_name),
-        ]
+        self._add_weight(weight_name, quantized, scale_name, channel_scale)
         if group < k:
             nodes += self._per_group(t, x2, k, group, weight_name, scale_name)
+        elif projection_role(name) in numerics.fine_weights:
+            nodes += self._per_row(t, x2, weight_name, scale_name, t("coarse"))
+            nodes += self._remainder(t, name, t("coarse"))
         else:
             nodes += self._per_row(t, x2, weight_name, scale_name)
         # Back to x's leading dimensions: [..., N].
@@ -173,7 +203,33 @@ class GemmBuilder:
             self._node("Reshape", [t("turned"), f"phi3v/rows_of_{k}"], t("rotated")),
         ]
 
-    def _per_row(self, t, x2: str, weight: str, scale: str) -> list[onnx.NodeProto]:
+    def _add_weight(self, name: str, values: np.ndarray, scale_name: str, scale: np.ndarray):
+        self.weights += [
+            numpy_helper.from_array(values, name),
+            numpy_helper.from_array(scale, scale_name),
+        ]
+
+    def _remainder(self, t, name: str, coarse: str) -> list[onnx.NodeProto]:
+        """The remainder weights' GEMM on the same quantized activations, added to ``coarse``."""
+        return [
+            self._node(
+                "MatMulIntegerToFloat",
+                [
+                    t("xq"),
+                    f"{name}/remainder_int8",
+                    t("scale_column"),
+                    f"{name}/remainder_scale",
+                    "phi3v/zp128",
+                ],
+                t("fine"),
+                domain="com.microsoft",
+            ),
+            self._node("Add", [coarse, t("fine")], t("y2")),
+        ]
+
+    def _per_row(
+        self, t, x2: str, weight: str, scale: str, out: str | None = None
+    ) -> list[onnx.NodeProto]:
         """[R, K] float -> one symmetric uint8 scale per row -> MatMulIntegerToFloat [R, N].
         Three passes over the activations (max, min, quantize) and none over the output: the
         row and channel scales are applied in the GEMM's output step."""
@@ -184,7 +240,7 @@ class GemmBuilder:
             self._node(
                 "MatMulIntegerToFloat",
                 [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128"],
-                t("y2"),
+                out or t("y2"),
                 domain="com.microsoft",
             ),
         ]

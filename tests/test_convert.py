@@ -336,6 +336,62 @@ def test_numerics_take_powers_of_two_and_known_roles():
         integer_gemm.Numerics(rotation=48)
     with pytest.raises(ValueError, match="unknown projection roles"):
         integer_gemm.Numerics(keep_int4=("lm_head",))
+    with pytest.raises(ValueError, match="unknown projection roles"):
+        integer_gemm.Numerics(fine_weights=("lm_head",))
+    with pytest.raises(ValueError, match="per-row scales only"):
+        integer_gemm.Numerics(group=32, fine_weights=("mlp_out",))
+
+
+def test_the_remainder_form_is_closer_to_the_int4_weights_than_plain_int8(tmp_path):
+    source = projection_model(tmp_path / "int4.onnx", "layers.0.mlp.down_proj", 256, 128)
+    (weights,) = convert.int4_weights(source).values()
+    quantized, step = integer_gemm.quantize_per_channel(weights)
+    fine = integer_gemm.quantize_with_remainder(weights)
+    coarse, fine_step, remainder, remainder_step = fine
+    np.testing.assert_array_equal(coarse, quantized)  # the first GEMM's weights are plain int8's
+    int8_error = np.linalg.norm(weights - quantized * step)
+    both = coarse * fine_step + remainder.astype(np.float32) * remainder_step
+    assert np.linalg.norm(weights - both) < int8_error / 50
+
+
+def test_a_remainder_weight_brings_a_projection_closer_to_fp32_activations(tmp_path):
+    errors = projection_errors(
+        tmp_path,
+        {
+            "int8": integer_gemm.Numerics(rotation=64),
+            "remainder": integer_gemm.Numerics(rotation=64, fine_weights=("mlp_in",)),
+        },
+    )
+    assert errors["remainder"] < errors["int8"]
+
+
+def test_the_default_copies_carry_no_remainder_and_keep_their_cache_key(model):
+    assert all(
+        not n.fine_weights
+        for n in (convert.DEFAULT_NUMERICS.vision, convert.DEFAULT_NUMERICS.decoder)
+    )
+    fast = convert.fast_models(load_config(model))
+    for path in (fast.vision, fast.decoder):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        gemms = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+        assert gemms and len(gemms) == len({n.name.rsplit("/", 1)[0] for n in gemms})
+        assert not [t for t in graph.initializer if "remainder" in t.name]
+    # The option left out of the key while at its default: copies made before it are reused.
+    assert "fine_weights" not in convert._numerics_key(convert.DEFAULT_NUMERICS)
+
+
+def test_remainder_projections_run_two_gemms_on_one_quantized_input(model):
+    numerics = integer_gemm.Numerics(rotation=32, fine_weights=("mlp_out",))
+    fast = convert.fast_models(
+        load_config(model), numerics=convert.FastNumerics(numerics, numerics)
+    )
+    graph = onnx.load(str(fast.vision), load_external_data=False).graph
+    by_role: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "MatMulIntegerToFloat":
+            role = integer_gemm.projection_role(node.name)
+            by_role[role] = by_role.get(role, 0) + 1
+    assert by_role["mlp_out"] == 2 * by_role["mlp_in"]
 
 
 def test_the_hadamard_blocks_are_orthonormal_and_fit_k():

@@ -1,0 +1,371 @@
+"""Where the fast vision copy's error comes from, on the DINOv2 ViT-S/14 int4 proxy.
+
+The fast copy changes two things at once against **truth** (the same int4 weights with fp32
+activations): its weights are int8 per output channel, requantized from the int4 blocks, and its
+activations are 8-bit with one scale per row, optionally after a block-Hadamard rotation. This
+separates them. Each projection is rewritten in float arithmetic that rounds exactly where the
+integer GEMM rounds (a simulation: ``x -> rotate -> round(x / s) * s`` per row, times the
+effective weights ``q * s_w`` or ``q * s_w + r * s_r``), with only the chosen part rounded, on the
+chosen projections only; the rest stay truth. So each row says how much error that part alone
+brings, as a multiple of **exact**'s (onnxruntime-genai's int4 kernel: int8 activations per
+block of 32). Real integer-GEMM copies of the same numerics sit beside the simulation, to show
+it matches.
+
+* sources: weights only, activations only, both; by rotation (none, blocks of 32/64/128, and a
+  random orthogonal rotation of the whole K, which an online block rotation can only approach);
+* roles (qkv, out, fc1, fc2) and layers (0-11): one at a time, at the default rotation;
+* the remainder weight (``Numerics.fine_weights``) on a few sets of roles and rotations.
+
+Errors add about in quadrature (independent roundings): the total's square is near the sum of the
+parts' squares, which is how a target on the total splits into targets on the parts.
+
+    python bench/vision_attribution.py   # ~5 min, 1 thread -> bench/results/vision_attribution.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tables
+from onnx import helper, numpy_helper
+
+from phi3v import convert, integer_gemm, machine
+from phi3v.sessions import SessionSettings, open_session
+from phi3v.testing import proxies
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROLES = tuple(integer_gemm.ROLES)  # attention_in (q, k, v), attention_out, mlp_in, mlp_out
+ROLE_NAMES = {"attention_in": "qkv", "attention_out": "out", "mlp_in": "fc1", "mlp_out": "fc2"}
+ROTATIONS = (0, 32, 64, 128, "whole")
+DEFAULT_ROTATION = convert.DEFAULT_NUMERICS.vision.rotation
+SETTINGS = SessionSettings(num_threads=1)  # the same sums every run; leaves a core to others
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """What one simulated projection rounds: its weights ("int4": as they are, "int8",
+    "remainder": int8 plus an int8 remainder), its activations (8 bits, a scale per row), after
+    a rotation (0, a block size, or "whole": a random orthogonal K x K)."""
+
+    weights: str = "int4"
+    activations: bool = False
+    rotation: int | str = 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        study = Study(Path(work))
+        result = {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(),
+            "cpu": machine.describe_cpu(),
+            "photos": len(study.photos),
+            "default_rotation": DEFAULT_ROTATION,
+            "exact_error": study.exact_error,
+            "sources": sources(study),
+            "roles": roles(study),
+            "layers": layers(study),
+            "remainder": remainders(study),
+            "copies": copies(study),
+        }
+    result["seconds"] = round(time.perf_counter() - started)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "vision_attribution.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "vision_attribution.md").write_text(tables.vision_attribution(result) + "\n")
+    print(tables.vision_attribution(result))
+
+
+# --- the measurements ----------------------------------------------------------------------------
+
+
+def sources(study: Study) -> list[dict]:
+    """Weights only, activations only and both, on every projection, by rotation."""
+    rows = []
+    for rotation in ROTATIONS:
+        for label, rounding in (
+            ("weights int8", Rounding("int8", False, rotation)),
+            ("activations per row", Rounding("int4", True, rotation)),
+            ("both (the fast copy)", Rounding("int8", True, rotation)),
+            ("both, weights + remainder", Rounding("remainder", True, rotation)),
+        ):
+            rows.append(
+                {"part": label, "rotation": rotation, **study.ratio(lambda _, r=rounding: r)}
+            )
+    return rows
+
+
+def roles(study: Study) -> list[dict]:
+    """Each role alone rounded (weights, activations, both) at the default rotation."""
+    rows = []
+    for role in ROLES:
+        row = {"role": ROLE_NAMES[role], "flops_share": study.flops_share(role)}
+        for label, rounding in _parts(DEFAULT_ROTATION).items():
+            row[label] = study.ratio(lambda name, r=rounding, o=role: _role(name, o, r))["ratio"]
+        rows.append(row)
+    return rows
+
+
+def layers(study: Study) -> list[dict]:
+    """Each layer alone rounded (weights, activations, both) at the default rotation."""
+    rows = []
+    for layer in study.layers():
+        row = {"layer": layer}
+        for label, rounding in _parts(DEFAULT_ROTATION).items():
+            row[label] = study.ratio(lambda name, r=rounding, n=layer: _layer(name, n, r))["ratio"]
+        rows.append(row)
+    return rows
+
+
+def remainders(study: Study) -> list[dict]:
+    """The whole copy with a remainder weight on some roles, by rotation: error and the share of
+    the vision GEMM work the remainder adds."""
+    sets = [
+        ("attention_out",),
+        ("mlp_out",),
+        ("attention_in",),
+        ("attention_out", "mlp_out"),
+        ("attention_in", "attention_out"),
+        ROLES,
+    ]
+    rows = []
+    for rotation in (DEFAULT_ROTATION, 64, 128, "whole"):
+        for fine in sets:
+
+            def plan(name, fine=fine, rotation=rotation):
+                weights = "remainder" if integer_gemm.projection_role(name) in fine else "int8"
+                return Rounding(weights, True, rotation)
+
+            rows.append(
+                {
+                    "rotation": rotation,
+                    "remainder": "+".join(ROLE_NAMES[r] for r in fine),
+                    "added_gemm_share": sum(study.flops_share(r) for r in fine),
+                    **study.ratio(plan),
+                }
+            )
+    return rows
+
+
+def copies(study: Study) -> list[dict]:
+    """Real integer-GEMM copies beside their simulation: the simulation's check."""
+    rows = []
+    for rotation, fine in ((0, ()), (32, ()), (64, ()), (32, ("attention_out", "mlp_out"))):
+        numerics = integer_gemm.Numerics(rotation=rotation, fine_weights=fine)
+        weights = "remainder" if fine else "int8"
+
+        def plan(name, weights=weights, fine=fine, rotation=rotation):
+            role = integer_gemm.projection_role(name)
+            return Rounding(weights if role in fine else "int8", True, rotation)
+
+        rows.append(
+            {
+                "numerics": numerics.describe(),
+                "copy": study.copy_ratio(numerics),
+                "simulated": study.ratio(plan)["ratio"],
+            }
+        )
+    return rows
+
+
+def _parts(rotation) -> dict[str, Rounding]:
+    return {
+        "weights": Rounding("int8", False, rotation),
+        "activations": Rounding("int4", True, rotation),
+        "both": Rounding("int8", True, rotation),
+    }
+
+
+def _role(name: str, role: str, rounding: Rounding) -> Rounding | None:
+    return rounding if integer_gemm.projection_role(name) == role else None
+
+
+def _layer(name: str, layer: int, rounding: Rounding) -> Rounding | None:
+    return rounding if _layer_of(name) == layer else None
+
+
+def _layer_of(name: str) -> int | None:
+    found = re.search(r"layers?\.(\d+)[./]", name)
+    return int(found.group(1)) if found else None
+
+
+# --- the study: the proxy, its truth, and simulated copies ---------------------------------------
+
+
+class Study:
+    """The vision proxy, its photos, truth's and exact's features, and the simulator."""
+
+    def __init__(self, folder: Path):
+        self.source = proxies.build_vision_proxy(folder / "int4")
+        self.folder = folder
+        self.photos = proxies.proxy_photos()
+        self.pixels = proxies.vision_proxy_inputs(self.photos)
+        self.truth = self._features(open_session(self.source, SETTINGS, fp32_activations=True))
+        self.exact_error = self._error(self._features(open_session(self.source, SETTINGS)))
+        self.model = onnx.load(str(self.source))
+        self.weights = convert.int4_weights(self.source)
+        self._orthogonal: dict[int, np.ndarray] = {}
+
+    def layers(self) -> list[int]:
+        return sorted({_layer_of(name) for name in self.weights} - {None})
+
+    def flops_share(self, role: str) -> float:
+        """The role's share of the projections' multiply-adds (every row sees every weight)."""
+        sizes = {name: w.size for name, w in self.weights.items()}
+        mine = sum(s for n, s in sizes.items() if integer_gemm.projection_role(n) == role)
+        return mine / sum(sizes.values())
+
+    def ratio(self, plan) -> dict:
+        """Mean relative feature error (and the worst photo's) of the simulated model, as a
+        multiple of exact's. ``plan(node name)``: each projection's Rounding (None: truth)."""
+        started = time.perf_counter()
+        session = ort.InferenceSession(
+            self._simulated(plan).SerializeToString(),
+            _options(),
+            providers=["CPUExecutionProvider"],
+        )
+        errors = self._errors(self._features(session))
+        print(
+            f"  {time.perf_counter() - started:.1f} s: {errors.mean() / self.exact_error:.3f}x",
+            file=sys.stderr,
+        )
+        return {
+            "ratio": float(errors.mean() / self.exact_error),
+            "worst_ratio": float(errors.max() / self.exact_error),
+        }
+
+    def copy_ratio(self, numerics: integer_gemm.Numerics) -> float:
+        """The same measure on a real integer-GEMM copy made by the converter."""
+        target = self.folder / "copies" / f"{abs(hash(numerics))}.onnx"
+        target.parent.mkdir(exist_ok=True)
+        convert.convert_model(self.source, target, numerics)
+        return float(
+            self._errors(self._features(open_session(target, SETTINGS))).mean() / self.exact_error
+        )
+
+    def _features(self, session: ort.InferenceSession) -> np.ndarray:
+        feeds = {session.get_inputs()[0].name: self.pixels}
+        return session.run([proxies.FEATURES_OUTPUT], feeds)[0].reshape(len(self.photos), -1)
+
+    def _errors(self, features: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(features - self.truth, axis=1) / np.linalg.norm(self.truth, axis=1)
+
+    def _error(self, features: np.ndarray) -> float:
+        return float(self._errors(features).mean())
+
+    def _simulated(self, plan) -> onnx.ModelProto:
+        """The proxy with every MatMulNBits as float MatMul nodes rounding what ``plan`` says."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        graph = model.graph
+        nodes, weights = [], []
+        for node in graph.node:
+            if node.op_type != "MatMulNBits":
+                nodes.append(node)
+                continue
+            name = node.name or node.output[0]
+            rounding = plan(name) or Rounding()
+            new_nodes, new_weights = self._projection(node, name, rounding)
+            nodes += new_nodes
+            weights += new_weights
+        replaced = {
+            n for node in graph.node if node.op_type == "MatMulNBits" for n in node.input[1:]
+        }
+        kept = [t for t in graph.initializer if t.name not in replaced]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept + weights + _constants())
+        return model
+
+    def _projection(self, node, name: str, rounding: Rounding):
+        """Nodes and weights for one projection: x -> [rotate] -> [round] -> @ W_effective."""
+        weights = self.weights[name]
+        k = weights.shape[0]
+        x, out, made = node.input[0], node.output[0], []
+        tensors = []
+        if rounding.rotation:
+            rotation = self._rotation(rounding.rotation, k)
+            weights = rotation.T @ weights
+            tensors.append(numpy_helper.from_array(rotation, f"{name}/rotation"))
+            made.append(helper.make_node("MatMul", [x, f"{name}/rotation"], [f"{name}/rotated"]))
+            x = f"{name}/rotated"
+        if rounding.activations:
+            made += _round_rows(x, name)
+            x = f"{name}/rounded"
+        tensors.append(numpy_helper.from_array(_effective(weights, rounding.weights), f"{name}/w"))
+        made.append(helper.make_node("MatMul", [x, f"{name}/w"], [out]))
+        return made, tensors
+
+    def _rotation(self, rotation: int | str, k: int) -> np.ndarray:
+        """K x K: block-diagonal Hadamard, or a seeded random orthogonal matrix ("whole")."""
+        if rotation == "whole":
+            if k not in self._orthogonal:
+                gaussian = np.random.default_rng(k).standard_normal((k, k))
+                self._orthogonal[k] = np.linalg.qr(gaussian)[0].astype(np.float32)
+            return self._orthogonal[k]
+        block = integer_gemm.fitting_block(rotation, k)
+        return np.kron(np.eye(k // block, dtype=np.float32), integer_gemm.hadamard(block))
+
+
+def _effective(weights: np.ndarray, form: str) -> np.ndarray:
+    """The float weights the integer GEMM multiplies with, in ``form``."""
+    if form == "int4":
+        return weights
+    if form == "int8":
+        quantized, step = integer_gemm.quantize_per_channel(weights)
+        return quantized * step
+    quantized, step, remainder, fine = integer_gemm.quantize_with_remainder(weights)
+    return quantized * step + remainder.astype(np.float32) * fine
+
+
+def _round_rows(x: str, name: str) -> list[onnx.NodeProto]:
+    """x -> round(x / s) * s with s = max|x| / 127 per row: the fast copy's activations (its
+    uint8 around 128, QuantizeLinear's round half to even), in float."""
+    t = lambda suffix: f"{name}/{suffix}"  # noqa: E731
+    return [
+        helper.make_node("Abs", [x], [t("abs")]),
+        helper.make_node("ReduceMax", [t("abs")], [t("peak")], axes=[-1], keepdims=1),
+        helper.make_node("Max", [t("peak"), "sim/tiny"], [t("safe_peak")]),
+        helper.make_node("Mul", [t("safe_peak"), "sim/inv127"], [t("step")]),
+        helper.make_node("Div", [x, t("step")], [t("scaled")]),
+        helper.make_node("Round", [t("scaled")], [t("levels")]),
+        helper.make_node("Mul", [t("levels"), t("step")], [t("rounded")]),
+    ]
+
+
+def _constants() -> list[onnx.TensorProto]:
+    return [
+        numpy_helper.from_array(np.array(1e-12, np.float32), "sim/tiny"),
+        numpy_helper.from_array(np.array(1 / integer_gemm.INT8_PEAK, np.float32), "sim/inv127"),
+    ]
+
+
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = SETTINGS.num_threads
+    return options
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    ort.set_default_logger_severity(3)
+    main()
