@@ -24,8 +24,9 @@ from phi3v_app.history import MAX_UPLOAD_BYTES
 from phi3v_app.loading import DATA_DIR, ModelLoader
 from phi3v_app.openai_api import API_KEY_ENV, add_openai_routes
 from phi3v_app.page import EXAMPLES, EXAMPLES_DIR, QUEUE_SIZE, ChatApp, build_app
+from phi3v_app.page_script import HEAD
 from phi3v_app.turns import ModelTurns
-from phi3v_app.view import CSS, HEAD
+from phi3v_app.view import CSS
 
 AUTH_ENV = "PHI3V_AUTH"  # "user:password", the same as --auth
 PRECISION_ENV = "PHI3V_PRECISION"  # the same as --precision

@@ -34,7 +34,7 @@ from phi3v_app.history import (
     without_last_answer,
     without_last_turn,
 )
-from phi3v_app.transcript import from_openai, to_openai
+from phi3v_app.transcript import from_openai, to_markdown, to_openai
 
 log = logging.getLogger("phi3v.app")
 
@@ -49,6 +49,14 @@ def session_of(request: gr.Request | None) -> str:
 def _files_exist(message: dict) -> bool:
     _, files = message_parts(message.get("content"))
     return all(Path(path).is_file() for path in files)
+
+
+def _saved_chat(text: str, suffix: str) -> str:
+    """``text`` in a file named by its content, for a download button."""
+    SAVED_CHATS.mkdir(exist_ok=True)
+    path = SAVED_CHATS / f"chat-{hashlib.sha256(text.encode()).hexdigest()[:16]}{suffix}"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
 def _skip(value):
@@ -70,23 +78,31 @@ class Handlers:
     # --- the model box ---------------------------------------------------------------------
 
     def refresh(self, request: gr.Request):
-        """The model box, the input's state, the crops default, the poll timer, Try again."""
+        """The model box, the input's state, the crops default, the poll timer (on until the
+        model is ready and the examples are timed), Try again, the examples' times."""
         status = self.loader.status()
         ready, failed = status.phase == "ready", status.phase == "failed"
         free = ready and not self.answers.pending(session_of(request))
+        timing = self.loader.warming_examples
         return (
             view.model_panel(status),
             gr.MultimodalTextbox(
                 interactive=free, placeholder=view.input_placeholder(status.phase)
             ),
             gr.Slider(value=status.num_crops) if ready else gr.Slider(),
-            gr.Timer(active=not (ready or failed)),
+            gr.Timer(active=not (failed or (ready and not timing))),
             gr.Button(visible=failed),
+            view.example_times(self.loader.example_seconds, timing),
         )
 
     def restart_loading(self):
+        """Try again after a failure: the model box says at once that it starts again."""
         self.loader.start()
-        return gr.Timer(active=True), gr.Button(visible=False)
+        return (
+            view.model_panel(self.loader.status()),
+            gr.Timer(active=True),
+            gr.Button(visible=False),
+        )
 
     # --- around an answer ------------------------------------------------------------------
 
@@ -113,8 +129,8 @@ class Handlers:
         history = list(history or [])
         text = ((message or {}).get("text") or "").strip()
         files = file_paths((message or {}).get("files"))
-        if not (text or files):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if not (text or files):  # said at once: Enter on an empty box is not ignored
+            return gr.skip(), gr.skip(), gr.skip(), view.nothing_to_send()
         try:
             check_images(files)
         except HistoryError as err:  # shown in the chat; the file is not shown as a picture
@@ -166,7 +182,9 @@ class Handlers:
 
     def retry(self, history, request: gr.Request):
         question, reply = last_question(history or [])
-        if question is not None and reply is not None and reply_kind(reply) == REFUSED_UPLOAD:
+        if question is None:  # a loaded chat that starts with an answer, say
+            return gr.skip(), gr.skip(), gr.skip(), view.status_line("note", "Nothing to retry")
+        if reply is not None and reply_kind(reply) == REFUSED_UPLOAD:
             return self._attach_again(question)
         self.answers.begin(session_of(request))  # stops the answer still running, if any
         again = view.status_line("busy", "Asking again…")
@@ -231,7 +249,9 @@ class Handlers:
         files = file_paths(value.get("files"))
         text = str(value.get("text") or "")
         if not self.loader.ready or self.answers.pending(session_of(request)):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            busy = self.answers.pending(session_of(request))
+            why = view.still_answering() if busy else view.not_ready(self.loader.status().phase)
+            return gr.skip(), gr.skip(), gr.skip(), why
         self.answers.begin(session_of(request))
         history = [*(history or []), user_message(text, files)]
         return history, *locked(), view.status_line("busy", "Sending…")
@@ -240,16 +260,16 @@ class Handlers:
 
     @staticmethod
     def export(history):
-        """The chat as a JSON file of OpenAI messages, for the download button (hidden while
-        there is nothing to download)."""
+        """The chat as files for the two download buttons: JSON of OpenAI messages, and
+        Markdown; both buttons hidden while there is nothing to download."""
         messages = to_openai(history or [])
         if not messages:
-            return gr.DownloadButton(value=None, visible=False)
+            return (gr.DownloadButton(value=None, visible=False),) * 2
         text = json.dumps(messages, ensure_ascii=False, indent=1)
-        SAVED_CHATS.mkdir(exist_ok=True)
-        path = SAVED_CHATS / f"chat-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-        path.write_text(text)
-        return gr.DownloadButton(value=str(path), visible=True)
+        return (
+            gr.DownloadButton(value=_saved_chat(text, ".json"), visible=True),
+            gr.DownloadButton(value=_saved_chat(to_markdown(history), ".md"), visible=True),
+        )
 
     def load(self, upload, request: gr.Request):
         """A downloaded chat, loaded back to go on with it: (chat, status line)."""

@@ -6,8 +6,9 @@ progress. Other parts of the app (the chat, the OpenAI endpoint) take the loaded
 :class:`~phi3v.Pipeline` from :attr:`ModelLoader.pipeline`.
 
 Once the model is ready, :meth:`ModelLoader.warm_examples` reads the example cards' pictures and
-questions ahead of time (:meth:`~phi3v.Pipeline.warm`), so an example answers at once. It uses
-the model only while no visitor holds or waits for it.
+questions ahead of time (:meth:`~phi3v.Pipeline.warm`), so an example answers at once, and times
+each one's first words (:attr:`ModelLoader.example_seconds`, shown on its card). It uses the
+model only while no visitor holds or waits for it.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ class ModelLoader:
         self._load_seconds = 0.0
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        # Per example given to warm_examples: its measured time to the first token once read
+        # ahead (None until timed, or when it could not be read).
+        self.example_seconds: list[float | None] = []
+        self._warming: threading.Thread | None = None
 
     def start(self) -> ModelLoader:
         """Start (or, after a failure, restart) getting the model ready; returns at once."""
@@ -127,7 +132,15 @@ class ModelLoader:
 
     def warm_examples(self, turns: ModelTurns, examples: Sequence[Example]) -> threading.Thread:
         """Once the model is ready, read each example's pictures and question ahead of time
-        (:meth:`Pipeline.warm`) in a background thread, so that its first answer starts at once.
+        (:meth:`Pipeline.warm`) in a background thread, so that its first answer starts at once;
+        then time that first answer.
+
+        The time is measured, not estimated: right after an example is read, it is asked once,
+        exactly as a click on its card asks it (same prompt, same pictures, the model's default
+        detail, a one-off question that keeps nothing), for one token; the pipeline's time to
+        that first token (preparing the pictures, taking up the warmed cache, reading what is
+        left of the prompt, the first step) goes into :attr:`example_seconds`. What it leaves
+        out is the page's own round trip to the server. One measurement per example and start.
 
         Visitors never wait behind it: it takes the model's turn in ``turns`` only while nobody
         holds or waits for it, and gives it up (the example is read again later) as soon as
@@ -135,28 +148,42 @@ class ModelLoader:
         Call it after :meth:`start`. Returns the thread; it ends once every example is ready,
         or at once when the model could not be loaded.
         """
-        thread = threading.Thread(
+        self.example_seconds = [None] * len(examples)
+        self._warming = threading.Thread(
             target=self._warm, args=(turns, list(examples)), name="phi3v-warm", daemon=True
         )
-        thread.start()
-        return thread
+        self._warming.start()
+        return self._warming
+
+    @property
+    def warming_examples(self) -> bool:
+        """True while :meth:`warm_examples` still reads or times an example."""
+        return self._warming is not None and self._warming.is_alive()
 
     def _warm(self, turns: ModelTurns, examples: list[Example]) -> None:
         if not self.wait():
             return
-        for text, pictures in examples:
-            while not self._warm_one(turns, text, [str(path) for path in pictures]):
+        for number, (text, pictures) in enumerate(examples):
+            while not self._warm_one(turns, number, text, [str(path) for path in pictures]):
                 pass  # a visitor came first; read it again once the model is free
 
-    def _warm_one(self, turns: ModelTurns, text: str, pictures: list[str]) -> bool:
-        """Read one example while nobody wants the model; False when a visitor came first."""
+    def _warm_one(self, turns: ModelTurns, number: int, text: str, pictures: list[str]) -> bool:
+        """Read one example and time its first token while nobody wants the model; False when
+        a visitor came first."""
         while turns.busy:
             time.sleep(WARM_POLL_SECONDS)
         # The prompt exactly as the chat sends it when the card is clicked.
         messages, images = conversation([user_message(text, pictures)])
+        pipe = self.pipeline
         try:
             with turns.turn():
-                return _run_until_wanted(self.pipeline.warm(messages, images), turns)
+                if not _run_until_wanted(pipe.warm(messages, images), turns):
+                    return False
+                first = pipe.stream(messages, images, max_new_tokens=1, remember=False)
+                if not _run_until_wanted(first, turns):
+                    return False
+                self.example_seconds[number] = first.timings.time_to_first_token
+                return True
         except QueueFull:
             return False
         except Exception as err:  # an example that cannot be read is skipped, not retried

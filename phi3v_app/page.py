@@ -116,6 +116,13 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             elem_id="chat",
         )
         status = gr.HTML("", elem_id="status")
+        # What each example card says about its speed, copied onto the cards by the page
+        # script (phi3v_app.page_script).
+        example_times = gr.HTML(
+            view.example_times(handlers.loader.example_seconds, handlers.loader.warming_examples),
+            visible="hidden",
+            elem_id="example-times",
+        )
         with gr.Row(elem_id="input-row", equal_height=True):
             chat_input = gr.MultimodalTextbox(
                 label="Your question",  # read out by screen readers only
@@ -166,6 +173,9 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             download = gr.DownloadButton(
                 "Download the chat (JSON)", size="sm", visible=False, elem_id="download"
             )
+            download_md = gr.DownloadButton(
+                "Download the chat (Markdown)", size="sm", visible=False, elem_id="download-md"
+            )
             upload = gr.UploadButton(
                 "Load a chat (JSON)", file_types=[".json"], size="sm", elem_id="load"
             )
@@ -188,13 +198,14 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         params = [max_new_tokens, temperature, top_p, top_k, num_crops]
         controls = [chat_input, stop_button]
         started_answer = [chatbot, *controls, status]
+        downloads = [download, download_md]
 
         ask = dict(fn=handlers.answer, inputs=[chatbot, *params], outputs=[chatbot, status])
 
         def then_answer(event):
             answered = event.then(**ask, concurrency_limit=None, **private)
             settled = answered.then(handlers.settle, chatbot, [*controls, saved], **control)
-            settled.then(handlers.export, chatbot, download, **control)
+            settled.then(handlers.export, chatbot, downloads, **control)
 
         then_answer(
             chat_input.submit(handlers.send, [chatbot, chat_input], started_answer, **control)
@@ -206,13 +217,13 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         )
         chatbot.undo(handlers.undo, [chatbot], started_answer, **control).then(
             lambda history: history, chatbot, saved, **control
-        ).then(handlers.export, chatbot, download, **control)
+        ).then(handlers.export, chatbot, downloads, **control)
         chatbot.clear(handlers.clear, None, started_answer, **control).then(
             lambda: [], None, saved, **control
-        ).then(handlers.export, chatbot, download, **control)
+        ).then(handlers.export, chatbot, downloads, **control)
         upload.upload(handlers.load, upload, [chatbot, status], **control).then(
             lambda history: history, chatbot, saved, **control
-        ).then(handlers.export, chatbot, download, **control)
+        ).then(handlers.export, chatbot, downloads, **control)
         stop_button.click(handlers.stop, None, stop_button, **control)
         chat_input.change(
             handlers.check_upload,
@@ -222,11 +233,11 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             **control,
         )
 
-        watched = [panel, chat_input, num_crops, timer, load_again]
+        watched = [panel, chat_input, num_crops, timer, load_again, example_times]
         timer.tick(handlers.refresh, None, watched, **control)
         demo.load(handlers.refresh, None, watched, **control)
         demo.load(handlers.restore, [saved, chatbot], chatbot, **control)
-        load_again.click(handlers.restart_loading, None, [timer, load_again], **control)
+        load_again.click(handlers.restart_loading, None, [panel, timer, load_again], **control)
 
         api_trigger.click(
             api.chat,

@@ -1,12 +1,15 @@
-"""A chat as a file: the conversation in OpenAI's message format, to download and load back.
+"""A chat as a file: the conversation in OpenAI's message format, to download and load back,
+or as Markdown, to read.
 
     to_openai(history)            -> [{"role": "user", "content": [image_url parts, text part]},
                                       {"role": "assistant", "content": "..."}, ...]
     from_openai(messages, folder) -> chat history, the pictures written into ``folder``
+    to_markdown(history)          -> "### You\n\n![name](data:image/png;base64,...)\n\n..."
 
-Pictures travel inline as ``data:`` URLs, so the file stands alone (and can be sent as it is to
-``/v1/chat/completions``). Turns the model did not answer (an error, a stop before the first
-word) are left out, as the model never saw them.
+Pictures travel inline as ``data:`` URLs, so each file stands alone (the JSON one can be sent as
+it is to ``/v1/chat/completions``; the Markdown one shows its pictures in any viewer that shows
+``data:`` images). Turns the model did not answer (an error, a stop before the first word) are
+left out of both, as the model never saw them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import mimetypes
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,28 +28,56 @@ from phi3v_app.history import (
     assistant_message,
     is_unanswered_reply,
     message_parts,
+    upload_name,
     user_message,
 )
 from phi3v_app.openai_schema import APIError, decode_data_url
+
+# Who said it, as the Markdown file's headings say it.
+SPEAKERS = {"user": "You", "assistant": "Phi-3 Vision"}
 
 
 def to_openai(history: Sequence[dict]) -> list[dict]:
     """The answered part of a chat history as OpenAI chat messages, pictures inline."""
     messages: list[dict] = []
-    for message in history:
-        role = message.get("role")
-        if is_unanswered_reply(message):
-            if messages and messages[-1]["role"] == "user":
-                messages.pop()  # the question it did not answer goes too
-            continue
-        text, files = message_parts(message.get("content"))
+    for role, text, files in _answered(history):
         if role == "assistant":
             messages.append({"role": "assistant", "content": text})
-        elif role == "user":
+        else:
             parts = [_image_part(path) for path in files]
             parts += [{"type": "text", "text": text}] if text else []
             messages.append({"role": "user", "content": parts})
     return messages
+
+
+def to_markdown(history: Sequence[dict]) -> str:
+    """The answered part of a chat history as Markdown: a heading for each speaker, then the
+    pictures inline as ``data:`` URLs (named as uploaded) and the text. "" for no answered
+    turn."""
+    blocks: list[str] = []
+    speaker = None
+    for role, text, files in _answered(history):
+        if role != speaker:  # a picture and its question, sent as two messages, stay together
+            speaker = role
+            blocks.append(f"### {SPEAKERS[role]}")
+        blocks += [f"![{_alt_text(path)}]({_data_url(path)})" for path in files]
+        blocks += [text] if text else []
+    return "\n\n".join(blocks) + "\n" if blocks else ""
+
+
+def _answered(history: Sequence[dict]) -> list[tuple[str, str, list[str]]]:
+    """(role, text, picture paths) of each user and assistant message the model answered or
+    wrote: an unanswered reply goes with the question it did not answer."""
+    answered: list[tuple[str, str, list[str]]] = []
+    for message in history:
+        role = message.get("role")
+        if is_unanswered_reply(message):
+            while answered and answered[-1][0] == "user":
+                answered.pop()
+            continue
+        if role in SPEAKERS:
+            answered.append((role, *message_parts(message.get("content"))))
+    return answered
 
 
 def from_openai(messages: object, folder: Path) -> list[dict]:
@@ -72,9 +104,17 @@ def from_openai(messages: object, folder: Path) -> list[dict]:
 
 
 def _image_part(path: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": _data_url(path)}}
+
+
+def _data_url(path: str) -> str:
     media = mimetypes.guess_type(path)[0] or "image/png"
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
+    return f"data:{media};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def _alt_text(path: str) -> str:
+    """The picture's upload name, its brackets and backslashes escaped for Markdown."""
+    return re.sub(r"([\\\[\]])", r"\\\1", upload_name(path))
 
 
 def _read_content(content: object, number: int, folder: Path) -> tuple[list[str], list[str]]:

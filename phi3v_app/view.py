@@ -8,6 +8,8 @@ this machine has not timed.
 from __future__ import annotations
 
 import html
+import json
+from collections.abc import Sequence
 
 from phi3v.download import DownloadProgress
 from phi3v.results import Progress, Timings
@@ -55,9 +57,11 @@ def duration(s: float) -> str:
 def status_line(kind: str, headline: str, *details: str) -> str:
     """The HTML of the line under the chat: an icon for ``kind``, a headline and details.
 
-    kind: "busy" (animated), "live", "done", "stopped" or "error".
+    kind: "busy" (animated), "live", "done", "stopped", "error" or "note" (an action that
+    cannot be done now, and why).
     """
     icons = {"busy": "", "live": "●", "done": "✓", "stopped": "■", "error": ERROR_MARK}
+    icons["note"] = "ℹ"
     parts = [f"<b>{html.escape(headline)}</b>", *(html.escape(d) for d in details)]
     return (
         f'<div class="status {kind}" role="status"><span class="icon" aria-hidden="true">'
@@ -128,6 +132,23 @@ def answer_status(
 
 def stopped_status() -> str:
     return status_line("stopped", "Stopped before the answer began")
+
+
+def nothing_to_send() -> str:
+    return status_line("note", "Nothing to send", "type a question or attach a picture first")
+
+
+def still_answering() -> str:
+    return status_line("note", "Wait for the answer to finish", "or press Stop (Esc)")
+
+
+def not_ready(phase: str) -> str:
+    """An example clicked before the model can answer it."""
+    if phase == "failed":
+        return status_line("note", "The model is not available", "see the message above")
+    return status_line(
+        "note", "The model is still loading", "click the example again once the chat opens"
+    )
 
 
 def error_status() -> str:
@@ -209,6 +230,26 @@ def _download_panel(name: str, progress: DownloadProgress | None) -> str:
     )
 
 
+def example_times(seconds: Sequence[float | None], warming: bool) -> str:
+    """What each example card says about its speed (:attr:`ModelLoader.example_seconds`), as
+    a hidden element the page script copies onto the cards: "Timing it…" while the warm-up has
+    yet to time it, then the measured time to the first words; nothing for a card that could
+    not be timed. Empty when the examples are not timed at all."""
+    texts = [
+        f"First words in {_short_time(s)} on this machine (measured)"
+        if s is not None
+        else "Timing it on this machine…"
+        if warming
+        else ""
+        for s in seconds
+    ]
+    return f'<div data-times="{html.escape(json.dumps(texts, ensure_ascii=False))}"></div>'
+
+
+def _short_time(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if round(s * 1000) < 1000 else _seconds(s)
+
+
 def input_placeholder(phase: str) -> str:
     if phase == "ready":
         return "Ask about your pictures…"
@@ -238,6 +279,7 @@ CSS = """
 #status .status b { color: var(--body-text-color); }
 #status .icon { display: inline-block; width: 1.2em; }
 #status .live .icon, #status .done .icon { color: var(--color-green-500, #16a34a); }
+#status .note .icon { color: var(--color-accent); }
 #status .stopped .icon { color: var(--color-orange-500, #d97706); }
 #status .error .icon { color: var(--error-icon-color, #dc2626); }
 #status .busy .icon::before {
@@ -246,6 +288,8 @@ CSS = """
   animation: phi3v-spin 0.8s linear infinite; vertical-align: -1px;
 }
 @keyframes phi3v-spin { to { transform: rotate(360deg); } }
+#chat .example-time { display: block; margin-top: 4px; font-size: 0.85em;
+                      color: var(--body-text-color-subdued); }
 #input-row { align-items: stretch; flex-wrap: nowrap; gap: 8px; }
 #input-row > * { min-width: 0; }
 #stop { align-self: stretch; max-height: 64px; transition: none; }  /* its state, at once */
@@ -270,83 +314,4 @@ footer .show-api, footer .built-with, footer .settings { color: var(--body-text-
   #chat { height: calc(100dvh - 420px) !important; }
   #model-panel .hint { display: none; }
 }
-"""
-
-# Esc stops the answer (as in other chat apps); the Stop button does the work. A pasted file
-# that is not a picture would vanish without a word (Gradio drops it; a dropped one gets a
-# toast): say so in the status line instead.
-HEAD = """
-<script>
-document.addEventListener("keydown", (event) => {
-  if (event.key !== "Escape") return;
-  const stop = document.querySelector("#stop");
-  if (stop && !stop.disabled) { event.preventDefault(); stop.click(); }
-});
-document.addEventListener("paste", (event) => {
-  if (!event.target.closest || !event.target.closest("#chat-input")) return;
-  const refused = [...(event.clipboardData?.files || [])]
-    .filter((file) => !file.type.startsWith("image/")).map((file) => file.name);
-  const status = document.querySelector("#status");
-  if (!refused.length || !status) return;
-  const line = document.createElement("div");
-  line.className = "status error";
-  line.setAttribute("role", "status");
-  line.textContent = `⚠ Not sent: ${refused.join(", ")} ${refused.length > 1 ? "are not pictures" :
-    "is not a picture"}. Only pictures (PNG, JPEG, WebP, GIF) can be attached.`;
-  status.replaceChildren(line);
-}, true);
-// Every control gets a unique name a screen reader can say: Gradio's are the same for every
-// message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
-// sliders and an unnamed edit box. Names are set again whenever Gradio re-renders.
-const RENAMED = {"Submit": "Save the edit", "Cancel": "Cancel the edit"};
-function rename(element, name) {
-  if (element.getAttribute("aria-label") !== name) element.setAttribute("aria-label", name);
-}
-// A disabled control says why in its tooltip.
-function explain(element, why) {
-  const title = element.disabled ? why : "";
-  if ((element.getAttribute("title") || "") !== title) element.setAttribute("title", title);
-}
-function nameControls() {
-  const send = document.querySelector("#chat-input button[aria-label='Submit']");
-  if (send) rename(send, "Send");
-  const stop = document.querySelector("#stop");
-  if (stop) explain(stop, "Nothing to stop: no answer is running");
-  const answering = stop && !stop.disabled;
-  const box = document.querySelector("#chat-input textarea");
-  if (box) explain(box, answering ? "An answer is on its way: wait, or press Stop (Esc)"
-                                  : "The chat opens when the model is ready");
-  for (const button of document.querySelectorAll("#chat .message-buttons button"))
-    explain(button, "Wait for the answer to end, or press Stop (Esc)");
-  for (const reset of document.querySelectorAll("button[aria-label^='Reset to default']")) {
-    const label = reset.closest(".block")?.querySelector("label, [data-testid='block-info']");
-    if (label) rename(reset, `Reset ${label.textContent.trim()} to its default`);
-  }
-  const chat = document.querySelector("#chat");
-  if (!chat) return;
-  const counts = {question: 0, answer: 0};
-  let role = null, where = null;
-  for (const part of chat.querySelectorAll(".message-row, .message-buttons")) {
-    if (part.classList.contains("message-row")) {
-      const now = part.classList.contains("user-row") ? "question" : "answer";
-      if (now !== role) { role = now; counts[role] += 1; where = `${role} ${counts[role]}`; }
-    }
-    if (!where) continue;
-    for (const box of part.querySelectorAll("textarea")) rename(box, `Edit ${where}`);
-    for (const button of part.querySelectorAll("button")) {
-      button.dataset.phi3vName ??= button.getAttribute("aria-label") || button.innerText.trim();
-      const base = button.dataset.phi3vName;
-      rename(button, `${RENAMED[base] || base} (${where})`);
-    }
-  }
-}
-let naming = false;
-new MutationObserver(() => {
-  if (naming) return;
-  naming = true;
-  requestAnimationFrame(() => { nameControls(); naming = false; });
-}).observe(document.documentElement,
-           {subtree: true, childList: true, attributes: true,
-            attributeFilter: ["aria-label", "disabled"]});
-</script>
 """

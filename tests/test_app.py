@@ -7,6 +7,9 @@ like real ones.
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import logging
 import os
 import re
@@ -41,7 +44,7 @@ from phi3v_app.history import (
     without_last_turn,
 )
 from phi3v_app.loading import ModelLoader, ModelStatus
-from phi3v_app.transcript import from_openai, to_openai
+from phi3v_app.transcript import from_openai, to_markdown, to_openai
 from phi3v_app.turns import ModelTurns
 from tests.app_helpers import ask, first_launch, free_port, ready_loader, serve_demo, wait_until
 
@@ -230,6 +233,26 @@ def test_an_estimate_that_ran_out_grows_with_the_clock():
 def test_the_place_in_line_is_said_in_words():
     assert "1 request ahead of yours" in view.waiting_status(1)
     assert "3 requests ahead" in view.waiting_status(3)
+
+
+def card_texts(markup: str) -> list[str]:
+    """The texts view.example_times hands the page script for the example cards."""
+    return json.loads(html.unescape(re.search(r'data-times="([^"]*)"', markup).group(1)))
+
+
+def test_an_example_card_says_timing_until_measured_then_its_measured_first_words():
+    assert card_texts(view.example_times([None, 0.0421, 2.46], warming=True)) == [
+        "Timing it on this machine…",
+        "First words in 42 ms on this machine (measured)",
+        "First words in 2.5 s on this machine (measured)",
+    ]
+
+
+def test_an_example_that_could_not_be_timed_says_nothing_about_its_speed():
+    assert card_texts(view.example_times([None, 0.5], warming=False)) == [
+        "",
+        "First words in 500 ms on this machine (measured)",
+    ]
 
 
 def test_the_download_panel_shows_bytes_speed_time_left_and_the_current_file():
@@ -757,3 +780,31 @@ def test_a_saved_chat_loads_back_as_the_same_conversation(tmp_path):
 def test_a_file_that_is_not_a_saved_chat_is_refused_with_a_reason(saved, tmp_path):
     with pytest.raises(HistoryError, match="saved chat|Message 1"):
         from_openai(saved, tmp_path)
+
+
+def test_a_markdown_chat_says_who_said_what_in_order_with_the_pictures_inline():
+    history = [user("What is this?", str(CHART)), bot("A **chart**.")]
+    markdown = to_markdown(history)
+    picture = re.search(r"!\[bar_chart\.png\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    assert picture, markdown[:200]
+    assert base64.b64decode(picture.group(1)) == CHART.read_bytes()
+    order = ["### You", picture.group(0), "What is this?", "### Phi-3 Vision", "A **chart**."]
+    assert [markdown.index(part) for part in order] == sorted(markdown.index(p) for p in order)
+
+
+def test_a_markdown_chat_keeps_a_picture_and_its_question_sent_apart_under_one_heading():
+    history = [user("", str(CHART)), user("What is this?"), bot("A chart.")]
+    assert to_markdown(history).count("### You") == 1
+
+
+def test_a_markdown_chat_leaves_out_the_turns_the_model_did_not_answer():
+    history = [user("Hi."), bot("Hello."), user("And?", str(CHART)), stopped_message()]
+    assert to_markdown(history) == "### You\n\nHi.\n\n### Phi-3 Vision\n\nHello.\n"
+    assert to_markdown([user("Hi."), error_message("busy")]) == ""
+
+
+def test_a_picture_name_with_brackets_cannot_break_the_markdown(tmp_path):
+    picture = tmp_path / "odd] name[.png"
+    shutil.copyfile(CHART, picture)
+    markdown = to_markdown([user("", str(picture)), bot("A chart.")])
+    assert "![odd\\] name\\[.png](data:image/png;base64," in markdown

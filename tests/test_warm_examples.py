@@ -1,4 +1,5 @@
-"""The app reads its example cards ahead of time, and never keeps a visitor waiting for that."""
+"""The app reads its example cards ahead of time, and never keeps a visitor waiting for that;
+then it times each card's first words on this machine."""
 
 import threading
 
@@ -80,3 +81,28 @@ def test_a_visitor_who_comes_during_the_warm_up_gets_the_model_first(tiny_model_
 def take_turn(turns: ModelTurns, served: threading.Event) -> None:
     with turns.turn():
         served.set()
+
+
+def test_examples_are_untimed_until_read_then_each_has_its_measured_first_token_time(
+    tiny_model_dir,
+):
+    turns = ModelTurns(4)
+    loader = ModelLoader(tiny_model_dir)  # not started: no model to read them with
+    loader.warm_examples(turns, CARDS).join(LOAD_TIMEOUT_S)
+    assert loader.example_seconds == [None] * len(CARDS)
+    loader.start()
+    warming = loader.warm_examples(turns, CARDS)
+    warming.join(LOAD_TIMEOUT_S)
+    assert not loader.warming_examples
+    assert all(seconds is not None and seconds > 0 for seconds in loader.example_seconds)
+
+
+def test_an_examples_time_is_that_of_a_real_first_token_from_its_warmed_prefix(
+    tiny_model_dir, monkeypatch
+):
+    loader = ready_loader(tiny_model_dir)
+    streams = recorded_streams(loader.pipeline, monkeypatch)
+    loader.warm_examples(ModelTurns(4), CARDS[:1]).join(LOAD_TIMEOUT_S)
+    (timed,) = streams  # asked once, as a click on the card asks it
+    assert timed.reused_tokens == len(timed.input_ids) - 1  # after the warm-up
+    assert loader.example_seconds == [timed.timings.time_to_first_token]

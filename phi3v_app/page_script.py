@@ -1,0 +1,123 @@
+"""The page's own script (``demo.launch(head=HEAD)``): what Gradio's components do not do.
+
+- Esc stops the answer (as in other chat apps); the Stop button does the work.
+- A pasted file that is not a picture would vanish without a word (Gradio drops it; a dropped
+  one gets a toast): the status line says so instead.
+- Every control gets a unique name a screen reader can say: Gradio's are the same for every
+  message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
+  sliders and an unnamed edit box.
+- A disabled control says why in its tooltip (its ``title``), from the page's state: an answer
+  on its way (Stop is enabled), the model still loading or not available (the model box).
+- The example cards say how long their first words take on this machine: the server writes
+  the texts into a hidden element (:func:`phi3v_app.view.example_times`), copied onto the cards
+  here (Gradio's example cards cannot be re-rendered with new text).
+
+All of it runs again whenever Gradio re-renders (a MutationObserver, once per frame at most),
+and writes only what changed, so it never triggers itself.
+"""
+
+HEAD = """
+<script>
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape") return;
+  const stop = document.querySelector("#stop");
+  if (stop && !stop.disabled) { event.preventDefault(); stop.click(); }
+});
+function showStatus(kind, text) {
+  const status = document.querySelector("#status");
+  if (!status) return;
+  const line = document.createElement("div");
+  line.className = `status ${kind}`;
+  line.setAttribute("role", "status");
+  line.textContent = text;
+  status.replaceChildren(line);
+}
+document.addEventListener("paste", (event) => {
+  if (!event.target.closest || !event.target.closest("#chat-input")) return;
+  const refused = [...(event.clipboardData?.files || [])]
+    .filter((file) => !file.type.startsWith("image/")).map((file) => file.name);
+  if (!refused.length) return;
+  const what = refused.length > 1 ? "are not pictures" : "is not a picture";
+  showStatus("error", `⚠ Not sent: ${refused.join(", ")} ${what}. ` +
+                      "Only pictures (PNG, JPEG, WebP, GIF) can be attached.");
+}, true);
+
+const RENAMED = {"Submit": "Save the edit", "Cancel": "Cancel the edit"};
+function rename(element, name) {
+  if (element.getAttribute("aria-label") !== name) element.setAttribute("aria-label", name);
+}
+function explain(element, why) {
+  const title = element.disabled ? why : "";
+  if ((element.getAttribute("title") || "") !== title) element.setAttribute("title", title);
+}
+// Why the input and the chat's icons are locked: an answer, or the model.
+function whyLocked() {
+  const stop = document.querySelector("#stop");
+  if (stop && !stop.disabled) return "Wait for the answer to finish, or press Stop (Esc)";
+  const model = document.querySelector("#model-panel .model");
+  if (model?.classList.contains("failed"))
+    return "The model is not available: see the message above";
+  if (model && !model.classList.contains("ready"))
+    return "The model is still loading: the chat opens when it is ready";
+  return "Wait for the answer to finish, or press Stop (Esc)";
+}
+function explainControls() {
+  const stop = document.querySelector("#stop");
+  if (stop) explain(stop, "Nothing to stop: no answer is running");
+  const why = whyLocked();
+  for (const control of document.querySelectorAll(
+      "#chat-input textarea, #chat-input button, #chat .message-buttons button"))
+    explain(control, why);
+}
+function nameControls() {
+  const send = document.querySelector("#chat-input button[aria-label='Submit']");
+  if (send) rename(send, "Send");
+  for (const reset of document.querySelectorAll("button[aria-label^='Reset to default']")) {
+    const label = reset.closest(".block")?.querySelector("label, [data-testid='block-info']");
+    if (label) rename(reset, `Reset ${label.textContent.trim()} to its default`);
+  }
+  const chat = document.querySelector("#chat");
+  if (!chat) return;
+  const counts = {question: 0, answer: 0};
+  let role = null, where = null;
+  for (const part of chat.querySelectorAll(".message-row, .message-buttons")) {
+    if (part.classList.contains("message-row")) {
+      const now = part.classList.contains("user-row") ? "question" : "answer";
+      if (now !== role) { role = now; counts[role] += 1; where = `${role} ${counts[role]}`; }
+    }
+    if (!where) continue;
+    for (const box of part.querySelectorAll("textarea")) rename(box, `Edit ${where}`);
+    for (const button of part.querySelectorAll("button")) {
+      button.dataset.phi3vName ??= button.getAttribute("aria-label") || button.innerText.trim();
+      const base = button.dataset.phi3vName;
+      rename(button, `${RENAMED[base] || base} (${where})`);
+    }
+  }
+}
+function showExampleTimes() {
+  const source = document.querySelector("#example-times [data-times]");
+  const times = source ? JSON.parse(source.dataset.times) : [];
+  document.querySelectorAll("#chat button.example").forEach((card, number) => {
+    const text = times[number] || "";
+    let line = card.querySelector(".example-time");
+    if (!text) { line?.remove(); return; }
+    if (!line) {
+      line = document.createElement("span");
+      line.className = "example-time";
+      (card.querySelector(".example-text-content") || card).append(line);
+    }
+    if (line.textContent !== text) line.textContent = text;
+  });
+}
+let updating = false;
+new MutationObserver(() => {
+  if (updating) return;
+  updating = true;
+  requestAnimationFrame(() => {
+    nameControls(); explainControls(); showExampleTimes(); updating = false;
+  });
+}).observe(document.documentElement,
+           {subtree: true, childList: true, characterData: true, attributes: true,
+            attributeFilter: ["aria-label", "disabled", "class", "data-times"]});
+</script>
+"""
