@@ -381,7 +381,10 @@ class Pipeline:
     ) -> tuple[KVCache, np.ndarray | None, int, np.ndarray | None]:
         """The request's cache, its prompt's position keys, how many positions the cache
         already holds, and the last position's logits when it holds them all."""
-        capacity = min(request.max_length + FOLLOW_UP_ROOM, self.config.context_length)
+        room = FOLLOW_UP_ROOM
+        if request.share:  # a warmed example: room for a default answer too, so that its copies
+            room += DEFAULT_MAX_NEW_TOKENS  # keep its layout and are copy-on-write (kv_cache.py)
+        capacity = min(request.max_length + room, self.config.context_length)
         if not self.reuse_prefix:
             return self._new_cache(capacity), None, 0, None
         keys = position_keys(request.input_ids, request.images)

@@ -102,7 +102,9 @@ class PrefixCache:
                     entry.cache.close()  # before allocating the copy, not after
                 # a copy: a sampler may scale its logits in place
                 logits = shared.logits.copy() if from_shared == len(keys) else None
-                return shared.cache.copy(capacity, from_shared), from_shared, logits
+                # The prefix's own room where it suffices: then the copy is copy-on-write.
+                room = shared.cache.capacity if shared.cache.capacity >= needed else capacity
+                return shared.cache.copy(room, from_shared), from_shared, logits
         if not reused:
             if entry:
                 entry.cache.close()  # before allocating the new cache, not after
@@ -124,6 +126,7 @@ class PrefixCache:
         everyone may know (the app's own examples)."""
         if cache.length != len(keys):
             raise ValueError("a shared prefix holds its whole prompt")
+        cache.freeze()
         entry = _Entry(keys.copy(), len(keys), cache, logits.copy())
         self._keep(_Shared(keys.tobytes()), entry)
 

@@ -218,6 +218,25 @@ def test_reserved_kv_room_costs_no_memory_until_used(pipe):
     cache.close()
 
 
+def test_a_shared_prefix_is_read_only_and_its_copies_continue_it_exactly(pipe):
+    hidden = pipe.config.decoder.hidden_size
+    prompt = np.random.default_rng(0).standard_normal((1, 8, hidden)).astype(np.float32)
+    step = np.random.default_rng(1).standard_normal((1, 1, hidden)).astype(np.float32)
+    prefix = KVCache(pipe.config.decoder, 64, True, pipe.config.vocab_size)
+    prefix.run(pipe.sessions.decoder, prompt)
+    copied = prefix.copy(64, 8)  # before freezing: copied byte by byte
+    expected = copied.run(pipe.sessions.decoder, step).copy()
+    prefix.freeze()
+    with pytest.raises(RuntimeError, match="read-only"):
+        prefix.run(pipe.sessions.decoder, step)
+    for _ in range(2):  # a frozen prefix's copies map it copy-on-write; each writes its own
+        view = prefix.copy(64, 8)
+        np.testing.assert_array_equal(view.run(pipe.sessions.decoder, step), expected)
+        assert (view.length, prefix.length) == (9, 8)
+    bigger = prefix.copy(128, 8)  # another layout: copied byte by byte again
+    np.testing.assert_array_equal(bigger.run(pipe.sessions.decoder, step), expected)
+
+
 def test_reserved_room_stays_free_even_inside_a_huge_page():
     # Real Phi-3-V head blocks: 32 heads x 3000 positions x 96 dims, 1.1 MB each, smaller than a
     # 2 MB transparent huge page. Write the first 2000 positions of eight such buffers.

@@ -104,5 +104,5 @@ def test_an_examples_time_is_that_of_a_real_first_token_from_its_warmed_prefix(
     streams = recorded_streams(loader.pipeline, monkeypatch)
     loader.warm_examples(ModelTurns(4), CARDS[:1]).join(LOAD_TIMEOUT_S)
     (timed,) = streams  # asked once, as a click on the card asks it
-    assert timed.reused_tokens == len(timed.input_ids) - 1  # after the warm-up
+    assert timed.reused_tokens == len(timed.input_ids)  # after the warm-up
     assert loader.example_seconds == [timed.timings.time_to_first_token]
