@@ -52,6 +52,7 @@ MARK = "RESULT "
 # A timed process is repeated (up to RETRIES times) when other processes kept more than this
 # share of the CPUs busy while it ran: with 2 threads on 2 cores, any such load distorts it.
 DISTURBED, RETRIES = 0.05, 4
+QUIET_PATIENCE = 600  # seconds to wait for idle CPUs before each timed process
 # The CPU flags that decide which kernels run: matrix tiles, vector widths, dot products.
 FLAGS = {"amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
 FLAGS |= {"avx512_fp16", "avx_vnni"}
@@ -255,6 +256,18 @@ def worker(path: str, name: str, repeats: int, positions: int) -> dict:
     return {"times": times, "others": others}
 
 
+def wait_for_quiet(patience: float = QUIET_PATIENCE) -> None:
+    """Wait (up to ``patience`` seconds) until the CPUs sit idle for a second: a process
+    started outside the benchmark lock would otherwise share the cores with the timed run."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        busy = _cpu_busy()
+        time.sleep(1.0)
+        if (_cpu_busy() - busy) / os.cpu_count() <= DISTURBED:
+            return
+    print("the CPUs did not go quiet; timing anyway (the run records the load)", flush=True)
+
+
 def _cpu_busy() -> float:
     """Seconds every CPU has been busy since boot (/proc/stat), to see other processes' load."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
@@ -272,6 +285,7 @@ def measure(paths: dict, rounds: int, repeats: int, positions: int, launcher: li
             spec = {"path": str(path), "name": name, "repeats": repeats, "positions": positions}
             command = [*launcher, sys.executable, __file__, "--worker", json.dumps(spec)]
             for _attempt in range(RETRIES):  # a run other processes disturbed is repeated
+                wait_for_quiet()
                 out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
                 result = json.loads(out.stdout.split(MARK, 1)[1])
                 others[name].append(result["others"])
