@@ -215,7 +215,7 @@ python -m phi3v.testing /tmp/scale --size real        # ~3 GB, ~15 s; never comm
 python bench/prefill_forms.py --model /tmp/scale
 python bench/bench.py --model /tmp/scale --name scale --runs 3
 python bench/follow_up.py --model /tmp/scale
-python bench/accuracy.py --real /tmp/scale
+python bench/accuracy.py                              # the trained proxies; no model folder
 python bench/report.py
 ```
 
