@@ -158,6 +158,27 @@ def remainders(study: Study) -> list[dict]:
                     **study.ratio(plan),
                 }
             )
+    # The layers nearest the output carry the most error (layers()): every role there instead.
+    last = study.layers()
+    for count, roles_too in ((1, ()), (2, ()), (3, ()), (2, ("attention_out",))):
+        tail = last[-count:]
+
+        def plan(name, tail=tail, roles_too=roles_too):
+            fine = _layer_of(name) in tail or integer_gemm.projection_role(name) in roles_too
+            return Rounding("remainder" if fine else "int8", True, DEFAULT_ROTATION)
+
+        label = f"all of the last {count} layer{'s' if count > 1 else ''}"
+        share = count / len(last) + sum(study.flops_share(r) for r in roles_too) * (
+            1 - count / len(last)
+        )
+        rows.append(
+            {
+                "rotation": DEFAULT_ROTATION,
+                "remainder": "+".join([label, *(ROLE_NAMES[r] for r in roles_too)]),
+                "added_gemm_share": share,
+                **study.ratio(plan),
+            }
+        )
     return rows
 
 
