@@ -1,7 +1,7 @@
 """The page answers everything a visitor does, in a real browser (issue 18, beyond the defects).
 
-Every action has a visible answer: an empty send, an example clicked too early, a Retry with
-nothing to retry and Try again each say something at once, and a disabled control says why in
+Every action has a visible answer: an empty send, an example clicked too early and Try again
+each say something at once, and a disabled control says why in
 its tooltip. The chat downloads as Markdown, the example cards say how long they take on this
 machine (measured), and the status line stays steady while a long prompt is read.
 
@@ -10,7 +10,6 @@ The browser, the server and the helpers are those of ``tests/test_browser.py``.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -60,18 +59,6 @@ def test_enter_on_an_empty_box_says_there_is_nothing_to_send(page):
     prompt(page).press("Enter")
     expect(status(page)).to_contain_text("Nothing to send")
     expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
-
-
-def test_retry_with_no_question_to_retry_says_so(page, tmp_path):
-    saved = tmp_path / "greeting.json"  # a saved chat that starts with an answer
-    saved.write_text(json.dumps([{"role": "assistant", "content": "Hello."}]))
-    with page.expect_file_chooser() as choosing:
-        page.locator("#load").click()
-    choosing.value.set_files(saved)
-    expect(status(page)).to_contain_text("Chat loaded")
-    page.locator("#chat").get_by_role("button", name=re.compile("^Retry")).click()
-    expect(status(page)).to_contain_text("Nothing to retry")
-    expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)
 
 
 def test_an_example_clicked_while_the_model_loads_says_so(browser, loading):
