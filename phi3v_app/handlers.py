@@ -78,22 +78,25 @@ class Handlers:
     # --- the model box ---------------------------------------------------------------------
 
     def refresh(self, request: gr.Request):
-        """The model box, the input's state, the crops default, the poll timer (on until the
-        model is ready and the examples are timed), Try again, the examples' times."""
+        """The model box, the input's state, the crops default, the poll timer, Try again."""
         status = self.loader.status()
         ready, failed = status.phase == "ready", status.phase == "failed"
         free = ready and not self.answers.pending(session_of(request))
-        timing = self.loader.warming_examples
         return (
             view.model_panel(status),
             gr.MultimodalTextbox(
                 interactive=free, placeholder=view.input_placeholder(status.phase)
             ),
             gr.Slider(value=status.num_crops) if ready else gr.Slider(),
-            gr.Timer(active=not (failed or (ready and not timing))),
+            gr.Timer(active=not (ready or failed)),
             gr.Button(visible=failed),
-            view.example_times(self.loader.example_seconds, timing),
         )
+
+    def example_times(self):
+        """What the example cards say about their speed, and their own poll timer (on while
+        the examples are read and timed)."""
+        timing = self.loader.warming_examples
+        return view.example_times(self.loader.example_seconds, timing), gr.Timer(active=timing)
 
     def restart_loading(self):
         """Try again after a failure: the model box says at once that it starts again."""

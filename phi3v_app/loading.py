@@ -17,7 +17,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -135,18 +135,20 @@ class ModelLoader:
         (:meth:`Pipeline.warm`) in a background thread, so that its first answer starts at once;
         then time that first answer.
 
-        The time is measured, not estimated: right after an example is read, it is asked once,
+        The time is measured, not estimated: once every example is read, each is asked once,
         exactly as a click on its card asks it (same prompt, same pictures, the model's default
-        detail, a one-off question that keeps nothing), for one token; the pipeline's time to
-        that first token (preparing the pictures, taking up the warmed cache, reading what is
-        left of the prompt, the first step) goes into :attr:`example_seconds`. What it leaves
-        out is the page's own round trip to the server. One measurement per example and start.
+        detail; a one-off question that keeps nothing), for one token. The pipeline's time to
+        that token (preparing the pictures, taking up the warmed cache, reading what is left of
+        the prompt, the first step) goes into :attr:`example_seconds`. It leaves out the page's
+        own round trip to the server; it is one measurement per example and start, taken after
+        all of them were read, so a card whose warmed cache the memory budget dropped again is
+        timed as a click on it would find it.
 
         Visitors never wait behind it: it takes the model's turn in ``turns`` only while nobody
         holds or waits for it, and gives it up (the example is read again later) as soon as
         someone starts waiting. The examples are public, so what is warmed serves everyone.
-        Call it after :meth:`start`. Returns the thread; it ends once every example is ready,
-        or at once when the model could not be loaded.
+        Call it after :meth:`start`. Returns the thread; it ends once every example is ready and
+        timed, or at once when the model could not be loaded.
         """
         self.example_seconds = [None] * len(examples)
         self._warming = threading.Thread(
@@ -163,32 +165,19 @@ class ModelLoader:
     def _warm(self, turns: ModelTurns, examples: list[Example]) -> None:
         if not self.wait():
             return
-        for number, (text, pictures) in enumerate(examples):
-            while not self._warm_one(turns, number, text, [str(path) for path in pictures]):
-                pass  # a visitor came first; read it again once the model is free
-
-    def _warm_one(self, turns: ModelTurns, number: int, text: str, pictures: list[str]) -> bool:
-        """Read one example and time its first token while nobody wants the model; False when
-        a visitor came first."""
-        while turns.busy:
-            time.sleep(WARM_POLL_SECONDS)
-        # The prompt exactly as the chat sends it when the card is clicked.
-        messages, images = conversation([user_message(text, pictures)])
         pipe = self.pipeline
-        try:
-            with turns.turn():
-                if not _run_until_wanted(pipe.warm(messages, images), turns):
-                    return False
-                first = pipe.stream(messages, images, max_new_tokens=1, remember=False)
-                if not _run_until_wanted(first, turns):
-                    return False
-                self.example_seconds[number] = first.timings.time_to_first_token
-                return True
-        except QueueFull:
-            return False
-        except Exception as err:  # an example that cannot be read is skipped, not retried
-            log.warning("example %r not prepared: %s", text, err)
-            return True
+        # Each prompt exactly as the chat sends it when the card is clicked.
+        prompts = [
+            (text, *conversation([user_message(text, [str(path) for path in pictures])]))
+            for text, pictures in examples
+        ]
+        for text, messages, images in prompts:
+            _when_free(turns, text, pipe.warm, messages, images)
+        for number, (text, messages, images) in enumerate(prompts):
+            one_token = dict(max_new_tokens=1, remember=False)
+            timed = _when_free(turns, text, pipe.stream, messages, images, **one_token)
+            if timed is not None:
+                self.example_seconds[number] = timed.timings.time_to_first_token
 
     def _run(self) -> None:
         try:
@@ -223,6 +212,27 @@ class ModelLoader:
     def _on_conversion(self, progress: Progress) -> None:
         self._conversion = progress
         self._phase = "converting"
+
+
+def _when_free(
+    turns: ModelTurns, text: str, start: Callable[..., Stream], *args, **options
+) -> Stream | None:
+    """Run the stream ``start(*args, **options)`` makes for the example ``text`` to its end
+    while nobody holds or waits for the model, again as often as a visitor comes first; None
+    when the example cannot be read (it is skipped, not retried)."""
+    while True:
+        while turns.busy:
+            time.sleep(WARM_POLL_SECONDS)
+        try:
+            with turns.turn():
+                stream = start(*args, **options)
+                if _run_until_wanted(stream, turns):
+                    return stream
+        except QueueFull:
+            pass
+        except Exception as err:
+            log.warning("example %r not prepared: %s", text, err)
+            return None
 
 
 def _run_until_wanted(stream: Stream, turns: ModelTurns) -> bool:

@@ -119,9 +119,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         # What each example card says about its speed, copied onto the cards by the page
         # script (phi3v_app.page_script).
         example_times = gr.HTML(
-            view.example_times(handlers.loader.example_seconds, handlers.loader.warming_examples),
-            visible="hidden",
-            elem_id="example-times",
+            view.example_times([], warming=False), visible="hidden", elem_id="example-times"
         )
         with gr.Row(elem_id="input-row", equal_height=True):
             chat_input = gr.MultimodalTextbox(
@@ -184,6 +182,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         # server process), saved whenever an answer ends.
         saved = gr.BrowserState([], storage_key="phi3v-chat")
         timer = gr.Timer(1.0, active=start.phase not in ("ready", "failed"))
+        examples_timer = gr.Timer(1.0, active=False)  # on at page load while they are timed
         with gr.Group(visible=False):  # the /chat endpoint's inputs and output
             api_text = gr.Textbox(label="text")
             api_images = gr.File(label="images", file_count="multiple")  # checked in chat()
@@ -233,9 +232,12 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             **control,
         )
 
-        watched = [panel, chat_input, num_crops, timer, load_again, example_times]
+        watched = [panel, chat_input, num_crops, timer, load_again]
         timer.tick(handlers.refresh, None, watched, **control)
         demo.load(handlers.refresh, None, watched, **control)
+        timed = [example_times, examples_timer]
+        examples_timer.tick(handlers.example_times, None, timed, **control)
+        demo.load(handlers.example_times, None, timed, **control)
         demo.load(handlers.restore, [saved, chatbot], chatbot, **control)
         load_again.click(handlers.restart_loading, None, [panel, timer, load_again], **control)
 

@@ -274,6 +274,10 @@ CSS = """
 #chat { height: calc(100dvh - 440px) !important; min-height: 260px; }
 #chat img { max-height: 220px; width: auto; object-fit: contain; }
 #status { min-height: 1.6em; }
+/* The status line and the model box say themselves what is going on: Gradio's own progress
+   overlay (a clock that fades in and out over them at each update) never shows there. */
+#status [data-testid="status-tracker"], #model-panel [data-testid="status-tracker"],
+#example-times [data-testid="status-tracker"] { display: none !important; }
 #status .status { font-size: 0.9em; color: var(--body-text-color-subdued);
                   font-variant-numeric: tabular-nums; overflow-wrap: anywhere; }
 #status .status b { color: var(--body-text-color); }

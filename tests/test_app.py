@@ -30,6 +30,7 @@ from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
 from phi3v_app import cli, view
 from phi3v_app.chat import Answers, check_images, generation_options
+from phi3v_app.handlers import Handlers
 from phi3v_app.history import (
     ERROR_MARK,
     MAX_IMAGES_PER_MESSAGE,
@@ -808,3 +809,11 @@ def test_a_picture_name_with_brackets_cannot_break_the_markdown(tmp_path):
     shutil.copyfile(CHART, picture)
     markdown = to_markdown([user("", str(picture)), bot("A chart.")])
     assert "![odd\\] name\\[.png](data:image/png;base64," in markdown
+
+
+def test_retry_with_no_question_to_retry_says_so_in_the_status_line(tiny_model_dir):
+    """Gradio's page sends no Retry for a chat without a question; a request that does is
+    answered, not ignored."""
+    handlers = Handlers(Answers(ModelLoader(tiny_model_dir), ModelTurns(1)))
+    chat, _, _, status = handlers.retry([bot("Hello.")], None)
+    assert "Nothing to retry" in status

@@ -22,7 +22,6 @@ import pytest
 
 from phi3v.kv_cache import KVCache
 from phi3v_app.loading import ModelLoader
-from phi3v_app.page import EXAMPLES, EXAMPLES_DIR
 from tests.app_helpers import (
     first_launch,
     ready_loader,
@@ -352,22 +351,6 @@ def test_an_example_runs_on_a_click(page):
     expect(prompt(page)).to_be_enabled()
 
 
-def test_the_example_cards_say_how_long_their_first_words_take_here_measured(browser, live):
-    url, app = live
-    cards = [(text, [EXAMPLES_DIR / name for name in names]) for text, names in EXAMPLES]
-    with app.turns.turn():  # another visitor has the model: nothing can be timed yet
-        warming = app.loader.warm_examples(app.turns, cards)
-        page = open_page(browser, url)
-        card = page.locator("#chat button.example")
-        expect(card).to_have_count(len(cards))
-        expect(card.first).to_contain_text("Timing it on this machine…")
-    measured = re.compile(r"First words in [\d.]+ m?s on this machine \(measured\)")
-    for number in range(len(cards)):
-        expect(card.nth(number)).to_contain_text(measured)
-    warming.join()
-    page.close()
-
-
 def test_a_damaged_picture_is_named_at_the_input_and_never_shown_broken(page, tmp_path):
     broken = tmp_path / "holiday.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
@@ -475,24 +458,6 @@ def test_a_downloaded_chat_loads_back_and_goes_on_with_its_picture(page, browser
     expect(status(other)).to_contain_text("Done")
     expect(other.locator("#chat [data-testid='bot']")).to_have_count(2)
     other.close()
-
-
-def test_the_chat_downloads_as_markdown_with_its_picture_inline(page, tmp_path):
-    expect(page.locator("#download-md")).to_be_hidden()  # nothing to download yet
-    set_max_new_tokens(page, "8")
-    ask(page, "Which month had the most rain?", CHART)
-    expect(status(page)).to_contain_text("Done")
-    download_button = page.locator("#download-md")
-    expect(download_button).to_be_enabled()
-    with page.expect_download() as downloading:
-        download_button.click()
-    saved = tmp_path / downloading.value.suggested_filename
-    downloading.value.save_as(saved)
-    assert saved.suffix == ".md"
-    markdown = saved.read_text(encoding="utf-8")
-    assert "Which month had the most rain?" in markdown
-    assert markdown.split("### Phi-3 Vision", 1)[1].strip(), "the answer follows its heading"
-    assert re.search(r"!\[[^\]]*\]\(data:image/png;base64,[A-Za-z0-9+/=]+\)", markdown)
 
 
 def test_the_chat_survives_a_reload(page):
