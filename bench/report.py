@@ -488,7 +488,7 @@ def vision_error_section(attribution: dict, speed: dict | None) -> str:
         f"layer alone is {last['both']:.2f}x, {last['both'] ** 2 / squares:.0%} of the sum of "
         "the layers' squares, the first "
         f"{first['both']:.2f}x ({first['both'] ** 2 / squares:.0%}); the layers add in "
-        f"quadrature too (sqrt of the sum: {squares**0.5:.2f}x).",
+        f"quadrature too (sqrt of the sum: {squares**0.5:.2f}x). {_remainder_note(attribution)}",
         tables.vision_attribution(attribution),
     ]
     if speed:
@@ -528,6 +528,26 @@ def vision_error_section(attribution: dict, speed: dict | None) -> str:
             tables.vision_speed(speed, 1.5, 1.10),
         ]
     return "\n\n".join(text)
+
+
+def _remainder_note(attribution: dict) -> str:
+    """Which remainder placements buy the most error per unit of added GEMM work."""
+    default = attribution["default_rotation"]
+    rows = [r for r in attribution["remainder"] if r["rotation"] == default]
+    if not rows:
+        return ""
+
+    def name(r: dict) -> str:
+        return f"{r['remainder']} (+{r['added_gemm_share']:.0%}) {r['ratio']:.2f}x"
+
+    rows.sort(key=lambda r: (r["added_gemm_share"], r["ratio"]))
+    within = [r for r in rows if round(r["ratio"], 2) <= 1.5]  # as the table shows it
+    cheapest = f"; the least work within 1.5x: {name(within[0])}" if within else ""
+    return (
+        f"With remainder weights (simulated, block {default}), by the share of the GEMM work "
+        "that carries them: "
+        f"{'; '.join(name(r) for r in rows)}{cheapest}."
+    )
 
 
 def accuracy_section(accuracy: dict) -> str:
