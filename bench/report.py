@@ -319,6 +319,10 @@ def optional_sections() -> str:
             "From `bench/results/openvino.md` (the same ONNX files; what did not run says why).",
             tables.openvino_peer(json.loads(peer.read_text())["rows"]),
         ]
+    again = RESULTS / "second_look.md"
+    if again.exists():  # bench/second_look.py: its report, under this document's heading
+        title, body = again.read_text().split("\n", 1)
+        parts += [title.replace("# ", "## ", 1), body.strip()]
     return "\n\n".join(parts)
 
 
