@@ -41,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 import tables
 from onnx import TensorProto
+from provenance import commit
 
 from phi3v import convert, integer_gemm, machine
 from phi3v.config import TOKENIZER, load_config
@@ -105,7 +106,7 @@ def main() -> None:
         work = Path(work)
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(),
+            "commit": commit(),
             "cpu": machine.describe_cpu(),
             "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
             "load_before": os.getloadavg(),
@@ -303,11 +304,6 @@ def _speed_without_amx(args) -> dict:
     command += [str(args.repeats), "--variants", *args.variants]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import tables
+from provenance import commit
 from workers import report_result, run_worker
 
 from phi3v.config import DecoderConfig, load_config
@@ -594,10 +595,7 @@ def versions() -> dict:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             found[package] = None
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    found["phi3v_commit"] = commit.stdout.strip() or None
+    found["phi3v_commit"] = commit()
     return found
 
 

@@ -20,13 +20,13 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import tables
+from provenance import commit
 from workers import report_result, run_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -175,10 +175,9 @@ def main() -> None:
         parser.error("--model is required")
     from phi3v import convert, machine
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit.stdout.strip(),
+        "commit": commit(),
         "cpu": machine.describe_cpu(),
         "command": f"python bench/prefill_profile.py --model {args.model} --runs {args.runs}"
         + (f" --before {args.before}" if args.before else ""),

@@ -26,12 +26,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from provenance import commit
 
 from phi3v import Pipeline
 from phi3v.machine import describe_cpu
@@ -155,16 +155,13 @@ def main() -> None:
 
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     run = measure(args.model, args.precision, scratch)
     run.update(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         command=f"python bench/second_look.py --model {args.model} --precision {args.precision}",
         cpu=describe_cpu(),
-        commit=commit,
+        commit=commit(),
         load_before=load_before,
         load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
         checks=verdicts(run),

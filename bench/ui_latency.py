@@ -20,12 +20,12 @@ import platform
 import shutil
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import playwright.sync_api as sync_api
+from provenance import commit
 
 from phi3v.testing import build_model
 from phi3v_app.cli import create_app, launch
@@ -149,10 +149,9 @@ def main() -> None:
         app.demo.close()
         shutil.rmtree(model, ignore_errors=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": commit.stdout.strip(),
+        "commit": commit(),
         "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
         "command": f"python bench/ui_latency.py --runs {args.runs}",
         "runs": runs,

@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import onnx
 import onnxruntime as ort
 import tables
 from onnx import helper, numpy_helper
+from provenance import commit
 
 from phi3v import convert, integer_gemm, machine
 from phi3v.sessions import SessionSettings, open_session
@@ -72,7 +72,7 @@ def main() -> None:
         study = Study(Path(work))
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(),
+            "commit": commit(),
             "cpu": machine.describe_cpu(),
             "photos": len(study.photos),
             "default_rotation": DEFAULT_ROTATION,
@@ -380,11 +380,6 @@ def _options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = SETTINGS.num_threads
     return options
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":

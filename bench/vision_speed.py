@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import tables
+from provenance import commit
 from workers import report_result, run_worker
 
 from phi3v import convert, integer_gemm, load_config, machine
@@ -73,7 +74,7 @@ def main() -> None:
     candidates = {name: CANDIDATES[name] for name in args.candidates}
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": commit(),
         "cpu": machine.describe_cpu(),
         "command": "python bench/vision_speed.py " + " ".join(sys.argv[1:]),
         "crops": CROPS,
@@ -199,11 +200,6 @@ def _head(result: dict) -> str:
         f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}. Targets: error at most "
         f"{TARGET_ERROR}x exact's, time at most {TARGET_TIME:.2f}x {result['baseline']}."
     )
-
-
-def _commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
