@@ -6,7 +6,8 @@ writes. The README's table sits between ``<!-- bench:start -->`` and ``<!-- benc
     python bench/report.py
 
 Reads ``bench/results/``: ``scale.json`` (bench.py), ``prefill_forms.json``, ``accuracy.json``,
-``follow_up.json`` / ``.md``.
+``follow_up.json`` / ``.md``; where present, ``attention_forms.json`` and the other
+optional sections' files.
 """
 
 from __future__ import annotations
