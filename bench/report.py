@@ -6,7 +6,8 @@ writes. The README's table sits between ``<!-- bench:start -->`` and ``<!-- benc
     python bench/report.py
 
 Reads ``bench/results/``: ``scale.json`` (bench.py), ``prefill_forms.json``, ``accuracy.json``,
-``follow_up.json`` / ``.md``.
+``follow_up.json`` / ``.md``; where present, ``attention_forms.json`` and the other
+optional sections' files.
 """
 
 from __future__ import annotations
@@ -413,7 +414,9 @@ def attention_section(report: dict) -> str:
         "From `bench/results/attention_forms.md`: issue 16 asks for prefill attention at no more "
         "than 25 % of prefill time (the profile above: about half). Each form below is one "
         "layer's attention over the photo's prompt, as a small ONNX graph timed in its own "
-        "process; its error is against float64.",
+        "process; its error is the attention output's against float64 (no form is wired into a "
+        "decoder here, so there is no KL/top-1 on the trained proxy: its real Q/K/V are used "
+        "for the tensor error only).",
         FORM_MEANINGS,
         tables.attention_header(report),
         tables.attention_table(report),
@@ -451,7 +454,10 @@ def attention_section(report: dict) -> str:
             f"{bf16['total_s']:.1f} s ({bf16['share']:.0%}, {against(bf16['share'])}; the "
             "products at half the int8 rate the projections reach, "
             f"{report['estimates']['int8_tops_projections']:.1f} int8 TOPS, the softmax at the "
-            "plain-ops rate). Two ways to get one: an onnxruntime contribution "
+            "plain-ops rate). Both are at this benchmark's isolated rates; inside the profiled "
+            f"prefill GroupQueryAttention took {goal['attention_s'] * 1000 / 32 / gqa:.1f}x its "
+            "isolated time, and a new kernel may lose as much there. Two ways to get one: an "
+            "onnxruntime contribution "
             "(GroupQueryAttention's tiled path with key blocks that follow the diagonal, and "
             "bf16 tiles on AMX), which every user of the released model would get; or a custom "
             "operator library of our own (C++, loaded with "
