@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import tables
+from provenance import commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, HEAD = 32, 96  # Phi-3-mini: 32 query heads of 96, as many key/value heads
@@ -392,13 +393,12 @@ def versions() -> dict:
     import onnx
     import onnxruntime as ort
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {
         "onnxruntime": ort.__version__,
         "onnx": onnx.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
-        "phi3v_commit": commit.stdout.strip() or "unknown",
+        "phi3v_commit": commit(),
     }
 
 
