@@ -1,9 +1,9 @@
 """The page answers everything a visitor does, in a real browser (issue 18, beyond the defects).
 
 Every action has a visible answer: an empty send, an example clicked too early and Try again
-each say something at once, and a disabled control says why in
-its tooltip. The chat downloads as Markdown, the example cards say how long they take on this
-machine (measured), and the status line stays steady while a long prompt is read.
+each say something at once, and a disabled control says why in its tooltip. The chat downloads
+as Markdown, the example cards say how long they take on this machine (measured), and the
+status line stays steady while a long prompt is read (defect 6's clock).
 
 The browser, the server and the helpers are those of ``tests/test_browser.py``.
 """
