@@ -61,6 +61,21 @@ def test_enter_on_an_empty_box_says_there_is_nothing_to_send(page):
     expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
 
 
+def test_the_status_line_still_follows_the_answer_after_a_refused_paste(page):
+    prompt(page).evaluate(
+        """box => {
+          const files = new DataTransfer();
+          files.items.add(new File(["hello"], "notes.txt", {type: "text/plain"}));
+          box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files, bubbles: true}));
+        }"""
+    )
+    expect(status(page)).to_contain_text("notes.txt is not a picture")
+    set_max_new_tokens(page, "8")
+    ask(page, "Hello?")
+    expect(status(page)).to_contain_text("Done")
+    expect(status(page)).not_to_contain_text("notes.txt")
+
+
 def test_an_example_clicked_while_the_model_loads_says_so(browser, loading):
     page = open_page(browser, loading)
     page.locator("#chat button.example").first.click()
