@@ -294,7 +294,7 @@ CSS = """
 }
 @keyframes phi3v-spin { to { transform: rotate(360deg); } }
 #chat .example-time { display: block; margin-top: 4px; font-size: 0.85em;
-                      color: var(--body-text-color-subdued); }
+                      color: var(--body-text-color); opacity: 0.8; }
 #input-row { align-items: stretch; flex-wrap: nowrap; gap: 8px; }
 #input-row > * { min-width: 0; }
 #stop { align-self: stretch; max-height: 64px; transition: none; }  /* its state, at once */

@@ -27,6 +27,7 @@ from tests.test_browser import (
     expect,
     open_page,
     prompt,
+    save_screenshot,
     set_max_new_tokens,
     status,
 )
@@ -166,6 +167,7 @@ def test_the_example_cards_say_how_long_their_first_words_take_here_measured(bro
     for number in range(len(cards)):
         expect(card.nth(number)).to_contain_text(measured)
     warming.join()
+    save_screenshot(page, "examples.png")
     page.close()
 
 
