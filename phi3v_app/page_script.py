@@ -2,7 +2,7 @@
 
 - Esc stops the answer (as in other chat apps); the Stop button does the work.
 - A pasted file that is not a picture would vanish without a word (Gradio drops it; a dropped
-  one gets a toast): the status line says so instead.
+  one gets a toast): the status line says so instead, until the server writes it next.
 - Every control gets a unique name a screen reader can say: Gradio's are the same for every
   message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
   sliders and an unnamed edit box.
@@ -23,14 +23,23 @@ document.addEventListener("keydown", (event) => {
   const stop = document.querySelector("#stop");
   if (stop && !stop.disabled) { event.preventDefault(); stop.click(); }
 });
+// A note of the page's own in the status line. Gradio's nodes stay (replaced, the line would
+// never update again): the note hides them until Gradio writes the line next.
 function showStatus(kind, text) {
-  const status = document.querySelector("#status");
-  if (!status) return;
-  const line = document.createElement("div");
-  line.className = `status ${kind}`;
-  line.setAttribute("role", "status");
-  line.textContent = text;
-  status.replaceChildren(line);
+  const block = document.querySelector("#status");
+  const line = block?.querySelector(".html-container");
+  if (!line) return;
+  block.querySelector(".page-note")?.remove();
+  const note = document.createElement("div");
+  note.className = `status ${kind} page-note`;
+  note.setAttribute("role", "status");
+  note.textContent = text;
+  block.append(note);
+  block.classList.add("noted");
+  const gone = new MutationObserver(() => {
+    gone.disconnect(); note.remove(); block.classList.remove("noted");
+  });
+  gone.observe(line, {subtree: true, childList: true, characterData: true});
 }
 document.addEventListener("paste", (event) => {
   if (!event.target.closest || !event.target.closest("#chat-input")) return;

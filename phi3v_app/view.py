@@ -274,6 +274,7 @@ CSS = """
 #chat { height: calc(100dvh - 440px) !important; min-height: 260px; }
 #chat img { max-height: 220px; width: auto; object-fit: contain; }
 #status { min-height: 1.6em; }
+#status.noted > :not(.page-note) { display: none; }  /* the page script's own note shows */
 /* The status line and the model box say themselves what is going on: Gradio's own progress
    overlay (a clock that fades in and out over them at each update) never shows there. */
 #status [data-testid="status-tracker"], #model-panel [data-testid="status-tracker"],
@@ -293,7 +294,7 @@ CSS = """
 }
 @keyframes phi3v-spin { to { transform: rotate(360deg); } }
 #chat .example-time { display: block; margin-top: 4px; font-size: 0.85em;
-                      color: var(--body-text-color-subdued); }
+                      color: var(--body-text-color); opacity: 0.8; }
 #input-row { align-items: stretch; flex-wrap: nowrap; gap: 8px; }
 #input-row > * { min-width: 0; }
 #stop { align-self: stretch; max-height: 64px; transition: none; }  /* its state, at once */

@@ -1,9 +1,10 @@
 """The app in a real browser: Debian's headless Chromium, driven by Playwright for Python.
 
 Each test is one thing a visitor does (the cases of issue 10). Screenshots of the desktop and
-phone layouts go to test-artifacts/; to refresh the ones in docs/ as well:
+phone layouts (and, from tests/test_browser_answers.py, of the example cards) go to
+test-artifacts/; to refresh the ones in docs/ as well:
 
-    PHI3V_UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py
+    PHI3V_UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py tests/test_browser_answers.py
 """
 
 from __future__ import annotations

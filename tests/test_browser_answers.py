@@ -1,9 +1,9 @@
 """The page answers everything a visitor does, in a real browser (issue 18, beyond the defects).
 
 Every action has a visible answer: an empty send, an example clicked too early and Try again
-each say something at once, and a disabled control says why in
-its tooltip. The chat downloads as Markdown, the example cards say how long they take on this
-machine (measured), and the status line stays steady while a long prompt is read.
+each say something at once, and a disabled control says why in its tooltip. The chat downloads
+as Markdown, the example cards say how long they take on this machine (measured), and the
+status line stays steady while a long prompt is read (defect 6's clock).
 
 The browser, the server and the helpers are those of ``tests/test_browser.py``.
 """
@@ -27,6 +27,7 @@ from tests.test_browser import (
     expect,
     open_page,
     prompt,
+    save_screenshot,
     set_max_new_tokens,
     status,
 )
@@ -59,6 +60,21 @@ def test_enter_on_an_empty_box_says_there_is_nothing_to_send(page):
     prompt(page).press("Enter")
     expect(status(page)).to_contain_text("Nothing to send")
     expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
+
+
+def test_the_status_line_still_follows_the_answer_after_a_refused_paste(page):
+    prompt(page).evaluate(
+        """box => {
+          const files = new DataTransfer();
+          files.items.add(new File(["hello"], "notes.txt", {type: "text/plain"}));
+          box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files, bubbles: true}));
+        }"""
+    )
+    expect(status(page)).to_contain_text("notes.txt is not a picture")
+    set_max_new_tokens(page, "8")
+    ask(page, "Hello?")
+    expect(status(page)).to_contain_text("Done")
+    expect(status(page)).not_to_contain_text("notes.txt")
 
 
 def test_an_example_clicked_while_the_model_loads_says_so(browser, loading):
@@ -151,6 +167,7 @@ def test_the_example_cards_say_how_long_their_first_words_take_here_measured(bro
     for number in range(len(cards)):
         expect(card.nth(number)).to_contain_text(measured)
     warming.join()
+    save_screenshot(page, "examples.png")
     page.close()
 
 
