@@ -109,6 +109,20 @@ def answer_text(page) -> str:
     return answers.last.inner_text() if answers.count() else ""
 
 
+def download_one_answer(page, button: str, tmp_path: Path) -> Path:
+    """Ask one short question about the chart, then save what ``button`` downloads."""
+    set_max_new_tokens(page, "8")
+    ask(page, "Which month had the most rain?", CHART)
+    expect(status(page)).to_contain_text("Done")
+    download_button = page.locator(button)
+    expect(download_button).to_be_enabled()
+    with page.expect_download() as downloading:
+        download_button.click()
+    saved = tmp_path / downloading.value.suggested_filename
+    downloading.value.save_as(saved)
+    return saved
+
+
 def set_max_new_tokens(page, value: str) -> None:
     page.get_by_role("button", name="Parameters").click()
     field = page.locator("input[aria-label='number input for Max new tokens']")
@@ -399,7 +413,8 @@ def test_a_file_that_is_not_a_picture_is_refused_at_the_input_before_sending(pag
     expect(page.locator("#chat [data-testid='user']")).to_have_count(0)  # nothing was sent
 
 
-def test_a_pasted_file_that_is_not_a_picture_is_named_not_ignored(page):
+def paste_text_file(page) -> None:
+    """Paste a file "notes.txt" (text, not a picture) into the message box."""
     prompt(page).evaluate(
         """box => {
           const files = new DataTransfer();
@@ -407,6 +422,10 @@ def test_a_pasted_file_that_is_not_a_picture_is_named_not_ignored(page):
           box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files, bubbles: true}));
         }"""
     )
+
+
+def test_a_pasted_file_that_is_not_a_picture_is_named_not_ignored(page):
+    paste_text_file(page)
     expect(status(page)).to_contain_text("notes.txt is not a picture")
 
 
@@ -434,15 +453,7 @@ def test_a_long_paste_stays_text_and_over_the_limit_is_told_in_the_chat(
 
 
 def test_a_downloaded_chat_loads_back_and_goes_on_with_its_picture(page, browser, live, tmp_path):
-    set_max_new_tokens(page, "8")
-    ask(page, "Which month had the most rain?", CHART)
-    expect(status(page)).to_contain_text("Done")
-    download_button = page.locator("#download")
-    expect(download_button).to_be_enabled()
-    with page.expect_download() as downloading:
-        download_button.click()
-    saved = tmp_path / downloading.value.suggested_filename
-    downloading.value.save_as(saved)
+    saved = download_one_answer(page, "#download", tmp_path)
     assert saved.suffix == ".json"
     messages = json.loads(Path(saved).read_text())
     assert [m["role"] for m in messages] == ["user", "assistant"]

@@ -22,10 +22,11 @@ from phi3v_app.page import EXAMPLES, EXAMPLES_DIR
 from tests import test_browser as shared
 from tests.app_helpers import serve
 from tests.test_browser import (
-    CHART,
     ask,
+    download_one_answer,
     expect,
     open_page,
+    paste_text_file,
     prompt,
     save_screenshot,
     set_max_new_tokens,
@@ -63,13 +64,7 @@ def test_enter_on_an_empty_box_says_there_is_nothing_to_send(page):
 
 
 def test_the_status_line_still_follows_the_answer_after_a_refused_paste(page):
-    prompt(page).evaluate(
-        """box => {
-          const files = new DataTransfer();
-          files.items.add(new File(["hello"], "notes.txt", {type: "text/plain"}));
-          box.dispatchEvent(new ClipboardEvent("paste", {clipboardData: files, bubbles: true}));
-        }"""
-    )
+    paste_text_file(page)
     expect(status(page)).to_contain_text("notes.txt is not a picture")
     set_max_new_tokens(page, "8")
     ask(page, "Hello?")
@@ -138,15 +133,7 @@ def test_try_again_after_a_failed_load_says_at_once_that_it_loads_again(
 
 def test_the_chat_downloads_as_markdown_with_its_picture_inline(page, tmp_path):
     expect(page.locator("#download-md")).to_be_hidden()  # nothing to download yet
-    set_max_new_tokens(page, "8")
-    ask(page, "Which month had the most rain?", CHART)
-    expect(status(page)).to_contain_text("Done")
-    download_button = page.locator("#download-md")
-    expect(download_button).to_be_enabled()
-    with page.expect_download() as downloading:
-        download_button.click()
-    saved = tmp_path / downloading.value.suggested_filename
-    downloading.value.save_as(saved)
+    saved = download_one_answer(page, "#download-md", tmp_path)
     assert saved.suffix == ".md"
     markdown = saved.read_text(encoding="utf-8")
     assert "Which month had the most rain?" in markdown
