@@ -71,6 +71,9 @@ VARIANTS = {
     "int4 attention_in, mlp_out": N(keep_int4=("attention_in", "mlp_out")),
     "hadamard 64, int4 mlp_out": N(rotation=64, keep_int4=("mlp_out",)),
     "hadamard 128, per group 32": N(rotation=128, group=32),
+    "hadamard 32, remainder qkv+out": N(
+        rotation=32, fine_weights=("attention_in", "attention_out")
+    ),
 }
 # One real decoder layer's projections (Phi-3-mini: hidden 3072, MLP 8192), K -> N.
 LAYER = {

@@ -63,11 +63,17 @@ class FastNumerics:
     decoder: Numerics = field(default_factory=Numerics)
 
 
-# Chosen on the trained proxies (docs/PERFORMANCE.md, "Accuracy of the fast precision"): one
-# scale per row had 5x exact's KL on the decoder proxy and 4x its feature error on the vision
-# proxy; a Hadamard rotation of 64 brings the decoder to 1.3x. The rotation's cost grows with its
-# block, and on the vision proxy 32 is within 5 % of 128's error at a quarter of the cost.
-DEFAULT_NUMERICS = FastNumerics(vision=Numerics(rotation=32), decoder=Numerics(rotation=64))
+# Chosen on the trained proxies (docs/PERFORMANCE.md, "Accuracy of the fast precision" and "Where
+# the fast vision error comes from"): one scale per row had 5x exact's KL on the decoder proxy and
+# 4x its feature error on the vision proxy; a Hadamard rotation of 64 brings the decoder to 1.3x.
+# On the vision proxy a rotation of 32 is within 5 % of 128's error at a quarter of the cost, but
+# leaves 1.9x: half of it is the int8 weights themselves, so the attention projections (a third
+# of the vision GEMM work) carry an int8 remainder weight, which brings it to about 1.5x for
+# about 1.14x the vision time (+5 % on a photo's first answer).
+DEFAULT_NUMERICS = FastNumerics(
+    vision=Numerics(rotation=32, fine_weights=("attention_in", "attention_out")),
+    decoder=Numerics(rotation=64),
+)
 
 
 @dataclass(frozen=True)

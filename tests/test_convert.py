@@ -365,19 +365,29 @@ def test_a_remainder_weight_brings_a_projection_closer_to_fp32_activations(tmp_p
     assert errors["remainder"] < errors["int8"]
 
 
-def test_the_default_copies_carry_no_remainder_and_keep_their_cache_key(model):
-    assert all(
-        not n.fine_weights
-        for n in (convert.DEFAULT_NUMERICS.vision, convert.DEFAULT_NUMERICS.decoder)
-    )
+def gemms_by_role(path) -> dict[str, int]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    by_role: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "MatMulIntegerToFloat":
+            role = integer_gemm.projection_role(node.name)
+            by_role[role] = by_role.get(role, 0) + 1
+    return by_role
+
+
+def test_the_default_copies_carry_remainders_on_the_vision_attention_only(model):
     fast = convert.fast_models(load_config(model))
-    for path in (fast.vision, fast.decoder):
-        graph = onnx.load(str(path), load_external_data=False).graph
-        gemms = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
-        assert gemms and len(gemms) == len({n.name.rsplit("/", 1)[0] for n in gemms})
-        assert not [t for t in graph.initializer if "remainder" in t.name]
-    # The option left out of the key while at its default: copies made before it are reused.
-    assert "fine_weights" not in convert._numerics_key(convert.DEFAULT_NUMERICS)
+    vision, decoder = gemms_by_role(fast.vision), gemms_by_role(fast.decoder)
+    layers = vision["mlp_in"]  # one GEMM per layer: no remainder on the MLP
+    assert vision["attention_in"] == vision["attention_out"] == 2 * layers
+    assert vision["mlp_out"] == layers
+    assert set(decoder.values()) == {decoder["mlp_in"]}  # the decoder: one GEMM per projection
+
+
+def test_numerics_without_remainders_keep_the_cache_key_they_had_before_the_option():
+    plain = convert.FastNumerics(integer_gemm.Numerics(rotation=32), integer_gemm.Numerics(64))
+    assert "fine_weights" not in convert._numerics_key(plain)
+    assert "fine_weights" in convert._numerics_key(convert.DEFAULT_NUMERICS)
 
 
 def test_remainder_projections_run_two_gemms_on_one_quantized_input(model):
@@ -385,12 +395,7 @@ def test_remainder_projections_run_two_gemms_on_one_quantized_input(model):
     fast = convert.fast_models(
         load_config(model), numerics=convert.FastNumerics(numerics, numerics)
     )
-    graph = onnx.load(str(fast.vision), load_external_data=False).graph
-    by_role: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type == "MatMulIntegerToFloat":
-            role = integer_gemm.projection_role(node.name)
-            by_role[role] = by_role.get(role, 0) + 1
+    by_role = gemms_by_role(fast.vision)
     assert by_role["mlp_out"] == 2 * by_role["mlp_in"]
 
 
