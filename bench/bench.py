@@ -204,6 +204,10 @@ def prepare_fast(model: Path) -> dict:
         "conversion_s": round(converted - started, 1),
         "check_s": check.seconds if check else None,
         "check": check.to_json() if check else None,
+        "numerics": {
+            "vision": convert.DEFAULT_NUMERICS.vision.describe(),
+            "decoder": convert.DEFAULT_NUMERICS.decoder.describe(),
+        },
     }
 
 

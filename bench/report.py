@@ -21,7 +21,7 @@ from pathlib import Path
 import tables
 from studies import attention_section, vision_error_section
 
-from phi3v import convert
+from phi3v import convert, integer_gemm
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -319,6 +319,7 @@ def optional_sections() -> str:
             vision_error_section(
                 json.loads(attribution.read_text()),
                 json.loads(speed.read_text()) if speed.exists() else None,
+                json.loads(amx.read_text()) if amx.exists() else None,
             ),
         ]
     peer = RESULTS / "openvino.json"
@@ -367,10 +368,13 @@ app's status line and in `/v1/models`."""
 
 def chosen_variant(accuracy: dict, model: str) -> str:
     """The name under which the results hold the numerics the converter uses for ``model``."""
-    chosen = asdict(getattr(convert.DEFAULT_NUMERICS, model))
-    chosen["keep_int4"] = list(chosen["keep_int4"])
+    def plain(numerics: dict) -> dict:  # as JSON holds it: lists, not tuples
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in numerics.items()}
+
+    chosen = plain(asdict(getattr(convert.DEFAULT_NUMERICS, model)))
+    defaults = plain(asdict(integer_gemm.Numerics()))
     for name, numerics in accuracy["decoder"]["numerics"].items():
-        if {**chosen, **numerics} == chosen:  # results made before an option existed lack it
+        if {**defaults, **numerics} == chosen:  # results made before an option existed lack it
             return name
     raise SystemExit(f"bench/results/accuracy.json has no row for the {model}'s numerics: rerun it")
 
