@@ -355,8 +355,9 @@ answer position; "layer ms" is one real-size decoder layer's four projections at
 
 The copies use **{chosen.decoder.describe()}** for the decoder and **{chosen.vision.describe()}**
 for the vision model (`DEFAULT_NUMERICS` in `phi3v/convert.py`), the decoder's chosen on the tuning
-texts (the held-out texts were not looked at while choosing), the vision model's on all 11 photos:
-the vision proxy has no held-out set, so its figure is the one it was chosen on.
+texts (the held-out texts were not looked at while choosing), the vision model's on all
+{len(accuracy["vision"]["photos"])} photos: the vision proxy has no held-out set, so its figure is
+the one it was chosen on.
 
 What this cannot show: the proxies are small (135M parameters, 30 layers of width 576; ViT-S) and
 trained differently from Phi-3-vision (3.8B, width 3072), whose outliers may be larger or sit
@@ -369,6 +370,7 @@ app's status line and in `/v1/models`."""
 
 def chosen_variant(accuracy: dict, model: str) -> str:
     """The name under which the results hold the numerics the converter uses for ``model``."""
+
     def plain(numerics: dict) -> dict:  # as JSON holds it: lists, not tuples
         return {k: list(v) if isinstance(v, tuple) else v for k, v in numerics.items()}
 
