@@ -424,10 +424,12 @@ def token_equality(runs: list[dict]) -> dict:
         phi3v_ids = by_config.get("phi3v", set())
         fast_ids = by_config.get("phi3v-fast", set())
         report[case] = {
-            "genai_deterministic": len(genai_ids) == 1,
+            "genai_deterministic": len(genai_ids) == 1 if genai_ids else None,
             # None where phi3v exact did not run (a fast-only run compares nothing here)
             "phi3v_deterministic": len(phi3v_ids) == 1 if phi3v_ids else None,
-            "phi3v_equals_genai": len(genai_ids | phi3v_ids) == 1 if phi3v_ids else None,
+            "phi3v_equals_genai": len(genai_ids | phi3v_ids) == 1
+            if phi3v_ids and genai_ids
+            else None,
             "tokens": {c: [list(t) for t in ids] for c, ids in by_config.items()},
         }
         if fast_ids and phi3v_ids:
@@ -569,11 +571,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one timed run
     parser.add_argument("--tokenize", help=argparse.SUPPRESS)  # internal: genai's input ids
+    parser.add_argument("--prepare-fast", help=argparse.SUPPRESS)  # internal: the fast copies
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
     if args.tokenize:
         return tokenize_main(json.loads(args.tokenize))
+    if args.prepare_fast:
+        return print("RESULT " + json.dumps(prepare_fast(Path(args.prepare_fast))))
     if args.model is None:
         parser.error("--model is required")
     cases = [c for c in args.cases.split(",") if c]
@@ -605,7 +610,9 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
         }
         fast_setup = None
         if "phi3v-fast" in configs:  # made and checked once per folder, before any timed run
-            fast_setup = prepare_fast(model)
+            # In a child: a worker forked from a parent that had held the copies would inherit
+            # its resident size in ru_maxrss (Linux keeps the high-water mark across exec).
+            fast_setup, _ = run_process(["--prepare-fast", str(model)])
             print(f"  fast copies ready: {fast_setup}", flush=True)
         ids, _ = run_process(
             ["--tokenize", json.dumps({"model": str(model), "cases": cases, "image": str(image)})]
