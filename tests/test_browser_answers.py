@@ -47,6 +47,13 @@ DISABLED_JS = """() => [...document.querySelectorAll('button, textarea')]
                      control.tagName, control.title])"""
 
 
+def disabled_controls(page) -> dict[str, str]:
+    """Each visible disabled control's name and tooltip, once the page script has caught up
+    with the last render (it explains controls on the next animation frame after a change)."""
+    page.wait_for_function(f"() => ({DISABLED_JS})().every(([name, why]) => why)")
+    return dict(page.evaluate(DISABLED_JS))
+
+
 @pytest.fixture(scope="module")
 def loading(tiny_model_dir):
     """A server whose model is still loading (its loader is never started)."""
@@ -83,7 +90,7 @@ def test_an_example_clicked_while_the_model_loads_says_so(browser, loading):
 def test_while_the_model_loads_every_disabled_control_says_why(browser, loading):
     page = open_page(browser, loading)
     expect(prompt(page)).to_have_attribute("title", re.compile("still loading"))
-    disabled = dict(page.evaluate(DISABLED_JS))
+    disabled = disabled_controls(page)
     assert "Send" in disabled and "Stop" in disabled, disabled
     assert all(disabled.values()), f"a disabled control without a reason: {disabled}"
     page.close()
@@ -96,7 +103,7 @@ def test_while_an_answer_runs_every_disabled_control_says_why(page):
     expect(page.locator("#chat-input button[aria-label='Send']")).to_have_attribute(
         "title", re.compile("press Stop")
     )
-    disabled = dict(page.evaluate(DISABLED_JS))
+    disabled = disabled_controls(page)
     assert "Send" in disabled, disabled
     assert all("press Stop" in why for why in disabled.values()), disabled
     page.keyboard.press("Escape")
