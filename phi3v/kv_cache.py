@@ -42,10 +42,16 @@ def lazy_buffer(shape: tuple[int, ...]) -> np.ndarray:
     pages declined is what onnxruntime's own allocations get.
     """
     count = math.prod(shape)
-    memory = mmap.mmap(-1, max(count * 4, 1))  # anonymous, zero pages until written
+    memory = _small_pages(mmap.mmap(-1, max(count * 4, 1)))  # anonymous, zero until written
+    return np.frombuffer(memory, dtype=np.float32, count=count).reshape(shape)
+
+
+def _small_pages(memory: mmap.mmap) -> mmap.mmap:
+    """``memory`` with transparent huge pages declined (see :func:`lazy_buffer`), where the
+    system has them: a memory file's pages too, where the kernel lets shared memory use them."""
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype=np.float32, count=count).reshape(shape)
+    return memory
 
 
 class _MemoryFile:
@@ -61,9 +67,8 @@ class _MemoryFile:
 
     def buffers(self, private: bool) -> list[np.ndarray]:
         """The buffers, mapped shared (the file's writer) or private (a copy-on-write copy)."""
-        memory = mmap.mmap(
-            self.fd, self.size, flags=mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
-        )
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        memory = _small_pages(mmap.mmap(self.fd, self.size, flags=flags))
         per = math.prod(self.shape)
         flat = np.frombuffer(memory, dtype=np.float32, count=self.count * per)
         return [flat[i * per : (i + 1) * per].reshape(self.shape) for i in range(self.count)]

@@ -60,8 +60,14 @@ def status_line(kind: str, headline: str, *details: str) -> str:
     kind: "busy" (animated), "live", "done", "stopped", "error" or "note" (an action that
     cannot be done now, and why).
     """
-    icons = {"busy": "", "live": "●", "done": "✓", "stopped": "■", "error": ERROR_MARK}
-    icons["note"] = "ℹ"
+    icons = {
+        "busy": "",
+        "live": "●",
+        "done": "✓",
+        "stopped": "■",
+        "error": ERROR_MARK,
+        "note": "ℹ",
+    }
     parts = [f"<b>{html.escape(headline)}</b>", *(html.escape(d) for d in details)]
     return (
         f'<div class="status {kind}" role="status"><span class="icon" aria-hidden="true">'
