@@ -44,10 +44,16 @@ from onnx import TensorProto, helper, numpy_helper
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, first_line
 from phi3v.files import sha256_file
-from phi3v.integer_gemm import GemmBuilder, Numerics, constants, projection_role
+from phi3v.integer_gemm import (
+    GemmBuilder,
+    Numerics,
+    SplitOutputs,
+    constants,
+    projection_role,
+)
 from phi3v.results import Progress
 
-CONVERTER_VERSION = 4  # bump when the rewrite changes: every cached copy is then rebuilt
+CONVERTER_VERSION = 5  # bump when the rewrite changes: every cached copy is then rebuilt
 CACHE_FOLDER = ".phi3v-cache"
 CACHE_ENV = "PHI3V_CACHE_DIR"
 MANIFEST = "manifest.json"
@@ -157,10 +163,13 @@ def convert_model(
     last_position_output: str | None = None,
     progress: Callable[[Progress], None] | None = None,
     what: str = "model",
+    fold_splits: bool = True,
 ) -> None:
     """Write ``source`` with its MatMulNBits as integer GEMMs to ``target`` (+ ``.data``).
 
     With ``last_position_output`` (the decoder's logits) the LM head sees only the last position.
+    ``fold_splits=False`` keeps each Split of a projection's output (for the test that folding
+    them changes no number).
     """
     report = progress or (lambda _: None)
     model = _load_graph(source)
@@ -174,14 +183,24 @@ def convert_model(
     builder = GemmBuilder(opset)
     nodes: list[onnx.NodeProto] = []
     converted = {id(node) for node in targets}
+    foldable = fold_splits and not numerics.group
+    splits = _foldable_splits(graph, targets, initializers, reader) if foldable else {}
+    folded = {split.name or split.output[0] for split, _ in splits.values()}
+    done = 0
     for node in old_nodes:
+        if node.op_type == "Split" and (node.name or node.output[0]) in folded:
+            continue
         if id(node) not in converted:
             nodes.append(node)
             continue
-        report(Progress(f"converting the {what} model", len(builder.weights) // 2, len(targets)))
-        nodes += builder.integer_gemm(node, _dequantize(node, initializers, reader), numerics)
+        report(Progress(f"converting the {what} model", done, len(targets)))
+        done += 1
+        split = splits.get(id(node), (None, None))[1]
+        weights = _dequantize(node, initializers, reader)
+        nodes += builder.integer_gemm(node, weights, numerics, split)
     report(Progress(f"converting the {what} model", len(targets), len(targets)))
     replaced = {name for node in targets for name in node.input[1:4]}
+    replaced |= {node.input[5] for node in targets if id(node) in splits and _bias(node)}
     kept = [_copy(t) for t in graph.initializer if t.name not in replaced]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -203,6 +222,60 @@ def int4_weights(source: Path) -> dict[str, np.ndarray]:
         for node in model.graph.node
         if node.op_type == "MatMulNBits"
     }
+
+
+def _foldable_splits(
+    graph: onnx.GraphProto,
+    targets: list[onnx.NodeProto],
+    initializers: dict[str, TensorProto],
+    reader: _TensorReader,
+) -> dict[int, tuple[onnx.NodeProto, SplitOutputs]]:
+    """The converted projections whose output only a ``Split`` along the last axis reads (the
+    decoder's gate/up, the vision encoder's q/k/v), by ``id`` of the projection: each gets a
+    GEMM per part, so the Split and its copy go away."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    elsewhere = {out.name for out in graph.output} | _subgraph_inputs(graph)
+    found = {}
+    for node in targets:
+        output = node.output[0]
+        (split, *others) = readers.get(output, [None])
+        if others or output in elsewhere or split is None or split.op_type != "Split":
+            continue
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        sizes = _split_sizes(split, initializers, reader)
+        if axis != -1 or sizes is None or len(sizes) != len(split.output):
+            continue
+        bias = reader.array(initializers[_bias(node)]) if _bias(node) else None
+        found[id(node)] = split, SplitOutputs(tuple(split.output), tuple(sizes), bias)
+    return found
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Every name the subgraphs (Loop or If bodies) of ``graph``'s nodes read, at any depth."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                names |= {name for inner in body.node for name in inner.input}
+                names |= _subgraph_inputs(body)
+    return names
+
+
+def _split_sizes(split, initializers, reader) -> list[int] | None:
+    """A Split's sizes where they are constant (an initializer input, or the opset < 13
+    attribute), else ``None``."""
+    if len(split.input) > 1 and split.input[1] in initializers:
+        return [int(v) for v in reader.array(initializers[split.input[1]])]
+    attribute = next((a for a in split.attribute if a.name == "split"), None)
+    return list(attribute.ints) if attribute is not None else None
+
+
+def _bias(node: onnx.NodeProto) -> str | None:
+    """A MatMulNBits' bias input, if it has one."""
+    return node.input[5] if len(node.input) > 5 and node.input[5] else None
 
 
 def _converts(node: onnx.NodeProto, head: str | None, numerics: Numerics) -> bool:

@@ -44,6 +44,16 @@ ROLES = {
 
 
 @dataclass(frozen=True)
+class SplitOutputs:
+    """A ``Split`` along the last axis that alone reads a projection's output: its outputs, their
+    widths, and the projection's bias values (``None`` when it has no bias)."""
+
+    names: tuple[str, ...]
+    widths: tuple[int, ...]
+    bias: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class Numerics:
     """How one model's integer-GEMM copy computes its projections.
 
@@ -142,10 +152,20 @@ class GemmBuilder:
         return constants(self._constants)
 
     def integer_gemm(
-        self, node: onnx.NodeProto, weights: np.ndarray, numerics: Numerics
+        self,
+        node: onnx.NodeProto,
+        weights: np.ndarray,
+        numerics: Numerics,
+        split: SplitOutputs | None = None,
     ) -> list[onnx.NodeProto]:
-        """Nodes computing ``node``'s output (float [..., K] -> [..., N]) on the integer GEMM."""
-        name, x, y = node.name or node.output[0], node.input[0], node.output[0]
+        """Nodes computing ``node``'s output (float [..., K] -> [..., N]) on the integer GEMM.
+
+        With ``split`` (a ``Split`` along the last axis is the output's only reader) each part
+        gets a GEMM of its own on the one quantized input and is written straight to the Split's
+        output: the Split's copy of the whole product goes away, and every element is computed
+        as before (per-channel weight scales, so the columns quantize alike either way).
+        """
+        name, x = node.name or node.output[0], node.input[0]
         k, n = weights.shape
         t = _Names(name)
         nodes = [self._node("Reshape", [x, self._const(f"rows_of_{k}", [-1, k])], t("x2"))]
@@ -159,39 +179,76 @@ class GemmBuilder:
             nodes += self._rotation(t, x2, k, rotation)
             x2 = t("rotated")
         group = fitting_block(numerics.group, k) if numerics.group else k
-        if projection_role(name) in numerics.fine_weights:
+        fine = projection_role(name) in numerics.fine_weights
+        if fine:
             quantized, channel_scale, remainder, fine_scale = quantize_with_remainder(weights)
-            self._add_weight(
-                f"{name}/remainder_int8", remainder, f"{name}/remainder_scale", fine_scale
-            )
         else:
             quantized, channel_scale = quantize_per_channel(weights)
-        weight_name, scale_name = f"{name}/weight_int8", f"{name}/channel_scale"
         if group < k:  # [G, g, N]: one GEMM per group, batched
-            quantized = quantized.reshape(k // group, group, n)
-        self._add_weight(weight_name, quantized, scale_name, channel_scale)
-        if group < k:
-            nodes += self._per_group(t, x2, k, group, weight_name, scale_name)
-        elif projection_role(name) in numerics.fine_weights:
-            nodes += self._per_row(t, x2, weight_name, scale_name, t("coarse"))
-            nodes += self._remainder(t, name, t("coarse"))
+            if split:
+                raise ValueError("per-group scales do not fold a Split: convert without it")
+            self._add_weight(
+                t("weight_int8"),
+                quantized.reshape(k // group, group, n),
+                t("channel_scale"),
+                channel_scale,
+            )
+            nodes += self._per_group(t, x2, k, group, t("weight_int8"), t("channel_scale"))
+            products = [(t, node.output[0], n)]
         else:
-            nodes += self._per_row(t, x2, weight_name, scale_name)
-        # Back to x's leading dimensions: [..., N].
+            nodes += self._quantize_rows(t, x2)
+            parts = split or SplitOutputs((node.output[0],), (n,), None)
+            products, first = [], 0
+            for index, (output, width) in enumerate(zip(parts.names, parts.widths, strict=True)):
+                p = _Names(f"{name}/part{index}") if split else t
+                columns = slice(first, first + width)
+                first += width
+                self._add_weight(
+                    p("weight_int8"),
+                    quantized[:, columns],
+                    p("channel_scale"),
+                    channel_scale[columns],
+                )
+                if not fine:
+                    nodes.append(self._gemm(t, p("weight_int8"), p("channel_scale"), p("y2")))
+                    products.append((p, output, width))
+                    continue
+                self._add_weight(
+                    p("remainder_int8"),
+                    remainder[:, columns],
+                    p("remainder_scale"),
+                    fine_scale[columns],
+                )
+                nodes += [
+                    self._gemm(t, p("weight_int8"), p("channel_scale"), p("coarse")),
+                    self._gemm(t, p("remainder_int8"), p("remainder_scale"), p("fine")),
+                    self._node("Add", [p("coarse"), p("fine")], p("y2")),
+                ]
+                products.append((p, output, width))
+        # Back to x's leading dimensions: [..., width].
         nodes += [
             self._node("Shape", [x], t("shape")),
             self._node("Slice", [t("shape"), "phi3v/zero", "phi3v/last_axis"], t("lead")),
-            self._node(
-                "Concat", [t("lead"), self._const(f"width_{n}", [n])], t("out_shape"), axis=0
-            ),
         ]
         bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
-        out = t("no_bias") if bias else y
-        nodes.append(self._node("Reshape", [t("y2"), t("out_shape")], out))
-        if bias:
-            # Not MatMulIntegerToFloat's own bias input: with a per-row a_scale, onnxruntime
-            # (1.32) scales the bias by it too.
-            nodes.append(self._node("Add", [out, bias], y))
+        first = 0
+        for p, output, width in products:
+            width_name = self._const(f"width_{width}", [width])
+            nodes.append(self._node("Concat", [t("lead"), width_name], p("out_shape"), axis=0))
+            nodes.append(
+                self._node("Reshape", [p("y2"), p("out_shape")], p("no_bias") if bias else output)
+            )
+            if bias and split:
+                self.weights.append(
+                    numpy_helper.from_array(split.bias[first : first + width], p("bias"))
+                )
+            if bias:
+                # Not MatMulIntegerToFloat's own bias input: with a per-row a_scale, onnxruntime
+                # (1.32) scales the bias by it too.
+                nodes.append(
+                    self._node("Add", [p("no_bias"), p("bias") if split else bias], output)
+                )
+            first += width
         return nodes
 
     def _rotation(self, t, x2: str, k: int, block: int) -> list[onnx.NodeProto]:
@@ -209,41 +266,24 @@ class GemmBuilder:
             numpy_helper.from_array(scale, scale_name),
         ]
 
-    def _remainder(self, t, name: str, coarse: str) -> list[onnx.NodeProto]:
-        """The remainder weights' GEMM on the same quantized activations, added to ``coarse``."""
-        return [
-            self._node(
-                "MatMulIntegerToFloat",
-                [
-                    t("xq"),
-                    f"{name}/remainder_int8",
-                    t("scale_column"),
-                    f"{name}/remainder_scale",
-                    "phi3v/zp128",
-                ],
-                t("fine"),
-                domain="com.microsoft",
-            ),
-            self._node("Add", [coarse, t("fine")], t("y2")),
-        ]
-
-    def _per_row(
-        self, t, x2: str, weight: str, scale: str, out: str | None = None
-    ) -> list[onnx.NodeProto]:
-        """[R, K] float -> one symmetric uint8 scale per row -> MatMulIntegerToFloat [R, N].
-        Three passes over the activations (max, min, quantize) and none over the output: the
-        row and channel scales are applied in the GEMM's output step."""
+    def _quantize_rows(self, t, x2: str) -> list[onnx.NodeProto]:
+        """[R, K] float -> ``xq`` uint8 with one symmetric scale per row, and the scales as the
+        GEMM's ``scale_column`` [R, 1]. Three passes over the activations (max, min, quantize)
+        and none over the output: row and channel scales are applied in the GEMM's output step."""
         return [
             *self._row_scales(t, x2, "scale"),
             self._node("QuantizeLinear", [x2, t("scale"), t("zp")], t("xq"), axis=0),
             self._node("Reshape", [t("scale"), "phi3v/column"], t("scale_column")),
-            self._node(
-                "MatMulIntegerToFloat",
-                [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128"],
-                out or t("y2"),
-                domain="com.microsoft",
-            ),
         ]
+
+    def _gemm(self, t, weight: str, scale: str, out: str) -> onnx.NodeProto:
+        """``xq`` (from :meth:`_quantize_rows`) times an int8 weight, to float [R, N]."""
+        return self._node(
+            "MatMulIntegerToFloat",
+            [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128"],
+            out,
+            domain="com.microsoft",
+        )
 
     def _per_group(self, t, x2: str, k: int, group: int, weight, scale) -> list[onnx.NodeProto]:
         """[R, K] -> a scale per row and group of ``group`` columns -> G batched GEMMs, summed.

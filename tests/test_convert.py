@@ -1,9 +1,11 @@
 """The "fast" precision: the integer-GEMM copies (phi3v/convert.py), the precision choice, and the
 exact savings made on the way (used crops only, last-position logits, chunked prefill)."""
 
+import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -365,11 +367,13 @@ def test_a_remainder_weight_brings_a_projection_closer_to_fp32_activations(tmp_p
     assert errors["remainder"] < errors["int8"]
 
 
-def gemms_by_role(path) -> dict[str, int]:
+def gemms_by_role(path, weight: str = "") -> dict[str, int]:
+    """MatMulIntegerToFloat nodes per projection role (those whose weight's name ends with
+    ``weight``)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     by_role: dict[str, int] = {}
     for node in graph.node:
-        if node.op_type == "MatMulIntegerToFloat":
+        if node.op_type == "MatMulIntegerToFloat" and node.input[1].endswith(weight):
             role = integer_gemm.projection_role(node.name)
             by_role[role] = by_role.get(role, 0) + 1
     return by_role
@@ -377,11 +381,13 @@ def gemms_by_role(path) -> dict[str, int]:
 
 def test_the_default_copies_carry_remainders_on_the_vision_attention_only(model):
     fast = convert.fast_models(load_config(model))
-    vision, decoder = gemms_by_role(fast.vision), gemms_by_role(fast.decoder)
-    layers = vision["mlp_in"]  # one GEMM per layer: no remainder on the MLP
-    assert vision["attention_in"] == vision["attention_out"] == 2 * layers
-    assert vision["mlp_out"] == layers
-    assert set(decoder.values()) == {decoder["mlp_in"]}  # the decoder: one GEMM per projection
+    layers = gemms_by_role(fast.vision)["mlp_out"]  # one GEMM per layer: no remainder there
+    # q, k and v are one projection in three parts (its Split folded), each with a remainder.
+    assert gemms_by_role(fast.vision, "remainder_int8") == {
+        "attention_in": 3 * layers,
+        "attention_out": layers,
+    }
+    assert gemms_by_role(fast.decoder, "remainder_int8") == {}
 
 
 def test_numerics_without_remainders_keep_the_cache_key_they_had_before_the_option():
@@ -554,3 +560,33 @@ def test_the_cache_manifest_lists_every_file(model):
     assert set(manifest["files"]) == {p.name for p in fast.decoder.parent.iterdir()} - {
         "manifest.json"
     }
+
+
+@pytest.mark.parametrize(
+    "numerics",
+    [integer_gemm.Numerics(rotation=32, fine_weights=("attention_in",)), integer_gemm.Numerics()],
+    ids=["hadamard with remainders", "per row"],
+)
+def test_a_split_projection_becomes_one_gemm_per_part_and_no_number_changes(
+    model, numerics, monkeypatch
+):
+    """The decoder's gate/up and the vision encoder's q/k/v are each one projection whose output
+    a Split copies into parts; the copies compute each part straight away instead."""
+
+    def splits() -> list[int]:
+        copies = convert.fast_models(
+            load_config(model), numerics=convert.FastNumerics(numerics, numerics)
+        )
+        paths = (copies.vision, copies.decoder)
+        graphs = [onnx.load(p, load_external_data=False).graph for p in paths]
+        return [sum(n.op_type == "Split" for n in graph.node) for graph in graphs]
+
+    folded = first_logits(fast_pipeline(model, numerics), TEXT, (CHART,))
+    assert splits() == [0, 0]
+    for folder in (model / convert.CACHE_FOLDER).glob("fast-*"):
+        shutil.rmtree(folder)
+    keep = functools.partial(convert.convert_model, fold_splits=False)
+    monkeypatch.setattr(convert, "convert_model", keep)
+    kept = first_logits(fast_pipeline(model, numerics), TEXT, (CHART,))
+    assert min(splits()) > 0
+    assert np.array_equal(folded, kept)
