@@ -100,8 +100,11 @@ def make_copies(model: str) -> None:
     numerics = {"per row": convert.FastNumerics(), "default": convert.DEFAULT_NUMERICS}
     for name, chosen in numerics.items():
         folder = root / name
-        key = folder / "numerics.json"
-        if key.exists() and key.read_text() == repr(chosen):
+        key, made_by = (
+            folder / "numerics.json",
+            f"converter {convert.CONVERTER_VERSION}, {chosen!r}",
+        )
+        if key.exists() and key.read_text() == made_by:
             continue
         folder.mkdir(parents=True, exist_ok=True)
         vision, decoder = config.path(config.vision.filename), config.path(config.decoder.filename)
@@ -109,7 +112,7 @@ def make_copies(model: str) -> None:
         convert.convert_model(
             decoder, folder / decoder.name, chosen.decoder, last_position_output="logits"
         )
-        key.write_text(repr(chosen))
+        key.write_text(made_by)
 
 
 def measure(model: str, runs: int, before: str | None) -> list[dict]:
