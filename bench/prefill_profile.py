@@ -8,7 +8,9 @@ values: timing depends on shapes, not values) in chunks of ``chunk`` positions, 
 attending to those before it through the KV cache. Configurations are alternated, median of
 ``--runs``; one more run per configuration with onnxruntime's profiler gives the operator shares.
 
-    python bench/prefill_profile.py --model /tmp/scale [--runs 3]
+    python bench/prefill_profile.py --model /tmp/scale [--runs 3] [--before LABEL=DIR ...]
+
+``--before`` adds rows for copies made elsewhere (an earlier converter's, say), by label.
 
 Writes ``bench/results/prefill_profile.{json,md}``.
 """
@@ -33,6 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 CROPS = 13  # the crops that photo's HD grid uses (1 global + 3 x 4)
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
+BEFORE = "before: "  # the numerics name of a --before row
 COPIES = ".bench-copies"  # inside the model folder, beside .phi3v-cache
 # (numerics, prefill chunk, GQA's tiled path): today's per-row copy and the chosen numerics at the
 # engine's chunk; then the chosen numerics with other chunk sizes and with the tiled path off.
@@ -45,14 +48,15 @@ CONFIGS = (
 )
 
 
-def worker(model: str, numerics: str, chunk: int, profile: bool, before: str | None) -> dict:
+def worker(model: str, numerics: str, chunk: int, profile: bool, before: dict[str, str]) -> dict:
     import numpy as np
     import onnxruntime as ort
 
     from phi3v import load_config
     from phi3v.kv_cache import KVCache
 
-    copies = Path(before) if numerics == "before" else Path(model) / COPIES / numerics
+    label = numerics.removeprefix(BEFORE)
+    copies = Path(before[label]) if numerics.startswith(BEFORE) else Path(model) / COPIES / numerics
     config = load_config(model)
     options = ort.SessionOptions()
     if profile:
@@ -115,10 +119,10 @@ def make_copies(model: str) -> None:
         key.write_text(made_by)
 
 
-def measure(model: str, runs: int, before: str | None) -> list[dict]:
+def measure(model: str, runs: int, before: dict[str, str]) -> list[dict]:
     """Alternate every configuration ``runs`` times, then profile each once."""
     script = Path(__file__)
-    configs = ([("before", 512, True)] if before else []) + list(CONFIGS)
+    configs = [(BEFORE + label, 512, True) for label in before] + list(CONFIGS)
     times: dict[tuple, list[dict]] = defaultdict(list)
     base = {"model": model, "before": before}
     for _ in range(runs):
@@ -167,7 +171,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--before",
-        help="a folder with copies made by an earlier converter, timed as one more row",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="a folder of copies made elsewhere (an earlier converter), timed as one more row",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,6 +183,9 @@ def main() -> None:
         return
     if not args.model:
         parser.error("--model is required")
+    before = dict(entry.partition("=")[::2] for entry in args.before)
+    if not all(before) or not all(Path(folder).is_dir() for folder in before.values()):
+        parser.error(f"--before takes LABEL=DIR with an existing folder, got {args.before}")
     from phi3v import convert, machine
 
     report = {
@@ -183,7 +193,7 @@ def main() -> None:
         "commit": commit(),
         "cpu": machine.describe_cpu(),
         "command": f"python bench/prefill_profile.py --model {args.model} --runs {args.runs}"
-        + (f" --before {args.before}" if args.before else ""),
+        + "".join(f" --before {entry}" for entry in args.before),
         "runs": args.runs,
         "default_numerics": {
             "vision": convert.DEFAULT_NUMERICS.vision.describe(),
@@ -192,7 +202,7 @@ def main() -> None:
         "load_before": os.getloadavg(),
     }
     make_copies(args.model)
-    report["rows"] = measure(args.model, args.runs, args.before)
+    report["rows"] = measure(args.model, args.runs, before)
     report["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "prefill_profile.json").write_text(json.dumps(report, indent=1) + "\n")

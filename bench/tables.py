@@ -199,9 +199,10 @@ def fast_profile(report: dict) -> str:
         numerics = {
             "default": report["default_numerics"]["decoder"],
             "per row": "per row",
-            "before": "per row, converter v3 (before)",
-        }[row["numerics"]]
+            "before": "per row, converter v3 (before)",  # the results of Dec 6, morning
+        }.get(row["numerics"], row["numerics"])
         top = ", ".join(f"{op} {s:.2f}" for op, s in list(row["prefill_ops"].items())[:5])
+        vision = ", ".join(f"{op} {s:.2f}" for op, s in list(row["vision_ops"].items())[:5])
         rows.append(
             [
                 numerics,
@@ -212,6 +213,7 @@ def fast_profile(report: dict) -> str:
                 f"{row['vision'] + row['prefill']:.2f}",
                 f"{row['attention_share']:.0%}",
                 top,
+                vision,
             ]
         )
     header = [
@@ -223,6 +225,7 @@ def fast_profile(report: dict) -> str:
         "sum s",
         "GroupQueryAttention share of prefill",
         "largest prefill operators, profiled run (s)",
+        "largest vision operators, profiled run (s)",
     ]
     return "\n".join(
         [

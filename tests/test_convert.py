@@ -590,3 +590,95 @@ def test_a_split_projection_becomes_one_gemm_per_part_and_no_number_changes(
     kept = first_logits(fast_pipeline(model, numerics), TEXT, (CHART,))
     assert min(splits()) > 0
     assert np.array_equal(folded, kept)
+
+
+def test_bias_residual_and_norm_of_the_vision_layers_run_as_one_op(model, monkeypatch):
+    """graph_fusions: each CLIP layer's ``LayerNormalization(residual + projection + bias)``
+    becomes a SkipLayerNormalization; the sum is taken in another order, nothing else changes."""
+    numerics = convert.DEFAULT_NUMERICS.vision
+
+    def norms(path) -> dict[str, int]:
+        """LayerNormalizations of a sum of sums (residual + (projection + bias)), and fused ones."""
+        graph = onnx.load(path, load_external_data=False).graph
+        producer = {name: node for node in graph.node for name in node.output}
+
+        def sum_of_sums(name: str) -> bool:
+            node = producer.get(name)
+            return (
+                node is not None
+                and node.op_type == "Add"
+                and any(getattr(producer.get(i), "op_type", "") == "Add" for i in node.input)
+            )
+
+        norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+        return {
+            "norms after an Add": sum(sum_of_sums(n.input[0]) for n in norms),
+            "fused": sum(n.op_type == "SkipLayerNormalization" for n in graph.node),
+        }
+
+    fused = first_logits(fast_pipeline(model, numerics), TEXT, (CHART,))
+    vision = convert.fast_models(
+        load_config(model), numerics=convert.FastNumerics(numerics, numerics)
+    ).vision
+    counts = norms(vision)
+    assert counts["norms after an Add"] == 0 and counts["fused"] > 0
+    exact = first_logits(Pipeline.load(model, precision="exact"), TEXT, (CHART,))
+    for folder in (model / convert.CACHE_FOLDER).glob("fast-*"):
+        shutil.rmtree(folder)
+    keep = functools.partial(convert.convert_model, fuse_norms=False)
+    monkeypatch.setattr(convert, "convert_model", keep)
+    apart = first_logits(fast_pipeline(model, numerics), TEXT, (CHART,))
+    assert norms(vision) == {"norms after an Add": counts["fused"], "fused": 0}
+    # Float rounding moves some activations across an 8-bit step, and the random tiny model
+    # spreads that: the fused copy is as far from exact as the other, not farther.
+    distance = [np.abs(logits - exact).mean() for logits in (fused, apart)]
+    assert distance[0] < 1.2 * distance[1]
+
+
+def test_skip_layer_normalization_computes_what_it_replaces(tmp_path):
+    """The fused op's two outputs (the norm and the sum the next residual reads) against the
+    Adds and LayerNormalization it replaces, on one small graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from phi3v.graph_fusions import fuse_residual_norms
+
+    width, rng = 64, np.random.default_rng(0)
+    constants = {
+        "bias": rng.standard_normal(width).astype(np.float32),
+        "gamma": rng.standard_normal(width).astype(np.float32),
+        "beta": rng.standard_normal(width).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Add", ["projection", "bias"], ["with_bias"]),
+        helper.make_node("Add", ["residual", "with_bias"], ["sum"]),
+        helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["norm"], epsilon=1e-5),
+        helper.make_node("Mul", ["sum", "sum"], ["next"]),  # the next layer reads the sum too
+    ]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 5, width])
+        for name in ("projection", "residual")
+    ]
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("norm", "next")
+    ]
+
+    def run(graph_nodes):
+        graph = helper.make_graph(
+            graph_nodes,
+            "g",
+            inputs,
+            outputs,
+            [numpy_helper.from_array(v, k) for k, v in constants.items()],
+        )
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets)
+        return ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+
+    feeds = {i.name: rng.standard_normal((2, 5, width)).astype(np.float32) for i in inputs}
+
+    fused_nodes = fuse_residual_norms(nodes, {"with_bias"}, kept=())
+    assert [n.op_type for n in fused_nodes] == ["SkipLayerNormalization", "Mul"]
+    apart, fused = run(nodes), run(fused_nodes)
+    for a, b in zip(fused, apart, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert fuse_residual_norms(nodes, {"with_bias"}, kept=("with_bias",)) == nodes
