@@ -1,0 +1,86 @@
+"""bench/paired.py: a fast variant against exact on the same teacher-forced tokens, with
+intervals from a bootstrap over documents."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "paired.py"
+_spec = importlib.util.spec_from_file_location("paired", SCRIPT)
+paired = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paired)
+
+
+def document(positions: int, hits: int, kl_sum: float = 0.5) -> dict:
+    """A document's totals as paired.document_totals makes them (the fields the summaries read)."""
+    return {
+        "positions": positions,
+        "top1_hits": hits,
+        "kl_sum": kl_sum,
+        "first_kl": kl_sum / positions,
+        "same_as_exact": positions,
+        "only_path_right": 0,
+        "only_exact_right": 0,
+    }
+
+
+def test_document_totals_count_each_kind_of_position():
+    truth, exact, path = np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]), np.array([1, 0, 3, 4])
+    totals = paired.document_totals(truth, exact, path, np.array([0.1, 0.2, 0.3, 0.4]))
+    assert totals["positions"] == 4
+    assert totals["top1_hits"] == 3  # positions 0, 2, 3
+    assert totals["same_as_exact"] == 2  # positions 0, 3
+    assert totals["only_path_right"] == 1  # position 2
+    assert totals["only_exact_right"] == 1  # position 1
+    assert np.isclose(totals["kl_sum"], 1.0) and np.isclose(totals["first_kl"], 0.1)
+
+
+def test_each_resample_draws_as_many_documents_as_there_are():
+    weights = paired.document_weights(7, resamples=500)
+    assert weights.shape == (500, 7)
+    assert (weights.sum(axis=1) == 7).all()
+    assert (weights >= 0).all()
+
+
+def test_documents_that_all_say_the_same_give_an_interval_of_one_point():
+    result = paired.pooled_ratio(paired.document_weights(5), [3] * 5, [4] * 5)
+    assert result["value"] == 0.75
+    assert np.allclose(result["interval"], [0.75, 0.75])
+
+
+def test_a_path_identical_to_exact_differs_by_zero_and_is_not_distinguishable():
+    exact = [document(64, 60), document(64, 62), document(64, 58)]
+    result = paired.paired_summary(exact, exact, paired.document_weights(3))
+    assert result["top1_difference"]["value"] == 0
+    assert result["top1_difference"]["interval"] == [0, 0]
+    assert result["kl_ratio"]["value"] == 1
+    assert not paired.distinguishable(result)
+
+
+def test_a_path_one_token_worse_in_every_document_is_distinguishable():
+    exact = [document(100, 96) for _ in range(10)]
+    fast = [document(100, 95) for _ in range(10)]
+    result = paired.paired_summary(exact, fast, paired.document_weights(10))
+    assert np.isclose(result["top1_difference"]["value"], -1.0)  # percentage points
+    assert paired.distinguishable(result)
+
+
+def test_a_difference_made_by_one_document_is_not_evidence():
+    # Pooled over tokens, 20 of 1,000 is a clear 2 points; but it all comes from one text, and
+    # about a third of the resamples leave that text out (0.9 ** 10).
+    exact = [document(100, 96) for _ in range(10)]
+    fast = [document(100, 76)] + exact[1:]
+    result = paired.paired_summary(exact, fast, paired.document_weights(10))
+    assert np.isclose(result["top1_difference"]["value"], -2.0)
+    assert result["top1_difference"]["interval"][1] == 0
+    assert not paired.distinguishable(result)
+
+
+def test_the_kl_ratio_is_pooled_over_documents():
+    exact = [document(10, 9, kl_sum=1.0), document(10, 9, kl_sum=3.0)]
+    fast = [document(10, 9, kl_sum=2.0), document(10, 9, kl_sum=4.0)]
+    result = paired.paired_summary(exact, fast, paired.document_weights(2))
+    assert np.isclose(result["kl_ratio"]["value"], 1.5)  # (2 + 4) / (1 + 3)
+    low, high = result["kl_ratio"]["interval"]
+    assert 4 / 3 <= low <= 1.5 <= high <= 2.0  # the ratios of the resamples lie between 4/3 and 2
