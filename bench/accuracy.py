@@ -6,12 +6,14 @@ trained proxies built from registry packages (:mod:`phi3v.testing.proxies`):
 
 * decoder: SmolLM2-135M-Instruct written as a Phi-3-V int4 decoder (``MatMulNBits`` block 32,
   accuracy level 4, GroupQueryAttention). For each evaluation text (bench/texts/), a prompt of
-  600-1200 tokens and its next 64 tokens, teacher-forced. Paths: **truth** (the same int4
-  weights with fp32 activations), **exact** (the file as released: onnxruntime-genai's
+  600-1200 tokens and its next ``--answer-tokens`` (256), teacher-forced. Paths: **truth** (the
+  same int4 weights with fp32 activations), **exact** (the file as released: onnxruntime-genai's
   numbers) and each **fast** variant (the prompt on its integer-GEMM copy, the answer on the
   int4 decoder, as the engine runs them). Per path against truth: top-1 agreement, mean KL, KL
-  at the first answer token. The ``tune`` texts chose the default; the ``held_out`` texts were
-  never looked at while choosing and are reported beside them.
+  at the first answer token. Each fast variant against exact on the same positions (paired):
+  the top-1 difference, the KL ratios, how often the two pick the same token, with intervals
+  from a bootstrap over documents (bench/paired.py). The ``tune`` texts chose the default; the
+  ``held_out`` texts were never looked at while choosing and are reported beside them.
 * vision: DINOv2 ViT-S/14 with its MatMuls as int4 ``MatMulNBits`` on real photographs: the
   relative error of each path's features to truth's.
 
@@ -102,11 +104,17 @@ def main() -> None:
     parser.add_argument(
         "--speed", action="store_true", help="re-measure the speed into the existing results"
     )
+    parser.add_argument(
+        "--markdown", action="store_true", help="rewrite accuracy.md from accuracy.json only"
+    )
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.speed_only:  # the child process of the VNNI-only run
         print(json.dumps(layer_speed(variants, args.repeats)))
+        return
+    if args.markdown:  # after a change to tables.py: nothing is measured
+        _write(json.loads((RESULTS / "accuracy.json").read_text()))
         return
     if args.speed:
         result = json.loads((RESULTS / "accuracy.json").read_text())

@@ -94,7 +94,8 @@ def memory(report: dict) -> str:
 
 def fidelity_report(result: dict) -> str:
     """``accuracy.py``: each path's agreement with fp32-activation truth on the trained proxies,
-    beside the speed of one real-size decoder layer's projections in its form."""
+    beside the speed of one real-size decoder layer's projections in its form; then each fast
+    variant against exact on the same tokens, with intervals (bench/paired.py)."""
     decoder, vision = result["decoder"], result["vision"]
     tune, held = decoder["tune"], decoder["held_out"]
     speed = result.get("speed", {})
@@ -119,11 +120,11 @@ def fidelity_report(result: dict) -> str:
         rows.append(
             [
                 path,
-                f"{numbers['top1']:.1%}",
+                _share(numbers),
                 f"{numbers['mean_kl']:.4f}",
                 f"{numbers['mean_kl'] / base:.2f}x",
                 f"{numbers['first_kl']:.4f}",
-                f"{out['top1']:.1%}",
+                _share(out),
                 f"{out['mean_kl']:.4f}",
                 f"{vision['paths'][path]['mean_error'] / vision_base:.2f}x",
                 *[f"{speed[name].get(speed_name, float('nan')):.1f}" for name in columns],
@@ -147,7 +148,61 @@ def fidelity_report(result: dict) -> str:
         "",
         _table(header, rows),
     ]
+    if "paired" in tune:
+        lines += ["", _paired_note(tune), "", fidelity_paired(decoder)]
     return "\n".join(lines)
+
+
+def fidelity_paired(decoder: dict) -> str:
+    """Each fast variant against exact on the same teacher-forced tokens, tune and held out."""
+    header = [
+        "path",
+        "top-1 minus exact's, points (tune)",
+        "right where exact is not / exact right where it is not (tune)",
+        "same top-1 as exact (tune)",
+        "KL / exact (tune)",
+        "first-token KL / exact (tune)",
+        "top-1 minus exact's, points (held out)",
+        "KL / exact (held out)",
+    ]
+    tune, held = decoder["tune"]["paired"], decoder["held_out"]["paired"]
+    rows = [
+        [
+            path,
+            _estimate(numbers["top1_difference"], "+.1f"),
+            f"{numbers['only_path_right']} / {numbers['only_exact_right']}",
+            _estimate(numbers["same_as_exact"], ".1%"),
+            _estimate(numbers["kl_ratio"], ".2f", "x"),
+            _estimate(numbers["first_kl_ratio"], ".2f", "x"),
+            _estimate(held[path]["top1_difference"], "+.1f"),
+            _estimate(held[path]["kl_ratio"], ".2f", "x"),
+        ]
+        for path, numbers in tune.items()
+    ]
+    return _table(header, rows)
+
+
+def _paired_note(split: dict) -> str:
+    return (
+        "Each fast variant against exact on the same positions (paired). In brackets: 95 % "
+        f"intervals from a bootstrap over documents ({split['resamples']:,} resamples of the "
+        "texts, each resample pooling its texts' positions), because the positions of one text "
+        "are not independent; an interval that contains 0 (or 1.00x) means these texts cannot "
+        "tell the two apart."
+    )
+
+
+def _share(numbers: dict) -> str:
+    """A top-1 share, with its interval where the results have one."""
+    if "top1_interval" not in numbers:
+        return f"{numbers['top1']:.1%}"
+    return _estimate({"value": numbers["top1"], "interval": numbers["top1_interval"]}, ".1%")
+
+
+def _estimate(numbers: dict, spec: str, unit: str = "") -> str:
+    """``value [low, high]`` of a pooled estimate and its interval, e.g. ``-0.4 [-1.1, +0.4]``."""
+    low, high = numbers["interval"]
+    return f"{numbers['value']:{spec}}{unit} [{low:{spec}}, {high:{spec}}]"
 
 
 def openvino_peer(rows: list[dict]) -> str:
