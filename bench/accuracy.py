@@ -200,6 +200,7 @@ def decoder_fidelity(
             },
             "per_document": totals,
         }
+    report["near_tie"] = paired.NEAR_TIE
     report["numerics"] = {name: asdict(numerics) for name, numerics in variants.items()}
     return report
 
@@ -211,6 +212,7 @@ def _documents_against_truth(
     runs first; each path's logits are reduced to choices and KL as they come (256 answer
     positions of a 49k vocabulary are 50 MB a document)."""
     choices: dict[str, list[np.ndarray]] = {"truth": [t.argmax(axis=-1) for t in truth]}
+    margins = [paired.top_two_margin(t.astype(np.float64)) for t in truth]
     totals: dict[str, list[dict]] = {}
     for path, sessions in paths.items():
         started = time.perf_counter()
@@ -220,7 +222,7 @@ def _documents_against_truth(
             choices[path].append(logits.argmax(axis=-1))
             chosen = (choices[name][number] for name in ("truth", "exact", path))
             kl = kl_divergence(reference, logits)
-            totals[path].append(paired.document_totals(*chosen, kl))
+            totals[path].append(paired.document_totals(*chosen, kl, margins[number]))
         print(f"{split} {path}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return totals
 

@@ -18,14 +18,21 @@ from __future__ import annotations
 
 import numpy as np
 
+# A position where truth's two likeliest tokens are this close in probability is a near tie: any
+# rounding may swap them, so a top-1 miss there says little about the numerics.
+NEAR_TIE = 0.1
 RESAMPLES = 10_000
 LEVEL = 0.95  # two-sided: the 2.5th and 97.5th percentiles of the resampled figures
 
 
-def document_totals(truth: np.ndarray, exact: np.ndarray, path: np.ndarray, kl: np.ndarray) -> dict:
+def document_totals(
+    truth: np.ndarray, exact: np.ndarray, path: np.ndarray, kl: np.ndarray, margin: np.ndarray
+) -> dict:
     """One path's totals on one document, from the next-token choices (argmax per position) of
-    truth, exact and the path, and the path's KL to truth per position."""
+    truth, exact and the path, the path's KL to truth per position, and truth's margin per
+    position (its likeliest token's probability minus the second's)."""
     right, exact_right = path == truth, exact == truth
+    near = margin < NEAR_TIE
     return {
         "positions": int(len(truth)),
         "top1_hits": int(right.sum()),  # the path's choice is truth's
@@ -34,7 +41,18 @@ def document_totals(truth: np.ndarray, exact: np.ndarray, path: np.ndarray, kl: 
         "same_as_exact": int((path == exact).sum()),
         "only_path_right": int((right & ~exact_right).sum()),
         "only_exact_right": int((exact_right & ~right).sum()),
+        "near_ties": int(near.sum()),
+        "misses_at_near_ties": int((near & ~right).sum()),
     }
+
+
+def top_two_margin(logits: np.ndarray) -> np.ndarray:
+    """Per row of [positions, vocab] logits: the likeliest token's probability minus the
+    second's."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+    top_two = np.partition(probabilities, -2, axis=-1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
 
 
 def document_weights(documents: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
@@ -69,6 +87,23 @@ def path_summary(documents: list[dict], weights: np.ndarray) -> dict:
         "mean_kl": sum(d["kl_sum"] for d in documents) / sum(positions),
         "first_kl": float(np.mean([d["first_kl"] for d in documents])),
         "worst_document_kl": max(d["kl_sum"] / d["positions"] for d in documents),
+        **_near_tie_summary(documents),
+    }
+
+
+def _near_tie_summary(documents: list[dict]) -> dict:
+    """Where truth is not nearly tied, top-1 agreement; and the share of the misses that fall
+    on near ties (results made before near ties were counted have none)."""
+    if "near_ties" not in documents[0]:
+        return {}
+    positions = sum(d["positions"] for d in documents)
+    near = sum(d["near_ties"] for d in documents)
+    misses = positions - sum(d["top1_hits"] for d in documents)
+    near_misses = sum(d["misses_at_near_ties"] for d in documents)
+    return {
+        "near_tie_share": near / positions,
+        "misses_at_near_ties": near_misses / max(misses, 1),
+        "top1_clear": 1 - (misses - near_misses) / (positions - near),
     }
 
 

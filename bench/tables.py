@@ -101,12 +101,14 @@ def fidelity_report(result: dict) -> str:
     speed = result.get("speed", {})
     base = tune["paths"]["exact"]["mean_kl"]
     columns = list(speed)
+    clear = "top1_clear" in tune["paths"]["exact"]  # results before near ties were counted lack it
     header = [
         "path",
         "top-1 (tune)",
         "mean KL (tune)",
         "KL / exact",
         "first-token KL",
+        *(["top-1 where truth is clear (tune)"] if clear else []),
         "top-1 (held out)",
         "mean KL (held out)",
         "vision error / exact",
@@ -124,6 +126,7 @@ def fidelity_report(result: dict) -> str:
                 f"{numbers['mean_kl']:.4f}",
                 f"{numbers['mean_kl'] / base:.2f}x",
                 f"{numbers['first_kl']:.4f}",
+                *([f"{numbers['top1_clear']:.1%}"] if clear else []),
                 _share(out),
                 f"{out['mean_kl']:.4f}",
                 f"{vision['paths'][path]['mean_error'] / vision_base:.2f}x",
@@ -144,7 +147,13 @@ def fidelity_report(result: dict) -> str:
         f"{max(tune['prompt_tokens'] + held['prompt_tokens'])} tokens, "
         f"{tune['answer_tokens']} teacher-forced answer tokens each. Vision proxy: "
         f"{len(vision['photos'])} photographs, relative feature error (exact: "
-        f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows.",
+        f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows."
+        + (
+            f" Truth is clear where its likeliest token leads the second by at least "
+            f"{decoder['near_tie']:g} of probability."
+            if clear
+            else ""
+        ),
         "",
         _table(header, rows),
     ]

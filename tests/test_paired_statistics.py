@@ -27,13 +27,30 @@ def document(positions: int, hits: int, kl_sum: float = 0.5) -> dict:
 
 def test_document_totals_count_each_kind_of_position():
     truth, exact, path = np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]), np.array([1, 0, 3, 4])
-    totals = paired.document_totals(truth, exact, path, np.array([0.1, 0.2, 0.3, 0.4]))
+    kl, margin = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.5, 0.05, 0.5, 0.01])
+    totals = paired.document_totals(truth, exact, path, kl, margin)
     assert totals["positions"] == 4
     assert totals["top1_hits"] == 3  # positions 0, 2, 3
     assert totals["same_as_exact"] == 2  # positions 0, 3
     assert totals["only_path_right"] == 1  # position 2
     assert totals["only_exact_right"] == 1  # position 1
     assert np.isclose(totals["kl_sum"], 1.0) and np.isclose(totals["first_kl"], 0.1)
+    assert totals["near_ties"] == 2  # positions 1, 3: margins below paired.NEAR_TIE
+    assert totals["misses_at_near_ties"] == 1  # position 1
+
+
+def test_the_margin_is_the_first_probability_minus_the_second():
+    logits = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    np.testing.assert_allclose(paired.top_two_margin(logits), [0.2, 0.7])
+
+
+def test_top1_where_truth_is_clear_leaves_out_the_near_ties():
+    # 100 positions, 10 near ties; 6 misses, 4 of them at near ties: 2 misses in 90 clear ones.
+    totals = document(100, 94) | {"near_ties": 10, "misses_at_near_ties": 4}
+    summary = paired.path_summary([totals], paired.document_weights(1, resamples=10))
+    assert np.isclose(summary["near_tie_share"], 0.1)
+    assert np.isclose(summary["misses_at_near_ties"], 4 / 6)
+    assert np.isclose(summary["top1_clear"], 88 / 90)
 
 
 def test_each_resample_draws_as_many_documents_as_there_are():
