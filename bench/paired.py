@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# A position where truth's two likeliest tokens are this close in probability is a near tie: any
-# rounding may swap them, so a top-1 miss there says little about the numerics.
-NEAR_TIE = 0.1
+# A position where truth's two likeliest tokens are this close in probability is a near tie: a
+# small change of the logits may swap them, so a top-1 miss there says little about the
+# numerics. The misses are also counted below each of MARGINS, to show how they spread.
+NEAR_TIE = 0.02
+MARGINS = (0.01, 0.02, 0.05, 0.1)
 RESAMPLES = 10_000
 LEVEL = 0.95  # two-sided: the 2.5th and 97.5th percentiles of the resampled figures
 
@@ -43,6 +45,8 @@ def document_totals(
         "only_exact_right": int((exact_right & ~right).sum()),
         "near_ties": int(near.sum()),
         "misses_at_near_ties": int((near & ~right).sum()),
+        "misses_below_margins": [int((~right & (margin < bound)).sum()) for bound in MARGINS],
+        "positions_below_margins": [int((margin < bound).sum()) for bound in MARGINS],
     }
 
 
@@ -100,10 +104,16 @@ def _near_tie_summary(documents: list[dict]) -> dict:
     near = sum(d["near_ties"] for d in documents)
     misses = positions - sum(d["top1_hits"] for d in documents)
     near_misses = sum(d["misses_at_near_ties"] for d in documents)
+    below = np.sum([d["misses_below_margins"] for d in documents], axis=0)
+    positions_below = np.sum([d["positions_below_margins"] for d in documents], axis=0)
     return {
         "near_tie_share": near / positions,
         "misses_at_near_ties": near_misses / max(misses, 1),
         "top1_clear": 1 - (misses - near_misses) / (positions - near),
+        "positions": positions,
+        "misses": misses,
+        "misses_below_margins": below.tolist(),
+        "positions_below_margins": positions_below.tolist(),
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import tables
-from paired import NEAR_TIE
+from paired import MARGINS, NEAR_TIE
 
 from phi3v import integer_gemm
 from phi3v.convert import DEFAULT_NUMERICS
@@ -342,24 +342,34 @@ def _distinguishable(accuracy: dict, chosen: str) -> str:
         f"{held_difference['value']:+.1f} ({_range(held_difference, '+.1f')}). Fast and exact "
         f"pick the same token at {same:.1%} of the positions. Distinguishably below exact's "
         "top-1 on the tuning texts: "
-        f"{', '.join(lower) or 'none'}; above it: {', '.join(higher) or 'none'}."
+        f"{', '.join(lower) or 'none'}; above it: {', '.join(higher) or 'none'} (of "
+        f"{len(tune['paired'])} variants, each interval at 95 %: about one in twenty excludes "
+        "zero by chance alone)."
     )
 
 
 def _near_ties(fast: dict, exact: dict) -> str:
     """Where the top-1 misses are: at positions where truth itself is nearly tied."""
+    spread = "; ".join(
+        f"below {bound:g}, {misses / max(fast['misses'], 1):.0%} of them "
+        f"({positions / fast['positions']:.1%} of the positions)"
+        for bound, misses, positions in zip(
+            MARGINS, fast["misses_below_margins"], fast["positions_below_margins"], strict=True
+        )
+    )
     text = (
         f"**Where the misses are:** truth's two likeliest tokens are within {NEAR_TIE:g} of "
         f"probability of each other at {fast['near_tie_share']:.1%} of the positions, and "
         f"{fast['misses_at_near_ties']:.0%} of fast's top-1 misses fall there "
         f"({exact['misses_at_near_ties']:.0%} of exact's). At the other positions fast agrees "
-        f"with truth at {fast['top1_clear']:.1%} and exact at {exact['top1_clear']:.1%}."
+        f"with truth at {fast['top1_clear']:.1%} and exact at {exact['top1_clear']:.1%}. "
+        f"Fast's {fast['misses']} misses by truth's margin: {spread}."
     )
     if min(fast["misses_at_near_ties"], exact["misses_at_near_ties"]) > 0.5:
         text += (
-            " Most top-1 misses are near ties that any rounding may swap, so the top-1 figure "
-            "is bounded by how many the texts hold as much as by the numerics; KL weighs every "
-            "position by how far its distribution moved."
+            " Most top-1 misses are near ties that a small change of the logits may swap, so "
+            "the top-1 figure is bounded by how many near ties the texts hold as much as by the "
+            "numerics; KL weighs every position by how far its distribution moved."
         )
     return text
 

@@ -108,7 +108,7 @@ def fidelity_report(result: dict) -> str:
         "mean KL (tune)",
         "KL / exact",
         "first-token KL",
-        *(["top-1 where truth is clear (tune)"] if clear else []),
+        *([f"top-1 where truth leads by {decoder['near_tie']:g}+ (tune)"] if clear else []),
         "top-1 (held out)",
         "mean KL (held out)",
         "vision error / exact",
@@ -149,8 +149,8 @@ def fidelity_report(result: dict) -> str:
         f"{len(vision['photos'])} photographs, relative feature error (exact: "
         f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows."
         + (
-            f" Truth is clear where its likeliest token leads the second by at least "
-            f"{decoder['near_tie']:g} of probability."
+            f" Truth leads by {decoder['near_tie']:g}+ where its likeliest token's probability "
+            f"is at least {decoder['near_tie']:g} above the second's."
             if clear
             else ""
         ),
@@ -158,7 +158,7 @@ def fidelity_report(result: dict) -> str:
         _table(header, rows),
     ]
     if "paired" in tune:
-        lines += ["", _paired_note(tune), "", fidelity_paired(decoder)]
+        lines += ["", _paired_note(tune, held), "", fidelity_paired(decoder)]
     return "\n".join(lines)
 
 
@@ -191,13 +191,14 @@ def fidelity_paired(decoder: dict) -> str:
     return _table(header, rows)
 
 
-def _paired_note(split: dict) -> str:
+def _paired_note(split: dict, held: dict) -> str:
     return (
         "Each fast variant against exact on the same positions (paired). In brackets: 95 % "
         f"intervals from a bootstrap over documents ({split['resamples']:,} resamples of the "
         "texts, each resample pooling its texts' positions), because the positions of one text "
         "are not independent; an interval that contains 0 (or 1.00x) means these texts cannot "
-        "tell the two apart."
+        f"tell the two apart. The held-out split has {held['documents']} texts: its resamples "
+        "can only recombine those, so its intervals are too narrow to trust."
     )
 
 

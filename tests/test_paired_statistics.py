@@ -27,7 +27,7 @@ def document(positions: int, hits: int, kl_sum: float = 0.5) -> dict:
 
 def test_document_totals_count_each_kind_of_position():
     truth, exact, path = np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]), np.array([1, 0, 3, 4])
-    kl, margin = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.5, 0.05, 0.5, 0.01])
+    kl, margin = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.5, 0.03, 0.5, 0.005])
     totals = paired.document_totals(truth, exact, path, kl, margin)
     assert totals["positions"] == 4
     assert totals["top1_hits"] == 3  # positions 0, 2, 3
@@ -35,8 +35,10 @@ def test_document_totals_count_each_kind_of_position():
     assert totals["only_path_right"] == 1  # position 2
     assert totals["only_exact_right"] == 1  # position 1
     assert np.isclose(totals["kl_sum"], 1.0) and np.isclose(totals["first_kl"], 0.1)
-    assert totals["near_ties"] == 2  # positions 1, 3: margins below paired.NEAR_TIE
-    assert totals["misses_at_near_ties"] == 1  # position 1
+    assert totals["near_ties"] == 1  # position 3: its margin is below paired.NEAR_TIE
+    assert totals["misses_at_near_ties"] == 0  # position 3 is right
+    assert totals["misses_below_margins"] == [0, 0, 1, 1]  # below 0.01, 0.02, 0.05, 0.1
+    assert totals["positions_below_margins"] == [1, 1, 2, 2]
 
 
 def test_the_margin_is_the_first_probability_minus_the_second():
@@ -46,7 +48,8 @@ def test_the_margin_is_the_first_probability_minus_the_second():
 
 def test_top1_where_truth_is_clear_leaves_out_the_near_ties():
     # 100 positions, 10 near ties; 6 misses, 4 of them at near ties: 2 misses in 90 clear ones.
-    totals = document(100, 94) | {"near_ties": 10, "misses_at_near_ties": 4}
+    below = {"misses_below_margins": [4] * 4, "positions_below_margins": [10] * 4}
+    totals = document(100, 94) | {"near_ties": 10, "misses_at_near_ties": 4} | below
     summary = paired.path_summary([totals], paired.document_weights(1, resamples=10))
     assert np.isclose(summary["near_tie_share"], 0.1)
     assert np.isclose(summary["misses_at_near_ties"], 4 / 6)
