@@ -329,9 +329,12 @@ def _distinguishable(accuracy: dict, chosen: str) -> str:
     else:
         reading = (
             "the interval contains zero: these texts **cannot tell fast's top-1 from exact's**; "
-            f"what they rule out is a difference beyond {low:+.1f} to {high:+.1f} points"
+            f"any difference from {low:+.1f} to {high:+.1f} points fits them"
         )
-    same = tune["paired"][chosen]["same_as_exact"]["value"]
+    comparison = tune["paired"][chosen]
+    same = comparison["same_as_exact"]["value"]
+    misses = sum(d["positions"] - d["top1_hits"] for d in tune["per_document"][chosen])
+    shared = misses - comparison["only_exact_right"]
     lower = [p for p, c in tune["paired"].items() if c["top1_difference"]["interval"][1] < 0]
     higher = [p for p, c in tune["paired"].items() if c["top1_difference"]["interval"][0] > 0]
     held_difference = held["paired"][chosen]["top1_difference"]
@@ -340,7 +343,8 @@ def _distinguishable(accuracy: dict, chosen: str) -> str:
         f"({_range(difference, '+.1f')}), paired on the same positions: {reading}. Held out "
         f"({held['documents']} texts, too few for a firm interval): "
         f"{held_difference['value']:+.1f} ({_range(held_difference, '+.1f')}). Fast and exact "
-        f"pick the same token at {same:.1%} of the positions. Distinguishably below exact's "
+        f"pick the same token at {same:.1%} of the positions; of fast's {misses} top-1 misses, "
+        f"{shared} are exact's too. Distinguishably below exact's "
         "top-1 on the tuning texts: "
         f"{', '.join(lower) or 'none'}; above it: {', '.join(higher) or 'none'} (of "
         f"{len(tune['paired'])} variants, each interval at 95 %: about one in twenty excludes "
