@@ -350,6 +350,8 @@ activations per block of 32 inside `MatMulNBits`); the other rows are fast copie
 activation numerics (the prompt on the copy, the answer on the int4 decoder, as the engine runs
 them). KL is KL(truth || path) of the next-token distribution, in nats, over every teacher-forced
 answer position; "layer ms" is one real-size decoder layer's four projections at 512 rows.
+Earlier runs scored fewer answer tokens per text, too few to tell the variants apart; their
+figures are in the git history of `bench/results/accuracy.md`.
 
 {tables.fidelity_report(accuracy)}
 
