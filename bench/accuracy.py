@@ -6,12 +6,14 @@ trained proxies built from registry packages (:mod:`phi3v.testing.proxies`):
 
 * decoder: SmolLM2-135M-Instruct written as a Phi-3-V int4 decoder (``MatMulNBits`` block 32,
   accuracy level 4, GroupQueryAttention). For each evaluation text (bench/texts/), a prompt of
-  600-1200 tokens and its next 64 tokens, teacher-forced. Paths: **truth** (the same int4
-  weights with fp32 activations), **exact** (the file as released: onnxruntime-genai's
+  600-1200 tokens and its next ``--answer-tokens`` (256), teacher-forced. Paths: **truth** (the
+  same int4 weights with fp32 activations), **exact** (the file as released: onnxruntime-genai's
   numbers) and each **fast** variant (the prompt on its integer-GEMM copy, the answer on the
   int4 decoder, as the engine runs them). Per path against truth: top-1 agreement, mean KL, KL
-  at the first answer token. The ``tune`` texts chose the default; the ``held_out`` texts were
-  never looked at while choosing and are reported beside them.
+  at the first answer token. Each fast variant against exact on the same positions (paired):
+  the top-1 difference, the KL ratios, how often the two pick the same token, with intervals
+  from a bootstrap over documents (bench/paired.py). The ``tune`` texts chose the default; the
+  ``held_out`` texts were never looked at while choosing and are reported beside them.
 * vision: DINOv2 ViT-S/14 with its MatMuls as int4 ``MatMulNBits`` on real photographs: the
   relative error of each path's features to truth's.
 
@@ -39,13 +41,14 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import paired
 import tables
 from onnx import TensorProto
 from provenance import commit
 
 from phi3v import convert, integer_gemm, machine
 from phi3v.config import TOKENIZER, load_config
-from phi3v.fast_check import agreement, kl_divergence, teacher_forced_logits
+from phi3v.fast_check import kl_divergence, teacher_forced_logits
 from phi3v.sessions import Sessions, SessionSettings, open_session
 from phi3v.testing import proxies
 from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
@@ -54,7 +57,9 @@ from phi3v.tokenizer import PromptTokenizer
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = (600, 1200)  # a prompt takes as much of a text as fits in this range
-ANSWER_TOKENS = 64
+# Teacher-forced answer tokens per text: 256 x 10 tuning texts = 2,560 positions per path, so a
+# top-1 share has a standard error near 0.4 points (64 gave 640 positions and 0.8 points).
+ANSWER_TOKENS = 256
 N = integer_gemm.Numerics
 # The forms compared. "per group" keeps K whole in one batched GEMM whose [G, rows, N] partial
 # products are summed; "hadamard" rotates each input online in blocks (weights at conversion);
@@ -89,15 +94,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=ANSWER_TOKENS,
+        help="teacher-forced answer tokens per evaluation text (default %(default)s)",
+    )
     parser.add_argument("--skip-speed", action="store_true", help="accuracy only")
     parser.add_argument(
         "--speed", action="store_true", help="re-measure the speed into the existing results"
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="rewrite accuracy.md from accuracy.json only"
     )
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.speed_only:  # the child process of the VNNI-only run
         print(json.dumps(layer_speed(variants, args.repeats)))
+        return
+    if args.markdown:  # after a change to tables.py: nothing is measured
+        _write(json.loads((RESULTS / "accuracy.json").read_text()))
         return
     if args.speed:
         result = json.loads((RESULTS / "accuracy.json").read_text())
@@ -113,7 +130,7 @@ def main() -> None:
             "cpu": machine.describe_cpu(),
             "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
             "load_before": os.getloadavg(),
-            "decoder": decoder_fidelity(work / "decoder", variants),
+            "decoder": decoder_fidelity(work / "decoder", variants, args.answer_tokens),
             "vision": vision_fidelity(work / "vision", variants),
         }
     if not args.skip_speed:
@@ -140,15 +157,18 @@ def _write(result: dict) -> None:
 # --- decoder -------------------------------------------------------------------------------------
 
 
-def decoder_fidelity(folder: Path, variants: dict[str, integer_gemm.Numerics]) -> dict:
-    """Per split and path: agreement with truth over every teacher-forced answer position."""
+def decoder_fidelity(
+    folder: Path, variants: dict[str, integer_gemm.Numerics], answer_tokens: int
+) -> dict:
+    """Per split: each path against truth over every teacher-forced answer position, and each
+    fast variant against exact on the same positions (bench/paired.py)."""
     proxies.build_decoder_proxy(folder)
     config = load_config(folder)
     tokenizer = PromptTokenizer(config.path(TOKENIZER))
     exact = Sessions(config)
     decoder_file = config.path(config.decoder.filename)
     truth = _with_decoders(exact, open_session(decoder_file, exact.options, fp32_activations=True))
-    paths = {"truth": truth, "exact": exact}
+    paths = {"exact": exact}
     for name, numerics in variants.items():
         target = folder / "copies" / f"{len(paths)}.onnx"
         target.parent.mkdir(exist_ok=True)
@@ -159,58 +179,79 @@ def decoder_fidelity(folder: Path, variants: dict[str, integer_gemm.Numerics]) -
     vocab = min(config.vocab_size, tokenizer.vocab_size)
     report = {}
     for split in ("tune", "held_out"):
-        texts = _prompts(tokenizer, proxies.evaluation_texts(split))
-        logits = {}
-        for path, sessions in paths.items():  # one path at a time: progress, bounded memory
-            started = time.perf_counter()
-            logits[path] = [
-                teacher_forced_logits(sessions, prompt, answer)[:, :vocab]
-                for prompt, answer in texts
-            ]
-            print(f"{split} {path}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        texts = proxies.evaluation_texts(split)
+        pairs = _prompts(tokenizer, texts, answer_tokens)
+        started = time.perf_counter()
+        truth_logits = [teacher_forced_logits(truth, *pair)[:, :vocab] for pair in pairs]
+        print(f"{split} truth: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        totals = _documents_against_truth(paths, pairs, truth_logits, vocab, split)
+        weights = paired.document_weights(len(pairs))
         report[split] = {
-            "documents": len(texts),
-            "prompt_tokens": [int(p.shape[1]) for p, _ in texts],
-            "answer_tokens": ANSWER_TOKENS,
-            "paths": {
-                path: _agreement(logits["truth"], logits[path]) for path in paths if path != "truth"
+            "documents": len(pairs),
+            "names": [text.name for text in texts],
+            "prompt_tokens": [int(p.shape[1]) for p, _ in pairs],
+            "answer_tokens": answer_tokens,
+            "resamples": paired.RESAMPLES,
+            "paths": {path: paired.path_summary(docs, weights) for path, docs in totals.items()},
+            "paired": {
+                path: paired.paired_summary(totals["exact"], docs, weights)
+                for path, docs in totals.items()
+                if path != "exact"
             },
+            "per_document": totals,
         }
+    report["near_tie"] = paired.NEAR_TIE
     report["numerics"] = {name: asdict(numerics) for name, numerics in variants.items()}
     return report
 
 
+def _documents_against_truth(
+    paths: dict[str, Sessions], pairs: list[tuple], truth: list[np.ndarray], vocab: int, split: str
+) -> dict[str, list[dict]]:
+    """Per path and document, its totals against truth and exact (paired.document_totals). Exact
+    runs first; each path's logits are reduced to choices and KL as they come (256 answer
+    positions of a 49k vocabulary are 50 MB a document)."""
+    choices: dict[str, list[np.ndarray]] = {"truth": [t.argmax(axis=-1) for t in truth]}
+    margins = [paired.top_two_margin(t.astype(np.float64)) for t in truth]
+    totals: dict[str, list[dict]] = {}
+    for path, sessions in paths.items():
+        started = time.perf_counter()
+        choices[path], totals[path] = [], []
+        for number, (pair, reference) in enumerate(zip(pairs, truth, strict=True)):
+            logits = teacher_forced_logits(sessions, *pair)[:, :vocab]
+            choices[path].append(logits.argmax(axis=-1))
+            chosen = (choices[name][number] for name in ("truth", "exact", path))
+            kl = kl_divergence(reference, logits)
+            totals[path].append(paired.document_totals(*chosen, kl, margins[number]))
+        print(f"{split} {path}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return totals
+
+
 def _with_decoders(sessions: Sessions, decoder, prefill=None) -> Sessions:
-    paired = copy.copy(sessions)
-    paired.decoder, paired.prefill_decoder = decoder, prefill or decoder
-    return paired
+    both = copy.copy(sessions)
+    both.decoder, both.prefill_decoder = decoder, prefill or decoder
+    return both
 
 
-def _prompts(tokenizer: PromptTokenizer, texts: list[proxies.EvaluationText]) -> list[tuple]:
-    """(prompt [1, P], answer [1, 64]) per text: BOS, up to 1,200 tokens, then the next 64."""
+def _prompts(
+    tokenizer: PromptTokenizer, texts: list[proxies.EvaluationText], answer_tokens: int
+) -> list[tuple]:
+    """(prompt [1, P], answer [1, A]) per text: BOS, as much of the text as fits in
+    ``PROMPT_TOKENS`` while leaving the next ``answer_tokens`` for the answer."""
     pairs = []
     for text in texts:
         ids = tokenizer.encode_text(text.text)
-        length = min(PROMPT_TOKENS[1], len(ids) - ANSWER_TOKENS)
+        length = min(PROMPT_TOKENS[1], len(ids) - answer_tokens)
         if length < PROMPT_TOKENS[0]:
-            raise SystemExit(f"evaluation text {text.name} has {len(ids)} tokens; it needs 664")
+            raise SystemExit(
+                f"evaluation text {text.name} has {len(ids)} tokens; a {PROMPT_TOKENS[0]}-token "
+                f"prompt and {answer_tokens} answer tokens need {PROMPT_TOKENS[0] + answer_tokens}:"
+                " use fewer --answer-tokens"
+            )
         prompt = np.array([[tokenizer.bos_id, *ids[:length]]], np.int64)
-        answer = np.array([ids[length : length + ANSWER_TOKENS]], np.int64)
+        answer = np.array([ids[length : length + answer_tokens]], np.int64)
         pairs.append((prompt, answer))
     return pairs
-
-
-def _agreement(truth: list[np.ndarray], path: list[np.ndarray]) -> dict:
-    """Pooled over every document's positions; first-token KL averaged over documents."""
-    whole = agreement(np.concatenate(truth), np.concatenate(path))
-    first = [float(kl_divergence(t[:1], p[:1])[0]) for t, p in zip(truth, path, strict=True)]
-    per_doc = [agreement(t, p).mean_kl for t, p in zip(truth, path, strict=True)]
-    return {
-        "top1": whole.top1,
-        "mean_kl": whole.mean_kl,
-        "first_kl": float(np.mean(first)),
-        "worst_document_kl": float(max(per_doc)),
-    }
 
 
 # --- vision --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import tables
-from studies import attention_section, vision_error_section
+from studies import attention_section, decoder_targets, vision_error_section
 
 from phi3v import convert, integer_gemm
 
@@ -350,8 +350,12 @@ activations per block of 32 inside `MatMulNBits`); the other rows are fast copie
 activation numerics (the prompt on the copy, the answer on the int4 decoder, as the engine runs
 them). KL is KL(truth || path) of the next-token distribution, in nats, over every teacher-forced
 answer position; "layer ms" is one real-size decoder layer's four projections at 512 rows.
+Earlier runs scored fewer answer tokens per text, too few to tell the variants apart; their
+figures are in the git history of `bench/results/accuracy.md`.
 
 {tables.fidelity_report(accuracy)}
+
+{decoder_targets(accuracy, chosen_variant(accuracy, "decoder"))}
 
 The copies use **{chosen.decoder.describe()}** for the decoder and **{chosen.vision.describe()}**
 for the vision model (`DEFAULT_NUMERICS` in `phi3v/convert.py`), the decoder's chosen on the tuning
@@ -411,9 +415,28 @@ def readme_accuracy(accuracy: dict) -> str:
             "| path | top-1 agreement | mean KL | first-token KL | vision error vs exact |",
             "|---|---|---|---|---|",
             *rows,
+            *_readme_paired(decoder["tune"], name),
             ACCURACY_END,
         ]
     )
+
+
+def _readme_paired(tune: dict, name: str) -> list[str]:
+    """One sentence: fast's top-1 against exact's on the same tokens, and whether it differs."""
+    if "paired" not in tune:
+        return []
+    difference = tune["paired"][name]["top1_difference"]
+    low, high = difference["interval"]
+    reading = (
+        "these texts cannot tell the two apart"
+        if low <= 0 <= high
+        else f"fast is distinguishably {'below' if high < 0 else 'above'} exact"
+    )
+    return [
+        "",
+        f"On the same tuning tokens fast's top-1 is {difference['value']:+.1f} points from "
+        f"exact's (95 % interval over the texts {low:+.1f} to {high:+.1f}): {reading}.",
+    ]
 
 
 def readme_block(scale: dict) -> str:

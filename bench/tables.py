@@ -94,18 +94,21 @@ def memory(report: dict) -> str:
 
 def fidelity_report(result: dict) -> str:
     """``accuracy.py``: each path's agreement with fp32-activation truth on the trained proxies,
-    beside the speed of one real-size decoder layer's projections in its form."""
+    beside the speed of one real-size decoder layer's projections in its form; then each fast
+    variant against exact on the same tokens, with intervals (bench/paired.py)."""
     decoder, vision = result["decoder"], result["vision"]
     tune, held = decoder["tune"], decoder["held_out"]
     speed = result.get("speed", {})
     base = tune["paths"]["exact"]["mean_kl"]
     columns = list(speed)
+    clear = "top1_clear" in tune["paths"]["exact"]  # results before near ties were counted lack it
     header = [
         "path",
         "top-1 (tune)",
         "mean KL (tune)",
         "KL / exact",
         "first-token KL",
+        *([f"top-1 where truth leads by {decoder['near_tie']:g}+ (tune)"] if clear else []),
         "top-1 (held out)",
         "mean KL (held out)",
         "vision error / exact",
@@ -119,11 +122,12 @@ def fidelity_report(result: dict) -> str:
         rows.append(
             [
                 path,
-                f"{numbers['top1']:.1%}",
+                _share(numbers),
                 f"{numbers['mean_kl']:.4f}",
                 f"{numbers['mean_kl'] / base:.2f}x",
                 f"{numbers['first_kl']:.4f}",
-                f"{out['top1']:.1%}",
+                *([f"{numbers['top1_clear']:.1%}"] if clear else []),
+                _share(out),
                 f"{out['mean_kl']:.4f}",
                 f"{vision['paths'][path]['mean_error'] / vision_base:.2f}x",
                 *[f"{speed[name].get(speed_name, float('nan')):.1f}" for name in columns],
@@ -143,11 +147,72 @@ def fidelity_report(result: dict) -> str:
         f"{max(tune['prompt_tokens'] + held['prompt_tokens'])} tokens, "
         f"{tune['answer_tokens']} teacher-forced answer tokens each. Vision proxy: "
         f"{len(vision['photos'])} photographs, relative feature error (exact: "
-        f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows.",
+        f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows."
+        + (
+            f" Truth leads by {decoder['near_tie']:g}+ where its likeliest token's probability "
+            f"is at least {decoder['near_tie']:g} above the second's."
+            if clear
+            else ""
+        ),
         "",
         _table(header, rows),
     ]
+    if "paired" in tune:
+        lines += ["", _paired_note(tune, held), "", fidelity_paired(decoder)]
     return "\n".join(lines)
+
+
+def fidelity_paired(decoder: dict) -> str:
+    """Each fast variant against exact on the same teacher-forced tokens, tune and held out."""
+    header = [
+        "path",
+        "top-1 minus exact's, points (tune)",
+        "right where exact is not / exact right where it is not (tune)",
+        "same top-1 as exact (tune)",
+        "KL / exact (tune)",
+        "first-token KL / exact (tune)",
+        "top-1 minus exact's, points (held out)",
+        "KL / exact (held out)",
+    ]
+    tune, held = decoder["tune"]["paired"], decoder["held_out"]["paired"]
+    rows = [
+        [
+            path,
+            _estimate(numbers["top1_difference"], "+.1f"),
+            f"{numbers['only_path_right']} / {numbers['only_exact_right']}",
+            _estimate(numbers["same_as_exact"], ".1%"),
+            _estimate(numbers["kl_ratio"], ".2f", "x"),
+            _estimate(numbers["first_kl_ratio"], ".2f", "x"),
+            _estimate(held[path]["top1_difference"], "+.1f"),
+            _estimate(held[path]["kl_ratio"], ".2f", "x"),
+        ]
+        for path, numbers in tune.items()
+    ]
+    return _table(header, rows)
+
+
+def _paired_note(split: dict, held: dict) -> str:
+    return (
+        "Each fast variant against exact on the same positions (paired). In brackets: 95 % "
+        f"intervals from a bootstrap over documents ({split['resamples']:,} resamples of the "
+        "texts, each resample pooling its texts' positions), because the positions of one text "
+        "are not independent; an interval that contains 0 (or 1.00x) means these texts cannot "
+        f"tell the two apart. The held-out split has {held['documents']} texts: its resamples "
+        "can only recombine those, so its intervals are too narrow to trust."
+    )
+
+
+def _share(numbers: dict) -> str:
+    """A top-1 share, with its interval where the results have one."""
+    if "top1_interval" not in numbers:
+        return f"{numbers['top1']:.1%}"
+    return _estimate({"value": numbers["top1"], "interval": numbers["top1_interval"]}, ".1%")
+
+
+def _estimate(numbers: dict, spec: str, unit: str = "") -> str:
+    """``value [low, high]`` of a pooled estimate and its interval, e.g. ``-0.4 [-1.1, +0.4]``."""
+    low, high = numbers["interval"]
+    return f"{numbers['value']:{spec}}{unit} [{low:{spec}}, {high:{spec}}]"
 
 
 def openvino_peer(rows: list[dict]) -> str:
