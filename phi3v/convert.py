@@ -44,7 +44,6 @@ from onnx import TensorProto, helper, numpy_helper
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, first_line
 from phi3v.files import sha256_file
-from phi3v.graph_fusions import fuse_residual_norms
 from phi3v.integer_gemm import (
     GemmBuilder,
     Numerics,
@@ -54,7 +53,7 @@ from phi3v.integer_gemm import (
 )
 from phi3v.results import Progress
 
-CONVERTER_VERSION = 6  # bump when the rewrite changes: every cached copy is then rebuilt
+CONVERTER_VERSION = 7  # bump when the rewrite changes: every cached copy is then rebuilt
 CACHE_FOLDER = ".phi3v-cache"
 CACHE_ENV = "PHI3V_CACHE_DIR"
 MANIFEST = "manifest.json"
@@ -165,14 +164,12 @@ def convert_model(
     progress: Callable[[Progress], None] | None = None,
     what: str = "model",
     fold_splits: bool = True,
-    fuse_norms: bool = True,
 ) -> None:
     """Write ``source`` with its MatMulNBits as integer GEMMs to ``target`` (+ ``.data``).
 
     With ``last_position_output`` (the decoder's logits) the LM head sees only the last position.
     ``fold_splits=False`` keeps each Split of a projection's output (for the test that folding
-    them changes no number); ``fuse_norms=False`` keeps bias, residual and norm apart
-    (:mod:`phi3v.graph_fusions`).
+    them changes no number).
     """
     report = progress or (lambda _: None)
     model = _load_graph(source)
@@ -205,9 +202,6 @@ def convert_model(
     replaced = {name for node in targets for name in node.input[1:4]}
     replaced |= {node.input[5] for node in targets if id(node) in splits and _bias(node)}
     kept = [_copy(t) for t in graph.initializer if t.name not in replaced]
-    if fuse_norms:
-        outside = {out.name for out in graph.output} | _subgraph_inputs(graph)
-        nodes = fuse_residual_norms(nodes, builder.bias_sums, outside)
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]

@@ -138,7 +138,6 @@ class GemmBuilder:
     def __init__(self, opset: int):
         self.opset = opset
         self.weights: list[TensorProto] = []
-        self.bias_sums: set[str] = set()  # outputs of the bias Adds written after a GEMM
         self._constants: dict[str, np.ndarray] = {
             "tiny": np.array(1e-12, np.float32),
             "inv127": np.array(1 / INT8_PEAK, np.float32),
@@ -249,7 +248,6 @@ class GemmBuilder:
                 nodes.append(
                     self._node("Add", [p("no_bias"), p("bias") if split else bias], output)
                 )
-                self.bias_sums.add(output)
             first += width
         return nodes
 
