@@ -266,8 +266,9 @@ def amx_section(run: dict) -> str:
     return (
         f"From `bench/results/scale-amx.md` ({run['date'][:16]}, phi3v "
         f"{run['versions']['phi3v_commit']}; {run['machine']['cpu_model']}, "
-        f"`{', '.join(run['machine']['simd'])}`; one process each): the 1344x1008 photo at 16 "
-        f"crops (1,935 ids), first token **{fast:.1f} s** in fast against {genai:.1f} s for "
+        f"`{', '.join(run['machine']['simd'])}`; {_processes(run['runs'])}): the 1344x1008 "
+        f"photo at 16 crops (1,935 ids), first token **{fast:.1f} s** in fast against "
+        f"{genai:.1f} s for "
         f"onnxruntime-genai with 2 threads (**{fast / genai:.2f}x**). {_one_time(setup)} "
         "The check failed on this random-weight set, as expected: random weights "
         "amplify any rounding through 32 layers (exact itself agrees with fp32 activations on "
@@ -276,6 +277,10 @@ def amx_section(run: dict) -> str:
         if setup.get("check")
         else ""
     )
+
+
+def _processes(runs: int) -> str:
+    return "one process each" if runs == 1 else f"medians of {runs} processes each, alternated"
 
 
 def _one_time(setup: dict) -> str:
