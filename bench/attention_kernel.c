@@ -1,0 +1,456 @@
+/*
+ * Fused causal attention for one prefill chunk (issue 16's study; bench code, not product code).
+ *
+ * The queries of one chunk, positions [start, start + rows), attend to the keys [0, position]
+ * of a key/value cache that already holds the chunk's own keys and values, as the fast decoder's
+ * GroupQueryAttention does with its shared past/present buffer. Rotary embedding is not applied
+ * (the study's other forms ignore it too). Layouts (fp32, row-major):
+ *
+ *   q     [rows][heads * head]            the chunk's queries, head h at column h * head
+ *   k, v  [kv_heads][capacity][head]      the cache; positions [0, start + rows) are valid
+ *   out   [rows][heads * head]
+ *
+ * Query head h reads key/value head h / (heads / kv_heads), as GroupQueryAttention does.
+ *
+ * Both variants tile the causal triangle: a block of query rows meets the keys in blocks, only
+ * up to the block's last position, and only the blocks on the diagonal are masked. Each block
+ * of scores lives in cache and is turned into weights with an online softmax (per query row, a
+ * running maximum m and running sum l; when a later key block raises m, what was accumulated so
+ * far is multiplied by 2^(m_old - m_new)). The scores are kept in base 2: Q is multiplied once by
+ * log2(e) / sqrt(head), so the weights are exp2(score - m).
+ *
+ *   variant 0, fp32 AVX-512: blocks of 32 query rows x 64 keys. Scores are computed with the
+ *     queries in the vector lanes (S^T[key][query]), so the softmax's maxima and sums are plain
+ *     vertical operations; P.V with the queries in rows, the output rows in registers.
+ *   variant 1, AMX bf16: blocks of 16 query rows x 64 keys. S^T = K . Q^T and O^T = V^T . P^T on
+ *     the tiles (_tile_dpbf16ps, fp32 accumulation); the softmax in fp32 AVX-512 between them.
+ *
+ * Threads: the heads are shared among `threads` OpenMP threads.
+ * Returns 0, or a negative code (see enum status) without touching `out`.
+ */
+#include <cpuid.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum status { OK = 0, BAD_SHAPE = -1, NO_AMX = -2, NO_AVX512 = -3, NO_MEMORY = -4 };
+enum variant { FP32 = 0, AMX_BF16 = 1 };
+
+#define LOG2E 1.4426950408889634
+#define LN2 0.6931471805599453
+#define FP32_ROWS 32 /* query rows per block: two vectors of 16 queries */
+#define AMX_ROWS 16  /* query rows per block: one tile's 16 columns of fp32 */
+#define KEYS 64      /* keys per block, both variants */
+
+/* Linux hands out the AMX tile state only on request (see bench/noamx.c). */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+#define VEC __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
+#define TILES __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* --- what the CPU and the kernel allow ------------------------------------------------------ */
+
+static int has_avx512(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    int bf16 = (a >> 5) & 1; /* avx512_bf16: the conversions to bf16 */
+    return f && dq && bw && bf16;
+}
+
+/* 1 when the CPU has AMX bf16 tiles and Linux granted this process their state, else 0. */
+int attention_amx_ready(void) {
+    unsigned a, b, c, d;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0; /* amx_bf16, amx_tile */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* --- shared pieces ---------------------------------------------------------------------------- */
+
+/* 2^x for x <= 0: 2^round(x) * e^(f ln 2), the Taylor series of e^y to y^7 (|y| <= 0.35, error
+ * below 1e-8 relative). Lanes below -126 (masked scores are -inf) give exactly 0. */
+VEC INLINE __m512 exp2_neg(__m512 x) {
+    const __m512 lowest = _mm512_set1_ps(-126.0f);
+    __mmask16 live = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+    x = _mm512_max_ps(x, lowest);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps((float)LN2));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+/* The lanes (queries base + 0..15) that may see `key`: position >= key. */
+INLINE __mmask16 visible(int key, int base) {
+    int hidden = key - base; /* lanes below this are earlier positions than the key */
+    if (hidden <= 0) return 0xFFFF;
+    if (hidden >= 16) return 0;
+    return (__mmask16)(0xFFFF << hidden);
+}
+
+/* One step of the online softmax over a block of scores st[key][16 queries] (nk keys, one
+ * vector each): masks keys after each query's position, raises the running maximum m, leaves
+ * the weights 2^(score - m) in st and returns the factor 2^(m_old - m_new) by which what was
+ * accumulated before (the output and the running sum of weights) must be scaled. */
+VEC INLINE __m512 softmax_step(float *st, int stride, int nk, int key0, int base, __m512 *m) {
+    const __m512 hidden = _mm512_set1_ps(-INFINITY);
+    __m512 top = hidden;
+    for (int j = 0; j < nk; j++) {
+        __m512 s = _mm512_load_ps(st + j * stride);
+        s = _mm512_mask_blend_ps(visible(key0 + j, base), hidden, s);
+        top = _mm512_max_ps(top, s);
+        _mm512_store_ps(st + j * stride, s);
+    }
+    __m512 m_new = _mm512_max_ps(*m, top);
+    __m512 scale = exp2_neg(_mm512_sub_ps(*m, m_new)); /* 0 on the first block (m = -inf) */
+    for (int j = 0; j < nk; j++) {
+        __m512 p = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + j * stride), m_new));
+        _mm512_store_ps(st + j * stride, p);
+    }
+    *m = m_new;
+    return scale;
+}
+
+/* The sum over nk keys of the weights st[key][16 queries]. */
+VEC INLINE __m512 weight_sum(const float *st, int stride, int nk) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < nk; j++) sum = _mm512_add_ps(sum, _mm512_load_ps(st + j * stride));
+    return sum;
+}
+
+/* --- fp32 AVX-512 --------------------------------------------------------------------------- */
+
+/* st[j][0..32) = sum_d qt[d][0..32) * k[j][d] for nk (<= 8) keys: queries in the lanes, each
+ * key's element broadcast. qt is the block's queries transposed, [head][32]. */
+VEC INLINE void scores_fp32(const float *qt, const float *k, int head, float *st, const int nk) {
+    __m512 acc[8][2];
+    for (int j = 0; j < nk; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    for (int d = 0; d < head; d++) {
+        __m512 q0 = _mm512_load_ps(qt + d * FP32_ROWS), q1 = _mm512_load_ps(qt + d * FP32_ROWS + 16);
+        for (int j = 0; j < nk; j++) {
+            __m512 kj = _mm512_set1_ps(k[j * head + d]);
+            acc[j][0] = _mm512_fmadd_ps(kj, q0, acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(kj, q1, acc[j][1]);
+        }
+    }
+    for (int j = 0; j < nk; j++) {
+        _mm512_store_ps(st + j * FP32_ROWS, acc[j][0]);
+        _mm512_store_ps(st + j * FP32_ROWS + 16, acc[j][1]);
+    }
+}
+
+/* o[i][..] = o[i][..] * scale[i] + sum_j p[j][i] * v[j][..] for 4 query rows, head = 16 * nv:
+ * the rows' outputs stay in registers over the block's nk keys. p is st's weights [key][32]. */
+VEC INLINE void values_fp32(float *o, const float *p, const float *v, const float *scale, int nk,
+                            const int nv) {
+    const int head = 16 * nv;
+    __m512 acc[4][6];
+    for (int i = 0; i < 4; i++) {
+        __m512 s = _mm512_set1_ps(scale[i]);
+        for (int c = 0; c < nv; c++) acc[i][c] = _mm512_mul_ps(_mm512_load_ps(o + i * head + 16 * c), s);
+    }
+    for (int j = 0; j < nk; j++) {
+        __m512 vj[6];
+        for (int c = 0; c < nv; c++) vj[c] = _mm512_loadu_ps(v + j * head + 16 * c);
+        for (int i = 0; i < 4; i++) {
+            __m512 pij = _mm512_set1_ps(p[j * FP32_ROWS + i]);
+            for (int c = 0; c < nv; c++) acc[i][c] = _mm512_fmadd_ps(pij, vj[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < nv; c++) _mm512_store_ps(o + i * head + 16 * c, acc[i][c]);
+}
+
+VEC static void values_rows(float *o, const float *p, const float *v, const float *scale, int nk,
+                            int head) {
+    if (head == 32) values_fp32(o, p, v, scale, nk, 2);
+    else if (head == 64) values_fp32(o, p, v, scale, nk, 4);
+    else values_fp32(o, p, v, scale, nk, 6);
+}
+
+typedef struct {
+    float *qt;    /* [head][32] the block's queries, transposed and scaled */
+    float *st;    /* [KEYS][32] scores, then weights */
+    float *o;     /* [32][head] output accumulators */
+    float *scale; /* [32] this key block's rescaling factors */
+} fp32_scratch;
+
+/* One head: q and out point at the head's first column, rows `stride` floats apart; k and v
+ * at its key/value head's [capacity][head]. */
+VEC static void head_fp32(const float *q, const float *k, const float *v, float *out, int stride,
+                          int rows, int start, int head, fp32_scratch *w) {
+    const float factor = (float)(LOG2E / sqrt((double)head));
+    for (int r0 = 0; r0 < rows; r0 += FP32_ROWS) {
+        int n = rows - r0 < FP32_ROWS ? rows - r0 : FP32_ROWS;
+        int base = start + r0, last = base + n - 1; /* positions of the block's first/last row */
+        for (int d = 0; d < head; d++)
+            for (int i = 0; i < FP32_ROWS; i++)
+                w->qt[d * FP32_ROWS + i] = i < n ? q[(size_t)(r0 + i) * stride + d] * factor : 0.0f;
+        memset(w->o, 0, sizeof(float) * FP32_ROWS * head);
+        __m512 m[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+        __m512 l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int key0 = 0; key0 <= last; key0 += KEYS) {
+            int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS; /* no key after `last` */
+            const float *kb = k + (size_t)key0 * head;
+            int j = 0;
+            for (; j + 8 <= nk; j += 8) scores_fp32(w->qt, kb + j * head, head, w->st + j * FP32_ROWS, 8);
+            for (; j < nk; j++) scores_fp32(w->qt, kb + j * head, head, w->st + j * FP32_ROWS, 1);
+            for (int half = 0; half < 2; half++) {
+                float *st = w->st + 16 * half;
+                __m512 s = softmax_step(st, FP32_ROWS, nk, key0, base + 16 * half, &m[half]);
+                l[half] = _mm512_fmadd_ps(l[half], s, weight_sum(st, FP32_ROWS, nk));
+                _mm512_store_ps(w->scale + 16 * half, s);
+            }
+            for (int i = 0; i < n; i += 4)
+                values_rows(w->o + i * head, w->st + i, v + (size_t)key0 * head, w->scale + i, nk,
+                            head);
+        }
+        float sums[FP32_ROWS] __attribute__((aligned(64)));
+        _mm512_store_ps(sums, l[0]);
+        _mm512_store_ps(sums + 16, l[1]);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d++)
+                out[(size_t)(r0 + i) * stride + d] = w->o[i * head + d] / sums[i];
+    }
+}
+
+/* --- AMX bf16 ------------------------------------------------------------------------------- */
+/*
+ * A tile product C[16][16 fp32] += A[16][32 bf16] . B[32][16], with B stored in pairs ("VNNI"):
+ * B's row r holds (B[2r][n], B[2r+1][n]) for n = 0..15. Every tile here is 16 rows of 64 bytes.
+ *
+ *   scores   S^T[16 keys][16 queries] = K[16 keys][32 dims] . Q^T[32 dims][16 queries]
+ *            A: K in bf16, row-major as the cache holds it; B: the queries' pairs of dims.
+ *            head = 32 * (1, 2 or 3): one product per 32 dims, tiles 0-2 keep the queries.
+ *   values   O^T[16 dims][16 queries] += V^T[16 dims][32 keys] . P^T[32 keys][16 queries]
+ *            A: V transposed in bf16; B: the weights' pairs of keys, which the softmax writes
+ *            directly (it has one vector of 16 queries per key).
+ *
+ * Tiles: 0-2 queries, 3 keys, 4-7 the scores of a block of 64 keys; then 4-5 the weights,
+ * 6 V^T, 7 the output.
+ */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+typedef struct {
+    uint16_t *k;  /* [keys][head] bf16, the key/value head's keys, zero after the last */
+    uint16_t *vt; /* [head][keys] bf16, its values transposed */
+    int keys;     /* padded to KEYS */
+    uint16_t *qp; /* [3][16][32] bf16: the block's queries in pairs of dims, one tile per 32 */
+    float *st;    /* [KEYS][16] scores, then weights */
+    uint16_t *pp; /* [2][16][32] bf16: the weights in pairs of keys, one tile per 32 keys */
+    float *ot;    /* [head][16] output accumulators, transposed */
+} amx_scratch;
+
+static uint16_t to_bf16(float x) { /* round to nearest even (no NaN here) */
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+/* The key/value head's keys [0, end) in bf16 as they are, its values transposed. */
+TILES static void pack_keys_values(const float *k, const float *v, int end, int head,
+                                   amx_scratch *w) {
+    for (int j = 0; j < w->keys; j++) {
+        uint16_t *row = w->k + (size_t)j * head;
+        if (j >= end) {
+            memset(row, 0, 2 * head);
+            continue;
+        }
+        for (int d = 0; d < head; d += 16) {
+            __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(k + (size_t)j * head + d));
+            _mm256_storeu_si256((__m256i *)(row + d), (__m256i)b);
+        }
+    }
+    for (int d = 0; d < head; d++)
+        for (int j = 0; j < w->keys; j++)
+            w->vt[(size_t)d * w->keys + j] = j < end ? to_bf16(v[(size_t)j * head + d]) : 0;
+}
+
+/* st's weights for keys 32c..32c+31 in pairs of keys: pp[c][r] = (p[2r][n], p[2r+1][n]), n =
+ * 0..15, the B layout; returns the sum of the rounded weights (what the product multiplies). */
+TILES INLINE __m512 pair_weights(const float *st, uint16_t *pp) {
+    /* after the two 16-lane halves are side by side, interleave them: 0, 16, 1, 17, ... */
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    __m512 sum = _mm512_setzero_ps();
+    for (int r = 0; r < 16; r++) {
+        __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(st + (2 * r) * 16));
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(st + (2 * r + 1) * 16));
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        _mm512_store_si512((__m512i *)(pp + r * 32), _mm512_permutexvar_epi16(order, both));
+        /* back to fp32: a bf16 is the top half of a float */
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16)));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+    return sum;
+}
+
+#define SCORES(tile, dims)                                                                      \
+    do {                                                                                        \
+        _tile_loadd(3, kb + (size_t)(16 * (tile - 4)) * head + 32 * (dims), 2 * head);          \
+        _tile_dpbf16ps(tile, 3, dims);                                                          \
+    } while (0)
+
+TILES static void head_amx(const float *q, float *out, int stride, int rows, int start, int head,
+                           amx_scratch *w) {
+    const float factor = (float)(LOG2E / sqrt((double)head));
+    const int slices = head / 32;
+    for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
+        int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+        int base = start + r0, last = base + n - 1;
+        /* queries in pairs of dims: qp[s][r][2i + e] = q[row i][32 s + 2 r + e] */
+        for (int s = 0; s < slices; s++)
+            for (int r = 0; r < 16; r++)
+                for (int i = 0; i < 16; i++)
+                    for (int e = 0; e < 2; e++)
+                        w->qp[(s * 16 + r) * 32 + 2 * i + e] =
+                            i < n ? to_bf16(q[(size_t)(r0 + i) * stride + 32 * s + 2 * r + e] * factor)
+                                  : 0;
+        _tile_loadd(0, w->qp, 64);
+        if (slices > 1) _tile_loadd(1, w->qp + 512, 64);
+        if (slices > 2) _tile_loadd(2, w->qp + 1024, 64);
+        memset(w->ot, 0, sizeof(float) * 16 * head);
+        __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+        for (int key0 = 0; key0 <= last; key0 += KEYS) {
+            const uint16_t *kb = w->k + (size_t)key0 * head;
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+            for (int s = 0; s < slices; s++) { /* tile numbers must be constants */
+                if (s == 0) { SCORES(4, 0); SCORES(5, 0); SCORES(6, 0); SCORES(7, 0); }
+                if (s == 1) { SCORES(4, 1); SCORES(5, 1); SCORES(6, 1); SCORES(7, 1); }
+                if (s == 2) { SCORES(4, 2); SCORES(5, 2); SCORES(6, 2); SCORES(7, 2); }
+            }
+            _tile_stored(4, w->st, 64);
+            _tile_stored(5, w->st + 256, 64);
+            _tile_stored(6, w->st + 512, 64);
+            _tile_stored(7, w->st + 768, 64);
+            int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
+            /* keys after `last` are masked for every row; the tiles still multiply them */
+            for (int j = nk; j < KEYS; j++) _mm512_store_ps(w->st + 16 * j, _mm512_set1_ps(-INFINITY));
+            __m512 scale = softmax_step(w->st, 16, KEYS, key0, base, &m);
+            /* the sum of the rounded weights, the ones the tiles multiply */
+            __m512 sum = _mm512_add_ps(pair_weights(w->st, w->pp),
+                                       pair_weights(w->st + 512, w->pp + 512));
+            l = _mm512_fmadd_ps(l, scale, sum);
+            if (_mm512_cmp_ps_mask(scale, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
+                for (int d = 0; d < head; d++)
+                    _mm512_store_ps(w->ot + 16 * d, _mm512_mul_ps(_mm512_load_ps(w->ot + 16 * d), scale));
+            _tile_loadd(4, w->pp, 64);
+            _tile_loadd(5, w->pp + 512, 64);
+            for (int d0 = 0; d0 < head; d0 += 16) {
+                const uint16_t *vt = w->vt + (size_t)d0 * w->keys + key0;
+                _tile_loadd(7, w->ot + 16 * d0, 64);
+                _tile_loadd(6, vt, 2 * w->keys);
+                _tile_dpbf16ps(7, 6, 4);
+                _tile_loadd(6, vt + 32, 2 * w->keys);
+                _tile_dpbf16ps(7, 6, 5);
+                _tile_stored(7, w->ot + 16 * d0, 64);
+            }
+        }
+        float sums[16] __attribute__((aligned(64)));
+        _mm512_store_ps(sums, l);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d++)
+                out[(size_t)(r0 + i) * stride + d] = w->ot[16 * d + i] / sums[i];
+    }
+}
+
+/* --- the entry point ------------------------------------------------------------------------ */
+
+static void *zeroed(size_t bytes) { /* 64-byte aligned for the vector and tile loads */
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+TILES static void configure_tiles(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+    }
+    /* gcc 12 does not see that ldtilecfg reads all 64 bytes and drops part of the memset */
+    __asm__ volatile("" : : "m"(config) : "memory");
+    _tile_loadconfig(&config);
+}
+
+TILES static void release_tiles(void) { _tile_release(); }
+
+int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
+                     int start, int capacity, int heads, int kv_heads, int head, int variant,
+                     int threads) {
+    if ((head != 32 && head != 64 && head != 96) || rows <= 0 || start < 0 || kv_heads <= 0 ||
+        heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16))
+        return BAD_SHAPE;
+    if (!has_avx512()) return NO_AVX512;
+    if (variant == AMX_BF16 && !attention_amx_ready()) return NO_AMX;
+    const int end = start + rows, group = heads / kv_heads, stride = heads * head;
+    const int keys = (end + KEYS - 1) / KEYS * KEYS;
+    int status = OK;
+#pragma omp parallel num_threads(threads)
+    {
+        fp32_scratch f = {0};
+        amx_scratch a = {0};
+        int ready;
+        if (variant == FP32) {
+            f.qt = zeroed(sizeof(float) * head * FP32_ROWS);
+            f.st = zeroed(sizeof(float) * KEYS * FP32_ROWS);
+            f.o = zeroed(sizeof(float) * FP32_ROWS * head);
+            f.scale = zeroed(sizeof(float) * FP32_ROWS);
+            ready = f.qt && f.st && f.o && f.scale;
+        } else {
+            a.keys = keys;
+            a.k = zeroed(2 * (size_t)keys * head);
+            a.vt = zeroed(2 * (size_t)keys * head);
+            a.qp = zeroed(2 * 3 * 16 * 32);
+            a.st = zeroed(sizeof(float) * KEYS * 16);
+            a.pp = zeroed(2 * 2 * 16 * 32);
+            a.ot = zeroed(sizeof(float) * head * 16);
+            ready = a.k && a.vt && a.qp && a.st && a.pp && a.ot;
+            if (ready) configure_tiles(); /* the tile configuration is per thread */
+        }
+        if (!ready) {
+#pragma omp atomic write
+            status = NO_MEMORY;
+        }
+#pragma omp for schedule(static)
+        for (int h = 0; h < heads; h++) {
+            if (!ready) continue;
+            const size_t g = (size_t)(h / group) * capacity * head; /* its key/value head */
+            if (variant == FP32) {
+                head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start, head, &f);
+            } else {
+                pack_keys_values(k + g, v + g, end, head, &a);
+                head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
+            }
+        }
+        if (variant == AMX_BF16 && ready) release_tiles();
+        free(f.qt), free(f.st), free(f.o), free(f.scale);
+        free(a.k), free(a.vt), free(a.qp), free(a.st), free(a.pp), free(a.ot);
+    }
+    return status;
+}
