@@ -94,6 +94,10 @@ VEC INLINE __m512 exp2_neg(__m512 x) {
     return _mm512_maskz_scalef_ps(live, p, n);
 }
 
+VEC INLINE __m512i lanes(void) { /* 0, 1, ..., 15 */
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
 /* The lanes (queries base + 0..15) that may see `key`: position >= key. */
 INLINE __mmask16 visible(int key, int base) {
     int hidden = key - base; /* lanes below this are earlier positions than the key */
@@ -197,9 +201,14 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
     for (int r0 = 0; r0 < rows; r0 += FP32_ROWS) {
         int n = rows - r0 < FP32_ROWS ? rows - r0 : FP32_ROWS;
         int base = start + r0, last = base + n - 1; /* positions of the block's first/last row */
-        for (int d = 0; d < head; d++)
-            for (int i = 0; i < FP32_ROWS; i++)
-                w->qt[d * FP32_ROWS + i] = i < n ? q[(size_t)(r0 + i) * stride + d] * factor : 0.0f;
+        /* qt[d][i] = q[row i][d] * factor: each row's 16 dims scattered down a column */
+        const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(FP32_ROWS));
+        if (n < FP32_ROWS) memset(w->qt, 0, sizeof(float) * head * FP32_ROWS);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d += 16) {
+                __m512 x = _mm512_loadu_ps(q + (size_t)(r0 + i) * stride + d);
+                _mm512_i32scatter_ps(w->qt + d * FP32_ROWS + i, down, _mm512_mul_ps(x, _mm512_set1_ps(factor)), 4);
+            }
         memset(w->o, 0, sizeof(float) * FP32_ROWS * head);
         __m512 m[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
         __m512 l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -260,12 +269,6 @@ typedef struct {
     float *ot;    /* [head][16] output accumulators, transposed */
 } amx_scratch;
 
-static uint16_t to_bf16(float x) { /* round to nearest even (no NaN here) */
-    uint32_t bits;
-    memcpy(&bits, &x, 4);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
 /* The key/value head's keys [0, end) in bf16 as they are, its values transposed. */
 TILES static void pack_keys_values(const float *k, const float *v, int end, int head,
                                    amx_scratch *w) {
@@ -280,9 +283,17 @@ TILES static void pack_keys_values(const float *k, const float *v, int end, int 
             _mm256_storeu_si256((__m256i *)(row + d), (__m256i)b);
         }
     }
-    for (int d = 0; d < head; d++)
-        for (int j = 0; j < w->keys; j++)
-            w->vt[(size_t)d * w->keys + j] = j < end ? to_bf16(v[(size_t)j * head + d]) : 0;
+    /* V^T by gathers: 16 keys' values of one dim at a time (the cache holds V row-major) */
+    const __m512i rows = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(head));
+    for (int j0 = 0; j0 < w->keys; j0 += 16) {
+        __mmask16 real = j0 >= end ? 0 : end - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (end - j0)) - 1);
+        for (int d = 0; d < head; d++) {
+            __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows,
+                                                v + (size_t)j0 * head + d, 4);
+            _mm256_store_si256((__m256i *)(w->vt + (size_t)d * w->keys + j0),
+                               (__m256i)_mm512_cvtneps_pbh(x));
+        }
+    }
 }
 
 /* st's weights for keys 32c..32c+31 in pairs of keys: pp[c][r] = (p[2r][n], p[2r+1][n]), n =
@@ -318,14 +329,18 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
         int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
         int base = start + r0, last = base + n - 1;
-        /* queries in pairs of dims: qp[s][r][2i + e] = q[row i][32 s + 2 r + e] */
-        for (int s = 0; s < slices; s++)
-            for (int r = 0; r < 16; r++)
-                for (int i = 0; i < 16; i++)
-                    for (int e = 0; e < 2; e++)
-                        w->qp[(s * 16 + r) * 32 + 2 * i + e] =
-                            i < n ? to_bf16(q[(size_t)(r0 + i) * stride + 32 * s + 2 * r + e] * factor)
-                                  : 0;
+        /* queries in pairs of dims: qp[s][r][2i + e] = q[row i][32 s + 2 r + e]; as 32-bit
+         * pairs, each row's 16 pairs of a slice are scattered down a column */
+        const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(16));
+        const __m512 f = _mm512_set1_ps(factor);
+        if (n < AMX_ROWS) memset(w->qp, 0, 2 * 3 * 16 * 32);
+        for (int i = 0; i < n; i++)
+            for (int s = 0; s < slices; s++) {
+                const float *row = q + (size_t)(r0 + i) * stride + 32 * s;
+                __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + 16), f),
+                                                     _mm512_mul_ps(_mm512_loadu_ps(row), f));
+                _mm512_i32scatter_epi32((uint32_t *)w->qp + 256 * s + i, down, (__m512i)pairs, 4);
+            }
         _tile_loadd(0, w->qp, 64);
         if (slices > 1) _tile_loadd(1, w->qp + 512, 64);
         if (slices > 2) _tile_loadd(2, w->qp + 1024, 64);

@@ -52,7 +52,8 @@ def library() -> ctypes.CDLL:
     if not target.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".{os.getpid()}.tmp")
-        command = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", "-o", str(partial), str(SOURCE), "-lm"]
+        command = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", "-o", str(partial)]
+        command += [str(SOURCE), "-lm"]
         built = subprocess.run(command, capture_output=True, text=True)
         if built.returncode != 0:
             raise KernelUnavailable(f"gcc could not build {SOURCE.name}:\n{built.stderr}")
@@ -82,7 +83,8 @@ def attention(
     for start in range(0, positions, chunk):
         end = min(start + chunk, positions)
         for stored, new in zip(cache, (k, v), strict=True):  # the chunk's present key/value
-            stored[:, start:end] = new[0, start:end].reshape(end - start, kv_heads, head).swapaxes(0, 1)
+            part = new[0, start:end].reshape(end - start, kv_heads, head)
+            stored[:, start:end] = part.swapaxes(0, 1)
         rows = np.ascontiguousarray(q[0, start:end])
         status = lib.causal_attention(
             rows, *cache, out[start:end], end - start, start, positions, heads, kv_heads, head,
@@ -91,3 +93,18 @@ def attention(
         if status:
             raise KernelUnavailable(ERRORS.get(status, f"error {status}"))
     return out[None]
+
+
+def pairs(positions: int, chunk: int, variant: str) -> int:
+    """The (query, key) pairs the kernel computes over a prefill of ``positions`` in chunks: each
+    block of query rows meets the keys up to its last row (fp32), or up to that rounded up to a
+    whole block of keys (AMX, whose tiles are a fixed size)."""
+    rows, keys = TILE[variant]
+    total = 0
+    for start in range(0, positions, chunk):
+        end = min(start + chunk, positions)
+        for first in range(start, end, rows):
+            last = min(first + rows, end) - 1
+            seen = last + 1 if variant == "fp32" else -(-(last + 1) // keys) * keys
+            total += (last + 1 - first) * seen
+    return total
