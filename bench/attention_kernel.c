@@ -75,23 +75,34 @@ int attention_amx_ready(void) {
 
 /* --- shared pieces ---------------------------------------------------------------------------- */
 
-/* 2^x for x <= 0: 2^round(x) * e^(f ln 2), the Taylor series of e^y to y^7 (|y| <= 0.35, error
- * below 1e-8 relative). Lanes below -126 (masked scores are -inf) give exactly 0. */
-VEC INLINE __m512 exp2_neg(__m512 x) {
+/* 2^x for x <= 0: 2^round(x) * e^(f ln 2), the Taylor series of e^y (|y| <= 0.35) to y^7 (error
+ * below 1e-8 relative) or, when the weights are rounded to bf16 anyway (2^-9), to y^4 (4e-5).
+ * Lanes below -126 (masked scores are -inf) give exactly 0. */
+VEC INLINE __m512 exp2_neg(__m512 x, const int bf16) {
     const __m512 lowest = _mm512_set1_ps(-126.0f);
     __mmask16 live = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
     x = _mm512_max_ps(x, lowest);
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps((float)LN2));
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
+    __m512 p = _mm512_set1_ps(1.0f / 24);
+    if (!bf16) {
+        p = _mm512_set1_ps(1.0f / 5040);
+        p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 720));
+        p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
+        p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
+    }
     p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
     p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
     return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+/* Asks for the next block's query rows (`rows` of them, if positive) while this block works:
+ * rows heads * head floats apart are too far apart for the hardware prefetchers. */
+static inline void prefetch_rows(const float *q, int stride, int rows, int head) {
+    for (int i = 0; i < rows && i < 32; i++)
+        for (int d = 0; d < head; d += 16) __builtin_prefetch(q + (size_t)i * stride + d);
 }
 
 VEC INLINE __m512i lanes(void) { /* 0, 1, ..., 15 */
@@ -110,19 +121,24 @@ INLINE __mmask16 visible(int key, int base) {
  * vector each): masks keys after each query's position, raises the running maximum m, leaves
  * the weights 2^(score - m) in st and returns the factor 2^(m_old - m_new) by which what was
  * accumulated before (the output and the running sum of weights) must be scaled. */
-VEC INLINE __m512 softmax_step(float *st, int stride, int nk, int key0, int base, __m512 *m) {
+VEC INLINE __m512 softmax_step(float *st, int stride, int nk, int key0, int base, __m512 *m,
+                               const int bf16) {
     const __m512 hidden = _mm512_set1_ps(-INFINITY);
     __m512 top = hidden;
-    for (int j = 0; j < nk; j++) {
-        __m512 s = _mm512_load_ps(st + j * stride);
-        s = _mm512_mask_blend_ps(visible(key0 + j, base), hidden, s);
-        top = _mm512_max_ps(top, s);
-        _mm512_store_ps(st + j * stride, s);
+    if (key0 + nk - 1 <= base) { /* below the diagonal: every query sees every key */
+        for (int j = 0; j < nk; j++) top = _mm512_max_ps(top, _mm512_load_ps(st + j * stride));
+    } else {
+        for (int j = 0; j < nk; j++) {
+            __m512 s = _mm512_load_ps(st + j * stride);
+            s = _mm512_mask_blend_ps(visible(key0 + j, base), hidden, s);
+            top = _mm512_max_ps(top, s);
+            _mm512_store_ps(st + j * stride, s);
+        }
     }
     __m512 m_new = _mm512_max_ps(*m, top);
-    __m512 scale = exp2_neg(_mm512_sub_ps(*m, m_new)); /* 0 on the first block (m = -inf) */
+    __m512 scale = exp2_neg(_mm512_sub_ps(*m, m_new), 0); /* 0 on the first block (m = -inf) */
     for (int j = 0; j < nk; j++) {
-        __m512 p = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + j * stride), m_new));
+        __m512 p = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + j * stride), m_new), bf16);
         _mm512_store_ps(st + j * stride, p);
     }
     *m = m_new;
@@ -209,6 +225,7 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
                 __m512 x = _mm512_loadu_ps(q + (size_t)(r0 + i) * stride + d);
                 _mm512_i32scatter_ps(w->qt + d * FP32_ROWS + i, down, _mm512_mul_ps(x, _mm512_set1_ps(factor)), 4);
             }
+        prefetch_rows(q + (size_t)(r0 + FP32_ROWS) * stride, stride, rows - r0 - FP32_ROWS, head);
         memset(w->o, 0, sizeof(float) * FP32_ROWS * head);
         __m512 m[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
         __m512 l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -220,7 +237,7 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
             for (; j < nk; j++) scores_fp32(w->qt, kb + j * head, head, w->st + j * FP32_ROWS, 1);
             for (int half = 0; half < 2; half++) {
                 float *st = w->st + 16 * half;
-                __m512 s = softmax_step(st, FP32_ROWS, nk, key0, base + 16 * half, &m[half]);
+                __m512 s = softmax_step(st, FP32_ROWS, nk, key0, base + 16 * half, &m[half], 0);
                 l[half] = _mm512_fmadd_ps(l[half], s, weight_sum(st, FP32_ROWS, nk));
                 _mm512_store_ps(w->scale + 16 * half, s);
             }
@@ -250,7 +267,7 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
  *            directly (it has one vector of 16 queries per key).
  *
  * Tiles: 0-2 queries, 3 keys, 4-7 the scores of a block of 64 keys; then 4-5 the weights,
- * 6 V^T, 7 the output.
+ * 0-2 the output (48 dims at a time), 3, 6 and 7 V^T.
  */
 
 typedef struct {
@@ -269,6 +286,37 @@ typedef struct {
     float *ot;    /* [head][16] output accumulators, transposed */
 } amx_scratch;
 
+/* Indices that interleave the two 16-element halves of 32 16-bit elements: 0, 16, 1, 17, ...
+ * (two vectors of 16 weights or values become 16 pairs, the B layout of a tile). */
+VEC INLINE __m512i interleave(void) {
+    return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                            22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+/* A 16x16 transpose of 32-bit elements in four stages b = 8, 4, 2, 1: rows i and i + b (bit b
+ * of i clear) swap the off-diagonal b-wide parts of each 2b-wide group of columns. */
+VEC static void transpose_indices(__m512i stage[4][2]) {
+    for (int s = 0, b = 8; b >= 1; s++, b /= 2) {
+        int32_t low[16], high[16];
+        for (int c = 0; c < 16; c++) {
+            low[c] = (c & b) ? 16 + c - b : c; /* row i: its own left part, then row i + b's */
+            high[c] = (c & b) ? 16 + c : c + b; /* row i + b: row i's right part, then its own */
+        }
+        stage[s][0] = _mm512_loadu_si512(low);
+        stage[s][1] = _mm512_loadu_si512(high);
+    }
+}
+
+VEC INLINE void transpose16(__m512i r[16], __m512i stage[4][2]) {
+    for (int s = 0, b = 8; b >= 1; s++, b /= 2)
+        for (int i = 0; i < 16; i++) {
+            if (i & b) continue;
+            __m512i top = r[i], bottom = r[i + b];
+            r[i] = _mm512_permutex2var_epi32(top, stage[s][0], bottom);
+            r[i + b] = _mm512_permutex2var_epi32(top, stage[s][1], bottom);
+        }
+}
+
 /* The key/value head's keys [0, end) in bf16 as they are, its values transposed. */
 TILES static void pack_keys_values(const float *k, const float *v, int end, int head,
                                    amx_scratch *w) {
@@ -283,26 +331,31 @@ TILES static void pack_keys_values(const float *k, const float *v, int end, int 
             _mm256_storeu_si256((__m256i *)(row + d), (__m256i)b);
         }
     }
-    /* V^T by gathers: 16 keys' values of one dim at a time (the cache holds V row-major) */
-    const __m512i rows = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(head));
-    for (int j0 = 0; j0 < w->keys; j0 += 16) {
-        __mmask16 real = j0 >= end ? 0 : end - j0 >= 16 ? 0xFFFF : (__mmask16)((1u << (end - j0)) - 1);
-        for (int d = 0; d < head; d++) {
-            __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows,
-                                                v + (size_t)j0 * head + d, 4);
-            _mm256_store_si256((__m256i *)(w->vt + (size_t)d * w->keys + j0),
-                               (__m256i)_mm512_cvtneps_pbh(x));
+    /* V^T: per 32 keys and 16 dims, the 16 pairs of keys' values (one vector of 16 dims each)
+     * are transposed into 16 rows of one dim's 32 keys */
+    const __m512i order = interleave();
+    __m512i stage[4][2];
+    transpose_indices(stage);
+    for (int j0 = 0; j0 < w->keys; j0 += 32)
+        for (int d0 = 0; d0 < head; d0 += 16) {
+            __m512i r[16];
+            for (int p = 0; p < 16; p++) {
+                int j = j0 + 2 * p;
+                __m512 x = j < end ? _mm512_loadu_ps(v + (size_t)j * head + d0) : _mm512_setzero_ps();
+                __m512 y = j + 1 < end ? _mm512_loadu_ps(v + (size_t)(j + 1) * head + d0)
+                                       : _mm512_setzero_ps();
+                r[p] = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(y, x));
+            }
+            transpose16(r, stage);
+            for (int d = 0; d < 16; d++)
+                _mm512_store_si512((__m512i *)(w->vt + (size_t)(d0 + d) * w->keys + j0), r[d]);
         }
-    }
 }
 
 /* st's weights for keys 32c..32c+31 in pairs of keys: pp[c][r] = (p[2r][n], p[2r+1][n]), n =
  * 0..15, the B layout; returns the sum of the rounded weights (what the product multiplies). */
 TILES INLINE __m512 pair_weights(const float *st, uint16_t *pp) {
-    /* after the two 16-lane halves are side by side, interleave them: 0, 16, 1, 17, ... */
-    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                           16, 0);
+    const __m512i order = interleave();
     __m512 sum = _mm512_setzero_ps();
     for (int r = 0; r < 16; r++) {
         __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(st + (2 * r) * 16));
@@ -341,13 +394,14 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
                                                      _mm512_mul_ps(_mm512_loadu_ps(row), f));
                 _mm512_i32scatter_epi32((uint32_t *)w->qp + 256 * s + i, down, (__m512i)pairs, 4);
             }
-        _tile_loadd(0, w->qp, 64);
-        if (slices > 1) _tile_loadd(1, w->qp + 512, 64);
-        if (slices > 2) _tile_loadd(2, w->qp + 1024, 64);
+        prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
         memset(w->ot, 0, sizeof(float) * 16 * head);
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
         for (int key0 = 0; key0 <= last; key0 += KEYS) {
             const uint16_t *kb = w->k + (size_t)key0 * head;
+            _tile_loadd(0, w->qp, 64); /* tiles 0-2 held the output in the last block */
+            if (slices > 1) _tile_loadd(1, w->qp + 512, 64);
+            if (slices > 2) _tile_loadd(2, w->qp + 1024, 64);
             _tile_zero(4);
             _tile_zero(5);
             _tile_zero(6);
@@ -364,7 +418,7 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
             int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
             /* keys after `last` are masked for every row; the tiles still multiply them */
             for (int j = nk; j < KEYS; j++) _mm512_store_ps(w->st + 16 * j, _mm512_set1_ps(-INFINITY));
-            __m512 scale = softmax_step(w->st, 16, KEYS, key0, base, &m);
+            __m512 scale = softmax_step(w->st, 16, KEYS, key0, base, &m, 1);
             /* the sum of the rounded weights, the ones the tiles multiply */
             __m512 sum = _mm512_add_ps(pair_weights(w->st, w->pp),
                                        pair_weights(w->st + 512, w->pp + 512));
@@ -374,14 +428,27 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
                     _mm512_store_ps(w->ot + 16 * d, _mm512_mul_ps(_mm512_load_ps(w->ot + 16 * d), scale));
             _tile_loadd(4, w->pp, 64);
             _tile_loadd(5, w->pp + 512, 64);
-            for (int d0 = 0; d0 < head; d0 += 16) {
+            /* 48 dims at a time: three independent chains of products (tiles 0-2) */
+            for (int d0 = 0; d0 < head; d0 += 48) {
+                const int g = head - d0 >= 48 ? 3 : (head - d0) / 16; /* tiles in this group */
                 const uint16_t *vt = w->vt + (size_t)d0 * w->keys + key0;
-                _tile_loadd(7, w->ot + 16 * d0, 64);
-                _tile_loadd(6, vt, 2 * w->keys);
-                _tile_dpbf16ps(7, 6, 4);
-                _tile_loadd(6, vt + 32, 2 * w->keys);
-                _tile_dpbf16ps(7, 6, 5);
-                _tile_stored(7, w->ot + 16 * d0, 64);
+                const size_t next = (size_t)16 * w->keys; /* V^T's next 16 dims */
+                const int pitch = 2 * w->keys;
+                float *o = w->ot + 16 * d0;
+                _tile_loadd(0, o, 64);
+                if (g > 1) _tile_loadd(1, o + 256, 64);
+                if (g > 2) _tile_loadd(2, o + 512, 64);
+                _tile_loadd(3, vt, pitch);
+                _tile_dpbf16ps(0, 3, 4);
+                if (g > 1) { _tile_loadd(6, vt + next, pitch); _tile_dpbf16ps(1, 6, 4); }
+                if (g > 2) { _tile_loadd(7, vt + 2 * next, pitch); _tile_dpbf16ps(2, 7, 4); }
+                _tile_loadd(3, vt + 32, pitch);
+                _tile_dpbf16ps(0, 3, 5);
+                if (g > 1) { _tile_loadd(6, vt + next + 32, pitch); _tile_dpbf16ps(1, 6, 5); }
+                if (g > 2) { _tile_loadd(7, vt + 2 * next + 32, pitch); _tile_dpbf16ps(2, 7, 5); }
+                _tile_stored(0, o, 64);
+                if (g > 1) _tile_stored(1, o + 256, 64);
+                if (g > 2) _tile_stored(2, o + 512, 64);
             }
         }
         float sums[16] __attribute__((aligned(64)));
@@ -394,9 +461,23 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
 
 /* --- the entry point ------------------------------------------------------------------------ */
 
-static void *zeroed(size_t bytes) { /* 64-byte aligned for the vector and tile loads */
-    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (p) memset(p, 0, bytes);
+/* Each thread's scratch memory, kept from call to call (OpenMP keeps its threads): fresh
+ * allocations of this size would be new pages to fault in and zero on every call. */
+static __thread char *arena;
+static __thread size_t arena_size, arena_used;
+
+static int arena_reserve(size_t bytes) {
+    arena_used = 0;
+    if (bytes <= arena_size) return 1;
+    free(arena);
+    arena = aligned_alloc(64, bytes);
+    arena_size = arena ? bytes : 0;
+    return arena != NULL;
+}
+
+static void *take(size_t bytes) { /* 64-byte aligned for the vector and tile loads */
+    void *p = arena + arena_used;
+    arena_used += (bytes + 63) / 64 * 64;
     return p;
 }
 
@@ -430,23 +511,24 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
     {
         fp32_scratch f = {0};
         amx_scratch a = {0};
-        int ready;
-        if (variant == FP32) {
-            f.qt = zeroed(sizeof(float) * head * FP32_ROWS);
-            f.st = zeroed(sizeof(float) * KEYS * FP32_ROWS);
-            f.o = zeroed(sizeof(float) * FP32_ROWS * head);
-            f.scale = zeroed(sizeof(float) * FP32_ROWS);
-            ready = f.qt && f.st && f.o && f.scale;
-        } else {
+        /* every buffer below is written before it is read */
+        const size_t fp32_bytes = sizeof(float) * (2 * head * FP32_ROWS + KEYS * FP32_ROWS) + 1024;
+        const size_t amx_bytes = 4 * (size_t)keys * head + 3 * 1024 + sizeof(float) * 16 * (KEYS + head) + 2048 + 1024;
+        int ready = arena_reserve(variant == FP32 ? fp32_bytes : amx_bytes);
+        if (ready && variant == FP32) {
+            f.qt = take(sizeof(float) * head * FP32_ROWS);
+            f.st = take(sizeof(float) * KEYS * FP32_ROWS);
+            f.o = take(sizeof(float) * FP32_ROWS * head);
+            f.scale = take(sizeof(float) * FP32_ROWS);
+        } else if (ready) {
             a.keys = keys;
-            a.k = zeroed(2 * (size_t)keys * head);
-            a.vt = zeroed(2 * (size_t)keys * head);
-            a.qp = zeroed(2 * 3 * 16 * 32);
-            a.st = zeroed(sizeof(float) * KEYS * 16);
-            a.pp = zeroed(2 * 2 * 16 * 32);
-            a.ot = zeroed(sizeof(float) * head * 16);
-            ready = a.k && a.vt && a.qp && a.st && a.pp && a.ot;
-            if (ready) configure_tiles(); /* the tile configuration is per thread */
+            a.k = take(2 * (size_t)keys * head);
+            a.vt = take(2 * (size_t)keys * head);
+            a.qp = take(2 * 3 * 16 * 32);
+            a.st = take(sizeof(float) * KEYS * 16);
+            a.pp = take(2 * 2 * 16 * 32);
+            a.ot = take(sizeof(float) * head * 16);
+            configure_tiles(); /* the tile configuration is per thread */
         }
         if (!ready) {
 #pragma omp atomic write
@@ -464,8 +546,6 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
             }
         }
         if (variant == AMX_BF16 && ready) release_tiles();
-        free(f.qt), free(f.st), free(f.o), free(f.scale);
-        free(a.k), free(a.vt), free(a.qp), free(a.st), free(a.pp), free(a.ot);
     }
     return status;
 }
