@@ -117,12 +117,11 @@ INLINE __mmask16 visible(int key, int base) {
     return (__mmask16)(0xFFFF << hidden);
 }
 
-/* One step of the online softmax over a block of scores st[key][16 queries] (nk keys, one
- * vector each): masks keys after each query's position, raises the running maximum m, leaves
- * the weights 2^(score - m) in st and returns the factor 2^(m_old - m_new) by which what was
- * accumulated before (the output and the running sum of weights) must be scaled. */
-VEC INLINE __m512 softmax_step(float *st, int stride, int nk, int key0, int base, __m512 *m,
-                               const int bf16) {
+/* The first half of a step of the online softmax over a block of scores st[key][16 queries]
+ * (nk keys, one vector each): masks keys after each query's position (-inf), raises the running
+ * maximum m and returns the factor 2^(m_old - m_new) by which what was accumulated before (the
+ * output and the running sum of weights) must be scaled. The weights are 2^(score - m). */
+VEC INLINE __m512 block_maximum(float *st, int stride, int nk, int key0, int base, __m512 *m) {
     const __m512 hidden = _mm512_set1_ps(-INFINITY);
     __m512 top = hidden;
     if (key0 + nk - 1 <= base) { /* below the diagonal: every query sees every key */
@@ -137,18 +136,18 @@ VEC INLINE __m512 softmax_step(float *st, int stride, int nk, int key0, int base
     }
     __m512 m_new = _mm512_max_ps(*m, top);
     __m512 scale = exp2_neg(_mm512_sub_ps(*m, m_new), 0); /* 0 on the first block (m = -inf) */
-    for (int j = 0; j < nk; j++) {
-        __m512 p = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + j * stride), m_new), bf16);
-        _mm512_store_ps(st + j * stride, p);
-    }
     *m = m_new;
     return scale;
 }
 
-/* The sum over nk keys of the weights st[key][16 queries]. */
-VEC INLINE __m512 weight_sum(const float *st, int stride, int nk) {
+/* The weights 2^(score - m) in place of the scores, and their sum (fp32 path). */
+VEC INLINE __m512 weights_fp32(float *st, int stride, int nk, __m512 m) {
     __m512 sum = _mm512_setzero_ps();
-    for (int j = 0; j < nk; j++) sum = _mm512_add_ps(sum, _mm512_load_ps(st + j * stride));
+    for (int j = 0; j < nk; j++) {
+        __m512 p = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + j * stride), m), 0);
+        _mm512_store_ps(st + j * stride, p);
+        sum = _mm512_add_ps(sum, p);
+    }
     return sum;
 }
 
@@ -237,20 +236,22 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
             for (; j < nk; j++) scores_fp32(w->qt, kb + j * head, head, w->st + j * FP32_ROWS, 1);
             for (int half = 0; half < 2; half++) {
                 float *st = w->st + 16 * half;
-                __m512 s = softmax_step(st, FP32_ROWS, nk, key0, base + 16 * half, &m[half], 0);
-                l[half] = _mm512_fmadd_ps(l[half], s, weight_sum(st, FP32_ROWS, nk));
+                __m512 s = block_maximum(st, FP32_ROWS, nk, key0, base + 16 * half, &m[half]);
+                l[half] = _mm512_fmadd_ps(l[half], s, weights_fp32(st, FP32_ROWS, nk, m[half]));
                 _mm512_store_ps(w->scale + 16 * half, s);
             }
             for (int i = 0; i < n; i += 4)
                 values_rows(w->o + i * head, w->st + i, v + (size_t)key0 * head, w->scale + i, nk,
                             head);
         }
-        float sums[FP32_ROWS] __attribute__((aligned(64)));
-        _mm512_store_ps(sums, l[0]);
-        _mm512_store_ps(sums + 16, l[1]);
+        float inverse[FP32_ROWS] __attribute__((aligned(64)));
+        _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), l[0]));
+        _mm512_store_ps(inverse + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), l[1]));
         for (int i = 0; i < n; i++)
-            for (int d = 0; d < head; d++)
-                out[(size_t)(r0 + i) * stride + d] = w->o[i * head + d] / sums[i];
+            for (int d = 0; d < head; d += 16)
+                _mm512_storeu_ps(out + (size_t)(r0 + i) * stride + d,
+                                 _mm512_mul_ps(_mm512_load_ps(w->o + i * head + d),
+                                               _mm512_set1_ps(inverse[i])));
     }
 }
 
@@ -266,8 +267,8 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
  *            A: V transposed in bf16; B: the weights' pairs of keys, which the softmax writes
  *            directly (it has one vector of 16 queries per key).
  *
- * Tiles: 0-2 queries, 3 keys, 4-7 the scores of a block of 64 keys; then 4-5 the weights,
- * 0-2 the output (48 dims at a time), 3, 6 and 7 V^T.
+ * Tiles: 0-1 keys, 2-3 queries (each in turn), 4-7 the scores of a block of 64 keys; then
+ * 4-5 the weights, 0-2 the output (48 dims at a time), 3, 6 and 7 V^T.
  */
 
 typedef struct {
@@ -284,6 +285,7 @@ typedef struct {
     float *st;    /* [KEYS][16] scores, then weights */
     uint16_t *pp; /* [2][16][32] bf16: the weights in pairs of keys, one tile per 32 keys */
     float *ot;    /* [head][16] output accumulators, transposed */
+    __m512i stage[4][2]; /* transpose16's indices */
 } amx_scratch;
 
 /* Indices that interleave the two 16-element halves of 32 16-bit elements: 0, 16, 1, 17, ...
@@ -334,8 +336,6 @@ TILES static void pack_keys_values(const float *k, const float *v, int end, int 
     /* V^T: per 32 keys and 16 dims, the 16 pairs of keys' values (one vector of 16 dims each)
      * are transposed into 16 rows of one dim's 32 keys */
     const __m512i order = interleave();
-    __m512i stage[4][2];
-    transpose_indices(stage);
     for (int j0 = 0; j0 < w->keys; j0 += 32)
         for (int d0 = 0; d0 < head; d0 += 16) {
             __m512i r[16];
@@ -346,20 +346,23 @@ TILES static void pack_keys_values(const float *k, const float *v, int end, int 
                                        : _mm512_setzero_ps();
                 r[p] = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(y, x));
             }
-            transpose16(r, stage);
+            transpose16(r, w->stage);
             for (int d = 0; d < 16; d++)
                 _mm512_store_si512((__m512i *)(w->vt + (size_t)(d0 + d) * w->keys + j0), r[d]);
         }
 }
 
-/* st's weights for keys 32c..32c+31 in pairs of keys: pp[c][r] = (p[2r][n], p[2r+1][n]), n =
- * 0..15, the B layout; returns the sum of the rounded weights (what the product multiplies). */
-TILES INLINE __m512 pair_weights(const float *st, uint16_t *pp) {
+/* The weights 2^(score - m) of the 64 keys of st[key][16 queries] in bf16, in pairs of keys:
+ * pp[c][r] = (p[32c + 2r][n], p[32c + 2r + 1][n]), n = 0..15, the B layout of two tiles; returns
+ * the sum of the rounded weights (what the tiles multiply). */
+TILES INLINE __m512 weights_bf16(const float *st, __m512 m, uint16_t *pp) {
     const __m512i order = interleave();
     __m512 sum = _mm512_setzero_ps();
-    for (int r = 0; r < 16; r++) {
-        __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(st + (2 * r) * 16));
-        __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(st + (2 * r + 1) * 16));
+    for (int r = 0; r < KEYS / 2; r++) {
+        __m512 p0 = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + (2 * r) * 16), m), 1);
+        __m512 p1 = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + (2 * r + 1) * 16), m), 1);
+        __m256i a = (__m256i)_mm512_cvtneps_pbh(p0);
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(p1);
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
         _mm512_store_si512((__m512i *)(pp + r * 32), _mm512_permutexvar_epi16(order, both));
         /* back to fp32: a bf16 is the top half of a float */
@@ -369,10 +372,12 @@ TILES INLINE __m512 pair_weights(const float *st, uint16_t *pp) {
     return sum;
 }
 
-#define SCORES(tile, dims)                                                                      \
+/* Scores of 16 keys (sub-block `sub` of the 64) for the 32 dims of slice `dims` into tile
+ * `acc`; the keys go to tile 0 or 1 in turn, so a load need not wait for the last product. */
+#define SCORES(acc, ktile, qtile, sub, dims)                                                   \
     do {                                                                                        \
-        _tile_loadd(3, kb + (size_t)(16 * (tile - 4)) * head + 32 * (dims), 2 * head);          \
-        _tile_dpbf16ps(tile, 3, dims);                                                          \
+        _tile_loadd(ktile, kb + (size_t)(16 * (sub)) * head + 32 * (dims), 2 * head);           \
+        _tile_dpbf16ps(acc, ktile, qtile);                                                      \
     } while (0)
 
 TILES static void head_amx(const float *q, float *out, int stride, int rows, int start, int head,
@@ -399,17 +404,20 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
         for (int key0 = 0; key0 <= last; key0 += KEYS) {
             const uint16_t *kb = w->k + (size_t)key0 * head;
-            _tile_loadd(0, w->qp, 64); /* tiles 0-2 held the output in the last block */
-            if (slices > 1) _tile_loadd(1, w->qp + 512, 64);
-            if (slices > 2) _tile_loadd(2, w->qp + 1024, 64);
             _tile_zero(4);
             _tile_zero(5);
             _tile_zero(6);
             _tile_zero(7);
-            for (int s = 0; s < slices; s++) { /* tile numbers must be constants */
-                if (s == 0) { SCORES(4, 0); SCORES(5, 0); SCORES(6, 0); SCORES(7, 0); }
-                if (s == 1) { SCORES(4, 1); SCORES(5, 1); SCORES(6, 1); SCORES(7, 1); }
-                if (s == 2) { SCORES(4, 2); SCORES(5, 2); SCORES(6, 2); SCORES(7, 2); }
+            /* the queries' slices in tiles 2 and 3 in turn (tile numbers must be constants) */
+            _tile_loadd(2, w->qp, 64);
+            SCORES(4, 0, 2, 0, 0); SCORES(5, 1, 2, 1, 0); SCORES(6, 0, 2, 2, 0); SCORES(7, 1, 2, 3, 0);
+            if (slices > 1) {
+                _tile_loadd(3, w->qp + 512, 64);
+                SCORES(4, 0, 3, 0, 1); SCORES(5, 1, 3, 1, 1); SCORES(6, 0, 3, 2, 1); SCORES(7, 1, 3, 3, 1);
+            }
+            if (slices > 2) {
+                _tile_loadd(2, w->qp + 1024, 64);
+                SCORES(4, 0, 2, 0, 2); SCORES(5, 1, 2, 1, 2); SCORES(6, 0, 2, 2, 2); SCORES(7, 1, 2, 3, 2);
             }
             _tile_stored(4, w->st, 64);
             _tile_stored(5, w->st + 256, 64);
@@ -418,11 +426,8 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
             int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
             /* keys after `last` are masked for every row; the tiles still multiply them */
             for (int j = nk; j < KEYS; j++) _mm512_store_ps(w->st + 16 * j, _mm512_set1_ps(-INFINITY));
-            __m512 scale = softmax_step(w->st, 16, KEYS, key0, base, &m, 1);
-            /* the sum of the rounded weights, the ones the tiles multiply */
-            __m512 sum = _mm512_add_ps(pair_weights(w->st, w->pp),
-                                       pair_weights(w->st + 512, w->pp + 512));
-            l = _mm512_fmadd_ps(l, scale, sum);
+            __m512 scale = block_maximum(w->st, 16, KEYS, key0, base, &m);
+            l = _mm512_fmadd_ps(l, scale, weights_bf16(w->st, m, w->pp));
             if (_mm512_cmp_ps_mask(scale, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
                 for (int d = 0; d < head; d++)
                     _mm512_store_ps(w->ot + 16 * d, _mm512_mul_ps(_mm512_load_ps(w->ot + 16 * d), scale));
@@ -451,11 +456,16 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
                 if (g > 2) _tile_stored(2, o + 512, 64);
             }
         }
-        float sums[16] __attribute__((aligned(64)));
-        _mm512_store_ps(sums, l);
-        for (int i = 0; i < n; i++)
-            for (int d = 0; d < head; d++)
-                out[(size_t)(r0 + i) * stride + d] = w->ot[16 * d + i] / sums[i];
+        /* out[row i][d] = ot[d][i] / l[i]: 16 dims at a time, transposed back into rows */
+        const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
+        for (int d0 = 0; d0 < head; d0 += 16) {
+            __m512i r[16];
+            for (int d = 0; d < 16; d++)
+                r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(w->ot + 16 * (d0 + d)), inverse));
+            transpose16(r, w->stage);
+            for (int i = 0; i < n; i++)
+                _mm512_storeu_si512(out + (size_t)(r0 + i) * stride + d0, r[i]);
+        }
     }
 }
 
@@ -528,6 +538,7 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
             a.st = take(sizeof(float) * KEYS * 16);
             a.pp = take(2 * 2 * 16 * 32);
             a.ot = take(sizeof(float) * head * 16);
+            transpose_indices(a.stage);
             configure_tiles(); /* the tile configuration is per thread */
         }
         if (!ready) {
