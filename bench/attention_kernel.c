@@ -278,9 +278,9 @@ typedef struct {
 } tile_config;
 
 typedef struct {
-    uint16_t *k;  /* [keys][head] bf16, the key/value head's keys, zero after the last */
-    uint16_t *vt; /* [head][keys] bf16, its values transposed */
-    int keys;     /* padded to KEYS */
+    const uint16_t *k;  /* [keys][head] bf16, the key/value head's keys, zero after the last */
+    const uint16_t *vt; /* [head][keys] bf16, its values transposed */
+    int keys;           /* V^T's row pitch: the capacity, rounded up to KEYS */
     uint16_t *qp; /* [3][16][32] bf16: the block's queries in pairs of dims, one tile per 32 */
     float *st;    /* [KEYS][16] scores, then weights */
     uint16_t *pp; /* [2][16][32] bf16: the weights in pairs of keys, one tile per 32 keys */
@@ -319,24 +319,24 @@ VEC INLINE void transpose16(__m512i r[16], __m512i stage[4][2]) {
         }
 }
 
-/* The key/value head's keys [0, end) in bf16 as they are, its values transposed. */
-TILES static void pack_keys_values(const float *k, const float *v, int end, int head,
-                                   amx_scratch *w) {
-    for (int j = 0; j < w->keys; j++) {
-        uint16_t *row = w->k + (size_t)j * head;
-        if (j >= end) {
-            memset(row, 0, 2 * head);
-            continue;
-        }
+/* The chunk's keys and values, positions [start, end), into the bf16 copies of one key/value
+ * head: kb[key][head] (row-major, as the cache) and vt[head][key] (transposed, `pitch` keys a
+ * row); positions after `end` up to the next block of KEYS are zeros (a later chunk fills them).
+ * Each key is converted once, by the chunk that brings it. */
+TILES static void pack_chunk(const float *k, const float *v, int start, int end, int head,
+                             uint16_t *kb, uint16_t *vt, int pitch, __m512i stage[4][2]) {
+    const int stop = (end + KEYS - 1) / KEYS * KEYS;
+    for (int j = start; j < stop; j++) {
+        uint16_t *row = kb + (size_t)j * head;
         for (int d = 0; d < head; d += 16) {
-            __m256bh b = _mm512_cvtneps_pbh(_mm512_loadu_ps(k + (size_t)j * head + d));
-            _mm256_storeu_si256((__m256i *)(row + d), (__m256i)b);
+            __m512 x = j < end ? _mm512_loadu_ps(k + (size_t)j * head + d) : _mm512_setzero_ps();
+            _mm256_storeu_si256((__m256i *)(row + d), (__m256i)_mm512_cvtneps_pbh(x));
         }
     }
     /* V^T: per 32 keys and 16 dims, the 16 pairs of keys' values (one vector of 16 dims each)
      * are transposed into 16 rows of one dim's 32 keys */
     const __m512i order = interleave();
-    for (int j0 = 0; j0 < w->keys; j0 += 32)
+    for (int j0 = start / 32 * 32; j0 < stop; j0 += 32)
         for (int d0 = 0; d0 < head; d0 += 16) {
             __m512i r[16];
             for (int p = 0; p < 16; p++) {
@@ -346,9 +346,9 @@ TILES static void pack_keys_values(const float *k, const float *v, int end, int 
                                        : _mm512_setzero_ps();
                 r[p] = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(y, x));
             }
-            transpose16(r, w->stage);
+            transpose16(r, stage);
             for (int d = 0; d < 16; d++)
-                _mm512_store_si512((__m512i *)(w->vt + (size_t)(d0 + d) * w->keys + j0), r[d]);
+                _mm512_storeu_si512(vt + (size_t)(d0 + d) * pitch + j0, r[d]);
         }
 }
 
@@ -506,16 +506,20 @@ TILES static void configure_tiles(void) {
 
 TILES static void release_tiles(void) { _tile_release(); }
 
+/* The AMX variant also takes the caller's bf16 copies of the cache, kept from chunk to chunk
+ * (each chunk adds its keys): packed_k [kv_heads][pitch][head] and packed_vt
+ * [kv_heads][head][pitch], pitch = capacity rounded up to 64. The fp32 variant ignores them. */
 int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
                      int start, int capacity, int heads, int kv_heads, int head, int variant,
-                     int threads) {
+                     int threads, uint16_t *packed_k, uint16_t *packed_vt) {
     if ((head != 32 && head != 64 && head != 96) || rows <= 0 || start < 0 || kv_heads <= 0 ||
-        heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16))
+        heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16) ||
+        (variant == AMX_BF16 && (!packed_k || !packed_vt)))
         return BAD_SHAPE;
     if (!has_avx512()) return NO_AVX512;
     if (variant == AMX_BF16 && !attention_amx_ready()) return NO_AMX;
     const int end = start + rows, group = heads / kv_heads, stride = heads * head;
-    const int keys = (end + KEYS - 1) / KEYS * KEYS;
+    const int pitch = (capacity + KEYS - 1) / KEYS * KEYS;
     int status = OK;
 #pragma omp parallel num_threads(threads)
     {
@@ -523,7 +527,7 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
         amx_scratch a = {0};
         /* every buffer below is written before it is read */
         const size_t fp32_bytes = sizeof(float) * (2 * head * FP32_ROWS + KEYS * FP32_ROWS) + 1024;
-        const size_t amx_bytes = 4 * (size_t)keys * head + 3 * 1024 + sizeof(float) * 16 * (KEYS + head) + 2048 + 1024;
+        const size_t amx_bytes = 3 * 1024 + sizeof(float) * 16 * (KEYS + head) + 2048 + 1024;
         int ready = arena_reserve(variant == FP32 ? fp32_bytes : amx_bytes);
         if (ready && variant == FP32) {
             f.qt = take(sizeof(float) * head * FP32_ROWS);
@@ -531,9 +535,7 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
             f.o = take(sizeof(float) * FP32_ROWS * head);
             f.scale = take(sizeof(float) * FP32_ROWS);
         } else if (ready) {
-            a.keys = keys;
-            a.k = take(2 * (size_t)keys * head);
-            a.vt = take(2 * (size_t)keys * head);
+            a.keys = pitch;
             a.qp = take(2 * 3 * 16 * 32);
             a.st = take(sizeof(float) * KEYS * 16);
             a.pp = take(2 * 2 * 16 * 32);
@@ -545,6 +547,15 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
 #pragma omp atomic write
             status = NO_MEMORY;
         }
+        if (variant == AMX_BF16) { /* the chunk's keys and values in bf16, then the heads */
+#pragma omp for schedule(static)
+            for (int g = 0; g < kv_heads; g++) {
+                const size_t at = (size_t)g * capacity * head, packed = (size_t)g * pitch * head;
+                if (ready)
+                    pack_chunk(k + at, v + at, start, end, head, packed_k + packed,
+                               packed_vt + packed, pitch, a.stage);
+            }
+        }
 #pragma omp for schedule(static)
         for (int h = 0; h < heads; h++) {
             if (!ready) continue;
@@ -552,7 +563,8 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
             if (variant == FP32) {
                 head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start, head, &f);
             } else {
-                pack_keys_values(k + g, v + g, end, head, &a);
+                a.k = packed_k + (size_t)(h / group) * pitch * head;
+                a.vt = packed_vt + (size_t)(h / group) * pitch * head;
                 head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
             }
         }

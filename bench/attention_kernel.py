@@ -8,7 +8,8 @@ use (again whenever it changes); there are no onnxruntime headers involved.
 
 runs the prefill chunk by chunk as the fast decoder does: each chunk's keys and values are
 written into a ``[kv_heads, positions, head]`` cache, then the chunk's queries attend to the
-cache's keys up to their own position.
+cache's keys up to their own position. The AMX variant also keeps bf16 copies of the keys and
+of the values transposed, to which each chunk adds its own (converted once, in the kernel).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3v"
 VARIANTS = {"fp32": 0, "amx": 1}
 # Query rows x keys per tile of the causal triangle (the C file's FP32_ROWS, AMX_ROWS, KEYS).
 TILE = {"fp32": (32, 64), "amx": (16, 64)}
+KEYS = 64
 THREADS = 2  # as the timed onnxruntime sessions: the machine's two cores
 ERRORS = {
     -1: "shape not supported (head must be 32, 64 or 96; heads a multiple of kv_heads)",
@@ -60,7 +62,7 @@ def library() -> ctypes.CDLL:
         partial.replace(target)
     lib = ctypes.CDLL(str(target))
     floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
-    lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8
+    lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8 + [ctypes.c_void_p] * 2
     lib.causal_attention.restype = ctypes.c_int
     lib.attention_amx_ready.restype = ctypes.c_int
     return lib
@@ -79,6 +81,9 @@ def attention(
     lib = library()
     positions, heads, kv_heads = q.shape[1], q.shape[2] // head, k.shape[2] // head
     cache = [np.zeros((kv_heads, positions, head), np.float32) for _ in range(2)]
+    pitch = -(-positions // KEYS) * KEYS
+    packed = [np.empty((kv_heads, pitch, head), np.uint16) for _ in range(2)]  # bf16 K, V^T
+    addresses = [x.ctypes.data for x in packed] if variant == "amx" else [None, None]
     out = np.empty((positions, heads * head), np.float32)
     for start in range(0, positions, chunk):
         end = min(start + chunk, positions)
@@ -88,7 +93,7 @@ def attention(
         rows = np.ascontiguousarray(q[0, start:end])
         status = lib.causal_attention(
             rows, *cache, out[start:end], end - start, start, positions, heads, kv_heads, head,
-            VARIANTS[variant], THREADS,
+            VARIANTS[variant], THREADS, *addresses,
         )  # fmt: skip
         if status:
             raise KernelUnavailable(ERRORS.get(status, f"error {status}"))

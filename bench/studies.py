@@ -38,8 +38,9 @@ FORM_MEANINGS = """\
   query rows meet blocks of 64 keys only up to their last row, scores stay in cache, online
   softmax. **fp32**: AVX-512, blocks of 32 rows. **AMX bf16**: Q·Kᵀ and P·V on the tiles
   (`_tile_dpbf16ps`, fp32 accumulation), Q, K, V and the weights rounded to bf16, the softmax
-  in fp32; blocks of 16 rows; K and V converted per chunk. It refuses to run where AMX is
-  refused ("not run")."""
+  in fp32; blocks of 16 rows; each chunk's K and V converted once, into bf16 copies (K as
+  is, V transposed) that the later chunks read. It refuses to run where AMX is refused ("not
+  run")."""
 
 
 def attention_section(report: dict) -> str:
@@ -197,7 +198,9 @@ def kernel_paragraph(report: dict) -> str:
         "bf16 tiles on AMX), which every user of the released model would get. Either way it "
         "must also do what GroupQueryAttention does around the products: rotate Q and K with "
         "the model's rotary caches, write the chunk's K and V into the shared past/present "
-        "buffer that decode reads (the int4 decode path unchanged), take `seqlens_k` and "
+        "buffer that decode reads (the int4 decode path unchanged), keep the AMX variant's bf16 "
+        "copies of every layer's keys and values for the length of the prefill (or hold the "
+        "cache itself in bf16, which decode would then read), take `seqlens_k` and "
         "`total_sequence_length`, and choose AMX or the fp32 path at run time. Before it "
         "replaces GroupQueryAttention, the bf16 variant's error must be judged by the trained "
         "proxy's KL/top-1 in a real decoder (bench/accuracy.py), not by the tensor error here."
