@@ -279,8 +279,7 @@ typedef struct {
 
 typedef struct {
     const uint16_t *k;  /* [keys][head] bf16, the key/value head's keys, zero after the last */
-    const uint16_t *vt; /* [head][keys] bf16, its values transposed */
-    int keys;           /* V^T's row pitch: the capacity, rounded up to KEYS */
+    const uint16_t *vt; /* [keys / 32][head][32] bf16, its values transposed by 32 keys */
     uint16_t *qp; /* [3][16][32] bf16: the block's queries in pairs of dims, one tile per 32 */
     float *st;    /* [KEYS][16] scores, then weights */
     uint16_t *pp; /* [2][16][32] bf16: the weights in pairs of keys, one tile per 32 keys */
@@ -320,11 +319,12 @@ VEC INLINE void transpose16(__m512i r[16], __m512i stage[4][2]) {
 }
 
 /* The chunk's keys and values, positions [start, end), into the bf16 copies of one key/value
- * head: kb[key][head] (row-major, as the cache) and vt[head][key] (transposed, `pitch` keys a
- * row); positions after `end` up to the next block of KEYS are zeros (a later chunk fills them).
+ * head: kb[key][head] (row-major, as the cache) and vt[key / 32][head][32] (transposed within
+ * each group of 32 keys, so that the 16 dims x 32 keys of a tile are 1 KB in one piece);
+ * positions after `end` up to the next block of KEYS are zeros (a later chunk fills them).
  * Each key is converted once, by the chunk that brings it. */
 TILES static void pack_chunk(const float *k, const float *v, int start, int end, int head,
-                             uint16_t *kb, uint16_t *vt, int pitch, __m512i stage[4][2]) {
+                             uint16_t *kb, uint16_t *vt, __m512i stage[4][2]) {
     const int stop = (end + KEYS - 1) / KEYS * KEYS;
     for (int j = start; j < stop; j++) {
         uint16_t *row = kb + (size_t)j * head;
@@ -348,7 +348,7 @@ TILES static void pack_chunk(const float *k, const float *v, int start, int end,
             }
             transpose16(r, stage);
             for (int d = 0; d < 16; d++)
-                _mm512_storeu_si512(vt + (size_t)(d0 + d) * pitch + j0, r[d]);
+                _mm512_storeu_si512(vt + (size_t)j0 * head + (d0 + d) * 32, r[d]);
         }
 }
 
@@ -374,6 +374,16 @@ TILES INLINE __m512 weights_bf16(const float *st, __m512 m, uint16_t *pp) {
 
 /* Scores of 16 keys (sub-block `sub` of the 64) for the 32 dims of slice `dims` into tile
  * `acc`; the keys go to tile 0 or 1 in turn, so a load need not wait for the last product. */
+/* Asks for the earlier chunks' bf16 keys and values (positions [0, start)) in the L2 cache:
+ * the tile loads that read them next go down the rows too far apart to be prefetched. */
+static void prefetch_packed(const amx_scratch *w, int start, int head) {
+    const char *keys = (const char *)w->k, *values = (const char *)w->vt;
+    for (size_t at = 0; at < (size_t)start * head * 2; at += 64) {
+        __builtin_prefetch(keys + at, 0, 2);
+        __builtin_prefetch(values + at, 0, 2);
+    }
+}
+
 #define SCORES(acc, ktile, qtile, sub, dims)                                                   \
     do {                                                                                        \
         _tile_loadd(ktile, kb + (size_t)(16 * (sub)) * head + 32 * (dims), 2 * head);           \
@@ -436,9 +446,9 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
             /* 48 dims at a time: three independent chains of products (tiles 0-2) */
             for (int d0 = 0; d0 < head; d0 += 48) {
                 const int g = head - d0 >= 48 ? 3 : (head - d0) / 16; /* tiles in this group */
-                const uint16_t *vt = w->vt + (size_t)d0 * w->keys + key0;
-                const size_t next = (size_t)16 * w->keys; /* V^T's next 16 dims */
-                const int pitch = 2 * w->keys;
+                const uint16_t *vt = w->vt + (size_t)key0 * head + d0 * 32;
+                const size_t next = 16 * 32, later = 32 * head; /* next 16 dims, 32 keys */
+                const int pitch = 64;
                 float *o = w->ot + 16 * d0;
                 _tile_loadd(0, o, 64);
                 if (g > 1) _tile_loadd(1, o + 256, 64);
@@ -447,10 +457,10 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
                 _tile_dpbf16ps(0, 3, 4);
                 if (g > 1) { _tile_loadd(6, vt + next, pitch); _tile_dpbf16ps(1, 6, 4); }
                 if (g > 2) { _tile_loadd(7, vt + 2 * next, pitch); _tile_dpbf16ps(2, 7, 4); }
-                _tile_loadd(3, vt + 32, pitch);
+                _tile_loadd(3, vt + later, pitch);
                 _tile_dpbf16ps(0, 3, 5);
-                if (g > 1) { _tile_loadd(6, vt + next + 32, pitch); _tile_dpbf16ps(1, 6, 5); }
-                if (g > 2) { _tile_loadd(7, vt + 2 * next + 32, pitch); _tile_dpbf16ps(2, 7, 5); }
+                if (g > 1) { _tile_loadd(6, vt + next + later, pitch); _tile_dpbf16ps(1, 6, 5); }
+                if (g > 2) { _tile_loadd(7, vt + 2 * next + later, pitch); _tile_dpbf16ps(2, 7, 5); }
                 _tile_stored(0, o, 64);
                 if (g > 1) _tile_stored(1, o + 256, 64);
                 if (g > 2) _tile_stored(2, o + 512, 64);
@@ -508,7 +518,8 @@ TILES static void release_tiles(void) { _tile_release(); }
 
 /* The AMX variant also takes the caller's bf16 copies of the cache, kept from chunk to chunk
  * (each chunk adds its keys): packed_k [kv_heads][pitch][head] and packed_vt
- * [kv_heads][head][pitch], pitch = capacity rounded up to 64. The fp32 variant ignores them. */
+ * [kv_heads][pitch / 32][head][32], pitch = capacity rounded up to 64. The fp32 variant ignores
+ * them. */
 int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
                      int start, int capacity, int heads, int kv_heads, int head, int variant,
                      int threads, uint16_t *packed_k, uint16_t *packed_vt) {
@@ -535,7 +546,6 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
             f.o = take(sizeof(float) * FP32_ROWS * head);
             f.scale = take(sizeof(float) * FP32_ROWS);
         } else if (ready) {
-            a.keys = pitch;
             a.qp = take(2 * 3 * 16 * 32);
             a.st = take(sizeof(float) * KEYS * 16);
             a.pp = take(2 * 2 * 16 * 32);
@@ -547,25 +557,28 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
 #pragma omp atomic write
             status = NO_MEMORY;
         }
-        if (variant == AMX_BF16) { /* the chunk's keys and values in bf16, then the heads */
+        if (variant == FP32) {
+#pragma omp for schedule(static)
+            for (int h = 0; h < heads; h++) {
+                const size_t g = (size_t)(h / group) * capacity * head; /* its key/value head */
+                if (ready)
+                    head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start,
+                              head, &f);
+            }
+        } else {
+            /* per key/value head: the chunk's keys and values in bf16, the earlier chunks'
+             * asked into the cache, then the query heads that read them */
 #pragma omp for schedule(static)
             for (int g = 0; g < kv_heads; g++) {
+                if (!ready) continue;
                 const size_t at = (size_t)g * capacity * head, packed = (size_t)g * pitch * head;
-                if (ready)
-                    pack_chunk(k + at, v + at, start, end, head, packed_k + packed,
-                               packed_vt + packed, pitch, a.stage);
-            }
-        }
-#pragma omp for schedule(static)
-        for (int h = 0; h < heads; h++) {
-            if (!ready) continue;
-            const size_t g = (size_t)(h / group) * capacity * head; /* its key/value head */
-            if (variant == FP32) {
-                head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start, head, &f);
-            } else {
-                a.k = packed_k + (size_t)(h / group) * pitch * head;
-                a.vt = packed_vt + (size_t)(h / group) * pitch * head;
-                head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
+                a.k = packed_k + packed;
+                a.vt = packed_vt + packed;
+                pack_chunk(k + at, v + at, start, end, head, packed_k + packed, packed_vt + packed,
+                           a.stage);
+                prefetch_packed(&a, start, head);
+                for (int h = g * group; h < (g + 1) * group; h++)
+                    head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
             }
         }
         if (variant == AMX_BF16 && ready) release_tiles();

@@ -82,7 +82,7 @@ def attention(
     positions, heads, kv_heads = q.shape[1], q.shape[2] // head, k.shape[2] // head
     cache = [np.zeros((kv_heads, positions, head), np.float32) for _ in range(2)]
     pitch = -(-positions // KEYS) * KEYS
-    packed = [np.empty((kv_heads, pitch, head), np.uint16) for _ in range(2)]  # bf16 K, V^T
+    packed = [aligned((kv_heads, pitch, head), np.uint16) for _ in range(2)]  # bf16 K, V^T
     addresses = [x.ctypes.data for x in packed] if variant == "amx" else [None, None]
     out = np.empty((positions, heads * head), np.float32)
     for start in range(0, positions, chunk):
@@ -98,6 +98,15 @@ def attention(
         if status:
             raise KernelUnavailable(ERRORS.get(status, f"error {status}"))
     return out[None]
+
+
+def aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array whose data starts on a 64-byte boundary: a tile row that crossed
+    two cache lines would cost two reads (numpy only promises 16 bytes)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + size].view(dtype).reshape(shape)
 
 
 def pairs(positions: int, chunk: int, variant: str) -> int:
