@@ -3,13 +3,14 @@
 One layer of the real model's attention (32 heads of 96, 32 key/value heads) over a photo's
 1,935 prompt positions, in each form of ``attention_graphs.py``: GroupQueryAttention as the fast
 decoder runs it (chunks of ``PREFILL_CHUNK``, with and without its tiled path), MultiHeadAttention
-without a mask (not causal: its rate only), and block-causal forms in plain ONNX ops (fp32, the
-products alone, SageAttention-style int8 Q·Kᵀ, int8 Q·Kᵀ and P·V).
+without a mask (not causal: its rate only), block-causal forms in plain ONNX ops (fp32, the
+products alone, SageAttention-style int8 Q·Kᵀ, int8 Q·Kᵀ and P·V), and our own fused causal
+kernel (``attention_kernel.c``, fp32 AVX-512 and AMX bf16, in the same chunks as GQA).
 
 * **Speed**: each form in its own process (threads = 2), forms alternated over ``--rounds``,
   ``--repeats`` runs each after a warm-up; median over all. A process during which other
   processes kept the CPUs busy (``/proc/stat``) is repeated. Where the CPU has AMX, again with AMX
-  refused to the process (``noamx.c``): what a VNNI-only CPU runs.
+  refused to the process (``noamx.c``): what a VNNI-only CPU runs (our AMX form: "not run").
 * **Error**: each form's output against a float64 numpy reference of causal attention, on
   synthetic Q/K/V with the structure trained models have (outlier channels, a key bias, an
   attention sink) and, with ``--proxy``, on the real rotated Q/K/V of the trained decoder proxy
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -38,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import attention_kernel
 import numpy as np
 import tables
 from provenance import commit
@@ -57,7 +60,8 @@ QUIET_PATIENCE = 600  # seconds to wait for idle CPUs before each timed process
 # The CPU flags that decide which kernels run: matrix tiles, vector widths, dot products.
 FLAGS = {"amx_bf16", "amx_int8", "amx_tile", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
 FLAGS |= {"avx512_fp16", "avx_vnni"}
-# name -> (graph, query block, environment): "gqa" runs in chunks, the rest in one run.
+# name -> (graph, query block, environment): "gqa" and our kernels run in chunks, the rest in
+# one run.
 FORMS = {
     "GroupQueryAttention": ("gqa", 0, {}),
     "GroupQueryAttention, tiled path off": ("gqa", 0, {FLASH_OFF: "1"}),
@@ -67,7 +71,10 @@ FORMS = {
     "products only fp32, 256 (no softmax, no mask)": ("products", BLOCK, {}),
     "int8 QK (SageAttention-style), 256": ("int8 qk", BLOCK, {}),
     "int8 QK and PV, 256": ("int8 qk pv", BLOCK, {}),
+    "fused causal fp32 (our kernel)": ("kernel fp32", 0, {}),
+    "fused causal AMX bf16 (our kernel)": ("kernel amx", 0, {}),
 }
+KERNELS = {"kernel fp32": "fp32", "kernel amx": "amx"}  # kind -> attention_kernel's variant
 
 
 def chunk_size() -> int:
@@ -86,6 +93,10 @@ def build_models(folder: Path, heads: int, kv_heads: int, head: int, positions: 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for index, (name, (kind, block, _)) in enumerate(FORMS.items()):
+        if kind in KERNELS:  # no graph: what open_form needs to call the kernel
+            paths[name] = folder / f"form{index}.json"
+            paths[name].write_text(json.dumps({"variant": KERNELS[kind], "head": head}))
+            continue
         if kind == "gqa":
             model = graphs.gqa_model(heads, kv_heads, head)
         elif kind == "mha":
@@ -98,6 +109,11 @@ def build_models(folder: Path, heads: int, kv_heads: int, head: int, positions: 
 
 
 def open_form(path: Path):
+    """An onnxruntime session for a graph; for our kernel, a function of (q, k, v)."""
+    if path.suffix == ".json":
+        spec = json.loads(path.read_text())
+        attention_kernel.library()  # builds it, or says why it cannot
+        return functools.partial(attention_kernel.attention, chunk=chunk_size(), **spec)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -108,7 +124,10 @@ def open_form(path: Path):
 
 def run_form(session, kind: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """The form's output [1, S, heads * head]; GroupQueryAttention chunk by chunk, as the engine
-    runs it: one past/present buffer per key and value, written in place."""
+    runs it: one past/present buffer per key and value, written in place. Our kernel does the same
+    with its own cache."""
+    if kind in KERNELS:
+        return session(q, k, v)
     if kind != "gqa":
         return session.run(None, {"q": q, "k": k, "v": v})[0]
     import onnxruntime as ort
@@ -206,11 +225,15 @@ def errors(paths: dict, inputs: dict, heads: int) -> dict:
     result = {"sink_weight": sink, "forms": {}}
     for name, path in paths.items():
         kind, _, env = FORMS[name]
-        feeds = inputs if kind == "gqa" else repeated
+        feeds = inputs if kind == "gqa" or kind in KERNELS else repeated
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)  # the tiled path's switch is read when GQA runs
         try:
             out = run_form(open_form(path), kind, feeds["q"], feeds["k"], feeds["v"])
+        except attention_kernel.KernelUnavailable as error:
+            result["forms"][name] = {"not_run": str(error)}
+            print(name, "not run:", error, flush=True)
+            continue
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -242,9 +265,12 @@ def proxy_inputs(folder: Path, layers: tuple[int, ...]) -> tuple[dict, dict]:
 def worker(path: str, name: str, repeats: int, positions: int) -> dict:
     """In a fresh process: ``repeats`` timed runs of one form after a warm-up."""
     kind = FORMS[name][0]
-    session = open_form(Path(path))
     inputs = synthetic_inputs(positions, HEADS, HEAD)
-    run_form(session, kind, **inputs)
+    try:
+        session = open_form(Path(path))
+        run_form(session, kind, **inputs)
+    except attention_kernel.KernelUnavailable as error:  # e.g. AMX refused
+        return {"not_run": str(error), "others": 0.0}
     times = []
     busy, own, wall = _cpu_busy(), os.times(), time.perf_counter()
     for _ in range(repeats):
@@ -280,6 +306,7 @@ def measure(paths: dict, rounds: int, repeats: int, positions: int, launcher: li
     """Median ms per form, forms alternated round by round, each run in its own process."""
     runs: dict[str, list[float]] = {name: [] for name in paths}
     others: dict[str, list[float]] = {name: [] for name in paths}
+    not_run: dict[str, str] = {}
     for _ in range(rounds):
         for name, path in paths.items():
             env = {**os.environ, **FORMS[name][2]}
@@ -293,13 +320,18 @@ def measure(paths: dict, rounds: int, repeats: int, positions: int, launcher: li
                 if result["others"] <= DISTURBED:
                     break
                 print(f"{name}: others used {result['others']:.0%} of the CPUs, again", flush=True)
+            if "not_run" in result:
+                not_run[name] = result["not_run"]
+                print(f"{name}: not run ({result['not_run']})", flush=True)
+                continue
             runs[name] += result["times"]
             print(f"{name}: {1000 * statistics.median(runs[name]):.1f} ms", flush=True)
     return {
         name: {
-            "median_ms": 1000 * statistics.median(t),
+            "median_ms": 1000 * statistics.median(t) if t else None,
             "runs_ms": [1000 * x for x in t],
             "others_cpu_share": others[name],
+            **({"not_run": not_run[name]} if name in not_run else {}),
         }
         for name, t in runs.items()
     }
@@ -330,7 +362,12 @@ def key_pairs(positions: int, chunk: int, block: int) -> dict:
         "chunked": blocked(chunk),
         "block": blocked(block),
         "full": positions * positions,
-        "forms": {name: blocked(size or chunk) for name, (_, size, _) in FORMS.items()},
+        "forms": {
+            name: attention_kernel.pairs(positions, chunk, KERNELS[kind])
+            if kind in KERNELS
+            else blocked(size or chunk)
+            for name, (kind, size, _) in FORMS.items()
+        },
     }
 
 

@@ -1,0 +1,587 @@
+/*
+ * Fused causal attention for one prefill chunk (issue 16's study; bench code, not product code).
+ *
+ * The queries of one chunk, positions [start, start + rows), attend to the keys [0, position]
+ * of a key/value cache that already holds the chunk's own keys and values, as the fast decoder's
+ * GroupQueryAttention does with its shared past/present buffer. Rotary embedding is not applied
+ * (the study's other forms ignore it too). Layouts (fp32, row-major):
+ *
+ *   q     [rows][heads * head]            the chunk's queries, head h at column h * head
+ *   k, v  [kv_heads][capacity][head]      the cache; positions [0, start + rows) are valid
+ *   out   [rows][heads * head]
+ *
+ * Query head h reads key/value head h / (heads / kv_heads), as GroupQueryAttention does.
+ *
+ * Both variants tile the causal triangle: a block of query rows meets the keys in blocks, only
+ * up to the block's last position, and only the blocks on the diagonal are masked. Each block
+ * of scores lives in cache and is turned into weights with an online softmax (per query row, a
+ * running maximum m and running sum l; when a later key block raises m, what was accumulated so
+ * far is multiplied by 2^(m_old - m_new)). The scores are kept in base 2: Q is multiplied once by
+ * log2(e) / sqrt(head), so the weights are exp2(score - m).
+ *
+ *   variant 0, fp32 AVX-512: blocks of 32 query rows x 64 keys. Scores are computed with the
+ *     queries in the vector lanes (S^T[key][query]), so the softmax's maxima and sums are plain
+ *     vertical operations; P.V with the queries in rows, the output rows in registers.
+ *   variant 1, AMX bf16: blocks of 16 query rows x 64 keys. S^T = K . Q^T and O^T = V^T . P^T on
+ *     the tiles (_tile_dpbf16ps, fp32 accumulation); the softmax in fp32 AVX-512 between them.
+ *
+ * Threads: the heads are shared among `threads` OpenMP threads.
+ * Returns 0, or a negative code (see enum status) without touching `out`.
+ */
+#include <cpuid.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum status { OK = 0, BAD_SHAPE = -1, NO_AMX = -2, NO_AVX512 = -3, NO_MEMORY = -4 };
+enum variant { FP32 = 0, AMX_BF16 = 1 };
+
+#define LOG2E 1.4426950408889634
+#define LN2 0.6931471805599453
+#define FP32_ROWS 32 /* query rows per block: two vectors of 16 queries */
+#define AMX_ROWS 16  /* query rows per block: one tile's 16 columns of fp32 */
+#define KEYS 64      /* keys per block, both variants */
+
+/* Linux hands out the AMX tile state only on request (see bench/noamx.c). */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+#define VEC __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
+#define TILES __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* --- what the CPU and the kernel allow ------------------------------------------------------ */
+
+static int has_avx512(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    int bf16 = (a >> 5) & 1; /* avx512_bf16: the conversions to bf16 */
+    return f && dq && bw && bf16;
+}
+
+/* 1 when the CPU has AMX bf16 tiles and Linux granted this process their state, else 0. */
+int attention_amx_ready(void) {
+    unsigned a, b, c, d;
+    if (!has_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0; /* amx_bf16, amx_tile */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* --- shared pieces ---------------------------------------------------------------------------- */
+
+/* 2^x for x <= 0: 2^round(x) * e^(f ln 2), the Taylor series of e^y (|y| <= 0.35) to y^7 (error
+ * below 1e-8 relative) or, when the weights are rounded to bf16 anyway (2^-9), to y^4 (4e-5).
+ * Lanes below -126 (masked scores are -inf) give exactly 0. */
+VEC INLINE __m512 exp2_neg(__m512 x, const int bf16) {
+    const __m512 lowest = _mm512_set1_ps(-126.0f);
+    __mmask16 live = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+    x = _mm512_max_ps(x, lowest);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 y = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps((float)LN2));
+    __m512 p = _mm512_set1_ps(1.0f / 24);
+    if (!bf16) {
+        p = _mm512_set1_ps(1.0f / 5040);
+        p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 720));
+        p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 120));
+        p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 24));
+    }
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+/* Asks for the next block's query rows (`rows` of them, if positive) while this block works:
+ * rows heads * head floats apart are too far apart for the hardware prefetchers. */
+static inline void prefetch_rows(const float *q, int stride, int rows, int head) {
+    for (int i = 0; i < rows && i < 32; i++)
+        for (int d = 0; d < head; d += 16) __builtin_prefetch(q + (size_t)i * stride + d);
+}
+
+VEC INLINE __m512i lanes(void) { /* 0, 1, ..., 15 */
+    return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+/* The lanes (queries base + 0..15) that may see `key`: position >= key. */
+INLINE __mmask16 visible(int key, int base) {
+    int hidden = key - base; /* lanes below this are earlier positions than the key */
+    if (hidden <= 0) return 0xFFFF;
+    if (hidden >= 16) return 0;
+    return (__mmask16)(0xFFFF << hidden);
+}
+
+/* The first half of a step of the online softmax over a block of scores st[key][16 queries]
+ * (nk keys, one vector each): masks keys after each query's position (-inf), raises the running
+ * maximum m and returns the factor 2^(m_old - m_new) by which what was accumulated before (the
+ * output and the running sum of weights) must be scaled. The weights are 2^(score - m). */
+VEC INLINE __m512 block_maximum(float *st, int stride, int nk, int key0, int base, __m512 *m) {
+    const __m512 hidden = _mm512_set1_ps(-INFINITY);
+    __m512 top = hidden;
+    if (key0 + nk - 1 <= base) { /* below the diagonal: every query sees every key */
+        for (int j = 0; j < nk; j++) top = _mm512_max_ps(top, _mm512_load_ps(st + j * stride));
+    } else {
+        for (int j = 0; j < nk; j++) {
+            __m512 s = _mm512_load_ps(st + j * stride);
+            s = _mm512_mask_blend_ps(visible(key0 + j, base), hidden, s);
+            top = _mm512_max_ps(top, s);
+            _mm512_store_ps(st + j * stride, s);
+        }
+    }
+    __m512 m_new = _mm512_max_ps(*m, top);
+    __m512 scale = exp2_neg(_mm512_sub_ps(*m, m_new), 0); /* 0 on the first block (m = -inf) */
+    *m = m_new;
+    return scale;
+}
+
+/* The weights 2^(score - m) in place of the scores, and their sum (fp32 path). */
+VEC INLINE __m512 weights_fp32(float *st, int stride, int nk, __m512 m) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int j = 0; j < nk; j++) {
+        __m512 p = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + j * stride), m), 0);
+        _mm512_store_ps(st + j * stride, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    return sum;
+}
+
+/* --- fp32 AVX-512 --------------------------------------------------------------------------- */
+
+/* st[j][0..32) = sum_d qt[d][0..32) * k[j][d] for nk (<= 8) keys: queries in the lanes, each
+ * key's element broadcast. qt is the block's queries transposed, [head][32]. */
+VEC INLINE void scores_fp32(const float *qt, const float *k, int head, float *st, const int nk) {
+    __m512 acc[8][2];
+    for (int j = 0; j < nk; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    for (int d = 0; d < head; d++) {
+        __m512 q0 = _mm512_load_ps(qt + d * FP32_ROWS), q1 = _mm512_load_ps(qt + d * FP32_ROWS + 16);
+        for (int j = 0; j < nk; j++) {
+            __m512 kj = _mm512_set1_ps(k[j * head + d]);
+            acc[j][0] = _mm512_fmadd_ps(kj, q0, acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(kj, q1, acc[j][1]);
+        }
+    }
+    for (int j = 0; j < nk; j++) {
+        _mm512_store_ps(st + j * FP32_ROWS, acc[j][0]);
+        _mm512_store_ps(st + j * FP32_ROWS + 16, acc[j][1]);
+    }
+}
+
+/* o[i][..] = o[i][..] * scale[i] + sum_j p[j][i] * v[j][..] for 4 query rows, head = 16 * nv:
+ * the rows' outputs stay in registers over the block's nk keys. p is st's weights [key][32]. */
+VEC INLINE void values_fp32(float *o, const float *p, const float *v, const float *scale, int nk,
+                            const int nv) {
+    const int head = 16 * nv;
+    __m512 acc[4][6];
+    for (int i = 0; i < 4; i++) {
+        __m512 s = _mm512_set1_ps(scale[i]);
+        for (int c = 0; c < nv; c++) acc[i][c] = _mm512_mul_ps(_mm512_load_ps(o + i * head + 16 * c), s);
+    }
+    for (int j = 0; j < nk; j++) {
+        __m512 vj[6];
+        for (int c = 0; c < nv; c++) vj[c] = _mm512_loadu_ps(v + j * head + 16 * c);
+        for (int i = 0; i < 4; i++) {
+            __m512 pij = _mm512_set1_ps(p[j * FP32_ROWS + i]);
+            for (int c = 0; c < nv; c++) acc[i][c] = _mm512_fmadd_ps(pij, vj[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < nv; c++) _mm512_store_ps(o + i * head + 16 * c, acc[i][c]);
+}
+
+VEC static void values_rows(float *o, const float *p, const float *v, const float *scale, int nk,
+                            int head) {
+    if (head == 32) values_fp32(o, p, v, scale, nk, 2);
+    else if (head == 64) values_fp32(o, p, v, scale, nk, 4);
+    else values_fp32(o, p, v, scale, nk, 6);
+}
+
+typedef struct {
+    float *qt;    /* [head][32] the block's queries, transposed and scaled */
+    float *st;    /* [KEYS][32] scores, then weights */
+    float *o;     /* [32][head] output accumulators */
+    float *scale; /* [32] this key block's rescaling factors */
+} fp32_scratch;
+
+/* One head: q and out point at the head's first column, rows `stride` floats apart; k and v
+ * at its key/value head's [capacity][head]. */
+VEC static void head_fp32(const float *q, const float *k, const float *v, float *out, int stride,
+                          int rows, int start, int head, fp32_scratch *w) {
+    const float factor = (float)(LOG2E / sqrt((double)head));
+    for (int r0 = 0; r0 < rows; r0 += FP32_ROWS) {
+        int n = rows - r0 < FP32_ROWS ? rows - r0 : FP32_ROWS;
+        int base = start + r0, last = base + n - 1; /* positions of the block's first/last row */
+        /* qt[d][i] = q[row i][d] * factor: each row's 16 dims scattered down a column */
+        const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(FP32_ROWS));
+        if (n < FP32_ROWS) memset(w->qt, 0, sizeof(float) * head * FP32_ROWS);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d += 16) {
+                __m512 x = _mm512_loadu_ps(q + (size_t)(r0 + i) * stride + d);
+                _mm512_i32scatter_ps(w->qt + d * FP32_ROWS + i, down, _mm512_mul_ps(x, _mm512_set1_ps(factor)), 4);
+            }
+        prefetch_rows(q + (size_t)(r0 + FP32_ROWS) * stride, stride, rows - r0 - FP32_ROWS, head);
+        memset(w->o, 0, sizeof(float) * FP32_ROWS * head);
+        __m512 m[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+        __m512 l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int key0 = 0; key0 <= last; key0 += KEYS) {
+            int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS; /* no key after `last` */
+            const float *kb = k + (size_t)key0 * head;
+            int j = 0;
+            for (; j + 8 <= nk; j += 8) scores_fp32(w->qt, kb + j * head, head, w->st + j * FP32_ROWS, 8);
+            for (; j < nk; j++) scores_fp32(w->qt, kb + j * head, head, w->st + j * FP32_ROWS, 1);
+            for (int half = 0; half < 2; half++) {
+                float *st = w->st + 16 * half;
+                __m512 s = block_maximum(st, FP32_ROWS, nk, key0, base + 16 * half, &m[half]);
+                l[half] = _mm512_fmadd_ps(l[half], s, weights_fp32(st, FP32_ROWS, nk, m[half]));
+                _mm512_store_ps(w->scale + 16 * half, s);
+            }
+            for (int i = 0; i < n; i += 4)
+                values_rows(w->o + i * head, w->st + i, v + (size_t)key0 * head, w->scale + i, nk,
+                            head);
+        }
+        float inverse[FP32_ROWS] __attribute__((aligned(64)));
+        _mm512_store_ps(inverse, _mm512_div_ps(_mm512_set1_ps(1.0f), l[0]));
+        _mm512_store_ps(inverse + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), l[1]));
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d += 16)
+                _mm512_storeu_ps(out + (size_t)(r0 + i) * stride + d,
+                                 _mm512_mul_ps(_mm512_load_ps(w->o + i * head + d),
+                                               _mm512_set1_ps(inverse[i])));
+    }
+}
+
+/* --- AMX bf16 ------------------------------------------------------------------------------- */
+/*
+ * A tile product C[16][16 fp32] += A[16][32 bf16] . B[32][16], with B stored in pairs ("VNNI"):
+ * B's row r holds (B[2r][n], B[2r+1][n]) for n = 0..15. Every tile here is 16 rows of 64 bytes.
+ *
+ *   scores   S^T[16 keys][16 queries] = K[16 keys][32 dims] . Q^T[32 dims][16 queries]
+ *            A: K in bf16, row-major as the cache holds it; B: the queries' pairs of dims.
+ *            head = 32 * (1, 2 or 3): one product per 32 dims, tiles 0-2 keep the queries.
+ *   values   O^T[16 dims][16 queries] += V^T[16 dims][32 keys] . P^T[32 keys][16 queries]
+ *            A: V transposed in bf16; B: the weights' pairs of keys, which the softmax writes
+ *            directly (it has one vector of 16 queries per key).
+ *
+ * Tiles: 0-1 keys, 2-3 queries (each in turn), 4-7 the scores of a block of 64 keys; then
+ * 4-5 the weights, 0-2 the output (48 dims at a time), 3, 6 and 7 V^T.
+ */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+typedef struct {
+    const uint16_t *k;  /* [keys][head] bf16, the key/value head's keys, zero after the last */
+    const uint16_t *vt; /* [keys / 32][head][32] bf16, its values transposed by 32 keys */
+    uint16_t *qp; /* [3][16][32] bf16: the block's queries in pairs of dims, one tile per 32 */
+    float *st;    /* [KEYS][16] scores, then weights */
+    uint16_t *pp; /* [2][16][32] bf16: the weights in pairs of keys, one tile per 32 keys */
+    float *ot;    /* [head][16] output accumulators, transposed */
+    __m512i stage[4][2]; /* transpose16's indices */
+} amx_scratch;
+
+/* Indices that interleave the two 16-element halves of 32 16-bit elements: 0, 16, 1, 17, ...
+ * (two vectors of 16 weights or values become 16 pairs, the B layout of a tile). */
+VEC INLINE __m512i interleave(void) {
+    return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                            22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+/* A 16x16 transpose of 32-bit elements in four stages b = 8, 4, 2, 1: rows i and i + b (bit b
+ * of i clear) swap the off-diagonal b-wide parts of each 2b-wide group of columns. */
+VEC static void transpose_indices(__m512i stage[4][2]) {
+    for (int s = 0, b = 8; b >= 1; s++, b /= 2) {
+        int32_t low[16], high[16];
+        for (int c = 0; c < 16; c++) {
+            low[c] = (c & b) ? 16 + c - b : c; /* row i: its own left part, then row i + b's */
+            high[c] = (c & b) ? 16 + c : c + b; /* row i + b: row i's right part, then its own */
+        }
+        stage[s][0] = _mm512_loadu_si512(low);
+        stage[s][1] = _mm512_loadu_si512(high);
+    }
+}
+
+VEC INLINE void transpose16(__m512i r[16], __m512i stage[4][2]) {
+    for (int s = 0, b = 8; b >= 1; s++, b /= 2)
+        for (int i = 0; i < 16; i++) {
+            if (i & b) continue;
+            __m512i top = r[i], bottom = r[i + b];
+            r[i] = _mm512_permutex2var_epi32(top, stage[s][0], bottom);
+            r[i + b] = _mm512_permutex2var_epi32(top, stage[s][1], bottom);
+        }
+}
+
+/* The chunk's keys and values, positions [start, end), into the bf16 copies of one key/value
+ * head: kb[key][head] (row-major, as the cache) and vt[key / 32][head][32] (transposed within
+ * each group of 32 keys, so that the 16 dims x 32 keys of a tile are 1 KB in one piece);
+ * positions after `end` up to the next block of KEYS are zeros (a later chunk fills them).
+ * Each key is converted once, by the chunk that brings it. */
+TILES static void pack_chunk(const float *k, const float *v, int start, int end, int head,
+                             uint16_t *kb, uint16_t *vt, __m512i stage[4][2]) {
+    const int stop = (end + KEYS - 1) / KEYS * KEYS;
+    for (int j = start; j < stop; j++) {
+        uint16_t *row = kb + (size_t)j * head;
+        for (int d = 0; d < head; d += 16) {
+            __m512 x = j < end ? _mm512_loadu_ps(k + (size_t)j * head + d) : _mm512_setzero_ps();
+            _mm256_storeu_si256((__m256i *)(row + d), (__m256i)_mm512_cvtneps_pbh(x));
+        }
+    }
+    /* V^T: per 32 keys and 16 dims, the 16 pairs of keys' values (one vector of 16 dims each)
+     * are transposed into 16 rows of one dim's 32 keys */
+    const __m512i order = interleave();
+    for (int j0 = start / 32 * 32; j0 < stop; j0 += 32)
+        for (int d0 = 0; d0 < head; d0 += 16) {
+            __m512i r[16];
+            for (int p = 0; p < 16; p++) {
+                int j = j0 + 2 * p;
+                __m512 x = j < end ? _mm512_loadu_ps(v + (size_t)j * head + d0) : _mm512_setzero_ps();
+                __m512 y = j + 1 < end ? _mm512_loadu_ps(v + (size_t)(j + 1) * head + d0)
+                                       : _mm512_setzero_ps();
+                r[p] = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(y, x));
+            }
+            transpose16(r, stage);
+            for (int d = 0; d < 16; d++)
+                _mm512_storeu_si512(vt + (size_t)j0 * head + (d0 + d) * 32, r[d]);
+        }
+}
+
+/* The weights 2^(score - m) of the 64 keys of st[key][16 queries] in bf16, in pairs of keys:
+ * pp[c][r] = (p[32c + 2r][n], p[32c + 2r + 1][n]), n = 0..15, the B layout of two tiles; returns
+ * the sum of the rounded weights (what the tiles multiply). */
+TILES INLINE __m512 weights_bf16(const float *st, __m512 m, uint16_t *pp) {
+    const __m512i order = interleave();
+    __m512 sum = _mm512_setzero_ps();
+    for (int r = 0; r < KEYS / 2; r++) {
+        __m512 p0 = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + (2 * r) * 16), m), 1);
+        __m512 p1 = exp2_neg(_mm512_sub_ps(_mm512_load_ps(st + (2 * r + 1) * 16), m), 1);
+        __m256i a = (__m256i)_mm512_cvtneps_pbh(p0);
+        __m256i b = (__m256i)_mm512_cvtneps_pbh(p1);
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        _mm512_store_si512((__m512i *)(pp + r * 32), _mm512_permutexvar_epi16(order, both));
+        /* back to fp32: a bf16 is the top half of a float */
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16)));
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+    }
+    return sum;
+}
+
+/* Scores of 16 keys (sub-block `sub` of the 64) for the 32 dims of slice `dims` into tile
+ * `acc`; the keys go to tile 0 or 1 in turn, so a load need not wait for the last product. */
+/* Asks for the earlier chunks' bf16 keys and values (positions [0, start)) in the L2 cache:
+ * the tile loads that read them next go down the rows too far apart to be prefetched. */
+static void prefetch_packed(const amx_scratch *w, int start, int head) {
+    const char *keys = (const char *)w->k, *values = (const char *)w->vt;
+    for (size_t at = 0; at < (size_t)start * head * 2; at += 64) {
+        __builtin_prefetch(keys + at, 0, 2);
+        __builtin_prefetch(values + at, 0, 2);
+    }
+}
+
+#define SCORES(acc, ktile, qtile, sub, dims)                                                   \
+    do {                                                                                        \
+        _tile_loadd(ktile, kb + (size_t)(16 * (sub)) * head + 32 * (dims), 2 * head);           \
+        _tile_dpbf16ps(acc, ktile, qtile);                                                      \
+    } while (0)
+
+TILES static void head_amx(const float *q, float *out, int stride, int rows, int start, int head,
+                           amx_scratch *w) {
+    const float factor = (float)(LOG2E / sqrt((double)head));
+    const int slices = head / 32;
+    for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
+        int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+        int base = start + r0, last = base + n - 1;
+        /* queries in pairs of dims: qp[s][r][2i + e] = q[row i][32 s + 2 r + e]; as 32-bit
+         * pairs, each row's 16 pairs of a slice are scattered down a column */
+        const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(16));
+        const __m512 f = _mm512_set1_ps(factor);
+        if (n < AMX_ROWS) memset(w->qp, 0, 2 * 3 * 16 * 32);
+        for (int i = 0; i < n; i++)
+            for (int s = 0; s < slices; s++) {
+                const float *row = q + (size_t)(r0 + i) * stride + 32 * s;
+                __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + 16), f),
+                                                     _mm512_mul_ps(_mm512_loadu_ps(row), f));
+                _mm512_i32scatter_epi32((uint32_t *)w->qp + 256 * s + i, down, (__m512i)pairs, 4);
+            }
+        prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
+        memset(w->ot, 0, sizeof(float) * 16 * head);
+        __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+        for (int key0 = 0; key0 <= last; key0 += KEYS) {
+            const uint16_t *kb = w->k + (size_t)key0 * head;
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+            /* the queries' slices in tiles 2 and 3 in turn (tile numbers must be constants) */
+            _tile_loadd(2, w->qp, 64);
+            SCORES(4, 0, 2, 0, 0); SCORES(5, 1, 2, 1, 0); SCORES(6, 0, 2, 2, 0); SCORES(7, 1, 2, 3, 0);
+            if (slices > 1) {
+                _tile_loadd(3, w->qp + 512, 64);
+                SCORES(4, 0, 3, 0, 1); SCORES(5, 1, 3, 1, 1); SCORES(6, 0, 3, 2, 1); SCORES(7, 1, 3, 3, 1);
+            }
+            if (slices > 2) {
+                _tile_loadd(2, w->qp + 1024, 64);
+                SCORES(4, 0, 2, 0, 2); SCORES(5, 1, 2, 1, 2); SCORES(6, 0, 2, 2, 2); SCORES(7, 1, 2, 3, 2);
+            }
+            _tile_stored(4, w->st, 64);
+            _tile_stored(5, w->st + 256, 64);
+            _tile_stored(6, w->st + 512, 64);
+            _tile_stored(7, w->st + 768, 64);
+            int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
+            /* keys after `last` are masked for every row; the tiles still multiply them */
+            for (int j = nk; j < KEYS; j++) _mm512_store_ps(w->st + 16 * j, _mm512_set1_ps(-INFINITY));
+            __m512 scale = block_maximum(w->st, 16, KEYS, key0, base, &m);
+            l = _mm512_fmadd_ps(l, scale, weights_bf16(w->st, m, w->pp));
+            if (_mm512_cmp_ps_mask(scale, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
+                for (int d = 0; d < head; d++)
+                    _mm512_store_ps(w->ot + 16 * d, _mm512_mul_ps(_mm512_load_ps(w->ot + 16 * d), scale));
+            _tile_loadd(4, w->pp, 64);
+            _tile_loadd(5, w->pp + 512, 64);
+            /* 48 dims at a time: three independent chains of products (tiles 0-2) */
+            for (int d0 = 0; d0 < head; d0 += 48) {
+                const int g = head - d0 >= 48 ? 3 : (head - d0) / 16; /* tiles in this group */
+                const uint16_t *vt = w->vt + (size_t)key0 * head + d0 * 32;
+                const size_t next = 16 * 32, later = 32 * head; /* next 16 dims, 32 keys */
+                const int pitch = 64;
+                float *o = w->ot + 16 * d0;
+                _tile_loadd(0, o, 64);
+                if (g > 1) _tile_loadd(1, o + 256, 64);
+                if (g > 2) _tile_loadd(2, o + 512, 64);
+                _tile_loadd(3, vt, pitch);
+                _tile_dpbf16ps(0, 3, 4);
+                if (g > 1) { _tile_loadd(6, vt + next, pitch); _tile_dpbf16ps(1, 6, 4); }
+                if (g > 2) { _tile_loadd(7, vt + 2 * next, pitch); _tile_dpbf16ps(2, 7, 4); }
+                _tile_loadd(3, vt + later, pitch);
+                _tile_dpbf16ps(0, 3, 5);
+                if (g > 1) { _tile_loadd(6, vt + next + later, pitch); _tile_dpbf16ps(1, 6, 5); }
+                if (g > 2) { _tile_loadd(7, vt + 2 * next + later, pitch); _tile_dpbf16ps(2, 7, 5); }
+                _tile_stored(0, o, 64);
+                if (g > 1) _tile_stored(1, o + 256, 64);
+                if (g > 2) _tile_stored(2, o + 512, 64);
+            }
+        }
+        /* out[row i][d] = ot[d][i] / l[i]: 16 dims at a time, transposed back into rows */
+        const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
+        for (int d0 = 0; d0 < head; d0 += 16) {
+            __m512i r[16];
+            for (int d = 0; d < 16; d++)
+                r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(w->ot + 16 * (d0 + d)), inverse));
+            transpose16(r, w->stage);
+            for (int i = 0; i < n; i++)
+                _mm512_storeu_si512(out + (size_t)(r0 + i) * stride + d0, r[i]);
+        }
+    }
+}
+
+/* --- the entry point ------------------------------------------------------------------------ */
+
+/* Each thread's scratch memory, kept from call to call (OpenMP keeps its threads): fresh
+ * allocations of this size would be new pages to fault in and zero on every call. */
+static __thread char *arena;
+static __thread size_t arena_size, arena_used;
+
+static int arena_reserve(size_t bytes) {
+    arena_used = 0;
+    if (bytes <= arena_size) return 1;
+    free(arena);
+    arena = aligned_alloc(64, bytes);
+    arena_size = arena ? bytes : 0;
+    return arena != NULL;
+}
+
+static void *take(size_t bytes) { /* 64-byte aligned for the vector and tile loads */
+    void *p = arena + arena_used;
+    arena_used += (bytes + 63) / 64 * 64;
+    return p;
+}
+
+TILES static void configure_tiles(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+    }
+    /* gcc 12 does not see that ldtilecfg reads all 64 bytes and drops part of the memset */
+    __asm__ volatile("" : : "m"(config) : "memory");
+    _tile_loadconfig(&config);
+}
+
+TILES static void release_tiles(void) { _tile_release(); }
+
+/* The AMX variant also takes the caller's bf16 copies of the cache, kept from chunk to chunk
+ * (each chunk adds its keys): packed_k [kv_heads][pitch][head] and packed_vt
+ * [kv_heads][pitch / 32][head][32], pitch = capacity rounded up to 64. The fp32 variant ignores
+ * them. */
+int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
+                     int start, int capacity, int heads, int kv_heads, int head, int variant,
+                     int threads, uint16_t *packed_k, uint16_t *packed_vt) {
+    if ((head != 32 && head != 64 && head != 96) || rows <= 0 || start < 0 || kv_heads <= 0 ||
+        heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16) ||
+        (variant == AMX_BF16 && (!packed_k || !packed_vt)))
+        return BAD_SHAPE;
+    if (!has_avx512()) return NO_AVX512;
+    if (variant == AMX_BF16 && !attention_amx_ready()) return NO_AMX;
+    const int end = start + rows, group = heads / kv_heads, stride = heads * head;
+    const int pitch = (capacity + KEYS - 1) / KEYS * KEYS;
+    int status = OK;
+#pragma omp parallel num_threads(threads)
+    {
+        fp32_scratch f = {0};
+        amx_scratch a = {0};
+        /* every buffer below is written before it is read */
+        const size_t fp32_bytes = sizeof(float) * (2 * head * FP32_ROWS + KEYS * FP32_ROWS) + 1024;
+        const size_t amx_bytes = 3 * 1024 + sizeof(float) * 16 * (KEYS + head) + 2048 + 1024;
+        int ready = arena_reserve(variant == FP32 ? fp32_bytes : amx_bytes);
+        if (ready && variant == FP32) {
+            f.qt = take(sizeof(float) * head * FP32_ROWS);
+            f.st = take(sizeof(float) * KEYS * FP32_ROWS);
+            f.o = take(sizeof(float) * FP32_ROWS * head);
+            f.scale = take(sizeof(float) * FP32_ROWS);
+        } else if (ready) {
+            a.qp = take(2 * 3 * 16 * 32);
+            a.st = take(sizeof(float) * KEYS * 16);
+            a.pp = take(2 * 2 * 16 * 32);
+            a.ot = take(sizeof(float) * head * 16);
+            transpose_indices(a.stage);
+            configure_tiles(); /* the tile configuration is per thread */
+        }
+        if (!ready) {
+#pragma omp atomic write
+            status = NO_MEMORY;
+        }
+        if (variant == FP32) {
+#pragma omp for schedule(static)
+            for (int h = 0; h < heads; h++) {
+                const size_t g = (size_t)(h / group) * capacity * head; /* its key/value head */
+                if (ready)
+                    head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start,
+                              head, &f);
+            }
+        } else {
+            /* per key/value head: the chunk's keys and values in bf16, the earlier chunks'
+             * asked into the cache, then the query heads that read them */
+#pragma omp for schedule(static)
+            for (int g = 0; g < kv_heads; g++) {
+                if (!ready) continue;
+                const size_t at = (size_t)g * capacity * head, packed = (size_t)g * pitch * head;
+                a.k = packed_k + packed;
+                a.vt = packed_vt + packed;
+                pack_chunk(k + at, v + at, start, end, head, packed_k + packed, packed_vt + packed,
+                           a.stage);
+                prefetch_packed(&a, start, head);
+                for (int h = g * group; h < (g + 1) * group; h++)
+                    head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
+            }
+        }
+        if (variant == AMX_BF16 && ready) release_tiles();
+    }
+    return status;
+}

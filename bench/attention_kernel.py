@@ -1,0 +1,124 @@
+"""Our fused causal attention kernel (``attention_kernel.c``), compiled here and called by ctypes.
+
+A benchmark study for issue 16, not product code: ``attention_forms.py`` measures it beside
+onnxruntime's GroupQueryAttention. The C file is compiled with gcc into a cache folder on first
+use (again whenever it changes); there are no onnxruntime headers involved.
+
+    out = attention(q, k, v, head=96, variant="fp32")  # or "amx": bf16 tiles
+
+runs the prefill chunk by chunk as the fast decoder does: each chunk's keys and values are
+written into a ``[kv_heads, positions, head]`` cache, then the chunk's queries attend to the
+cache's keys up to their own position. The AMX variant also keeps bf16 copies of the keys and
+of the values transposed, to which each chunk adds its own (converted once, in the kernel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("attention_kernel.c")
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3v" / "kernels"
+VARIANTS = {"fp32": 0, "amx": 1}
+# Query rows x keys per tile of the causal triangle (the C file's FP32_ROWS, AMX_ROWS, KEYS).
+TILE = {"fp32": (32, 64), "amx": (16, 64)}
+KEYS = 64
+THREADS = 2  # as the timed onnxruntime sessions: the machine's two cores
+ERRORS = {
+    -1: "shape not supported (head must be 32, 64 or 96; heads a multiple of kv_heads)",
+    -2: "AMX bf16 is not available (the CPU lacks it, or Linux refused the tile state)",
+    -3: "the CPU lacks AVX-512 (with bf16 conversions)",
+    -4: "out of memory",
+}
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot run here: no compiler, or the CPU (or Linux) lacks what it needs."""
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built with gcc on first use (cached by the source's hash)."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        raise KernelUnavailable("no C compiler: install gcc to build bench/attention_kernel.c")
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    target = CACHE / f"attention_kernel-{digest}.so"
+    if not target.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        command = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", "-o", str(partial)]
+        command += [str(SOURCE), "-lm"]
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise KernelUnavailable(f"gcc could not build {SOURCE.name}:\n{built.stderr}")
+        partial.replace(target)
+    lib = ctypes.CDLL(str(target))
+    floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+    lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8 + [ctypes.c_void_p] * 2
+    lib.causal_attention.restype = ctypes.c_int
+    lib.attention_amx_ready.restype = ctypes.c_int
+    return lib
+
+
+def amx_ready() -> bool:
+    """Whether the AMX variant can run: the CPU has AMX bf16 and Linux grants its tile state."""
+    return bool(library().attention_amx_ready())
+
+
+def attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, head: int, variant: str, chunk: int = 512
+) -> np.ndarray:
+    """Causal attention [1, S, heads * head] of q [1, S, heads * head] over k, v [1, S, kv_heads *
+    head], in chunks of ``chunk`` positions through a key/value cache, as the engine's prefill."""
+    lib = library()
+    positions, heads, kv_heads = q.shape[1], q.shape[2] // head, k.shape[2] // head
+    cache = [np.zeros((kv_heads, positions, head), np.float32) for _ in range(2)]
+    pitch = -(-positions // KEYS) * KEYS
+    packed = [aligned((kv_heads, pitch, head), np.uint16) for _ in range(2)]  # bf16 K, V^T
+    addresses = [x.ctypes.data for x in packed] if variant == "amx" else [None, None]
+    out = np.empty((positions, heads * head), np.float32)
+    for start in range(0, positions, chunk):
+        end = min(start + chunk, positions)
+        for stored, new in zip(cache, (k, v), strict=True):  # the chunk's present key/value
+            part = new[0, start:end].reshape(end - start, kv_heads, head)
+            stored[:, start:end] = part.swapaxes(0, 1)
+        rows = np.ascontiguousarray(q[0, start:end])
+        status = lib.causal_attention(
+            rows, *cache, out[start:end], end - start, start, positions, heads, kv_heads, head,
+            VARIANTS[variant], THREADS, *addresses,
+        )  # fmt: skip
+        if status:
+            raise KernelUnavailable(ERRORS.get(status, f"error {status}"))
+    return out[None]
+
+
+def aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array whose data starts on a 64-byte boundary: a tile row that crossed
+    two cache lines would cost two reads (numpy only promises 16 bytes)."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + size].view(dtype).reshape(shape)
+
+
+def pairs(positions: int, chunk: int, variant: str) -> int:
+    """The (query, key) pairs the kernel computes over a prefill of ``positions`` in chunks: each
+    block of query rows meets the keys up to its last row (fp32), or up to that rounded up to a
+    whole block of keys (AMX, whose tiles are a fixed size)."""
+    rows, keys = TILE[variant]
+    total = 0
+    for start in range(0, positions, chunk):
+        end = min(start + chunk, positions)
+        for first in range(start, end, rows):
+            last = min(first + rows, end) - 1
+            seen = last + 1 if variant == "fp32" else -(-(last + 1) // keys) * keys
+            total += (last + 1 - first) * seen
+    return total

@@ -1,0 +1,103 @@
+"""bench/attention_kernel.c, issue 16's fused causal attention study: its output is causal
+attention, as a float64 numpy reference computes it, chunk by chunk as the prefill runs it.
+
+Tolerances (inputs standard normal, outputs of order 0.1-1): fp32 accumulates in fp32 and its
+exp2 is good to 1e-8, so 2e-6 relative (Frobenius) and 1e-5 largest absolute; AMX rounds Q, K, V
+and the weights to bf16 (8 significant bits, 2^-9 = 2e-3 relative each), so 1e-2 relative and
+5e-2 absolute. Skipped without a C compiler, without AVX-512, or (AMX) without AMX tiles.
+"""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SOURCE = Path(__file__).resolve().parent.parent / "bench" / "attention_kernel.py"
+TOLERANCE = {"fp32": (2e-6, 1e-5), "amx": (1e-2, 5e-2)}  # relative, largest absolute
+# positions, heads, kv_heads, head, chunk: partial query and key blocks, chunk edges inside
+# blocks, shared key/value heads, every head size the kernel takes
+SHAPES = [
+    (1, 1, 1, 32, 512),
+    (5, 2, 2, 32, 512),
+    (70, 4, 1, 64, 32),
+    (300, 4, 2, 96, 128),
+    (777, 3, 3, 96, 512),
+    (200, 2, 2, 64, 7),
+]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("gcc") is None, reason="no C compiler (gcc) to build bench/attention_kernel.c"
+)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """bench/attention_kernel.py, its library built; skips where the CPU lacks AVX-512."""
+    spec = importlib.util.spec_from_file_location("attention_kernel", SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.attention(*inputs(1, 1, 1, 32), head=32, variant="fp32")
+    except module.KernelUnavailable as error:
+        pytest.skip(f"the kernel cannot run here: {error}")
+    return module
+
+
+def variant_or_skip(kernel, variant: str) -> str:
+    if variant == "amx" and not kernel.amx_ready():
+        pytest.skip("no AMX bf16 tiles on this CPU (or Linux refused their state)")
+    return variant
+
+
+def inputs(positions: int, heads: int, kv_heads: int, head: int) -> list[np.ndarray]:
+    """q [1, S, heads * head], k and v [1, S, kv_heads * head], standard normal fp32."""
+    rng = np.random.default_rng(positions * 1000 + heads * 10 + head)
+    widths = (heads * head, kv_heads * head, kv_heads * head)
+    return [rng.standard_normal((1, positions, w)).astype(np.float32) for w in widths]
+
+
+def causal_attention(q, k, v, head: int) -> np.ndarray:
+    """float64 softmax(q kᵀ / sqrt(head)) v, position i over keys 0..i; query head h reads
+    key/value head h // (heads // kv_heads)."""
+    positions, heads, kv_heads = q.shape[1], q.shape[2] // head, k.shape[2] // head
+    q, k, v = (x[0].astype(np.float64).reshape(positions, -1, head) for x in (q, k, v))
+    later = np.triu(np.ones((positions, positions), bool), 1)
+    out = np.empty((positions, heads, head))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        scores = np.where(later, -np.inf, q[:, h] @ k[:, g].T / np.sqrt(head))
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, h] = weights / weights.sum(axis=1, keepdims=True) @ v[:, g]
+    return out.reshape(1, positions, -1)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "amx"])
+@pytest.mark.parametrize(("positions", "heads", "kv_heads", "head", "chunk"), SHAPES)
+def test_equals_causal_attention(kernel, variant, positions, heads, kv_heads, head, chunk):
+    q, k, v = inputs(positions, heads, kv_heads, head)
+    out = kernel.attention(q, k, v, head, variant_or_skip(kernel, variant), chunk)
+    exact = causal_attention(q, k, v, head)
+    relative, absolute = TOLERANCE[variant]
+    assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < relative
+    assert np.abs(out - exact).max() < absolute
+
+
+@pytest.mark.parametrize("variant", ["fp32", "amx"])
+def test_the_first_position_sees_only_the_first_value(kernel, variant):
+    q, k, v = inputs(40, 2, 2, 64)
+    out = kernel.attention(q, k, v, 64, variant_or_skip(kernel, variant), chunk=16)
+    np.testing.assert_allclose(out[0, 0], v[0, 0], atol=TOLERANCE[variant][1])
+
+
+def test_an_unsupported_head_size_is_refused_with_the_reason(kernel):
+    with pytest.raises(kernel.KernelUnavailable, match="head must be 32, 64 or 96"):
+        kernel.attention(*inputs(8, 1, 1, 80), head=80, variant="fp32")
+
+
+def test_pairs_count_the_tiles_of_the_triangle(kernel):
+    # one chunk of 40 positions: fp32 blocks of 32 rows see keys up to their last row (32 and
+    # 40); AMX blocks of 16 rows see whole blocks of 64 keys
+    assert kernel.pairs(40, 512, "fp32") == 32 * 32 + 8 * 40
+    assert kernel.pairs(40, 512, "amx") == 40 * 64
