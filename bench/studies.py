@@ -134,7 +134,8 @@ def attention_section(report: dict) -> str:
         best = min(causal_forms, key=ms.get)
         parts.append(
             (
-                "**The target is met by a measured form.** "
+                "**A measured form fits the budget, in this study only** (the fast copy still "
+                "runs GroupQueryAttention, so the target itself is not met yet): "
                 if ms[best] <= allowed
                 else "**The target is missed**: "
             )
