@@ -48,6 +48,7 @@ from phi3v.integer_gemm import (
     GemmBuilder,
     Numerics,
     SplitOutputs,
+    bias_input,
     constants,
     projection_role,
 )
@@ -184,11 +185,11 @@ def convert_model(
     nodes: list[onnx.NodeProto] = []
     converted = {id(node) for node in targets}
     foldable = fold_splits and not numerics.group
-    splits = _foldable_splits(graph, targets, initializers, reader) if foldable else {}
-    folded = {split.name or split.output[0] for split, _ in splits.values()}
+    splits = _foldable_splits(old_nodes, graph, targets, initializers, reader) if foldable else {}
+    folded = {id(split) for split, _ in splits.values()}
     done = 0
     for node in old_nodes:
-        if node.op_type == "Split" and (node.name or node.output[0]) in folded:
+        if id(node) in folded:
             continue
         if id(node) not in converted:
             nodes.append(node)
@@ -200,7 +201,7 @@ def convert_model(
         nodes += builder.integer_gemm(node, weights, numerics, split)
     report(Progress(f"converting the {what} model", len(targets), len(targets)))
     replaced = {name for node in targets for name in node.input[1:4]}
-    replaced |= {node.input[5] for node in targets if id(node) in splits and _bias(node)}
+    replaced |= {bias_input(node) for node in targets if id(node) in splits} - {None}
     kept = [_copy(t) for t in graph.initializer if t.name not in replaced]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -225,6 +226,7 @@ def int4_weights(source: Path) -> dict[str, np.ndarray]:
 
 
 def _foldable_splits(
+    nodes: list[onnx.NodeProto],
     graph: onnx.GraphProto,
     targets: list[onnx.NodeProto],
     initializers: dict[str, TensorProto],
@@ -232,9 +234,10 @@ def _foldable_splits(
 ) -> dict[int, tuple[onnx.NodeProto, SplitOutputs]]:
     """The converted projections whose output only a ``Split`` along the last axis reads (the
     decoder's gate/up, the vision encoder's q/k/v), by ``id`` of the projection: each gets a
-    GEMM per part, so the Split and its copy go away."""
+    GEMM per part, so the Split and its copy go away. ``nodes`` are the graph's nodes as the
+    conversion reads them (``targets`` among them); the graph gives its outputs and subgraphs."""
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     elsewhere = {out.name for out in graph.output} | _subgraph_inputs(graph)
@@ -248,7 +251,8 @@ def _foldable_splits(
         sizes = _split_sizes(split, initializers, reader)
         if axis != -1 or sizes is None or len(sizes) != len(split.output):
             continue
-        bias = reader.array(initializers[_bias(node)]) if _bias(node) else None
+        bias = bias_input(node)
+        bias = reader.array(initializers[bias]) if bias else None
         found[id(node)] = split, SplitOutputs(tuple(split.output), tuple(sizes), bias)
     return found
 
@@ -271,11 +275,6 @@ def _split_sizes(split, initializers, reader) -> list[int] | None:
         return [int(v) for v in reader.array(initializers[split.input[1]])]
     attribute = next((a for a in split.attribute if a.name == "split"), None)
     return list(attribute.ints) if attribute is not None else None
-
-
-def _bias(node: onnx.NodeProto) -> str | None:
-    """A MatMulNBits' bias input, if it has one."""
-    return node.input[5] if len(node.input) > 5 and node.input[5] else None
 
 
 def _converts(node: onnx.NodeProto, head: str | None, numerics: Numerics) -> bool:

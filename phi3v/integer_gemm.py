@@ -89,6 +89,11 @@ class Numerics:
         return ", ".join(parts)
 
 
+def bias_input(node: onnx.NodeProto) -> str | None:
+    """A ``MatMulNBits`` node's bias input, if it has one."""
+    return node.input[5] if len(node.input) > 5 and node.input[5] else None
+
+
 def projection_role(name: str) -> str:
     """The role (a key of :data:`ROLES`) of the projection named ``name``, or ``"other"``."""
     lowered = name.lower()
@@ -194,7 +199,7 @@ class GemmBuilder:
                 channel_scale,
             )
             nodes += self._per_group(t, x2, k, group, t("weight_int8"), t("channel_scale"))
-            products = [(t, node.output[0], n)]
+            products = [(t, node.output[0], slice(0, n))]
         else:
             nodes += self._quantize_rows(t, x2)
             parts = split or SplitOutputs((node.output[0],), (n,), None)
@@ -203,52 +208,47 @@ class GemmBuilder:
                 p = _Names(f"{name}/part{index}") if split else t
                 columns = slice(first, first + width)
                 first += width
+                products.append((p, output, columns))
                 self._add_weight(
                     p("weight_int8"),
                     quantized[:, columns],
                     p("channel_scale"),
                     channel_scale[columns],
                 )
-                if not fine:
+                if fine:
+                    self._add_weight(
+                        p("remainder_int8"),
+                        remainder[:, columns],
+                        p("remainder_scale"),
+                        fine_scale[columns],
+                    )
+                    nodes += [
+                        self._gemm(t, p("weight_int8"), p("channel_scale"), p("coarse")),
+                        self._gemm(t, p("remainder_int8"), p("remainder_scale"), p("fine")),
+                        self._node("Add", [p("coarse"), p("fine")], p("y2")),
+                    ]
+                else:
                     nodes.append(self._gemm(t, p("weight_int8"), p("channel_scale"), p("y2")))
-                    products.append((p, output, width))
-                    continue
-                self._add_weight(
-                    p("remainder_int8"),
-                    remainder[:, columns],
-                    p("remainder_scale"),
-                    fine_scale[columns],
-                )
-                nodes += [
-                    self._gemm(t, p("weight_int8"), p("channel_scale"), p("coarse")),
-                    self._gemm(t, p("remainder_int8"), p("remainder_scale"), p("fine")),
-                    self._node("Add", [p("coarse"), p("fine")], p("y2")),
-                ]
-                products.append((p, output, width))
         # Back to x's leading dimensions: [..., width].
         nodes += [
             self._node("Shape", [x], t("shape")),
             self._node("Slice", [t("shape"), "phi3v/zero", "phi3v/last_axis"], t("lead")),
         ]
-        bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
-        first = 0
-        for p, output, width in products:
+        bias = bias_input(node)
+        for p, output, columns in products:
+            width = columns.stop - columns.start
             width_name = self._const(f"width_{width}", [width])
             nodes.append(self._node("Concat", [t("lead"), width_name], p("out_shape"), axis=0))
             nodes.append(
                 self._node("Reshape", [p("y2"), p("out_shape")], p("no_bias") if bias else output)
             )
-            if bias and split:
-                self.weights.append(
-                    numpy_helper.from_array(split.bias[first : first + width], p("bias"))
-                )
-            if bias:
-                # Not MatMulIntegerToFloat's own bias input: with a per-row a_scale, onnxruntime
-                # (1.32) scales the bias by it too.
-                nodes.append(
-                    self._node("Add", [p("no_bias"), p("bias") if split else bias], output)
-                )
-            first += width
+            if not bias:
+                continue
+            if split:  # each part adds its slice of the bias
+                self.weights.append(numpy_helper.from_array(split.bias[columns], p("bias")))
+            # Not MatMulIntegerToFloat's own bias input: with a per-row a_scale, onnxruntime
+            # (1.32) scales the bias by it too.
+            nodes.append(self._node("Add", [p("no_bias"), p("bias") if split else bias], output))
         return nodes
 
     def _rotation(self, t, x2: str, k: int, block: int) -> list[onnx.NodeProto]:
