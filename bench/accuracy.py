@@ -22,6 +22,11 @@ prefill chunk) in each form, alternated, median of ``--repeats``; on this CPU as
 AMX refused to the process (bench/noamx.c), which is what a VNNI-only CPU runs.
 
     python bench/accuracy.py               # -> bench/results/accuracy.{json,md}
+
+``--weights`` stores the copies' int8 weights as the product does on this CPU (the default:
+uint8 for onnxruntime's u8u8 GEMM where the CPU has neither VNNI nor AMX), or as int8 or uint8
+everywhere, to show what the u8s8 kernel's saturation does without VNNI; ``--name`` writes
+``bench/results/<name>.{json,md}`` instead (a run on another CPU).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +93,14 @@ LAYER = {
     "mlp_out": (8192, 3072),
 }
 SPEED_ROWS = 512
+# How the copies store their int8 weights (integer_gemm.Numerics.unsigned_weights).
+WEIGHTS = ("this CPU", "int8", "uint8")
+
+
+def stored(numerics: integer_gemm.Numerics, weights: str) -> integer_gemm.Numerics:
+    if weights == "this CPU":
+        return convert.stored_for_this_cpu(numerics)
+    return replace(numerics, unsigned_weights=weights == "uint8")
 
 
 def main() -> None:
@@ -100,6 +113,16 @@ def main() -> None:
         default=ANSWER_TOKENS,
         help="teacher-forced answer tokens per evaluation text (default %(default)s)",
     )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="this CPU",
+        help="how the copies store their int8 weights: as the product does on this CPU (uint8 "
+        "for the u8u8 GEMM where it lacks VNNI and AMX), or forced (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--name", default="accuracy", help="results file stem (default: %(default)s)"
+    )
     parser.add_argument("--skip-speed", action="store_true", help="accuracy only")
     parser.add_argument(
         "--speed", action="store_true", help="re-measure the speed into the existing results"
@@ -109,18 +132,19 @@ def main() -> None:
     )
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    variants = {name: VARIANTS[name] for name in args.variants}
+    variants = {name: stored(VARIANTS[name], args.weights) for name in args.variants}
+    results = RESULTS / args.name
     if args.speed_only:  # the child process of the VNNI-only run
         print(json.dumps(layer_speed(variants, args.repeats)))
         return
     if args.markdown:  # after a change to tables.py: nothing is measured
-        _write(json.loads((RESULTS / "accuracy.json").read_text()))
+        _write(json.loads(results.with_suffix(".json").read_text()), results)
         return
     if args.speed:
-        result = json.loads((RESULTS / "accuracy.json").read_text())
+        result = json.loads(results.with_suffix(".json").read_text())
         result["speed"] = measure_speed(variants, args)
         result["speed_load"] = os.getloadavg()
-        _write(result)
+        _write(result, results)
         return
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -129,6 +153,7 @@ def main() -> None:
             "commit": commit(),
             "cpu": machine.describe_cpu(),
             "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]),
+            "weights": args.weights,
             "load_before": os.getloadavg(),
             "decoder": decoder_fidelity(work / "decoder", variants, args.answer_tokens),
             "vision": vision_fidelity(work / "vision", variants),
@@ -136,7 +161,7 @@ def main() -> None:
     if not args.skip_speed:
         result["speed"] = measure_speed(variants, args)
     result["load_after"] = os.getloadavg()
-    _write(result)
+    _write(result, results)
 
 
 def measure_speed(variants: dict[str, integer_gemm.Numerics], args) -> dict:
@@ -147,10 +172,10 @@ def measure_speed(variants: dict[str, integer_gemm.Numerics], args) -> dict:
     return speed
 
 
-def _write(result: dict) -> None:
+def _write(result: dict, stem: Path) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "accuracy.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "accuracy.md").write_text(tables.fidelity_report(result) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(tables.fidelity_report(result) + "\n")
     print(tables.fidelity_report(result))
 
 
@@ -345,7 +370,7 @@ def _speed_without_amx(args) -> dict:
     source = Path(__file__).with_name("noamx.c")
     subprocess.run(["gcc", "-O2", "-o", str(launcher), str(source)], check=True)
     command = [str(launcher), sys.executable, __file__, "--speed-only", "--repeats"]
-    command += [str(args.repeats), "--variants", *args.variants]
+    command += [str(args.repeats), "--weights", args.weights, "--variants", *args.variants]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

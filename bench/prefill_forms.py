@@ -27,12 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import accuracy
 import numpy as np
 import onnxruntime as ort
 import tables
 
 import phi3v.convert as convert
 import phi3v.integer_gemm as integer_gemm
+from phi3v import machine
 from phi3v.testing.onnx_graph import projection_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,11 +46,12 @@ SUFFIXES = (1, 4, 8, 16, 32, 64, 128)
 PREFIX = 64
 
 
-def projection_models(folder: Path) -> dict[str, Path]:
-    """One MatMulNBits node as released, and its integer-GEMM rewrite with per-row scales."""
+def projection_models(folder: Path, weights: str) -> dict[str, Path]:
+    """One MatMulNBits node as released, and its integer-GEMM rewrite with per-row scales, its
+    weights stored as ``weights`` says (bench/accuracy.py's ``--weights``)."""
     source = projection_model(folder / "int4.onnx", "proj", K, N)
     row = folder / "row.onnx"
-    convert.convert_model(source, row, integer_gemm.Numerics())
+    convert.convert_model(source, row, accuracy.stored(integer_gemm.Numerics(), weights))
     return {"int4": source, "row": row}
 
 
@@ -136,10 +139,12 @@ def time_suffixes(model: Path, repeats: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
+    cpu = f"; {report['cpu']}; integer-GEMM weights: {report['weights']}" if "cpu" in report else ""
     parts = [
         "# Prefill forms: activation scales and the integer-GEMM threshold",
         f"{report['date']}; `python bench/prefill_forms.py` (median of {report['repeats']}, "
-        f"forms alternated; load average {report['loadavg_start']} -> {report['loadavg_end']}).",
+        f"forms alternated; load average {report['loadavg_start']} -> {report['loadavg_end']})"
+        + f"{cpu}.",
         f"## One projection, K {K} -> N {N}",
         tables.projection_speed(report),
         "Error against a float64 product of the same int4 weights:",
@@ -157,21 +162,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a real-size int4 set for the threshold")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--weights",
+        choices=accuracy.WEIGHTS,
+        default="this CPU",
+        help="how the integer GEMM's weights are stored (default: as the product does here)",
+    )
+    parser.add_argument(
+        "--name", default="prefill_forms", help="results file stem (default: %(default)s)"
+    )
     args = parser.parse_args()
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": machine.describe_cpu(),
+        "weights": args.weights,
         "repeats": args.repeats,
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "model": str(args.model) if args.model else None,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        report["speed"], report["error"] = time_forms(projection_models(Path(tmp)), args.repeats)
+        models = projection_models(Path(tmp), args.weights)
+        report["speed"], report["error"] = time_forms(models, args.repeats)
     if args.model:
         report["suffixes"] = time_suffixes(args.model, min(args.repeats, 3))
     report["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefill_forms.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "prefill_forms.md").write_text(markdown(report))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
 
 

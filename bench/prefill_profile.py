@@ -101,7 +101,10 @@ def make_copies(model: str) -> None:
 
     config = load_config(model)
     root = Path(model) / COPIES
-    numerics = {"per row": convert.FastNumerics(), "default": convert.DEFAULT_NUMERICS}
+    numerics = {
+        "per row": convert.numerics_for_this_cpu(convert.FastNumerics()),
+        "default": convert.numerics_for_this_cpu(),
+    }
     for name, chosen in numerics.items():
         folder = root / name
         key, made_by = (

@@ -327,6 +327,9 @@ def optional_sections() -> str:
                 json.loads(amx.read_text()) if amx.exists() else None,
             ),
         ]
+    no_vnni = no_vnni_section()
+    if no_vnni:
+        parts += ["## On a CPU without VNNI: the u8u8 GEMM", no_vnni]
     peer = RESULTS / "openvino.json"
     if peer.exists():
         parts += [
@@ -339,6 +342,97 @@ def optional_sections() -> str:
         title, body = again.read_text().split("\n", 1)
         parts += [title.replace("# ", "## ", 1), body.strip()]
     return "\n\n".join(parts)
+
+
+NO_VNNI = "no-vnni"  # the stem of the runs on a CPU without VNNI (bench/accuracy.py --name)
+
+
+def no_vnni_section() -> str:
+    """The u8s8 kernel's saturation on a CPU without VNNI, and the u8u8 form that avoids it:
+    from ``accuracy-no-vnni{,-int8}.json`` and ``prefill_forms-no-vnni{,-int8}.json``."""
+    runs = {}
+    for weights, suffix in (("uint8", ""), ("int8", "-int8")):
+        paths = [
+            RESULTS / f"{kind}-{NO_VNNI}{suffix}.json" for kind in ("accuracy", "prefill_forms")
+        ]
+        if not all(path.exists() for path in paths):
+            return ""
+        runs[weights] = [json.loads(path.read_text()) for path in paths]
+    (accuracy, forms), (accuracy8, forms8) = runs["uint8"], runs["int8"]
+    kernels = {"int8": "int8 weights, u8s8 kernel", "uint8": "uint8 weights, u8u8 kernel"}
+    speed = {
+        "int4 MatMulNBits (released)": {r["rows"]: r["int4"] for r in forms["speed"]},
+        kernels["int8"]: {r["rows"]: r["row"] for r in forms8["speed"]},
+        kernels["uint8"]: {r["rows"]: r["row"] for r in forms["speed"]},
+    }
+    errors = {kernels["int8"]: forms8["error"], kernels["uint8"]: forms["error"]}
+    errors["int4 MatMulNBits (released)"] = forms["error"]
+    projection_rows = []
+    for label, times in speed.items():
+        form = "int4" if label.startswith("int4") else "row"
+        error = {r["activations"]: r["relative_error"] for r in errors[label] if r["form"] == form}
+        projection_rows.append(
+            [
+                label,
+                *(f"{times[rows]:.0f}" for rows in (1935, 512)),
+                *(f"{e:.2e}" for e in error.values()),
+            ]
+        )
+    outliers = [r["activations"] for r in forms["error"] if r["form"] == "int4"]
+    projection = tables._table(
+        ["form", "ms, 1935 rows", "ms, 512 rows", *(f"error, {a.lower()}" for a in outliers)],
+        projection_rows,
+    )
+    exact = accuracy["decoder"]["tune"]["paths"]["exact"], accuracy["vision"]["paths"]["exact"]
+    proxy_rows = [["exact", "int4 `MatMulNBits`", *_proxy_cells(*exact, *exact)]]
+    for weights, result in (("int8", accuracy8), ("uint8", accuracy)):
+        tune, seen = result["decoder"]["tune"]["paths"], result["vision"]["paths"]
+        for name in (n for n in tune if n != "exact"):
+            cells = _proxy_cells(tune[name], seen[name], *exact)
+            proxy_rows.append([name, kernels[weights], *cells])
+    proxies = tables._table(
+        [
+            "numerics",
+            "weights",
+            "top-1 (tune)",
+            "mean KL / exact",
+            "first-token KL / exact",
+            "vision error / exact",
+        ],
+        proxy_rows,
+    )
+    return f"""From `bench/results/accuracy-{NO_VNNI}.md`, `accuracy-{NO_VNNI}-int8.md`,
+`prefill_forms-{NO_VNNI}.md` and `prefill_forms-{NO_VNNI}-int8.md` ({accuracy["date"][:10]},
+phi3v {accuracy["commit"]}; {accuracy["cpu"]}: AVX2, no AVX-512).
+
+Without VNNI, onnxruntime's u8s8 GEMM multiplies the u8 activations by the s8 weights with
+`vpmaddubsw`, which adds each pair of products into a 16-bit integer and clips it at 32,767. The
+activations sit around a zero point of 128, so a pair of large weights of one sign goes past that
+often: the error of one projection is several times that of the same GEMM on a VNNI or AMX CPU,
+whose dot products add in 32 bits. onnxruntime's u8u8 GEMM widens both operands to 16 bits before
+multiplying and cannot clip. So where the CPU has neither VNNI nor AMX, the copies store their int8
+weights as uint8 around a zero point of 128 (`Numerics.unsigned_weights`,
+`convert.stored_for_this_cpu`): the same integers, so the same sums as on a VNNI or AMX CPU. The
+tests check it on activations built to clip a 16-bit pair sum.
+
+One projection, K 3072 -> N 8192, per-row activation scales (median of {forms["repeats"]}):
+
+{projection}
+
+The trained proxies, as in the accuracy section above but on this CPU (exact is this CPU's own
+`MatMulNBits`, so its figures differ a little from the AMX run's):
+
+{proxies}"""
+
+
+def _proxy_cells(decoder: dict, vision: dict, exact: dict, exact_vision: dict) -> list[str]:
+    """top-1, KL and first-token KL against exact's, vision error against exact's."""
+    return [
+        f"{decoder['top1']:.1%}",
+        f"{decoder['mean_kl'] / exact['mean_kl']:.2f}x",
+        f"{decoder['first_kl'] / exact['first_kl']:.2f}x",
+        f"{vision['mean_error'] / exact_vision['mean_error']:.2f}x",
+    ]
 
 
 def accuracy_section(accuracy: dict) -> str:

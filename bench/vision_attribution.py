@@ -273,7 +273,7 @@ class Study:
         """The same measure on a real integer-GEMM copy made by the converter."""
         target = self.folder / "copies" / f"{abs(hash(numerics))}.onnx"
         target.parent.mkdir(exist_ok=True)
-        convert.convert_model(self.source, target, numerics)
+        convert.convert_model(self.source, target, convert.stored_for_this_cpu(numerics))
         return float(
             self._errors(self._features(open_session(target, SETTINGS))).mean() / self.exact_error
         )

@@ -128,7 +128,7 @@ def proxy_accuracy(candidates: dict[str, integer_gemm.Numerics]) -> dict:
         result = {"exact": {"ratio": 1.0, "worst_ratio": float(errors(source).max() / exact)}}
         for index, (name, numerics) in enumerate(candidates.items()):
             target = Path(work) / f"copy{index}.onnx"
-            convert.convert_model(source, target, numerics)
+            convert.convert_model(source, target, convert.stored_for_this_cpu(numerics))
             e = errors(target)
             result[name] = {"ratio": float(e.mean() / exact), "worst_ratio": float(e.max() / exact)}
     del result["exact"]
@@ -141,6 +141,7 @@ def real_copies(model: Path, folder: Path, candidates: dict) -> dict[str, str]:
     source = config.path(config.vision.filename)
     paths = {}
     for name, numerics in candidates.items():
+        numerics = convert.stored_for_this_cpu(numerics)
         target = folder / numerics.describe().replace(", ", "_").replace(" ", "-") / source.name
         stamp = target.with_name("numerics.json")
         wanted = json.dumps(asdict(numerics))

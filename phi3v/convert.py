@@ -34,13 +34,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from phi3v import machine
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, first_line
 from phi3v.files import sha256_file
@@ -83,6 +84,18 @@ DEFAULT_NUMERICS = FastNumerics(
 )
 
 
+def numerics_for_this_cpu(numerics: FastNumerics = DEFAULT_NUMERICS) -> FastNumerics:
+    """``numerics`` as this CPU must store them (:func:`stored_for_this_cpu`, both models)."""
+    return FastNumerics(stored_for_this_cpu(numerics.vision), stored_for_this_cpu(numerics.decoder))
+
+
+def stored_for_this_cpu(numerics: Numerics) -> Numerics:
+    """``numerics`` with uint8 weights (onnxruntime's u8u8 GEMM) where this CPU has neither
+    VNNI nor AMX, whose u8s8 kernel saturates 16-bit pair sums (:mod:`phi3v.integer_gemm`); as
+    they are elsewhere. The integer sums, and so the numbers, are the same either way."""
+    return replace(numerics, unsigned_weights=True) if machine.u8s8_saturates() else numerics
+
+
 @dataclass(frozen=True)
 class FastModels:
     """The integer-GEMM copies (the vision model and the prompt decoder) and their manifest."""
@@ -115,10 +128,13 @@ def has_int4_layers(path: Path) -> bool:
 def fast_models(
     config: ModelConfig,
     progress: Callable[[Progress], None] | None = None,
-    numerics: FastNumerics = DEFAULT_NUMERICS,
+    numerics: FastNumerics | None = None,
 ) -> FastModels:
-    """The integer-GEMM copies for ``config``'s folder, made now if missing or stale."""
+    """The integer-GEMM copies for ``config``'s folder, made now if missing or stale, in
+    ``numerics`` (by default :data:`DEFAULT_NUMERICS`) as this CPU must store them
+    (:func:`numerics_for_this_cpu`)."""
     report = progress or (lambda _: None)
+    numerics = numerics_for_this_cpu(numerics or DEFAULT_NUMERICS)
     sources = {
         "vision": config.path(config.vision.filename),
         "decoder": config.path(config.decoder.filename),
@@ -181,7 +197,7 @@ def convert_model(
     head = _last_position_cut(graph, last_position_output) if last_position_output else None
     old_nodes = [_copy(node) for node in graph.node]
     targets = [node for node in old_nodes if _converts(node, head, numerics)]
-    builder = GemmBuilder(opset)
+    builder = GemmBuilder(opset, numerics.unsigned_weights)
     nodes: list[onnx.NodeProto] = []
     converted = {id(node) for node in targets}
     foldable = fold_splits and not numerics.group
@@ -439,7 +455,7 @@ def _cache_key(sources, numerics: FastNumerics, report: Callable[[Progress], Non
 def _numerics_key(numerics: FastNumerics) -> str:
     """The numerics as the cache key spells them. Options added later are left out while they
     keep their default, so copies made before an option existed keep their key."""
-    return repr(numerics).replace(", fine_weights=()", "")
+    return repr(numerics).replace(", fine_weights=()", "").replace(", unsigned_weights=False", "")
 
 
 def _write_manifest(folder: Path, numerics: FastNumerics) -> None:

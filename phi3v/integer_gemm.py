@@ -13,7 +13,14 @@ the nodes computing the same product on onnxruntime's u8s8 GEMM (``MatMulInteger
 * optionally, for the roles :attr:`Numerics.fine_weights` names, an int8 remainder weight beside
   the int8 one (``w ~ q * s + r * s2``, :func:`quantize_with_remainder`): a second GEMM on the
   same quantized activations, which makes the weights about as exact as the int4 ones at twice
-  that projection's GEMM time.
+  that projection's GEMM time;
+* on CPUs without VNNI dot products, the same int8 weights stored as uint8 around a zero point
+  of 128 (:attr:`Numerics.unsigned_weights`), so that onnxruntime runs its u8u8 GEMM: its u8s8
+  kernel there adds each pair of u8 x s8 products into 16 bits with saturation
+  (``vpmaddubsw``), which clips sums above 32,767 and made the error of one projection 6x larger
+  on an AVX2-only CPU (docs/PERFORMANCE.md). The u8u8 kernel widens to 16 bits first; its
+  integer sums are exactly those of the int8 form, so the copy computes what a VNNI or AMX CPU
+  computes.
 
 Every node is valid from ONNX opset 14 (the released models' opset) upward.
 """
@@ -62,12 +69,15 @@ class Numerics:
     does). ``group``: activation columns sharing one scale along K (0: one scale per row over the
     whole K). ``keep_int4``: roles (keys of :data:`ROLES`) whose projections stay ``MatMulNBits``.
     ``fine_weights``: roles whose int8 weights carry an int8 remainder (with per-row scales only).
+    ``unsigned_weights``: store the int8 weights as uint8 + 128 with a zero point of 128, for
+    onnxruntime's u8u8 GEMM (CPUs without VNNI: see the module's notes); the same integer sums.
     """
 
     rotation: int = 0
     group: int = 0
     keep_int4: tuple[str, ...] = ()
     fine_weights: tuple[str, ...] = ()
+    unsigned_weights: bool = False
 
     def __post_init__(self) -> None:
         for size in (self.rotation, self.group):
@@ -86,6 +96,8 @@ class Numerics:
         parts += [f"int4 {role}" for role in self.keep_int4]
         if self.fine_weights:
             parts.append(f"remainder {'+'.join(self.fine_weights)}")
+        if self.unsigned_weights:
+            parts.append("u8u8 GEMM")
         return ", ".join(parts)
 
 
@@ -140,8 +152,9 @@ def quantize_with_remainder(
 class GemmBuilder:
     """Makes the integer-GEMM nodes of one model; collects their weights and shared constants."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, unsigned_weights: bool = False):
         self.opset = opset
+        self.unsigned_weights = unsigned_weights
         self.weights: list[TensorProto] = []
         self._constants: dict[str, np.ndarray] = {
             "tiny": np.array(1e-12, np.float32),
@@ -261,6 +274,8 @@ class GemmBuilder:
         ]
 
     def _add_weight(self, name: str, values: np.ndarray, scale_name: str, scale: np.ndarray):
+        if self.unsigned_weights:  # int8 q -> uint8 q + 128, read back with the zero point 128
+            values = (values.astype(np.int16) + 128).astype(np.uint8)
         self.weights += [
             numpy_helper.from_array(values, name),
             numpy_helper.from_array(scale, scale_name),
@@ -280,10 +295,14 @@ class GemmBuilder:
         """``xq`` (from :meth:`_quantize_rows`) times an int8 weight, to float [R, N]."""
         return self._node(
             "MatMulIntegerToFloat",
-            [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128"],
+            [t("xq"), weight, t("scale_column"), scale, "phi3v/zp128", *self._weight_zero()],
             out,
             domain="com.microsoft",
         )
+
+    def _weight_zero(self) -> list[str]:
+        """The weights' zero point input: 128 for uint8 weights, none (0) for int8."""
+        return ["phi3v/zp128"] if self.unsigned_weights else []
 
     def _per_group(self, t, x2: str, k: int, group: int, weight, scale) -> list[onnx.NodeProto]:
         """[R, K] -> a scale per row and group of ``group`` columns -> G batched GEMMs, summed.
@@ -308,7 +327,7 @@ class GemmBuilder:
             ),
             self._node(
                 "MatMulIntegerToFloat",
-                [t("gq"), weight, t("gscale"), scale, "phi3v/zp128"],
+                [t("gq"), weight, t("gscale"), scale, "phi3v/zp128", *self._weight_zero()],
                 t("partial"),
                 domain="com.microsoft",
             ),

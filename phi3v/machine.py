@@ -36,6 +36,14 @@ def has_integer_gemm() -> bool:
     return any(flag in cpu_flags() for flag in INTEGER_GEMM_FLAGS)
 
 
+def u8s8_saturates() -> bool:
+    """Whether onnxruntime's u8s8 GEMM adds u8 x s8 pairs in 16 bits with saturation here
+    (``vpmaddubsw``: x86 without VNNI or AMX), so that weights must go to its u8u8 GEMM instead
+    (:mod:`phi3v.integer_gemm`). A separate question from :func:`has_integer_gemm` (whether fast
+    pays off), although the same flags answer both today."""
+    return not any(flag in cpu_flags() for flag in INTEGER_GEMM_FLAGS)
+
+
 def has_amx() -> bool:
     """Whether this CPU has AMX int8 tiles (the fast precision's best case)."""
     return all(flag in cpu_flags() for flag in AMX_FLAGS)

@@ -56,10 +56,11 @@ def open_sessions(
     providers: Sequence[str] | None = None,
     num_threads: int | None = None,
     progress: Callable[[Progress], None] | None = None,
-    numerics: convert.FastNumerics = convert.DEFAULT_NUMERICS,
+    numerics: convert.FastNumerics | None = None,
 ) -> tuple[Sessions, PrecisionChoice]:
     """The sessions for ``precision`` and what was chosen; makes and checks the fast copies the
-    first time they are needed (with ``progress``)."""
+    first time they are needed (with ``progress``), in ``numerics`` (by default the chosen ones;
+    either as this CPU must store them: :func:`phi3v.convert.numerics_for_this_cpu`)."""
     check_precision(precision)
     if precision == "exact":
         return Sessions(config, providers, num_threads), PrecisionChoice("exact", "asked for")
