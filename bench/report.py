@@ -330,6 +330,10 @@ def optional_sections() -> str:
     no_vnni = no_vnni_section()
     if no_vnni:
         parts += ["## On a CPU without VNNI: the u8u8 GEMM", no_vnni]
+    attention_numerics = RESULTS / "attention_fidelity.md"
+    if attention_numerics.exists():  # bench/attention_fidelity.py: its report, as a section
+        title, body = attention_numerics.read_text().split("\n", 1)
+        parts += [title.replace("# ", "## ", 1), body.strip()]
     peer = RESULTS / "openvino.json"
     if peer.exists():
         parts += [
@@ -401,6 +405,8 @@ def no_vnni_section() -> str:
         ],
         proxy_rows,
     )
+    scale_file = RESULTS / f"scale-{NO_VNNI}.json"
+    scale = no_vnni_scale(json.loads(scale_file.read_text())) if scale_file.exists() else ""
     return f"""From `bench/results/accuracy-{NO_VNNI}.md`, `accuracy-{NO_VNNI}-int8.md`,
 `prefill_forms-{NO_VNNI}.md` and `prefill_forms-{NO_VNNI}-int8.md` ({accuracy["date"][:10]},
 phi3v {accuracy["commit"]}; {accuracy["cpu"]}: AVX2, no AVX-512).
@@ -422,7 +428,29 @@ One projection, K 3072 -> N 8192, per-row activation scales (median of {forms["r
 The trained proxies, as in the accuracy section above but on this CPU (exact is this CPU's own
 `MatMulNBits`, so its figures differ a little from the AMX run's):
 
-{proxies}"""
+{proxies}
+
+{scale}"""
+
+
+def no_vnni_scale(run: dict) -> str:
+    """The photo's first token on the CPU without VNNI: exact, fast (u8u8) and genai."""
+    times = {c: median(run, "image", c, "ttft_s") for c in CONFIGS}
+    fast = run["summary"]["image"].get("phi3v-fast", {})
+    exact = run["summary"]["image"].get("phi3v", {})
+    rss = {c: median(run, "image", c, "peak_rss_mib") for c in CONFIGS}
+    return (
+        "The photo's first token on the real-size set, same CPU "
+        f"(`bench/results/scale-{NO_VNNI}.md`, {run['date'][:16]}, {_processes(run['runs'])}): "
+        f"exact **{times['phi3v']:.1f} s** "
+        f"(vision {exact.get('vision_s', float('nan')):.1f} s, prefill "
+        f"{exact.get('prefill_s', float('nan')):.1f} s), fast with the u8u8 GEMM "
+        f"**{times['phi3v-fast']:.1f} s** (vision {fast.get('vision_s', float('nan')):.1f} s, "
+        f"prefill {fast.get('prefill_s', float('nan')):.1f} s), onnxruntime-genai "
+        f"{times['genai-B']:.1f} s: fast / exact **{times['phi3v-fast'] / times['phi3v']:.2f}**, "
+        f"fast / genai {times['phi3v-fast'] / times['genai-B']:.2f}; peak RSS "
+        f"{rss['phi3v']:,.0f} MiB exact, {rss['phi3v-fast']:,.0f} MiB fast."
+    )
 
 
 def _proxy_cells(decoder: dict, vision: dict, exact: dict, exact_vision: dict) -> list[str]:
