@@ -444,6 +444,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--proxy", action="store_true", help="also the error on the proxy's Q/K/V")
+    parser.add_argument(
+        "--name", default="attention_forms", help="results file stem (default: %(default)s)"
+    )
     parser.add_argument("--positions", type=int, default=POSITIONS, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -489,12 +492,14 @@ def main() -> None:
             )
     report["load_after"] = os.getloadavg()
     profile = RESULTS / "prefill_profile.json"
-    if profile.exists() and positions == POSITIONS:
-        report["target"] = target(json.loads(profile.read_text()), chunk)
+    profile = json.loads(profile.read_text()) if profile.exists() else {}
+    # The target comes from the fast prefill's profile, which holds only on the CPU it ran on.
+    if profile.get("cpu") == report["cpu"] and positions == POSITIONS:
+        report["target"] = target(profile, chunk)
         report["estimates"] = estimates(speed["this CPU"], report["pairs"], report["target"])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_forms.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "attention_forms.md").write_text(tables.attention_forms(report) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(tables.attention_forms(report) + "\n")
     print(tables.attention_forms(report))
 
 
