@@ -205,8 +205,8 @@ def prepare_fast(model: Path) -> dict:
         "check_s": check.seconds if check else None,
         "check": check.to_json() if check else None,
         "numerics": {
-            "vision": convert.DEFAULT_NUMERICS.vision.describe(),
-            "decoder": convert.DEFAULT_NUMERICS.decoder.describe(),
+            "vision": convert.numerics_for_this_cpu().vision.describe(),
+            "decoder": convert.numerics_for_this_cpu().decoder.describe(),
         },
     }
 

@@ -199,8 +199,8 @@ def main() -> None:
         + "".join(f" --before {entry}" for entry in args.before),
         "runs": args.runs,
         "default_numerics": {
-            "vision": convert.DEFAULT_NUMERICS.vision.describe(),
-            "decoder": convert.DEFAULT_NUMERICS.decoder.describe(),
+            "vision": convert.numerics_for_this_cpu().vision.describe(),
+            "decoder": convert.numerics_for_this_cpu().decoder.describe(),
         },
         "load_before": os.getloadavg(),
     }
