@@ -14,8 +14,8 @@ kernel (``attention_kernel.c``, fp32 AVX-512 and AMX bf16, in the same chunks as
 * **Error**: each form's output against a float64 numpy reference of causal attention, on
   synthetic Q/K/V with the structure trained models have (outlier channels, a key bias, an
   attention sink) and, with ``--proxy``, on the real rotated Q/K/V of the trained decoder proxy
-  (SmolLM2-135M, ``phi3v/testing/proxies.py``) on a real text. Tensor error only: no form is wired
-  into a decoder here, so there is no KL/top-1.
+  (SmolLM2-135M, ``phi3v/testing/proxies.py``) on a real text. Tensor error only: KL and top-1
+  of these numerics in a real decoder are ``attention_fidelity.py``'s.
 * **The target**: from ``results/prefill_profile.json`` (the fast prefill's operator times), the
   attention time per layer that would make attention 25 % of prefill, beside each form.
 

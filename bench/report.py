@@ -312,11 +312,19 @@ def optional_sections() -> str:
             tables.fast_profile(json.loads(profile.read_text())),
         ]
     attention = RESULTS / "attention_forms.json"
+    fidelity = RESULTS / "attention_fidelity.json"
     if attention.exists():
         parts += [
             "## Prefill attention: the forms measured, and what the 25 % target needs",
-            attention_section(json.loads(attention.read_text())),
+            attention_section(
+                json.loads(attention.read_text()),
+                json.loads(fidelity.read_text()) if fidelity.exists() else None,
+            ),
         ]
+    attention_numerics = fidelity.with_suffix(".md")
+    if attention_numerics.exists():  # bench/attention_fidelity.py: its report, as a section
+        title, body = attention_numerics.read_text().split("\n", 1)
+        parts += [title.replace("# ", "## ", 1), body.strip()]
     attribution, speed = RESULTS / "vision_attribution.json", RESULTS / "vision_speed.json"
     if attribution.exists():
         parts += [
@@ -330,10 +338,6 @@ def optional_sections() -> str:
     no_vnni = no_vnni_section()
     if no_vnni:
         parts += ["## On a CPU without VNNI: the u8u8 GEMM", no_vnni]
-    attention_numerics = RESULTS / "attention_fidelity.md"
-    if attention_numerics.exists():  # bench/attention_fidelity.py: its report, as a section
-        title, body = attention_numerics.read_text().split("\n", 1)
-        parts += [title.replace("# ", "## ", 1), body.strip()]
     peer = RESULTS / "openvino.json"
     if peer.exists():
         parts += [

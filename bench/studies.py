@@ -45,8 +45,9 @@ FORM_MEANINGS = """\
   run")."""
 
 
-def attention_section(report: dict) -> str:
-    """Issue 16's attention study: the forms, the target, the reasons, the next step."""
+def attention_section(report: dict, fidelity: dict | None = None) -> str:
+    """Issue 16's attention study: the forms, the target, the reasons, the next step; with
+    ``fidelity`` (attention_fidelity.json), what the trained proxy says of their numerics."""
     speed = report["speed"]["this CPU"]
     pairs, shape, goal = report["pairs"], report["shape"], report.get("target")
     ms = {name: entry["median_ms"] for name, entry in speed.items() if entry["median_ms"]}
@@ -116,8 +117,8 @@ def attention_section(report: dict) -> str:
         "than 25 % of prefill time (the profile above: about half). Each form below is one "
         "layer's attention over the photo's prompt, as a small ONNX graph (or, for our kernel, "
         "a compiled function) timed in its own process; its error is the attention output's "
-        "against float64 (no form is wired into a decoder here, so there is no KL/top-1 on the "
-        "trained proxy: its real Q/K/V are used for the tensor error only).",
+        "against float64 (the trained proxy's real Q/K/V give a tensor error too; KL and top-1 "
+        "in a real decoder are `bench/attention_fidelity.py`'s, in the section after this one).",
         FORM_MEANINGS,
         tables.attention_header(report),
         tables.attention_table(report),
@@ -142,13 +143,14 @@ def attention_section(report: dict) -> str:
             + f"{allowed:.0f} ms per layer needs {gqa / allowed:.1f}x GroupQueryAttention's speed; "
             f"the best causal form measured, {best}, takes {ms[best]:.0f} ms."
         )
-        parts.append(kernel_paragraph(report))
+        parts.append(kernel_paragraph(report, fidelity))
     return "\n\n".join(parts)
 
 
-def kernel_paragraph(report: dict) -> str:
+def kernel_paragraph(report: dict, fidelity: dict | None = None) -> str:
     """What our fused kernel measured against GroupQueryAttention, the target and the estimates,
-    and what it would take to put it in the product."""
+    what the trained proxy says of its numerics (``fidelity``: attention_fidelity.json), and what
+    it would take to put it in the product."""
     speed, goal, estimates = report["speed"], report["target"], report["estimates"]
     gqa = speed["this CPU"]["GroupQueryAttention"]["median_ms"]
     allowed, layers = goal["allowed_ms_per_layer"], report["shape"]["layers"]
@@ -215,9 +217,35 @@ def kernel_paragraph(report: dict) -> str:
         "buffer that decode reads (the int4 decode path unchanged), keep the AMX variant's bf16 "
         "copies of every layer's keys and values for the length of the prefill (or hold the "
         "cache itself in bf16, which decode would then read), take `seqlens_k` and "
-        "`total_sequence_length`, and choose AMX or the fp32 path at run time. Before it "
-        "replaces GroupQueryAttention, the bf16 variant's error must be judged by the trained "
-        "proxy's KL/top-1 in a real decoder (bench/accuracy.py), not by the tensor error here."
+        "`total_sequence_length`, and choose AMX or the fp32 path at run time. " + judged(fidelity)
+    )
+
+
+def judged(fidelity: dict | None) -> str:
+    """What the trained proxy's KL/top-1 says of the bf16 and int8 attention numerics
+    (bench/attention_fidelity.py), or that it is still to be measured."""
+    if not fidelity:
+        return (
+            "Before it replaces GroupQueryAttention, the bf16 variant's error must be judged by "
+            "the trained proxy's KL/top-1 in a real decoder, not by the tensor error here."
+        )
+    paths = fidelity["tune"]["paths"]
+    exact = paths["exact"]["mean_kl"]
+
+    def kl(path: str) -> str:
+        return f"{paths[path]['mean_kl'] / exact:.3g}x"
+
+    return (
+        "**Judged on the trained proxy** (`bench/attention_fidelity.py`, the section below: "
+        "each numerics emulated in ONNX operators inside a real decoder, KL and top-1 against "
+        f"truth): bf16 attention alone adds {kl('fp32 activations: bf16')} exact's own KL "
+        f"(top-1 {paths['fp32 activations: bf16']['top1']:.1%} against truth), and the fast "
+        f"copy with it has {kl('fast copy: bf16')} exact's KL, against "
+        f"{kl('fast copy: fp32')} with fp32 attention: within the fidelity limit of 1.5x. "
+        f"int8 Q·Kᵀ with smoothed keys is as safe ({kl('fast copy: int8 QK, K smoothed')}); "
+        f"int8 P·V is not ({kl('fast copy: int8 QK and PV')}, and "
+        f"{paths['fast copy: int8 QK and PV']['first_kl'] / paths['exact']['first_kl']:.1f}x "
+        "exact's first-token KL)."
     )
 
 
