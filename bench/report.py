@@ -413,6 +413,9 @@ def no_vnni_section() -> str:
     )
     scale_file = RESULTS / f"scale-{NO_VNNI}.json"
     scale = no_vnni_scale(json.loads(scale_file.read_text())) if scale_file.exists() else ""
+    attention_file = RESULTS / f"attention_forms-{NO_VNNI}.json"
+    if attention_file.exists():
+        scale += "\n\n" + no_vnni_attention(json.loads(attention_file.read_text()))
     return f"""From `bench/results/accuracy-{NO_VNNI}.md`, `accuracy-{NO_VNNI}-int8.md`,
 `prefill_forms-{NO_VNNI}.md` and `prefill_forms-{NO_VNNI}-int8.md` ({accuracy["date"][:10]},
 phi3v {accuracy["commit"]}; {accuracy["cpu"]}: AVX2, no AVX-512).
@@ -450,6 +453,24 @@ without VNNI or AMX; `fast` asked for runs the u8u8 form, checked on the user's 
 everywhere.
 
 {scale}"""
+
+
+def no_vnni_attention(report: dict) -> str:
+    """One layer's prefill attention on the CPU without VNNI: the ratios that carry over."""
+    ms = {name: e["median_ms"] for name, e in report["speed"]["this CPU"].items() if e["median_ms"]}
+    gqa, off = ms["GroupQueryAttention"], ms["GroupQueryAttention, tiled path off"]
+    block = ms["block-causal fp32, 256"]
+    return (
+        f"Prefill attention, one layer over the photo's prompt (`bench/results/attention_forms-"
+        f"{NO_VNNI}.md`, {report['rounds']} processes x {report['repeats']} runs per form): "
+        f"GroupQueryAttention {gqa:.0f} ms; with its tiled path off {off:.0f} ms "
+        f"({gqa / off:.2f}x {'faster' if off < gqa else 'slower'}; on the AMX Xeon the tiled "
+        f"path paid); block-causal attention in plain fp32 operators {block:.0f} ms "
+        f"({gqa / block:.2f}x GroupQueryAttention's speed). Our fused kernels need AVX-512 and "
+        "did not run. The tiled path's switch is an environment variable read by every "
+        "GroupQueryAttention in the process, exact's too, whose numbers must stay "
+        "onnxruntime-genai's; so it is left as it is."
+    )
 
 
 def _ratio(accuracy: dict, model: str) -> str:
