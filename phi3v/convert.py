@@ -4,11 +4,13 @@ Nearly all of the first answer about a photo is ``MatMulNBits`` (int4, block 32,
 4), which onnxruntime runs on its AVX-512-VNNI kernel. Its u8s8 integer GEMM
 (``MatMulIntegerToFloat``) is faster on the same CPUs: it uses AMX tiles where they exist (about
 11x on one decoder projection) and VNNI dot products elsewhere (about 2-3x on an AMD EPYC without
-AMX); docs/PERFORMANCE.md has the measurements, docs/ARCHITECTURE.md#the-fast-precisions-copies
-the design. So we rewrite each ``MatMulNBits`` as that GEMM, in the numerics a
-:class:`~phi3v.integer_gemm.Numerics` names (:mod:`phi3v.integer_gemm`): int8 weights per output
-channel, 8-bit activations per row or per group along K, optionally an online block-Hadamard
-rotation, optionally some projections left int4.
+AMX). Where a CPU has neither, the u8s8 kernel clips 16-bit sums, so the copies go to the u8u8
+GEMM instead (:func:`stored_for_this_cpu`). docs/PERFORMANCE.md has the measurements,
+docs/ARCHITECTURE.md#the-fast-precisions-copies the design. So we rewrite each ``MatMulNBits``
+as that GEMM, in the numerics a :class:`~phi3v.integer_gemm.Numerics` names
+(:mod:`phi3v.integer_gemm`): int8 weights per output channel, 8-bit activations per row or per
+group along K, optionally an online block-Hadamard rotation, optionally some projections left
+int4.
 
 Which of these the copies use (:data:`DEFAULT_NUMERICS`) was chosen on trained proxy networks by
 KL divergence and top-1 agreement against fp32 activations (bench/accuracy.py,
