@@ -445,12 +445,13 @@ With the u8u8 form the decoder proxy is back where it is on the AMX Xeon (the ch
 numerics: {_ratio(accuracy, "decoder")}x exact's KL here), and the error of one projection
 equals the VNNI run's to three digits. The vision proxy's default copy has
 {_ratio(accuracy, "vision")}x exact's feature error here against
-{_ratio(json.loads((RESULTS / "accuracy.json").read_text()), "vision")}x in the AMX run: its
-integer sums are the same, so the difference comes from the fp32 operators around the GEMMs
-(rotation, attention, norms), which run on other kernels on this CPU; which of them, this run
-cannot tell. It is above the 1.5x the fidelity target allows, so `auto` keeps `exact` on a CPU
-without VNNI or AMX; `fast` asked for runs the u8u8 form, checked on the user's weights as
-everywhere.
+{_ratio(json.loads((RESULTS / "accuracy.json").read_text()), "vision")}x in the AMX run, with the
+same integer sums. Not explained yet: a float simulation of the same numerics on this CPU
+(`bench/results/vision_attribution-no-vnni.md`, remainders on qkv+out at rotation 32) gives
+1.44x, less than on the AMX Xeon, and the real copies of the other numerics there track their
+simulations within about 10 %. Whatever the cause, it is above the 1.5x the fidelity target
+allows, so `auto` keeps `exact` on a CPU without VNNI or AMX; `fast` asked for runs the u8u8
+form, checked on the user's weights as everywhere.
 
 {scale}"""
 
