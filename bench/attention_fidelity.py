@@ -232,9 +232,7 @@ class _Emulation:
             ],
             axis=3,
         )
-        scale = numpy_helper.from_array(np.array(head**-0.5, np.float32), f"{self.prefix}/scale")
-        self.constants.append(scale)
-        q = self._op("Mul", [rotated, scale.name])
+        q = self._op("Mul", [rotated, self._const(head**-0.5, np.float32)])
         q = self._op("Reshape", [q, c([1, kv_heads, heads // kv_heads, -1, head])])
         # Keys and values [1, KV, 1, T, d]: the cache's first T positions.
         length = self._op("Reshape", [t, c([1])])
@@ -247,10 +245,10 @@ class _Emulation:
         rows = self._op("Unsqueeze", [positions, c([1])])
         columns = self._op("Unsqueeze", [self._op("Range", [c(0), t, c(1)]), c([0])])
         future = self._op("Greater", [columns, rows])
-        minus_inf = numpy_helper.from_array(np.array(-np.inf, np.float32), f"{self.prefix}/-inf")
-        self.constants.append(minus_inf)
         weights = self._op(
-            "Softmax", [self._op("Where", [future, minus_inf.name, scores])], axis=-1
+            "Softmax",
+            [self._op("Where", [future, self._const(-np.inf, np.float32), scores])],
+            axis=-1,
         )
         weights, v = self._round_pv(weights, v, pv)
         out = self._op("MatMul", [weights, v])  # [1, KV, G, S, d]
@@ -288,14 +286,8 @@ class _Emulation:
         """``x`` on a grid of ``levels`` steps of its largest magnitude along ``axis`` (one
         scale per every other index): what an int8 (or uint8) operand holds."""
         peak = self._reduce("ReduceMax", self._op("Abs", [x]), axis)
-        tiny = numpy_helper.from_array(
-            np.array(1e-30, np.float32), f"{self.prefix}/tiny{len(self.nodes)}"
-        )
-        steps = numpy_helper.from_array(
-            np.array(levels, np.float32), f"{self.prefix}/levels{len(self.nodes)}"
-        )
-        self.constants += [tiny, steps]
-        step = self._op("Div", [self._op("Max", [peak, tiny.name]), steps.name])
+        tiny, steps = self._const(1e-30, np.float32), self._const(levels, np.float32)
+        step = self._op("Div", [self._op("Max", [peak, tiny]), steps])
         return self._op("Mul", [self._op("Round", [self._op("Div", [x, step])]), step])
 
     def _reduce(self, op: str, x: str, axis: int) -> str:
@@ -303,9 +295,9 @@ class _Emulation:
             return self._op(op, [x, self._const([axis])], keepdims=1)
         return self._op(op, [x], axes=[axis], keepdims=1)
 
-    def _const(self, value) -> str:
+    def _const(self, value, dtype=np.int64) -> str:
         tensor = numpy_helper.from_array(
-            np.array(value, np.int64), f"{self.prefix}/c{len(self.constants)}"
+            np.array(value, dtype), f"{self.prefix}/c{len(self.constants)}"
         )
         self.constants.append(tensor)
         return tensor.name

@@ -476,24 +476,13 @@ def no_vnni_attention(report: dict) -> str:
 
 def _ratio(accuracy: dict, model: str) -> str:
     """The default numerics' error over exact's on one proxy (KL for the decoder, the feature
-    error for the vision model), whatever the run's weight storage."""
-    chosen = {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in asdict(getattr(convert.DEFAULT_NUMERICS, model)).items()
-        if k != "unsigned_weights"
-    }
-    names = [
-        name
-        for name, numerics in accuracy["decoder"]["numerics"].items()
-        if {k: v for k, v in numerics.items() if k in chosen} == chosen
-    ]
-    if not names:
-        raise SystemExit(f"{accuracy['command']}: no row for the {model}'s numerics; rerun it")
+    error for the vision model)."""
+    name = chosen_variant(accuracy, model)
     if model == "decoder":
         paths = accuracy["decoder"]["tune"]["paths"]
-        return f"{paths[names[0]]['mean_kl'] / paths['exact']['mean_kl']:.2f}"
+        return f"{paths[name]['mean_kl'] / paths['exact']['mean_kl']:.2f}"
     paths = accuracy["vision"]["paths"]
-    return f"{paths[names[0]]['mean_error'] / paths['exact']['mean_error']:.2f}"
+    return f"{paths[name]['mean_error'] / paths['exact']['mean_error']:.2f}"
 
 
 def no_vnni_scale(run: dict) -> str:
@@ -563,17 +552,22 @@ app's status line and in `/v1/models`."""
 
 
 def chosen_variant(accuracy: dict, model: str) -> str:
-    """The name under which the results hold the numerics the converter uses for ``model``."""
+    """The name under which the results hold the numerics the converter uses for ``model``, in
+    whichever weight storage the run's CPU needed (uint8 or int8: the same integer sums)."""
 
-    def plain(numerics: dict) -> dict:  # as JSON holds it: lists, not tuples
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in numerics.items()}
+    def plain(numerics: dict) -> dict:  # as JSON holds it: lists, not tuples; storage aside
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in numerics.items()
+            if k != "unsigned_weights"
+        }
 
     chosen = plain(asdict(getattr(convert.DEFAULT_NUMERICS, model)))
     defaults = plain(asdict(integer_gemm.Numerics()))
     for name, numerics in accuracy["decoder"]["numerics"].items():
-        if {**defaults, **numerics} == chosen:  # results made before an option existed lack it
+        if {**defaults, **plain(numerics)} == chosen:  # older results lack later options
             return name
-    raise SystemExit(f"bench/results/accuracy.json has no row for the {model}'s numerics: rerun it")
+    raise SystemExit(f"`{accuracy['command']}` has no row for the {model}'s numerics: rerun it")
 
 
 def readme_accuracy(accuracy: dict) -> str:

@@ -199,7 +199,7 @@ def convert_model(
     head = _last_position_cut(graph, last_position_output) if last_position_output else None
     old_nodes = [_copy(node) for node in graph.node]
     targets = [node for node in old_nodes if _converts(node, head, numerics)]
-    builder = GemmBuilder(opset, numerics.unsigned_weights)
+    builder = GemmBuilder(opset, numerics)
     nodes: list[onnx.NodeProto] = []
     converted = {id(node) for node in targets}
     foldable = fold_splits and not numerics.group
@@ -216,7 +216,7 @@ def convert_model(
         done += 1
         split = splits.get(id(node), (None, None))[1]
         weights = _dequantize(node, initializers, reader)
-        nodes += builder.integer_gemm(node, weights, numerics, split)
+        nodes += builder.integer_gemm(node, weights, split)
     report(Progress(f"converting the {what} model", len(targets), len(targets)))
     replaced = {name for node in targets for name in node.input[1:4]}
     replaced |= {bias_input(node) for node in targets if id(node) in splits} - {None}

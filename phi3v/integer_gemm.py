@@ -150,11 +150,12 @@ def quantize_with_remainder(
 
 
 class GemmBuilder:
-    """Makes the integer-GEMM nodes of one model; collects their weights and shared constants."""
+    """Makes the integer-GEMM nodes of one model in one :class:`Numerics`; collects their weights
+    and shared constants."""
 
-    def __init__(self, opset: int, unsigned_weights: bool = False):
+    def __init__(self, opset: int, numerics: Numerics):
         self.opset = opset
-        self.unsigned_weights = unsigned_weights
+        self.numerics = numerics
         self.weights: list[TensorProto] = []
         self._constants: dict[str, np.ndarray] = {
             "tiny": np.array(1e-12, np.float32),
@@ -170,20 +171,17 @@ class GemmBuilder:
         return constants(self._constants)
 
     def integer_gemm(
-        self,
-        node: onnx.NodeProto,
-        weights: np.ndarray,
-        numerics: Numerics,
-        split: SplitOutputs | None = None,
+        self, node: onnx.NodeProto, weights: np.ndarray, split: SplitOutputs | None = None
     ) -> list[onnx.NodeProto]:
-        """Nodes computing ``node``'s output (float [..., K] -> [..., N]) on the integer GEMM.
+        """Nodes computing ``node``'s output (float [..., K] -> [..., N]) on the integer GEMM,
+        in the builder's numerics.
 
         With ``split`` (a ``Split`` along the last axis is the output's only reader) each part
         gets a GEMM of its own on the one quantized input and is written straight to the Split's
         output: the Split's copy of the whole product goes away, and every element is computed
         as before (per-channel weight scales, so the columns quantize alike either way).
         """
-        name, x = node.name or node.output[0], node.input[0]
+        name, x, numerics = node.name or node.output[0], node.input[0], self.numerics
         k, n = weights.shape
         t = _Names(name)
         nodes = [self._node("Reshape", [x, self._const(f"rows_of_{k}", [-1, k])], t("x2"))]
@@ -274,7 +272,9 @@ class GemmBuilder:
         ]
 
     def _add_weight(self, name: str, values: np.ndarray, scale_name: str, scale: np.ndarray):
-        if self.unsigned_weights:  # int8 q -> uint8 q + 128, read back with the zero point 128
+        if (
+            self.numerics.unsigned_weights
+        ):  # int8 q -> uint8 q + 128, read back with the zero point 128
             values = (values.astype(np.int16) + 128).astype(np.uint8)
         self.weights += [
             numpy_helper.from_array(values, name),
@@ -302,7 +302,7 @@ class GemmBuilder:
 
     def _weight_zero(self) -> list[str]:
         """The weights' zero point input: 128 for uint8 weights, none (0) for int8."""
-        return ["phi3v/zp128"] if self.unsigned_weights else []
+        return ["phi3v/zp128"] if self.numerics.unsigned_weights else []
 
     def _per_group(self, t, x2: str, k: int, group: int, weight, scale) -> list[onnx.NodeProto]:
         """[R, K] -> a scale per row and group of ``group`` columns -> G batched GEMMs, summed.
