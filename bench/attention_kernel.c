@@ -19,11 +19,21 @@
  * far is multiplied by 2^(m_old - m_new)). The scores are kept in base 2: Q is multiplied once by
  * log2(e) / sqrt(head), so the weights are exp2(score - m).
  *
- *   variant 0, fp32 AVX-512: blocks of 32 query rows x 64 keys. Scores are computed with the
- *     queries in the vector lanes (S^T[key][query]), so the softmax's maxima and sums are plain
- *     vertical operations; P.V with the queries in rows, the output rows in registers.
+ *   variant 0, fp32: blocks of query rows x 64 keys. Scores are computed with the queries in
+ *     the vector lanes (S^T[key][query]), so the softmax's maxima and sums are plain vertical
+ *     operations; P.V with the queries in rows, the output rows in registers. Two paths, chosen
+ *     at run time by cpuid, the same arithmetic in each:
+ *       AVX-512 (F, DQ, BW and bf16, as has_avx512 checks): blocks of 32 rows, two vectors of 16;
+ *       AVX2 and FMA, where AVX-512 is missing: blocks of 16 rows, two vectors of 8. With 16
+ *       registers, the products keep 12 accumulators: scores of 6 keys x 16 queries, P.V of
+ *       6 rows x 16 dims.
+ *     attention_fp32_rows() says which block runs (the caller's count of the work done).
  *   variant 1, AMX bf16: blocks of 16 query rows x 64 keys. S^T = K . Q^T and O^T = V^T . P^T on
  *     the tiles (_tile_dpbf16ps, fp32 accumulation); the softmax in fp32 AVX-512 between them.
+ *     It needs AVX-512 and AMX; it has no AVX2 path.
+ *
+ * Each function carries its instruction set (VEC, TILES, YMM: gcc's target attribute), so the
+ * library loads on any x86-64 and the checks below decide what runs.
  *
  * Threads: the heads are shared among `threads` OpenMP threads.
  * Returns 0, or a negative code (see enum status) without touching `out`.
@@ -37,12 +47,13 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-enum status { OK = 0, BAD_SHAPE = -1, NO_AMX = -2, NO_AVX512 = -3, NO_MEMORY = -4 };
+enum status { OK = 0, BAD_SHAPE = -1, NO_AMX = -2, NO_AVX512 = -3, NO_MEMORY = -4, NO_AVX2 = -5 };
 enum variant { FP32 = 0, AMX_BF16 = 1 };
 
 #define LOG2E 1.4426950408889634
 #define LN2 0.6931471805599453
-#define FP32_ROWS 32 /* query rows per block: two vectors of 16 queries */
+#define FP32_ROWS 32 /* query rows per block (AVX-512): two vectors of 16 queries */
+#define AVX2_ROWS 16 /* query rows per block (AVX2): two vectors of 8 queries */
 #define AMX_ROWS 16  /* query rows per block: one tile's 16 columns of fp32 */
 #define KEYS 64      /* keys per block, both variants */
 
@@ -52,17 +63,43 @@ enum variant { FP32 = 0, AMX_BF16 = 1 };
 
 #define VEC __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
 #define TILES __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#define YMM __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline))
 
 /* --- what the CPU and the kernel allow ------------------------------------------------------ */
 
+/* Whether the OS saves (and so allows) the register state in `mask` of XCR0: bits 1-2 are the
+ * XMM and YMM registers, 5-7 AVX-512's masks and ZMM registers. */
+static int os_saves(unsigned mask) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* osxsave: xgetbv works */
+    unsigned low, high;
+    __asm__("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+    return (low & mask) == mask;
+}
+
 static int has_avx512(void) {
     unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!os_saves(0xE6) || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
     int bf16 = (a >> 5) & 1; /* avx512_bf16: the conversions to bf16 */
     return f && dq && bw && bf16;
+}
+
+/* AVX2 and FMA (cpuid leaves 7 and 1), and the OS saving the YMM registers. */
+static int has_avx2(void) {
+    unsigned a, b, c, d;
+    if (!os_saves(0x6) || !__get_cpuid(1, &a, &b, &c, &d) || !((c >> 12) & 1)) return 0; /* fma */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (b >> 5) & 1; /* avx2 */
+}
+
+/* The fp32 variant's query rows per block on this CPU: FP32_ROWS with AVX-512, AVX2_ROWS with
+ * AVX2 and FMA only, 0 when it cannot run. */
+int attention_fp32_rows(void) {
+    if (has_avx512()) return FP32_ROWS;
+    return has_avx2() ? AVX2_ROWS : 0;
 }
 
 /* 1 when the CPU has AMX bf16 tiles and Linux granted this process their state, else 0. */
@@ -201,11 +238,11 @@ VEC static void values_rows(float *o, const float *p, const float *v, const floa
     else values_fp32(o, p, v, scale, nk, 6);
 }
 
-typedef struct {
-    float *qt;    /* [head][32] the block's queries, transposed and scaled */
-    float *st;    /* [KEYS][32] scores, then weights */
-    float *o;     /* [32][head] output accumulators */
-    float *scale; /* [32] this key block's rescaling factors */
+typedef struct { /* rows: FP32_ROWS (AVX-512) or AVX2_ROWS */
+    float *qt;    /* [head][rows] the block's queries, transposed and scaled */
+    float *st;    /* [KEYS][rows] scores, then weights */
+    float *o;     /* [rows][head] output accumulators */
+    float *scale; /* [rows] this key block's rescaling factors */
 } fp32_scratch;
 
 /* One head: q and out point at the head's first column, rows `stride` floats apart; k and v
@@ -252,6 +289,165 @@ VEC static void head_fp32(const float *q, const float *k, const float *v, float 
                 _mm512_storeu_ps(out + (size_t)(r0 + i) * stride + d,
                                  _mm512_mul_ps(_mm512_load_ps(w->o + i * head + d),
                                                _mm512_set1_ps(inverse[i])));
+    }
+}
+
+/* --- fp32 AVX2 + FMA ------------------------------------------------------------------------ */
+/*
+ * The AVX-512 path's arithmetic on 8-lane vectors, for CPUs without AVX-512: blocks of 16 query
+ * rows (two vectors), st[key][16]. There are 16 registers, not 32: the products keep 12
+ * accumulators (enough to cover the FMA's latency on two pipes) and the operands they share.
+ */
+
+/* exp2_neg's fp32 series on 8 lanes. AVX2 has no scalef: 2^n is built in a float's exponent
+ * field (n + 127, a normal number for n >= -126). Lanes below -126 give exactly 0. */
+YMM INLINE __m256 exp2_neg_avx2(__m256 x) {
+    const __m256 lowest = _mm256_set1_ps(-126.0f);
+    __m256 live = _mm256_cmp_ps(x, lowest, _CMP_GE_OQ);
+    x = _mm256_max_ps(x, lowest);
+    __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 y = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps((float)LN2));
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, y, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    __m256 power = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23));
+    return _mm256_and_ps(live, _mm256_mul_ps(p, power));
+}
+
+/* block_maximum for 8 queries (positions base + 0..7) of st[key][AVX2_ROWS]: masks the keys
+ * after each query's position on the diagonal, raises m, returns 2^(m_old - m_new). */
+YMM INLINE __m256 block_maximum_avx2(float *st, int nk, int key0, int base, __m256 *m) {
+    const __m256 hidden = _mm256_set1_ps(-INFINITY);
+    __m256 top = hidden;
+    if (key0 + nk - 1 <= base) { /* below the diagonal: every query sees every key */
+        for (int j = 0; j < nk; j++) top = _mm256_max_ps(top, _mm256_load_ps(st + j * AVX2_ROWS));
+    } else {
+        const __m256i position = _mm256_add_epi32(_mm256_set1_epi32(base),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int j = 0; j < nk; j++) {
+            __m256 s = _mm256_load_ps(st + j * AVX2_ROWS);
+            __m256i seen = _mm256_cmpgt_epi32(position, _mm256_set1_epi32(key0 + j - 1));
+            s = _mm256_blendv_ps(hidden, s, _mm256_castsi256_ps(seen));
+            top = _mm256_max_ps(top, s);
+            _mm256_store_ps(st + j * AVX2_ROWS, s);
+        }
+    }
+    __m256 m_new = _mm256_max_ps(*m, top);
+    __m256 scale = exp2_neg_avx2(_mm256_sub_ps(*m, m_new)); /* 0 on the first block (m = -inf) */
+    *m = m_new;
+    return scale;
+}
+
+/* The weights 2^(score - m) of 8 queries in place of their scores, and their sum. */
+YMM INLINE __m256 weights_avx2(float *st, int nk, __m256 m) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < nk; j++) {
+        __m256 p = exp2_neg_avx2(_mm256_sub_ps(_mm256_load_ps(st + j * AVX2_ROWS), m));
+        _mm256_store_ps(st + j * AVX2_ROWS, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    return sum;
+}
+
+/* st[j][0..16) = sum_d qt[d][0..16) * k[j][d] for nk (<= 6) keys: 12 accumulators, the two
+ * vectors of queries and a key's broadcast element. qt is [head][16]. */
+YMM INLINE void scores_avx2(const float *qt, const float *k, int head, float *st, const int nk) {
+    __m256 acc[6][2];
+    for (int j = 0; j < nk; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (int d = 0; d < head; d++) {
+        __m256 q0 = _mm256_load_ps(qt + d * AVX2_ROWS), q1 = _mm256_load_ps(qt + d * AVX2_ROWS + 8);
+        for (int j = 0; j < nk; j++) {
+            __m256 kj = _mm256_broadcast_ss(k + j * head + d);
+            acc[j][0] = _mm256_fmadd_ps(kj, q0, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(kj, q1, acc[j][1]);
+        }
+    }
+    for (int j = 0; j < nk; j++) {
+        _mm256_store_ps(st + j * AVX2_ROWS, acc[j][0]);
+        _mm256_store_ps(st + j * AVX2_ROWS + 8, acc[j][1]);
+    }
+}
+
+/* o[i][0..16) = o[i][0..16) * scale[i] + sum_j p[j][i] * v[j][0..16) for `rows` (<= 6) query
+ * rows and 16 of the head's dims (o and v point at the first): 2 * rows accumulators over the
+ * block's nk keys. p is st's weights [key][16]; o's and v's rows are `head` floats apart. */
+YMM INLINE void values_avx2(float *o, const float *p, const float *v, const float *scale, int nk,
+                            int head, const int rows) {
+    __m256 acc[6][2];
+    for (int i = 0; i < rows; i++) {
+        __m256 s = _mm256_broadcast_ss(scale + i);
+        acc[i][0] = _mm256_mul_ps(_mm256_load_ps(o + i * head), s);
+        acc[i][1] = _mm256_mul_ps(_mm256_load_ps(o + i * head + 8), s);
+    }
+    for (int j = 0; j < nk; j++) {
+        __m256 v0 = _mm256_loadu_ps(v + j * head), v1 = _mm256_loadu_ps(v + j * head + 8);
+        for (int i = 0; i < rows; i++) {
+            __m256 pij = _mm256_broadcast_ss(p + j * AVX2_ROWS + i);
+            acc[i][0] = _mm256_fmadd_ps(pij, v0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(pij, v1, acc[i][1]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        _mm256_store_ps(o + i * head, acc[i][0]);
+        _mm256_store_ps(o + i * head + 8, acc[i][1]);
+    }
+}
+
+/* head_fp32 on 8-lane vectors, blocks of AVX2_ROWS query rows; w's buffers sized for them. */
+YMM static void head_avx2(const float *q, const float *k, const float *v, float *out, int stride,
+                          int rows, int start, int head, fp32_scratch *w) {
+    const float factor = (float)(LOG2E / sqrt((double)head));
+    for (int r0 = 0; r0 < rows; r0 += AVX2_ROWS) {
+        int n = rows - r0 < AVX2_ROWS ? rows - r0 : AVX2_ROWS;
+        int base = start + r0, last = base + n - 1; /* positions of the block's first/last row */
+        /* qt[d][i] = q[row i][d] * factor, one element at a time: AVX2 has no scatter, and this
+         * is a small part of a block's work (each element then meets up to a chunk of keys) */
+        if (n < AVX2_ROWS) memset(w->qt, 0, sizeof(float) * head * AVX2_ROWS);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d++)
+                w->qt[d * AVX2_ROWS + i] = q[(size_t)(r0 + i) * stride + d] * factor;
+        prefetch_rows(q + (size_t)(r0 + AVX2_ROWS) * stride, stride, rows - r0 - AVX2_ROWS, head);
+        memset(w->o, 0, sizeof(float) * AVX2_ROWS * head);
+        __m256 m[2] = {_mm256_set1_ps(-INFINITY), _mm256_set1_ps(-INFINITY)};
+        __m256 l[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int key0 = 0; key0 <= last; key0 += KEYS) {
+            int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS; /* no key after `last` */
+            const float *kb = k + (size_t)key0 * head, *vb = v + (size_t)key0 * head;
+            int j = 0;
+            for (; j + 6 <= nk; j += 6) scores_avx2(w->qt, kb + j * head, head, w->st + j * AVX2_ROWS, 6);
+            for (; j + 2 <= nk; j += 2) scores_avx2(w->qt, kb + j * head, head, w->st + j * AVX2_ROWS, 2);
+            for (; j < nk; j++) scores_avx2(w->qt, kb + j * head, head, w->st + j * AVX2_ROWS, 1);
+            for (int half = 0; half < 2; half++) {
+                float *st = w->st + 8 * half;
+                __m256 s = block_maximum_avx2(st, nk, key0, base + 8 * half, &m[half]);
+                l[half] = _mm256_fmadd_ps(l[half], s, weights_avx2(st, nk, m[half]));
+                _mm256_store_ps(w->scale + 8 * half, s);
+            }
+            /* 16 dims at a time (their 64 keys' values stay in L1 for every row), rows by 6 and
+             * then by 4: never past row 15, inside the block's buffers */
+            for (int d0 = 0; d0 < head; d0 += 16) {
+                float *o = w->o + d0;
+                int i = 0;
+                for (; i + 6 <= n; i += 6)
+                    values_avx2(o + i * head, w->st + i, vb + d0, w->scale + i, nk, head, 6);
+                for (; i < n; i += 4)
+                    values_avx2(o + i * head, w->st + i, vb + d0, w->scale + i, nk, head, 4);
+            }
+        }
+        float inverse[AVX2_ROWS] __attribute__((aligned(32)));
+        _mm256_store_ps(inverse, _mm256_div_ps(_mm256_set1_ps(1.0f), l[0]));
+        _mm256_store_ps(inverse + 8, _mm256_div_ps(_mm256_set1_ps(1.0f), l[1]));
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < head; d += 8)
+                _mm256_storeu_ps(out + (size_t)(r0 + i) * stride + d,
+                                 _mm256_mul_ps(_mm256_load_ps(w->o + i * head + d),
+                                               _mm256_broadcast_ss(inverse + i)));
     }
 }
 
@@ -527,7 +723,9 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
         heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16) ||
         (variant == AMX_BF16 && (!packed_k || !packed_vt)))
         return BAD_SHAPE;
-    if (!has_avx512()) return NO_AVX512;
+    const int fp32_rows = attention_fp32_rows(); /* FP32_ROWS: the AVX-512 path */
+    if (variant == FP32 && fp32_rows == 0) return NO_AVX2;
+    if (variant == AMX_BF16 && !has_avx512()) return NO_AVX512;
     if (variant == AMX_BF16 && !attention_amx_ready()) return NO_AMX;
     const int end = start + rows, group = heads / kv_heads, stride = heads * head;
     const int pitch = (capacity + KEYS - 1) / KEYS * KEYS;
@@ -537,14 +735,14 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
         fp32_scratch f = {0};
         amx_scratch a = {0};
         /* every buffer below is written before it is read */
-        const size_t fp32_bytes = sizeof(float) * (2 * head * FP32_ROWS + KEYS * FP32_ROWS) + 1024;
+        const size_t fp32_bytes = sizeof(float) * (2 * head + KEYS) * fp32_rows + 1024;
         const size_t amx_bytes = 3 * 1024 + sizeof(float) * 16 * (KEYS + head) + 2048 + 1024;
         int ready = arena_reserve(variant == FP32 ? fp32_bytes : amx_bytes);
         if (ready && variant == FP32) {
-            f.qt = take(sizeof(float) * head * FP32_ROWS);
-            f.st = take(sizeof(float) * KEYS * FP32_ROWS);
-            f.o = take(sizeof(float) * FP32_ROWS * head);
-            f.scale = take(sizeof(float) * FP32_ROWS);
+            f.qt = take(sizeof(float) * head * fp32_rows);
+            f.st = take(sizeof(float) * KEYS * fp32_rows);
+            f.o = take(sizeof(float) * fp32_rows * head);
+            f.scale = take(sizeof(float) * fp32_rows);
         } else if (ready) {
             a.qp = take(2 * 3 * 16 * 32);
             a.st = take(sizeof(float) * KEYS * 16);
@@ -561,8 +759,11 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
 #pragma omp for schedule(static)
             for (int h = 0; h < heads; h++) {
                 const size_t g = (size_t)(h / group) * capacity * head; /* its key/value head */
-                if (ready)
+                if (ready && fp32_rows == FP32_ROWS)
                     head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start,
+                              head, &f);
+                else if (ready)
+                    head_avx2(q + h * head, k + g, v + g, out + h * head, stride, rows, start,
                               head, &f);
             }
         } else {

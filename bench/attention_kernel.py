@@ -10,6 +10,11 @@ runs the prefill chunk by chunk as the fast decoder does: each chunk's keys and 
 written into a ``[kv_heads, positions, head]`` cache, then the chunk's queries attend to the
 cache's keys up to their own position. The AMX variant also keeps bf16 copies of the keys and
 of the values transposed, to which each chunk adds its own (converted once, in the kernel).
+
+The fp32 variant runs on AVX-512 where the CPU has it (blocks of 32 query rows) and otherwise
+on AVX2 and FMA (blocks of 16 rows, 8-lane vectors): the C code checks the CPU (cpuid) on each
+call, and ``tile`` says which block runs here. The library is built without global instruction
+set flags, so it loads on any x86-64; the AMX variant needs AVX-512 and AMX.
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ import numpy as np
 SOURCE = Path(__file__).with_name("attention_kernel.c")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3v" / "kernels"
 VARIANTS = {"fp32": 0, "amx": 1}
-# Query rows x keys per tile of the causal triangle (the C file's FP32_ROWS, AMX_ROWS, KEYS).
-TILE = {"fp32": (32, 64), "amx": (16, 64)}
-KEYS = 64
+KEYS = 64  # keys per tile of the causal triangle, both variants (the C file's KEYS)
+AMX_ROWS = 16  # query rows per tile of the AMX variant (the C file's AMX_ROWS)
 THREADS = 2  # as the timed onnxruntime sessions: the machine's two cores
+NO_AVX2 = -5  # the C file's status where the fp32 variant cannot run
 ERRORS = {
     -1: "shape not supported (head must be 32, 64 or 96; heads a multiple of kv_heads)",
     -2: "AMX bf16 is not available (the CPU lacks it, or Linux refused the tile state)",
-    -3: "the CPU lacks AVX-512 (with bf16 conversions)",
+    -3: "the CPU lacks AVX-512 (with bf16 conversions), which the AMX variant needs",
     -4: "out of memory",
+    -5: "the CPU lacks AVX2 and FMA (or the OS their registers), which the fp32 variant needs",
 }
 
 
@@ -65,12 +71,24 @@ def library() -> ctypes.CDLL:
     lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8 + [ctypes.c_void_p] * 2
     lib.causal_attention.restype = ctypes.c_int
     lib.attention_amx_ready.restype = ctypes.c_int
+    lib.attention_fp32_rows.restype = ctypes.c_int
     return lib
 
 
 def amx_ready() -> bool:
     """Whether the AMX variant can run: the CPU has AMX bf16 and Linux grants its tile state."""
     return bool(library().attention_amx_ready())
+
+
+def tile(variant: str) -> tuple[int, int]:
+    """Query rows x keys per tile of the causal triangle that ``variant`` runs on this CPU: fp32
+    takes blocks of 32 rows with AVX-512 and of 16 with AVX2 (the C code chooses), AMX of 16."""
+    if variant == "amx":
+        return AMX_ROWS, KEYS
+    rows = library().attention_fp32_rows()
+    if rows == 0:
+        raise KernelUnavailable(ERRORS[NO_AVX2])
+    return rows, KEYS
 
 
 def attention(
@@ -110,10 +128,10 @@ def aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def pairs(positions: int, chunk: int, variant: str) -> int:
-    """The (query, key) pairs the kernel computes over a prefill of ``positions`` in chunks: each
-    block of query rows meets the keys up to its last row (fp32), or up to that rounded up to a
-    whole block of keys (AMX, whose tiles are a fixed size)."""
-    rows, keys = TILE[variant]
+    """The (query, key) pairs the kernel computes on this CPU over a prefill of ``positions`` in
+    chunks: each block of query rows (``tile``) meets the keys up to its last row (fp32), or up to
+    that rounded up to a whole block of keys (AMX, whose tiles are a fixed size)."""
+    rows, keys = tile(variant)
     total = 0
     for start in range(0, positions, chunk):
         end = min(start + chunk, positions)

@@ -4,7 +4,9 @@ attention, as a float64 numpy reference computes it, chunk by chunk as the prefi
 Tolerances (inputs standard normal, outputs of order 0.1-1): fp32 accumulates in fp32 and its
 exp2 is good to 1e-8, so 2e-6 relative (Frobenius) and 1e-5 largest absolute; AMX rounds Q, K, V
 and the weights to bf16 (8 significant bits, 2^-9 = 2e-3 relative each), so 1e-2 relative and
-5e-2 absolute. Skipped without a C compiler, without AVX-512, or (AMX) without AMX tiles.
+5e-2 absolute. Skipped without a C compiler or without AVX2 and FMA (fp32 runs on AVX-512
+where the CPU has it, else on AVX2: these tests check whichever this CPU runs); the AMX tests
+also need AVX-512 and AMX tiles.
 """
 
 import importlib.util
@@ -14,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from phi3v.machine import cpu_flags
+
 SOURCE = Path(__file__).resolve().parent.parent / "bench" / "attention_kernel.py"
 TOLERANCE = {"fp32": (2e-6, 1e-5), "amx": (1e-2, 5e-2)}  # relative, largest absolute
 # positions, heads, kv_heads, head, chunk: partial query and key blocks, chunk edges inside
-# blocks, shared key/value heads, every head size the kernel takes
+# blocks, shared key/value heads, every head size the kernel takes; blocks of 13 rows end inside
+# the AVX2 path's groups of rows (6, 6, then 4)
 SHAPES = [
     (1, 1, 1, 32, 512),
     (5, 2, 2, 32, 512),
@@ -25,6 +30,7 @@ SHAPES = [
     (300, 4, 2, 96, 128),
     (777, 3, 3, 96, 512),
     (200, 2, 2, 64, 7),
+    (90, 2, 1, 32, 13),
 ]
 
 pytestmark = pytest.mark.skipif(
@@ -34,7 +40,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def kernel():
-    """bench/attention_kernel.py, its library built; skips where the CPU lacks AVX-512."""
+    """bench/attention_kernel.py, its library built; skips where the CPU lacks AVX2 and FMA."""
     spec = importlib.util.spec_from_file_location("attention_kernel", SOURCE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,7 +53,7 @@ def kernel():
 
 def variant_or_skip(kernel, variant: str) -> str:
     if variant == "amx" and not kernel.amx_ready():
-        pytest.skip("no AMX bf16 tiles on this CPU (or Linux refused their state)")
+        pytest.skip("no AVX-512 and AMX bf16 tiles on this CPU (or Linux refused their state)")
     return variant
 
 
@@ -96,8 +102,16 @@ def test_an_unsupported_head_size_is_refused_with_the_reason(kernel):
         kernel.attention(*inputs(8, 1, 1, 80), head=80, variant="fp32")
 
 
+def test_fp32_blocks_are_32_rows_with_avx512_and_16_with_avx2(kernel):
+    avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512_bf16"} <= cpu_flags()
+    assert kernel.tile("fp32") == ((32, 64) if avx512 else (16, 64))
+    assert kernel.tile("amx") == (16, 64)
+
+
 def test_pairs_count_the_tiles_of_the_triangle(kernel):
-    # one chunk of 40 positions: fp32 blocks of 32 rows see keys up to their last row (32 and
-    # 40); AMX blocks of 16 rows see whole blocks of 64 keys
-    assert kernel.pairs(40, 512, "fp32") == 32 * 32 + 8 * 40
+    # one chunk of 40 positions: fp32 blocks see keys up to their last row, blocks of 32 rows
+    # (AVX-512) up to 32 and 40, of 16 rows (AVX2) up to 16, 32 and 40; AMX blocks of 16 rows
+    # see whole blocks of 64 keys
+    fp32 = {32: 32 * 32 + 8 * 40, 16: 16 * 16 + 16 * 32 + 8 * 40}
+    assert kernel.pairs(40, 512, "fp32") == fp32[kernel.tile("fp32")[0]]
     assert kernel.pairs(40, 512, "amx") == 40 * 64
