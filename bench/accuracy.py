@@ -15,7 +15,9 @@ trained proxies built from registry packages (:mod:`phi3v.testing.proxies`):
   from a bootstrap over documents (bench/paired.py). The ``tune`` texts chose the default; the
   ``held_out`` texts were never looked at while choosing and are reported beside them.
 * vision: DINOv2 ViT-S/14 with its MatMuls as int4 ``MatMulNBits`` on real photographs: the
-  relative error of each path's features to truth's.
+  relative error of each path's features to truth's, as a multiple of exact's, pooled over
+  ``--draws`` draws of the rounding noise (bench/vision_proxy.py says why one run is not enough),
+  with an interval from a bootstrap over photos.
 
 Speed beside it: one decoder layer's four projections (the real model's sizes, 512 rows: one
 prefill chunk) in each form, alternated, median of ``--repeats``; on this CPU as it is, and with
@@ -26,7 +28,8 @@ AMX refused to the process (bench/noamx.c), which is what a VNNI-only CPU runs.
 ``--weights`` stores the copies' int8 weights as the product does on this CPU (the default:
 uint8 for onnxruntime's u8u8 GEMM where the CPU has neither VNNI nor AMX), or as int8 or uint8
 everywhere, to show what the u8s8 kernel's saturation does without VNNI; ``--name`` writes
-``bench/results/<name>.{json,md}`` instead (a run on another CPU).
+``bench/results/<name>.{json,md}`` instead (a run on another CPU); ``--vision`` measures the
+vision part again into an existing results file (its variants, stored as it says).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 import onnxruntime as ort
 import paired
 import tables
+import vision_proxy
 from onnx import TensorProto
 from provenance import commit
 
@@ -125,6 +129,15 @@ def main() -> None:
     )
     parser.add_argument("--skip-speed", action="store_true", help="accuracy only")
     parser.add_argument(
+        "--vision", action="store_true", help="re-measure the vision into the existing results"
+    )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=vision_proxy.DRAWS,
+        help="draws of the rounding noise on the vision proxy (default %(default)s)",
+    )
+    parser.add_argument(
         "--speed", action="store_true", help="re-measure the speed into the existing results"
     )
     parser.add_argument(
@@ -139,6 +152,15 @@ def main() -> None:
         return
     if args.markdown:  # after a change to tables.py: nothing is measured
         _write(json.loads(results.with_suffix(".json").read_text()), results)
+        return
+    if args.vision:  # the same variants, stored the same way, as the results' decoder part
+        result = json.loads(results.with_suffix(".json").read_text())
+        names = [name for name in result["decoder"]["tune"]["paths"] if name != "exact"]
+        weights = result.get("weights", "this CPU")  # older results: as the product stored them
+        variants = {name: stored(VARIANTS[name], weights) for name in names}
+        with tempfile.TemporaryDirectory() as work:
+            result["vision"] = vision_fidelity(Path(work), variants, args.draws)
+        _write(result, results)
         return
     if args.speed:
         result = json.loads(results.with_suffix(".json").read_text())
@@ -156,7 +178,7 @@ def main() -> None:
             "weights": args.weights,
             "load_before": os.getloadavg(),
             "decoder": decoder_fidelity(work / "decoder", variants, args.answer_tokens),
-            "vision": vision_fidelity(work / "vision", variants),
+            "vision": vision_fidelity(work / "vision", variants, args.draws),
         }
     if not args.skip_speed:
         result["speed"] = measure_speed(variants, args)
@@ -282,36 +304,23 @@ def _prompts(
 # --- vision --------------------------------------------------------------------------------------
 
 
-def vision_fidelity(folder: Path, variants: dict[str, integer_gemm.Numerics]) -> dict:
-    """Relative error of each path's features to truth's, mean and worst over the photos."""
-    source = proxies.build_vision_proxy(folder)
-    photos = proxies.proxy_photos()
-    pixels = proxies.vision_proxy_inputs(photos)
-    settings = SessionSettings()
-    sessions = {
-        "truth": open_session(source, settings, fp32_activations=True),
-        "exact": open_session(source, settings),
-    }
-    for name, numerics in variants.items():
-        target = folder / "copies" / f"{len(sessions)}.onnx"
+def vision_fidelity(
+    folder: Path, variants: dict[str, integer_gemm.Numerics], draws: int = vision_proxy.DRAWS
+) -> dict:
+    """Each path's relative feature error to truth, as a multiple of exact's, pooled over the
+    photos and ``draws`` draws of the rounding noise (bench/vision_proxy.py)."""
+    proxy = vision_proxy.VisionProxy(folder, draws)
+    paths = {"exact": {"mean_error": proxy.exact_error, "ratio": 1.0}}
+    for index, (name, numerics) in enumerate(variants.items()):
+        target = folder / "copies" / f"{index}.onnx"
         target.parent.mkdir(exist_ok=True)
-        convert.convert_model(source, target, numerics)
-        sessions[name] = open_session(target, settings)
-    features = {}
-    for path, session in sessions.items():
-        feeds = {session.get_inputs()[0].name: pixels}
-        features[path] = session.run([proxies.FEATURES_OUTPUT], feeds)[0].reshape(len(photos), -1)
-    truth = features.pop("truth")
-    errors = {
-        path: np.linalg.norm(value - truth, axis=1) / np.linalg.norm(truth, axis=1)
-        for path, value in features.items()
-    }
+        convert.convert_model(proxy.source, target, numerics)
+        paths[name] = proxy.ratio(proxy.errors(proxy.session(target)))
     return {
-        "photos": [photo.name for photo in photos],
-        "paths": {
-            path: {"mean_error": float(e.mean()), "worst_error": float(e.max())}
-            for path, e in errors.items()
-        },
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        **proxy.describe(),
+        "paths": paths,
     }
 
 

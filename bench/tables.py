@@ -115,6 +115,7 @@ def fidelity_report(result: dict) -> str:
         *[f"layer ms, {name}" for name in columns],
     ]
     vision_base = vision["paths"]["exact"]["mean_error"]
+    draws = vision.get("draws", 1)  # results before the draws (bench/vision_proxy.py) had one
     rows = []
     for path, numbers in tune["paths"].items():
         out = held["paths"][path]
@@ -129,7 +130,7 @@ def fidelity_report(result: dict) -> str:
                 *([f"{numbers['top1_clear']:.1%}"] if clear else []),
                 _share(out),
                 f"{out['mean_kl']:.4f}",
-                f"{vision['paths'][path]['mean_error'] / vision_base:.2f}x",
+                f"{_vision_ratio(vision, path):.2f}x",
                 *[f"{speed[name].get(speed_name, float('nan')):.1f}" for name in columns],
             ]
         )
@@ -146,8 +147,10 @@ def fidelity_report(result: dict) -> str:
         f"prompts of {min(tune['prompt_tokens'] + held['prompt_tokens'])}-"
         f"{max(tune['prompt_tokens'] + held['prompt_tokens'])} tokens, "
         f"{tune['answer_tokens']} teacher-forced answer tokens each. Vision proxy: "
-        f"{len(vision['photos'])} photographs, relative feature error (exact: "
-        f"{vision_base:.4f}). Layer: one decoder layer's four projections at 512 rows."
+        f"{len(vision['photos'])} photographs"
+        + (f" x {draws} draws of the rounding noise" if draws > 1 else ", one draw")
+        + f", relative feature error (exact: {vision_base:.4f}). Layer: one decoder layer's "
+        "four projections at 512 rows."
         + (
             f" Truth leads by {decoder['near_tie']:g}+ where its likeliest token's probability "
             f"is at least {decoder['near_tie']:g} above the second's."
@@ -159,7 +162,41 @@ def fidelity_report(result: dict) -> str:
     ]
     if "paired" in tune:
         lines += ["", _paired_note(tune, held), "", fidelity_paired(decoder)]
+    if draws > 1:
+        lines += ["", _vision_note(vision), "", fidelity_vision(vision)]
     return "\n".join(lines)
+
+
+def _vision_ratio(vision: dict, path: str) -> float:
+    numbers = vision["paths"][path]
+    return numbers.get("ratio", numbers["mean_error"] / vision["paths"]["exact"]["mean_error"])
+
+
+def fidelity_vision(vision: dict) -> str:
+    """Each fast variant's vision error against exact's, pooled over photos and draws."""
+    rows = [
+        [
+            path,
+            _estimate({"value": n["ratio"], "interval": n["interval"]}, ".2f", "x"),
+            "{:.2f}x-{:.2f}x".format(*n["draw_range"]),
+            f"{n['worst_ratio']:.2f}x",
+        ]
+        for path, n in vision["paths"].items()
+        if path != "exact"
+    ]
+    header = ["path", "vision error / exact", "single draws", "worst photo"]
+    return _table(header, rows)
+
+
+def _vision_note(vision: dict) -> str:
+    return (
+        f"The vision proxy's error, pooled over {len(vision['photos'])} photographs and "
+        f"{vision['draws']} draws of the rounding noise (each draw moves the input values by "
+        f"{vision['jitter']:.1e} of themselves, which changes where a quantized path rounds "
+        "and not truth: bench/vision_proxy.py). In brackets: 95 % intervals from a bootstrap "
+        'over photos; "single draws": the lowest and highest ratio of one draw alone, what a '
+        'single run could have shown; "worst photo": its mean error over the draws.'
+    )
 
 
 def fidelity_paired(decoder: dict) -> str:
@@ -445,8 +482,14 @@ def vision_attribution(result: dict) -> str:
     default = result["default_rotation"]
     head = (
         f"{result['date']}; phi3v {result['commit']}; {result['cpu']}; DINOv2 ViT-S/14 int4 on "
-        f"{result['photos']} photographs; exact's mean relative feature error "
-        f"{result['exact_error']:.4f}; every figure is a path's mean error / exact's."
+        f"{result['photos']} photographs"
+        + (
+            f" x {result['draws']} draws of the rounding noise (bench/vision_proxy.py)"
+            if result.get("draws", 1) > 1
+            else ", one draw"
+        )
+        + f"; exact's mean relative feature error {result['exact_error']:.4f}; every figure is "
+        "a path's mean error / exact's."
     )
     sources = _table(
         ["rounded (every projection)", *[_rotation_name(r) for r in rotations]],
@@ -491,9 +534,18 @@ def vision_attribution(result: dict) -> str:
             for r in result["remainder"]
         ],
     )
+    apart = "apart" in result["copies"][0]  # results before the draws lack it
     copies = _table(
-        ["numerics", "real copy", "simulated"],
-        [[r["numerics"], f"{r['copy']:.2f}x", f"{r['simulated']:.2f}x"] for r in result["copies"]],
+        ["numerics", "real copy", "simulated", *(["copy vs simulation"] if apart else [])],
+        [
+            [
+                r["numerics"],
+                f"{r['copy']:.2f}x",
+                f"{r['simulated']:.2f}x",
+                *([f"{r['apart']:.2f}x"] if apart else []),
+            ]
+            for r in result["copies"]
+        ],
     )
     return "\n\n".join(
         [
@@ -506,10 +558,39 @@ def vision_attribution(result: dict) -> str:
             layers,
             "Remainder weights (the whole copy rounded, activations per row):",
             remainder,
-            "The simulation against real integer-GEMM copies:",
+            "The simulation against real integer-GEMM copies"
+            + (
+                ' ("copy vs simulation": how far apart their features are, in the same unit):'
+                if apart
+                else ":"
+            ),
             copies,
+            *(_divergence(result["divergence"]) if "divergence" in result else []),
         ]
     )
+
+
+def _divergence(rows: list[dict]) -> list[str]:
+    """``vision_attribution.py``'s real default copy against its simulation, layer by layer."""
+    table = _table(
+        ["after", "copy vs simulation", "copy vs truth", "simulation vs truth"],
+        [
+            [
+                f"layer {r['layer']} {r['projection']}",
+                f"{r['apart']:.1e}",
+                f"{r['copy_error']:.1e}",
+                f"{r['simulated_error']:.1e}",
+            ]
+            for r in rows
+        ],
+    )
+    return [
+        "The default copy and its simulation through the layers, on the photos as they are "
+        "(relative differences of a projection's output): they agree to float rounding at the "
+        "first projection and part as each layer rounds again what the last changed, until "
+        "they are as far apart as each is from truth: two draws of the same rounding noise.",
+        table,
+    ]
 
 
 def vision_speed(

@@ -38,19 +38,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import tables
+import vision_proxy
 from onnx import helper, numpy_helper
 from provenance import commit
 
 from phi3v import convert, integer_gemm, machine
-from phi3v.sessions import SessionSettings, open_session
-from phi3v.testing import proxies
+from phi3v.sessions import open_session
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROLES = tuple(integer_gemm.ROLES)  # attention_in (q, k, v), attention_out, mlp_in, mlp_out
 ROLE_NAMES = {"attention_in": "qkv", "attention_out": "out", "mlp_in": "fc1", "mlp_out": "fc2"}
 ROTATIONS = (0, 32, 64, 128, "whole")
-DEFAULT_ROTATION = convert.DEFAULT_NUMERICS.vision.rotation
-SETTINGS = SessionSettings(num_threads=1)  # the same sums every run; leaves a core to others
+DEFAULT_VISION = convert.DEFAULT_NUMERICS.vision
+DEFAULT_ROTATION = DEFAULT_VISION.rotation
 
 
 @dataclass(frozen=True)
@@ -66,27 +66,39 @@ class Rounding:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.parse_args()
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=vision_proxy.DRAWS,
+        help="draws of the rounding noise per measurement (default %(default)s)",
+    )
+    parser.add_argument(
+        "--name", default="vision_attribution", help="results file stem (default: %(default)s)"
+    )
+    args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        study = Study(Path(work))
+        study = Study(Path(work), args.draws)
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit(),
             "cpu": machine.describe_cpu(),
-            "photos": len(study.photos),
+            "photos": len(study.proxy.photos),
+            "draws": study.proxy.draws,
             "default_rotation": DEFAULT_ROTATION,
-            "exact_error": study.exact_error,
+            "exact_error": study.proxy.exact_error,
             "sources": sources(study),
             "roles": roles(study),
             "layers": layers(study),
             "remainder": remainders(study),
             "copies": copies(study),
+            "divergence": divergence(study, DEFAULT_VISION),
         }
     result["seconds"] = round(time.perf_counter() - started)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vision_attribution.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "vision_attribution.md").write_text(tables.vision_attribution(result) + "\n")
+    stem = RESULTS / args.name
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(tables.vision_attribution(result) + "\n")
     print(tables.vision_attribution(result))
 
 
@@ -183,24 +195,84 @@ def remainders(study: Study) -> list[dict]:
 
 
 def copies(study: Study) -> list[dict]:
-    """Real integer-GEMM copies beside their simulation: the simulation's check."""
+    """Real integer-GEMM copies beside their simulation: the simulation's check. Each pair also
+    says how far apart their features are (mean over photos and draws, as a multiple of exact's
+    error): as far as either is from truth when the two are separate draws of the same noise."""
     rows = []
-    for rotation, fine in ((0, ()), (32, ()), (64, ()), (32, ("attention_out", "mlp_out"))):
-        numerics = integer_gemm.Numerics(rotation=rotation, fine_weights=fine)
-        weights = "remainder" if fine else "int8"
-
-        def plan(name, weights=weights, fine=fine, rotation=rotation):
-            role = integer_gemm.projection_role(name)
-            return Rounding(weights if role in fine else "int8", True, rotation)
-
+    for numerics in (
+        integer_gemm.Numerics(),
+        integer_gemm.Numerics(rotation=32),
+        integer_gemm.Numerics(rotation=64),
+        integer_gemm.Numerics(rotation=32, fine_weights=("attention_out", "mlp_out")),
+        DEFAULT_VISION,
+    ):
+        copy = study.proxy.features(study.proxy.session(study.copy(numerics)))
+        simulated = study.proxy.features(study.simulated_session(_plan_of(numerics)))
+        apart = study.proxy.relative(copy, simulated).mean() / study.proxy.exact_error
         rows.append(
             {
                 "numerics": numerics.describe(),
-                "copy": study.copy_ratio(numerics),
-                "simulated": study.ratio(plan)["ratio"],
+                "copy": study.proxy.ratio(study.proxy.relative(copy, study.proxy.truth))["ratio"],
+                "simulated": study.proxy.ratio(study.proxy.relative(simulated, study.proxy.truth))[
+                    "ratio"
+                ],
+                "apart": float(apart),
             }
         )
     return rows
+
+
+def divergence(study: Study, numerics: integer_gemm.Numerics) -> list[dict]:
+    """How the real copy of ``numerics`` and its simulation drift apart through the layers, on
+    the photos as they are (draw 0): the relative difference of each layer's MLP output (and of
+    the first projection's), and each one's relative difference from truth there."""
+    projections = [n for n in study.model.graph.node if n.op_type == "MatMulNBits"]
+    watched = [projections[0]] + [
+        n for n in projections if integer_gemm.projection_role(n.name or n.output[0]) == "mlp_out"
+    ]
+    outputs = [n.output[0] for n in watched]
+    pixels = study.proxy.inputs[0]
+    copy, simulated, truth = (
+        _run(study.folder / f"watched-{kind}.onnx", model, outputs, pixels, kind == "truth")
+        for kind, model in (
+            ("copy", onnx.load(str(study.copy(numerics)))),
+            ("simulated", study.simulated(_plan_of(numerics))),
+            ("truth", onnx.load(str(study.source))),
+        )
+    )
+    rows = []
+    for node, name in zip(watched, outputs, strict=True):
+        scale = np.linalg.norm(truth[name])
+        rows.append(
+            {
+                "projection": ROLE_NAMES[integer_gemm.projection_role(node.name or name)],
+                "layer": _layer_of(node.name or name),
+                "apart": float(np.linalg.norm(copy[name] - simulated[name]) / scale),
+                "copy_error": float(np.linalg.norm(copy[name] - truth[name]) / scale),
+                "simulated_error": float(np.linalg.norm(simulated[name] - truth[name]) / scale),
+            }
+        )
+    return rows
+
+
+def _plan_of(numerics: integer_gemm.Numerics):
+    """The simulation of a real copy's numerics (per row, a rotation, remainders)."""
+
+    def plan(name):
+        fine = integer_gemm.projection_role(name) in numerics.fine_weights
+        return Rounding("remainder" if fine else "int8", True, numerics.rotation)
+
+    return plan
+
+
+def _run(path: Path, model: onnx.ModelProto, names: list[str], pixels, truth: bool) -> dict:
+    """``model`` with ``names`` as extra outputs, saved at ``path`` and run on ``pixels``
+    (``truth``: with fp32 activations)."""
+    model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    session = open_session(path, vision_proxy.SETTINGS, fp32_activations=truth)
+    values = session.run(names, {session.get_inputs()[0].name: pixels})
+    return dict(zip(names, values, strict=True))
 
 
 def _parts(rotation) -> dict[str, Rounding]:
@@ -228,18 +300,17 @@ def _layer_of(name: str) -> int | None:
 
 
 class Study:
-    """The vision proxy, its photos, truth's and exact's features, and the simulator."""
+    """The vision proxy's measure (bench/vision_proxy.py), the proxy's graph and int4 weights,
+    and the simulator."""
 
-    def __init__(self, folder: Path):
-        self.source = proxies.build_vision_proxy(folder / "int4")
+    def __init__(self, folder: Path, draws: int):
         self.folder = folder
-        self.photos = proxies.proxy_photos()
-        self.pixels = proxies.vision_proxy_inputs(self.photos)
-        self.truth = self._features(open_session(self.source, SETTINGS, fp32_activations=True))
-        self.exact_error = self._error(self._features(open_session(self.source, SETTINGS)))
+        self.proxy = vision_proxy.VisionProxy(folder / "int4", draws)
+        self.source = self.proxy.source
         self.model = onnx.load(str(self.source))
         self.weights = convert.int4_weights(self.source)
         self._orthogonal: dict[int, np.ndarray] = {}
+        self._copies: dict[integer_gemm.Numerics, Path] = {}
 
     def layers(self) -> list[int]:
         return sorted({_layer_of(name) for name in self.weights} - {None})
@@ -251,44 +322,30 @@ class Study:
         return mine / sum(sizes.values())
 
     def ratio(self, plan) -> dict:
-        """Mean relative feature error (and the worst photo's) of the simulated model, as a
-        multiple of exact's. ``plan(node name)``: each projection's Rounding (None: truth)."""
+        """The simulated model's error as a multiple of exact's (pooled over photos and draws,
+        the worst photo's, the single draws' range). ``plan(node name)``: each projection's
+        Rounding (None: truth)."""
         started = time.perf_counter()
-        session = ort.InferenceSession(
-            self._simulated(plan).SerializeToString(),
-            _options(),
-            providers=["CPUExecutionProvider"],
-        )
-        errors = self._errors(self._features(session))
-        print(
-            f"  {time.perf_counter() - started:.1f} s: {errors.mean() / self.exact_error:.3f}x",
-            file=sys.stderr,
-        )
-        return {
-            "ratio": float(errors.mean() / self.exact_error),
-            "worst_ratio": float(errors.max() / self.exact_error),
-        }
+        found = self.proxy.ratio(self.proxy.errors(self.simulated_session(plan)))
+        print(f"  {time.perf_counter() - started:.1f} s: {found['ratio']:.3f}x", file=sys.stderr)
+        return {key: found[key] for key in ("ratio", "worst_ratio", "draw_range")}
 
-    def copy_ratio(self, numerics: integer_gemm.Numerics) -> float:
-        """The same measure on a real integer-GEMM copy made by the converter."""
-        target = self.folder / "copies" / f"{abs(hash(numerics))}.onnx"
-        target.parent.mkdir(exist_ok=True)
-        convert.convert_model(self.source, target, convert.stored_for_this_cpu(numerics))
-        return float(
-            self._errors(self._features(open_session(target, SETTINGS))).mean() / self.exact_error
+    def simulated_session(self, plan) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            self.simulated(plan).SerializeToString(), _options(), providers=["CPUExecutionProvider"]
         )
 
-    def _features(self, session: ort.InferenceSession) -> np.ndarray:
-        feeds = {session.get_inputs()[0].name: self.pixels}
-        return session.run([proxies.FEATURES_OUTPUT], feeds)[0].reshape(len(self.photos), -1)
+    def copy(self, numerics: integer_gemm.Numerics) -> Path:
+        """A real integer-GEMM copy of ``numerics`` made by the converter (once), stored for
+        this CPU."""
+        if numerics not in self._copies:
+            target = self.folder / "copies" / f"{len(self._copies)}.onnx"
+            target.parent.mkdir(exist_ok=True)
+            convert.convert_model(self.source, target, convert.stored_for_this_cpu(numerics))
+            self._copies[numerics] = target
+        return self._copies[numerics]
 
-    def _errors(self, features: np.ndarray) -> np.ndarray:
-        return np.linalg.norm(features - self.truth, axis=1) / np.linalg.norm(self.truth, axis=1)
-
-    def _error(self, features: np.ndarray) -> float:
-        return float(self._errors(features).mean())
-
-    def _simulated(self, plan) -> onnx.ModelProto:
+    def simulated(self, plan) -> onnx.ModelProto:
         """The proxy with every MatMulNBits as float MatMul nodes rounding what ``plan`` says."""
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
@@ -378,7 +435,7 @@ def _constants() -> list[onnx.TensorProto]:
 
 def _options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = SETTINGS.num_threads
+    options.intra_op_num_threads = vision_proxy.SETTINGS.num_threads
     return options
 
 
