@@ -160,6 +160,10 @@ def main() -> None:
         variants = {name: stored(VARIANTS[name], weights) for name in names}
         with tempfile.TemporaryDirectory() as work:
             result["vision"] = vision_fidelity(Path(work), variants, args.draws)
+        result["vision"]["measured"] = {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit(),
+        }
         _write(result, results)
         return
     if args.speed:
@@ -316,12 +320,7 @@ def vision_fidelity(
         target.parent.mkdir(exist_ok=True)
         convert.convert_model(proxy.source, target, numerics)
         paths[name] = proxy.ratio(proxy.errors(proxy.session(target)))
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
-        **proxy.describe(),
-        "paths": paths,
-    }
+    return {**proxy.describe(), "paths": paths}
 
 
 # --- speed ---------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ Both precisions decode on the same int4 decoder; fast only holds more in memory 
 integer-GEMM copies). This checks that decode is not slower for it, at the KV length of a photo's
 prompt. Random token ids stand for the prompt (decode time depends on lengths, not values).
 
-    python bench/decode_check.py --model /tmp/scale [--runs 3] [--length 1935]
+    python bench/decode_check.py --model /tmp/scale [--runs 3] [--length 1935] [--name NAME]
 
-Writes ``bench/results/decode_check.{json,md}``.
+Writes ``bench/results/decode_check.{json,md}`` (``--name``: another stem, for another CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import os
 import statistics
 from pathlib import Path
 
+from provenance import commit
 from workers import report_result, run_worker
+
+from phi3v import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 33  # 32 decode steps after the first token
@@ -46,6 +49,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--length", type=int, default=1935)
+    parser.add_argument(
+        "--name", default="decode_check", help="results file stem (default: %(default)s)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -63,6 +69,8 @@ def main() -> None:
     }
     report = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": commit(),
+        "cpu": machine.describe_cpu(),
         "model": str(args.model),
         "length": args.length,
         "loadavg": [started, os.getloadavg()],
@@ -72,7 +80,8 @@ def main() -> None:
     lines = [
         f"# Decode after a {args.length}-token prompt: exact vs fast",
         "",
-        f"{report['date']}; `python bench/decode_check.py --model {args.model}`; "
+        f"{report['date']}; phi3v {report['commit']}; {report['cpu']}; "
+        f"`python bench/decode_check.py --model {args.model}`; "
         f"{args.runs} alternated processes per precision, {NEW_TOKENS - 1} decode steps; "
         f"load average {started[0]:.2f} -> {os.getloadavg()[0]:.2f}.",
         "",
@@ -84,8 +93,8 @@ def main() -> None:
         lines.append(f"| {p} | {each} | {medians[p]:.1f} |")
     lines += ["", f"fast / exact: **{medians['fast'] / medians['exact']:.2f}**"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode_check.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "decode_check.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

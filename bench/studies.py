@@ -38,11 +38,11 @@ FORM_MEANINGS = """\
 * **fused causal (our kernel)**: `bench/attention_kernel.c`, called through ctypes (not an
   onnxruntime operator), in the same chunks of the same cache as GroupQueryAttention: blocks of
   query rows meet blocks of 64 keys only up to their last row, scores stay in cache, online
-  softmax. **fp32**: AVX-512, blocks of 32 rows. **AMX bf16**: Q·Kᵀ and P·V on the tiles
-  (`_tile_dpbf16ps`, fp32 accumulation), Q, K, V and the weights rounded to bf16, the softmax
-  in fp32; blocks of 16 rows; each chunk's K and V converted once, into bf16 copies (K as
-  is, V transposed) that the later chunks read. It refuses to run where AMX is refused ("not
-  run")."""
+  softmax. **fp32**: AVX-512, blocks of 32 rows, or AVX2 + FMA, blocks of 16. **AMX bf16**: Q·Kᵀ
+  and P·V on the tiles (`_tile_dpbf16ps`, fp32 accumulation), Q, K, V and the weights rounded to
+  bf16, the softmax in fp32; blocks of 16 rows; each chunk's K and V converted once, into bf16
+  copies (K as is, V transposed) that the later chunks read. It refuses to run where AMX is refused
+  ("not run")."""
 
 
 def attention_section(report: dict, fidelity: dict | None = None) -> str:

@@ -138,8 +138,14 @@ def fidelity_report(result: dict) -> str:
         f"{result['date']}; phi3v {result['commit']}; {result['cpu']}; `{result['command']}`; "
         f"load average {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}"
         + (
-            f"; speed measured apart, load average {result['speed_load'][0]:.2f} after."
+            f"; speed measured apart, load average {result['speed_load'][0]:.2f} after"
             if "speed_load" in result
+            else ""
+        )
+        + (
+            f"; vision measured again apart ({vision['measured']['date']}, phi3v "
+            f"{vision['measured']['commit']})."
+            if "measured" in vision
             else "."
         ),
         "",
