@@ -1,27 +1,19 @@
 """bench/studies.py's reading of the decoder proxy against issue 15's targets: what the generated
 docs say follows from the intervals, not from the point figures alone."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.bench_modules import bench_modules
+
 POSITIONS = 100  # per document
 DOCUMENTS = 10
 
 
 @pytest.fixture
-def bench(monkeypatch):
-    """bench/'s studies and paired modules (bench scripts import each other by bare name)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    import paired
-    import studies
-
-    yield studies, paired
-    for name, module in list(sys.modules.items()):  # leave no bench module under a bare name
-        if Path(getattr(module, "__file__", None) or "/").parent == BENCH:
-            del sys.modules[name]
+def bench():
+    """bench/'s studies and paired modules."""
+    with bench_modules("studies", "paired") as modules:
+        yield modules
 
 
 def totals(hits: int, only_path_right: int = 0, only_exact_right: int = 0) -> dict:

@@ -7,26 +7,18 @@ shared buffer the decoder uses; the benchmark's own "fp32 activations: fp32" row
 case in the decoder, against truth).
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.bench_modules import bench_modules
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import attention_fidelity
-
-        yield attention_fidelity
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_modules("attention_fidelity") as (module,):
+        yield module
 
 
 def attention_pair(fidelity, heads, kv_heads, head, qk, pv):

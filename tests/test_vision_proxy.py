@@ -5,31 +5,19 @@ The proxy is built from registry packages (as in test_proxies.py); the tests tha
 with the reason, only when the registry cannot be reached.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from phi3v.testing.proxies import ProxyUnavailable
+from tests.bench_modules import bench_modules
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 DRAWS = 3
 
 
 @pytest.fixture(scope="module")
 def vision_proxy():
-    """bench/vision_proxy.py (bench scripts import each other by bare name)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import vision_proxy
-
-        yield vision_proxy
-    finally:
-        sys.path.remove(str(BENCH))
-        for name, module in list(sys.modules.items()):  # leave no bench module under a bare name
-            if Path(getattr(module, "__file__", None) or "/").parent == BENCH:
-                del sys.modules[name]
+    with bench_modules("vision_proxy") as (module,):
+        yield module
 
 
 @pytest.fixture(scope="module")
