@@ -131,12 +131,7 @@ def main() -> None:
     parser.add_argument(
         "--vision", action="store_true", help="re-measure the vision into the existing results"
     )
-    parser.add_argument(
-        "--draws",
-        type=int,
-        default=vision_proxy.DRAWS,
-        help="draws of the rounding noise on the vision proxy (default %(default)s)",
-    )
+    vision_proxy.add_draws_argument(parser)
     parser.add_argument(
         "--speed", action="store_true", help="re-measure the speed into the existing results"
     )

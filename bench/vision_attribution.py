@@ -66,12 +66,7 @@ class Rounding:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--draws",
-        type=int,
-        default=vision_proxy.DRAWS,
-        help="draws of the rounding noise per measurement (default %(default)s)",
-    )
+    vision_proxy.add_draws_argument(parser)
     parser.add_argument(
         "--name", default="vision_attribution", help="results file stem (default: %(default)s)"
     )

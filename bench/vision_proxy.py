@@ -23,6 +23,7 @@ draws' ratios, which is how far one run can land from the pooled figure.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,16 @@ from phi3v.testing import proxies
 DRAWS = 8
 JITTER = 2.0**-22  # relative: one or two units in the last place of an fp32 value
 SETTINGS = SessionSettings(num_threads=1)  # leaves a core to others; the draws do the rest
+
+
+def add_draws_argument(parser: argparse.ArgumentParser) -> None:
+    """``--draws``, for every script that measures on the vision proxy."""
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=DRAWS,
+        help="draws of the rounding noise on the vision proxy (default %(default)s)",
+    )
 
 
 def jittered(pixels: np.ndarray, draw: int) -> np.ndarray:

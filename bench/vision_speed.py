@@ -64,12 +64,7 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), choices=CANDIDATES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--draws",
-        type=int,
-        default=vision_proxy.DRAWS,
-        help="draws of the rounding noise on the proxy (default %(default)s)",
-    )
+    vision_proxy.add_draws_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
