@@ -289,10 +289,11 @@ def vision_error_section(attribution: dict, speed: dict | None, first_answer: di
     first, last = attribution["layers"][0], attribution["layers"][-1]
     squares = sum(r["both"] ** 2 for r in attribution["layers"])
     text = [
-        f"From `bench/results/vision_attribution.md`: the fast vision copy on the DINOv2 proxy "
+        f"From `bench/results/{attribution.get('file', 'vision_attribution.md')}` "
+        f"({attribution['cpu']}): the fast vision copy on the DINOv2 proxy "
         f"({attribution['photos']} photographs), each source of its error alone, as a multiple "
-        f"of exact's error (a float simulation that rounds where the integer GEMM rounds; it "
-        f"matches real copies within a few percent, last table). At today's block-{default} "
+        f"of exact's error (a float simulation that rounds where the integer GEMM rounds; "
+        f"{_draws_note(attribution)}). At today's block-{default} "
         f"rotation the copy is **{both:.2f}x**; its int8 weights alone (fp32 activations) are "
         f"{weights:.2f}x and its activations alone (int4 weights) {acts:.2f}x, and the two add "
         f"about in quadrature (sqrt({weights:.2f}^2 + {acts:.2f}^2) = "
@@ -334,9 +335,14 @@ def vision_error_section(attribution: dict, speed: dict | None, first_answer: di
                 + (f", the photo's first answer {costs[name]:.2f}x" if name in costs else "")
                 + ". Without AMX the vision share of the first answer was not measured here; "
                 f"its vision ratio keeps the first answer within 1.10x wherever the vision is "
-                f"under {0.10 / max(worst - 1, 1e-9):.0%} of it. The proxy's "
-                f"{attribution['photos']} photos resolve about 0.2x: the same numerics measure "
-                "differently simulated and as a real copy."
+                f"under {0.10 / max(worst - 1, 1e-9):.0%} of it."
+                + (
+                    " These error figures are single runs, and one run is one draw of the "
+                    "rounding noise (`bench/vision_proxy.py`): pooled over draws, the copies' "
+                    'numerics measure as in the section "On a CPU without VNNI".'
+                    if speed.get("draws", 1) < 2
+                    else ""
+                )
             )
         text += [
             f"The candidates with a remainder weight (`Numerics.fine_weights`: w ~ q*s + r*s2, a "
@@ -350,6 +356,19 @@ def vision_error_section(attribution: dict, speed: dict | None, first_answer: di
             tables.vision_speed(speed, 1.5, 1.10, costs),
         ]
     return "\n\n".join(text)
+
+
+def _draws_note(attribution: dict) -> str:
+    """How far the simulation and the real copies can be compared, by the results' draws."""
+    if attribution.get("draws", 1) < 2:
+        return (
+            "one draw of the rounding noise per figure, so a simulation and a real copy of the "
+            "same numerics can differ by a fifth, last table"
+        )
+    return (
+        f"{attribution['draws']} draws of the rounding noise pooled per figure, so the "
+        "simulation and the real copies agree, last tables"
+    )
 
 
 def _remainder_note(attribution: dict) -> str:
