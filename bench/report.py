@@ -19,7 +19,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import tables
-from studies import attention_section, decoder_targets, vision_error_section
+from studies import (
+    attention_section,
+    decoder_targets,
+    vision_error_section,
+    vision_layers_section,
+)
 
 from phi3v import convert, integer_gemm
 
@@ -335,6 +340,16 @@ def optional_sections() -> str:
                 json.loads(amx.read_text()) if amx.exists() else None,
             ),
         ]
+        layered = RESULTS / "vision_speed-vnni.json"
+        if layered.exists():  # the remainder by layer, on a VNNI-only CPU
+            scale = RESULTS / "scale.json"
+            parts.append(
+                vision_layers_section(
+                    json.loads(layered.read_text()),
+                    json.loads(scale.read_text()) if scale.exists() else None,
+                    layered.with_suffix(".md").name,
+                )
+            )
     no_vnni = no_vnni_section()
     if no_vnni:
         parts += ["## On a CPU without VNNI: the u8u8 GEMM", no_vnni]

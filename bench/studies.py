@@ -358,6 +358,49 @@ def vision_error_section(attribution: dict, speed: dict | None, first_answer: di
     return "\n\n".join(text)
 
 
+def vision_layers_section(speed: dict, first_answer: dict | None, file: str) -> str:
+    """A ``vision_speed.py`` run with the remainder placed by layer (``Numerics.fine_layers``),
+    on its own CPU: error on the proxy pooled over draws, the real-size vision time, and the
+    photo's first answer derived from ``first_answer`` (bench.py on a CPU of the same kind)."""
+    costs = first_answer_costs(speed, first_answer) if first_answer else {}
+    accuracy, base = speed["accuracy"], speed["baseline"]
+    met = [n for n, a in accuracy.items() if a["ratio"] <= 1.5 and costs.get(n, 99) <= 1.10]
+    chosen = next(n for n, v in speed["numerics"].items() if v == _as_dict(DEFAULT_VISION))
+    times = speed["speed"]["this CPU"]
+
+    def summary(name: str) -> str:
+        low, high = accuracy[name]["interval"]
+        return (
+            f"{accuracy[name]['ratio']:.2f}x exact's error (95 % interval {low:.2f}-{high:.2f}), "
+            f"the vision model {times[name] / times[base]:.2f}x today's fast's time"
+            + (f", the first answer {costs[name]:.2f}x" if name in costs else "")
+        )
+
+    layered = [n for n, v in speed["numerics"].items() if v.get("fine_layers")]
+    best = min(layered, key=lambda n: accuracy[n]["ratio"]) if layered else None
+    text = [
+        f"By layer (`Numerics.fine_layers`: every projection of the named layers, counted from "
+        f"the last when negative, carries the remainder), measured on a real copy of the proxy "
+        f"with {speed['draws']} draws of the rounding noise pooled per figure, beside the "
+        f"real-size vision model (`bench/results/{file}`, {speed['date'][:16]}, phi3v "
+        f"{speed['commit']}, {speed['cpu']}, {speed['threads']} threads, median of "
+        f"{speed['repeats']} alternated runs; the first answer derived from "
+        f"`bench/results/scale.md`, the same kind of CPU). Today's default, **{chosen}**: "
+        f"{summary(chosen)}."
+        + (f" The most accurate by layer, **{best}**: {summary(best)}." if best else "")
+        + (
+            f" Meets both targets here: **{', '.join(met)}**."
+            if met
+            else " **No candidate meets both targets here.**"
+        )
+        + " The proxy has 12 layers and the real encoder 23, so a layer's share of the GEMM work "
+        "(and of the time above) is about half on the real model of what it is on the proxy, and "
+        "how much of the error its remainder buys there is not measured.",
+        tables.vision_speed(speed, 1.5, 1.10, costs, derived_from=speed["cpu"].split(" (")[0]),
+    ]
+    return "\n\n".join(text)
+
+
 def _draws_note(attribution: dict) -> str:
     """How far the simulation and the real copies can be compared, by the results' draws."""
     if attribution.get("draws", 1) < 2:

@@ -600,7 +600,11 @@ def _divergence(rows: list[dict]) -> list[str]:
 
 
 def vision_speed(
-    result: dict, target_error: float, target_time: float, first_answer: dict[str, float]
+    result: dict,
+    target_error: float,
+    target_time: float,
+    first_answer: dict[str, float],
+    derived_from: str = "AMX",
 ) -> str:
     """``vision_speed.py``: candidates' error on the proxy beside their vision time at 17 crops
     and what that makes of a photo's first answer (``first_answer``: a multiple of the
@@ -610,10 +614,13 @@ def vision_speed(
     header = ["candidate", "vision error / exact (proxy)"]
     for column in columns:
         header += [f"s, {column}", f"vs {base}, {column}"]
-    header += ["first answer vs today's fast (AMX, derived)", "meets both targets"]
+    header += [f"first answer vs today's fast ({derived_from}, derived)", "meets both targets"]
     rows = []
     for name, accuracy in result["accuracy"].items():
-        row = [name, f"{accuracy['ratio']:.2f}x"]
+        error = f"{accuracy['ratio']:.2f}x"
+        if "interval" in accuracy:  # pooled over draws: the 95 % interval over the photos
+            error += " [{:.2f}, {:.2f}]".format(*accuracy["interval"])
+        row = [name, error]
         for column in columns:
             times = result["speed"][column]
             row += [f"{times[name]:.2f}", f"{times[name] / times[base]:.2f}x"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import re
 import sys
 import tempfile
 import time
@@ -168,12 +167,9 @@ def remainders(study: Study) -> list[dict]:
     # The layers nearest the output carry the most error (layers()): every role there instead.
     last = study.layers()
     for count, roles_too in ((1, ()), (2, ()), (3, ()), (2, ("attention_out",))):
-        tail = last[-count:]
-
-        def plan(name, tail=tail, roles_too=roles_too):
-            fine = _layer_of(name) in tail or integer_gemm.projection_role(name) in roles_too
-            return Rounding("remainder" if fine else "int8", True, DEFAULT_ROTATION)
-
+        numerics = integer_gemm.Numerics(
+            rotation=DEFAULT_ROTATION, fine_weights=roles_too, fine_layers=tuple(range(-count, 0))
+        )
         label = f"all of the last {count} layer{'s' if count > 1 else ''}"
         share = count / len(last) + sum(study.flops_share(r) for r in roles_too) * (
             1 - count / len(last)
@@ -183,7 +179,7 @@ def remainders(study: Study) -> list[dict]:
                 "rotation": DEFAULT_ROTATION,
                 "remainder": "+".join([label, *(ROLE_NAMES[r] for r in roles_too)]),
                 "added_gemm_share": share,
-                **study.ratio(plan),
+                **study.ratio(_plan_of(numerics, len(last))),
             }
         )
     return rows
@@ -202,7 +198,8 @@ def copies(study: Study) -> list[dict]:
         DEFAULT_VISION,
     ):
         copy = study.proxy.features(study.proxy.session(study.copy(numerics)))
-        simulated = study.proxy.features(study.simulated_session(_plan_of(numerics)))
+        plan = _plan_of(numerics, len(study.layers()))
+        simulated = study.proxy.features(study.simulated_session(plan))
         apart = study.proxy.relative(copy, simulated).mean() / study.proxy.exact_error
         rows.append(
             {
@@ -231,7 +228,7 @@ def divergence(study: Study, numerics: integer_gemm.Numerics) -> list[dict]:
         _run(study.folder / f"watched-{kind}.onnx", model, outputs, pixels, kind == "truth")
         for kind, model in (
             ("copy", onnx.load(str(study.copy(numerics)))),
-            ("simulated", study.simulated(_plan_of(numerics))),
+            ("simulated", study.simulated(_plan_of(numerics, len(study.layers())))),
             ("truth", onnx.load(str(study.source))),
         )
     )
@@ -241,7 +238,7 @@ def divergence(study: Study, numerics: integer_gemm.Numerics) -> list[dict]:
         rows.append(
             {
                 "projection": ROLE_NAMES[integer_gemm.projection_role(node.name or name)],
-                "layer": _layer_of(node.name or name),
+                "layer": integer_gemm.projection_layer(node.name or name),
                 "apart": float(np.linalg.norm(copy[name] - simulated[name]) / scale),
                 "copy_error": float(np.linalg.norm(copy[name] - truth[name]) / scale),
                 "simulated_error": float(np.linalg.norm(simulated[name] - truth[name]) / scale),
@@ -250,11 +247,12 @@ def divergence(study: Study, numerics: integer_gemm.Numerics) -> list[dict]:
     return rows
 
 
-def _plan_of(numerics: integer_gemm.Numerics):
-    """The simulation of a real copy's numerics (per row, a rotation, remainders)."""
+def _plan_of(numerics: integer_gemm.Numerics, layers: int):
+    """The simulation of a real copy's numerics (per row, a rotation, remainders) in a model of
+    ``layers`` layers."""
 
     def plan(name):
-        fine = integer_gemm.projection_role(name) in numerics.fine_weights
+        fine = numerics.refines(name, layers)
         return Rounding("remainder" if fine else "int8", True, numerics.rotation)
 
     return plan
@@ -283,12 +281,7 @@ def _role(name: str, role: str, rounding: Rounding) -> Rounding | None:
 
 
 def _layer(name: str, layer: int, rounding: Rounding) -> Rounding | None:
-    return rounding if _layer_of(name) == layer else None
-
-
-def _layer_of(name: str) -> int | None:
-    found = re.search(r"layers?\.(\d+)[./]", name)
-    return int(found.group(1)) if found else None
+    return rounding if integer_gemm.projection_layer(name) == layer else None
 
 
 # --- the study: the proxy, its truth, and simulated copies ---------------------------------------
@@ -308,7 +301,7 @@ class Study:
         self._copies: dict[integer_gemm.Numerics, Path] = {}
 
     def layers(self) -> list[int]:
-        return sorted({_layer_of(name) for name in self.weights} - {None})
+        return sorted({integer_gemm.projection_layer(name) for name in self.weights} - {None})
 
     def flops_share(self, role: str) -> float:
         """The role's share of the projections' multiply-adds (every row sees every weight)."""

@@ -11,6 +11,7 @@ with AMX refused (bench/noamx.c), which is what a VNNI-only CPU runs. The target
 at most 1.5x exact's, time at most 1.10x today's fast copy.
 
     python bench/vision_speed.py --model /tmp/scale   # ~15 min -> bench/results/vision_speed.*
+    python bench/vision_speed.py --model /tmp/scale --name vision_speed-vnni  # on a VNNI-only CPU
 
 The copies are made once into ``--copies`` (a scratch folder, never the model folder).
 """
@@ -50,6 +51,17 @@ CANDIDATES = {
     "hadamard 32, remainder qkv+out": N(rotation=32, fine_weights=(QKV, OUT)),
     "hadamard 64, remainder out+fc2": N(rotation=64, fine_weights=(OUT, FC2)),
     "hadamard 32, remainder out": N(rotation=32, fine_weights=(OUT,)),
+    # By layer (Numerics.fine_layers): the last layer, whose rounding reaches the features
+    # unmixed, carries the most error on the proxy (bench/vision_attribution.py), the first next.
+    "hadamard 32, remainder last 2 layers+out": N(
+        rotation=32, fine_weights=(OUT,), fine_layers=(-2, -1)
+    ),
+    "hadamard 32, remainder first+last layers+out": N(
+        rotation=32, fine_weights=(OUT,), fine_layers=(0, -1)
+    ),
+    "hadamard 32, remainder first+last 2 layers+out": N(
+        rotation=32, fine_weights=(OUT,), fine_layers=(0, -2, -1)
+    ),
 }
 TARGET_ERROR = 1.5  # x exact's mean feature error on the proxy
 TARGET_TIME = 1.10  # x today's fast copy at 17 crops
@@ -64,6 +76,9 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), choices=CANDIDATES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--name", default="vision_speed", help="results file stem (default: %(default)s)"
+    )
     vision_proxy.add_draws_argument(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,8 +117,8 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - started)
     RESULTS.mkdir(exist_ok=True)
     text = tables.vision_speed(result, TARGET_ERROR, TARGET_TIME)
-    (RESULTS / "vision_speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "vision_speed.md").write_text(f"{_head(result)}\n\n{text}\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(f"{_head(result)}\n\n{text}\n")
     print(text)
 
 

@@ -53,6 +53,7 @@ from phi3v.integer_gemm import (
     SplitOutputs,
     bias_input,
     constants,
+    layer_count,
     projection_role,
 )
 from phi3v.results import Progress
@@ -199,7 +200,7 @@ def convert_model(
     head = _last_position_cut(graph, last_position_output) if last_position_output else None
     old_nodes = [_copy(node) for node in graph.node]
     targets = [node for node in old_nodes if _converts(node, head, numerics)]
-    builder = GemmBuilder(opset, numerics)
+    builder = GemmBuilder(opset, numerics, layer_count(n.name or n.output[0] for n in targets))
     nodes: list[onnx.NodeProto] = []
     converted = {id(node) for node in targets}
     foldable = fold_splits and not numerics.group
@@ -457,7 +458,10 @@ def _cache_key(sources, numerics: FastNumerics, report: Callable[[Progress], Non
 def _numerics_key(numerics: FastNumerics) -> str:
     """The numerics as the cache key spells them. Options added later are left out while they
     keep their default, so copies made before an option existed keep their key."""
-    return repr(numerics).replace(", fine_weights=()", "").replace(", unsigned_weights=False", "")
+    key = repr(numerics)
+    for default in (", fine_weights=()", ", fine_layers=()", ", unsigned_weights=False"):
+        key = key.replace(default, "")
+    return key
 
 
 def _write_manifest(folder: Path, numerics: FastNumerics) -> None:

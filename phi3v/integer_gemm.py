@@ -10,10 +10,11 @@ the nodes computing the same product on onnxruntime's u8s8 GEMM (``MatMulInteger
 * optionally an online block-Hadamard rotation of the activations first, the weights rotated the
   other way here, so the product is unchanged while an outlier channel's energy is spread over
   its block instead of crushing the resolution of every other value in its row;
-* optionally, for the roles :attr:`Numerics.fine_weights` names, an int8 remainder weight beside
-  the int8 one (``w ~ q * s + r * s2``, :func:`quantize_with_remainder`): a second GEMM on the
-  same quantized activations, which makes the weights about as exact as the int4 ones at twice
-  that projection's GEMM time;
+* optionally, for the roles :attr:`Numerics.fine_weights` names and every projection of the
+  layers :attr:`Numerics.fine_layers` names, an int8 remainder weight beside the int8 one
+  (``w ~ q * s + r * s2``, :func:`quantize_with_remainder`): a second GEMM on the same quantized
+  activations, which makes the weights about as exact as the int4 ones at twice that
+  projection's GEMM time;
 * on CPUs without VNNI dot products, the same int8 weights stored as uint8 around a zero point
   of 128 (:attr:`Numerics.unsigned_weights`), so that onnxruntime runs its u8u8 GEMM: its u8s8
   kernel there adds each pair of u8 x s8 products into 16 bits with saturation
@@ -69,6 +70,8 @@ class Numerics:
     does). ``group``: activation columns sharing one scale along K (0: one scale per row over the
     whole K). ``keep_int4``: roles (keys of :data:`ROLES`) whose projections stay ``MatMulNBits``.
     ``fine_weights``: roles whose int8 weights carry an int8 remainder (with per-row scales only).
+    ``fine_layers``: layers (as node names number them, :func:`projection_layer`; negative from
+    the last) all of whose projections carry one.
     ``unsigned_weights``: store the int8 weights as uint8 + 128 with a zero point of 128, for
     onnxruntime's u8u8 GEMM (CPUs without VNNI: see the module's notes); the same integer sums.
     """
@@ -77,6 +80,7 @@ class Numerics:
     group: int = 0
     keep_int4: tuple[str, ...] = ()
     fine_weights: tuple[str, ...] = ()
+    fine_layers: tuple[int, ...] = ()
     unsigned_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -86,16 +90,29 @@ class Numerics:
         unknown = set(self.keep_int4 + self.fine_weights) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown projection roles {sorted(unknown)}; known: {list(ROLES)}")
-        if self.group and self.fine_weights:
-            raise ValueError("remainder weights (fine_weights) go with per-row scales only")
+        if self.group and (self.fine_weights or self.fine_layers):
+            raise ValueError(
+                "remainder weights (fine_weights, fine_layers) go with per-row scales only"
+            )
+
+    def refines(self, name: str, layers: int) -> bool:
+        """Whether the projection named ``name``, in a model of ``layers`` layers, carries a
+        remainder weight."""
+        if projection_role(name) in self.fine_weights:
+            return True
+        layer = projection_layer(name)
+        return layer is not None and layer in {i % layers for i in self.fine_layers}
 
     def describe(self) -> str:
         """A short name, e.g. ``"hadamard 64, per row, int4 mlp_out"``."""
         parts = [f"hadamard {self.rotation}"] if self.rotation else []
         parts.append(f"per group of {self.group}" if self.group else "per row")
         parts += [f"int4 {role}" for role in self.keep_int4]
-        if self.fine_weights:
-            parts.append(f"remainder {'+'.join(self.fine_weights)}")
+        if self.fine_weights or self.fine_layers:
+            fine = list(self.fine_weights)
+            if self.fine_layers:
+                fine.append(f"layers {','.join(str(i) for i in self.fine_layers)}")
+            parts.append(f"remainder {'+'.join(fine)}")
         if self.unsigned_weights:
             parts.append("u8u8 GEMM")
         return ", ".join(parts)
@@ -110,6 +127,19 @@ def projection_role(name: str) -> str:
     """The role (a key of :data:`ROLES`) of the projection named ``name``, or ``"other"``."""
     lowered = name.lower()
     return next((role for role, pattern in ROLES.items() if re.search(pattern, lowered)), "other")
+
+
+def projection_layer(name: str) -> int | None:
+    """The layer number in a projection's node name (``layers.3.`` or ``/layer.3/``, as the
+    decoder, CLIP and DINOv2 exports name them), or ``None`` outside the layers."""
+    found = re.search(r"layers?\.(\d+)[./]", name)
+    return int(found.group(1)) if found else None
+
+
+def layer_count(names) -> int:
+    """How many layers the projections named ``names`` span (0 if none is in a layer)."""
+    layers = [projection_layer(name) for name in names]
+    return max((layer for layer in layers if layer is not None), default=-1) + 1
 
 
 def hadamard(size: int) -> np.ndarray:
@@ -153,9 +183,10 @@ class GemmBuilder:
     """Makes the integer-GEMM nodes of one model in one :class:`Numerics`; collects their weights
     and shared constants."""
 
-    def __init__(self, opset: int, numerics: Numerics):
+    def __init__(self, opset: int, numerics: Numerics, layers: int):
         self.opset = opset
         self.numerics = numerics
+        self.layers = layers  # the model's layer count, for Numerics.fine_layers
         self.weights: list[TensorProto] = []
         self._constants: dict[str, np.ndarray] = {
             "tiny": np.array(1e-12, np.float32),
@@ -195,7 +226,7 @@ class GemmBuilder:
             nodes += self._rotation(t, x2, k, rotation)
             x2 = t("rotated")
         group = fitting_block(numerics.group, k) if numerics.group else k
-        fine = projection_role(name) in numerics.fine_weights
+        fine = numerics.refines(name, self.layers)
         if fine:
             quantized, channel_scale, remainder, fine_scale = quantize_with_remainder(weights)
         else:

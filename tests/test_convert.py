@@ -334,6 +334,20 @@ def test_projection_roles_are_read_from_node_names(name, role):
     assert integer_gemm.projection_role(name) == role
 
 
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [
+        ("/model/layers.31/attn/qkv_proj/MatMulNBits", 31),
+        ("vision.encoder.layers.22.self_attn.qkv_proj/MatMulNBits", 22),
+        ("/backbone/encoder/layer.10/mlp/fc1/MatMulNBits", 10),
+        ("/blocks.0/mlp/fc2/MatMul", None),
+        ("model.vision_embed_tokens.img_projection.0/MatMulNBits", None),
+    ],
+)
+def test_projection_layers_are_read_from_node_names(name, layer):
+    assert integer_gemm.projection_layer(name) == layer
+
+
 def test_numerics_take_powers_of_two_and_known_roles():
     with pytest.raises(ValueError, match="powers of two"):
         integer_gemm.Numerics(rotation=48)
@@ -343,6 +357,8 @@ def test_numerics_take_powers_of_two_and_known_roles():
         integer_gemm.Numerics(fine_weights=("lm_head",))
     with pytest.raises(ValueError, match="per-row scales only"):
         integer_gemm.Numerics(group=32, fine_weights=("mlp_out",))
+    with pytest.raises(ValueError, match="per-row scales only"):
+        integer_gemm.Numerics(group=32, fine_layers=(-1,))
 
 
 def test_the_remainder_form_is_closer_to_the_int4_weights_than_plain_int8(tmp_path):
@@ -394,7 +410,41 @@ def test_the_default_copies_carry_remainders_on_the_vision_attention_only(model)
 def test_numerics_without_remainders_keep_the_cache_key_they_had_before_the_option():
     plain = convert.FastNumerics(integer_gemm.Numerics(rotation=32), integer_gemm.Numerics(64))
     assert "fine_weights" not in convert._numerics_key(plain)
+    assert "fine_layers" not in convert._numerics_key(plain)
     assert "fine_weights" in convert._numerics_key(convert.DEFAULT_NUMERICS)
+    layered = integer_gemm.Numerics(rotation=32, fine_layers=(-1,))
+    assert "fine_layers=(-1,)" in convert._numerics_key(convert.FastNumerics(layered, layered))
+
+
+def test_remainder_layers_refine_every_projection_of_those_layers(model):
+    """``fine_layers`` counts from the last layer when negative, and adds to ``fine_weights``."""
+    numerics = integer_gemm.Numerics(
+        rotation=32, fine_weights=("attention_out",), fine_layers=(-1,)
+    )
+    fast = convert.fast_models(
+        load_config(model), numerics=convert.FastNumerics(numerics, numerics)
+    )
+    for path in (fast.vision, fast.decoder):
+        gemms = [
+            node
+            for node in onnx.load(str(path), load_external_data=False).graph.node
+            if node.op_type == "MatMulIntegerToFloat"
+        ]
+        where = {
+            node.name: (
+                integer_gemm.projection_layer(node.name),
+                integer_gemm.projection_role(node.name),
+            )
+            for node in gemms
+        }
+        last = max(layer for layer, _ in where.values() if layer is not None)
+        refined = {where[node.name] for node in gemms if node.input[1].endswith("remainder_int8")}
+        assert {role for layer, role in refined if layer == last} == set(integer_gemm.ROLES)
+        assert refined == {
+            (layer, role)
+            for layer, role in where.values()
+            if layer == last or role == "attention_out"
+        }
 
 
 def test_remainder_projections_run_two_gemms_on_one_quantized_input(model):
