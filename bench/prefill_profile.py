@@ -8,11 +8,11 @@ values: timing depends on shapes, not values) in chunks of ``chunk`` positions, 
 attending to those before it through the KV cache. Configurations are alternated, median of
 ``--runs``; one more run per configuration with onnxruntime's profiler gives the operator shares.
 
-    python bench/prefill_profile.py --model /tmp/scale [--runs 3] [--before LABEL=DIR ...]
+    python bench/prefill_profile.py --model /tmp/scale [--runs 3] [--before LABEL=DIR] [--name N]
 
 ``--before`` adds rows for copies made elsewhere (an earlier converter's, say), by label.
 
-Writes ``bench/results/prefill_profile.{json,md}``.
+Writes ``bench/results/prefill_profile.{json,md}`` (``--name``: another stem, for another CPU).
 """
 
 from __future__ import annotations
@@ -173,6 +173,9 @@ def main() -> None:
     parser.add_argument("--model", help="a real-size set (python -m phi3v.testing DIR --size real)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
+        "--name", default="prefill_profile", help="results file stem (another CPU's, say)"
+    )
+    parser.add_argument(
         "--before",
         action="append",
         default=[],
@@ -196,6 +199,7 @@ def main() -> None:
         "commit": commit(),
         "cpu": machine.describe_cpu(),
         "command": f"python bench/prefill_profile.py --model {args.model} --runs {args.runs}"
+        + (f" --name {args.name}" if args.name != "prefill_profile" else "")
         + "".join(f" --before {entry}" for entry in args.before),
         "runs": args.runs,
         "default_numerics": {
@@ -208,8 +212,8 @@ def main() -> None:
     report["rows"] = measure(args.model, args.runs, before)
     report["load_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefill_profile.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "prefill_profile.md").write_text(tables.fast_profile(report) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(tables.fast_profile(report) + "\n")
     print(tables.fast_profile(report))
 
 
