@@ -88,6 +88,10 @@ VARIANTS = {
     "hadamard 32, remainder qkv+out": N(
         rotation=32, fine_weights=("attention_in", "attention_out")
     ),
+    # Every projection of the last two layers, and attention_out everywhere (fine_layers).
+    "hadamard 32, remainder last 2 layers+out": N(
+        rotation=32, fine_weights=("attention_out",), fine_layers=(-2, -1)
+    ),
 }
 # One real decoder layer's projections (Phi-3-mini: hidden 3072, MLP 8192), K -> N.
 LAYER = {
@@ -110,7 +114,12 @@ def stored(numerics: integer_gemm.Numerics, weights: str) -> integer_gemm.Numeri
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=list(VARIANTS),
+        help="the numerics to measure (default: all); with --vision, added to the results' own",
+    )
     parser.add_argument(
         "--answer-tokens",
         type=int,
@@ -140,7 +149,8 @@ def main() -> None:
     )
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    variants = {name: stored(VARIANTS[name], args.weights) for name in args.variants}
+    named = args.variants or list(VARIANTS)
+    variants = {name: stored(VARIANTS[name], args.weights) for name in named}
     results = RESULTS / args.name
     if args.speed_only:  # the child process of the VNNI-only run
         print(json.dumps(layer_speed(variants, args.repeats)))
@@ -151,6 +161,7 @@ def main() -> None:
     if args.vision:  # the same variants, stored the same way, as the results' decoder part
         result = json.loads(results.with_suffix(".json").read_text())
         names = [name for name in result["decoder"]["tune"]["paths"] if name != "exact"]
+        names += [name for name in args.variants or [] if name not in names]
         weights = result.get("weights", "this CPU")  # older results: as the product stored them
         variants = {name: stored(VARIANTS[name], weights) for name in names}
         with tempfile.TemporaryDirectory() as work:
@@ -158,6 +169,7 @@ def main() -> None:
         result["vision"]["measured"] = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit(),
+            "cpu": machine.describe_cpu(),
         }
         _write(result, results)
         return
@@ -315,7 +327,8 @@ def vision_fidelity(
         target.parent.mkdir(exist_ok=True)
         convert.convert_model(proxy.source, target, numerics)
         paths[name] = proxy.ratio(proxy.errors(proxy.session(target)))
-    return {**proxy.describe(), "paths": paths}
+    numerics = {name: asdict(n) for name, n in variants.items()}
+    return {**proxy.describe(), "paths": paths, "numerics": numerics}
 
 
 # --- speed ---------------------------------------------------------------------------------------

@@ -144,7 +144,9 @@ def fidelity_report(result: dict) -> str:
         )
         + (
             f"; vision measured again apart ({vision['measured']['date']}, phi3v "
-            f"{vision['measured']['commit']})."
+            f"{vision['measured']['commit']}"
+            + (f", {vision['measured']['cpu']}" if "cpu" in vision["measured"] else "")
+            + ")."
             if "measured" in vision
             else "."
         ),

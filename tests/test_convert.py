@@ -396,13 +396,17 @@ def gemms_by_role(path, weight: str = "") -> dict[str, int]:
     return by_role
 
 
-def test_the_default_copies_carry_remainders_on_the_vision_attention_only(model):
+def test_the_default_copies_carry_remainders_on_the_last_vision_layers_and_attention_out(model):
+    """The tiny encoder has two layers, both among the last two: every projection is refined
+    (``test_remainder_layers_refine_every_projection_of_those_layers`` tells layers apart)."""
     fast = convert.fast_models(load_config(model))
-    layers = gemms_by_role(fast.vision)["mlp_out"]  # one GEMM per layer: no remainder there
+    layers = 2
     # q, k and v are one projection in three parts (its Split folded), each with a remainder.
     assert gemms_by_role(fast.vision, "remainder_int8") == {
         "attention_in": 3 * layers,
         "attention_out": layers,
+        "mlp_in": layers,
+        "mlp_out": layers,
     }
     assert gemms_by_role(fast.decoder, "remainder_int8") == {}
 
