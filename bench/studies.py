@@ -374,8 +374,9 @@ def vision_layers_section(speed: dict, first_answer: dict | None, file: str) -> 
     def summary(name: str) -> str:
         low, high = accuracy[name]["interval"]
         return (
-            f"{accuracy[name]['ratio']:.2f}x exact's error (95 % interval {low:.2f}-{high:.2f}), "
-            f"the vision model {times[name] / times[base]:.2f}x today's fast's time"
+            f"{accuracy[name]['ratio']:.2f}x exact's error (95 % interval {low:.2f}-{high:.2f}; "
+            f"worst photo {accuracy[name]['worst_ratio']:.2f}x), the vision model "
+            f"{times[name] / times[base]:.2f}x today's fast's time"
             + (f", the first answer {costs[name]:.2f}x" if name in costs else "")
         )
 

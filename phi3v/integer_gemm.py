@@ -111,11 +111,19 @@ class Numerics:
         if self.fine_weights or self.fine_layers:
             fine = list(self.fine_weights)
             if self.fine_layers:
-                fine.append(f"layers {','.join(str(i) for i in self.fine_layers)}")
+                fine.append(_layers_name(self.fine_layers))
             parts.append(f"remainder {'+'.join(fine)}")
         if self.unsigned_weights:
             parts.append("u8u8 GEMM")
         return ", ".join(parts)
+
+
+def _layers_name(layers: tuple[int, ...]) -> str:
+    """``(-2, -1)`` -> ``"last 2 layers"``; others as numbers, ``"layers 0,-1"``."""
+    count = len(layers)
+    if sorted(layers) == list(range(-count, 0)):
+        return "last layer" if count == 1 else f"last {count} layers"
+    return f"layers {','.join(str(i) for i in layers)}"
 
 
 def bias_input(node: onnx.NodeProto) -> str | None:

@@ -420,6 +420,12 @@ def test_numerics_without_remainders_keep_the_cache_key_they_had_before_the_opti
     assert "fine_layers=(-1,)" in convert._numerics_key(convert.FastNumerics(layered, layered))
 
 
+def test_numerics_name_their_remainder_layers():
+    last_two = integer_gemm.Numerics(32, fine_weights=("attention_out",), fine_layers=(-2, -1))
+    assert last_two.describe() == "hadamard 32, per row, remainder attention_out+last 2 layers"
+    assert integer_gemm.Numerics(fine_layers=(0, -1)).describe() == "per row, remainder layers 0,-1"
+
+
 def test_remainder_layers_refine_every_projection_of_those_layers(model):
     """``fine_layers`` counts from the last layer when negative, and adds to ``fine_weights``."""
     numerics = integer_gemm.Numerics(

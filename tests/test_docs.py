@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench_modules import bench_modules
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE = REPO_ROOT / "docs" / "ARCHITECTURE.md"
 CITATION = re.compile(r"ARCHITECTURE\.md#([a-z0-9-]+)")
@@ -46,3 +48,16 @@ def test_the_code_cites_architecture_sections():
 @pytest.mark.parametrize(("path", "anchor"), citations())
 def test_every_cited_section_exists(path, anchor):
     assert anchor in heading_anchors(ARCHITECTURE.read_text(encoding="utf-8")), path
+
+
+def test_the_performance_numbers_in_the_docs_are_the_results_files():
+    """docs/PERFORMANCE.md and the README's speed and accuracy blocks are generated from
+    ``bench/results/`` by ``bench/report.py``: a hand edit, or a result committed without
+    running the report, shows up here."""
+    with bench_modules("report") as (report,):
+        stale = [
+            path.relative_to(REPO_ROOT).as_posix()
+            for path, text in report.generated().items()
+            if path.read_text(encoding="utf-8") != text
+        ]
+    assert stale == [], f"out of date: {stale}; run python bench/report.py"
