@@ -679,10 +679,9 @@ def vnni_section() -> str:
         f"{genai:.1f} s for onnxruntime-genai (**{fast / genai:.2f}x**; issue 16 asks for 0.30x "
         f"on a VNNI-only CPU, {wanted:.1f} s): vision {vision:.1f} s, prefill {prefill:.1f} s"
         + (
-            f" (its vision copy was the earlier default, {ran}; the profile's, today's, took "
-            f"{row['vision']:.1f} s)"
+            f" (its vision copy was an earlier default, {ran})"
             if (ran := (run.get("fast_setup") or {}).get("numerics", {}).get("vision"))
-            and ran != profile["default_numerics"]["vision"]
+            and ran != convert.numerics_for_this_cpu().vision.describe()
             else ""
         )
         + ".\n\n"
