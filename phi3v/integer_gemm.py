@@ -101,7 +101,9 @@ class Numerics:
         if projection_role(name) in self.fine_weights:
             return True
         layer = projection_layer(name)
-        return layer is not None and layer in {i % layers for i in self.fine_layers}
+        return layer is not None and layer in {
+            i if i >= 0 else layers + i for i in self.fine_layers
+        }
 
     def describe(self) -> str:
         """A short name, e.g. ``"hadamard 64, per row, int4 mlp_out"``."""
@@ -195,6 +197,12 @@ class GemmBuilder:
         self.opset = opset
         self.numerics = numerics
         self.layers = layers  # the model's layer count, for Numerics.fine_layers
+        outside = [i for i in numerics.fine_layers if not -layers <= i < layers]
+        if outside:
+            raise ValueError(
+                f"remainder layers {outside} are outside the model's {layers} layers; "
+                f"number them 0..{layers - 1}, or -1..-{layers} from the last"
+            )
         self.weights: list[TensorProto] = []
         self._constants: dict[str, np.ndarray] = {
             "tiny": np.array(1e-12, np.float32),

@@ -426,6 +426,14 @@ def test_numerics_name_their_remainder_layers():
     assert integer_gemm.Numerics(fine_layers=(0, -1)).describe() == "per row, remainder layers 0,-1"
 
 
+def test_remainder_layers_outside_the_model_are_refused(tmp_path):
+    source = projection_model(tmp_path / "int4.onnx", "layers.0.mlp.down_proj", 64, 32)
+    for outside in (1, -2):  # the model has one layer, layer 0
+        numerics = integer_gemm.Numerics(fine_layers=(outside,))
+        with pytest.raises(ValueError, match=r"outside the model's 1 layers"):
+            convert.convert_model(source, tmp_path / "copy.onnx", numerics)
+
+
 def test_remainder_layers_refine_every_projection_of_those_layers(model):
     """``fine_layers`` counts from the last layer when negative, and adds to ``fine_weights``."""
     numerics = integer_gemm.Numerics(
