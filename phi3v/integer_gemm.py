@@ -71,7 +71,8 @@ class Numerics:
     whole K). ``keep_int4``: roles (keys of :data:`ROLES`) whose projections stay ``MatMulNBits``.
     ``fine_weights``: roles whose int8 weights carry an int8 remainder (with per-row scales only).
     ``fine_layers``: layers (as node names number them, :func:`projection_layer`; negative from
-    the last) all of whose projections carry one.
+    the last) all of whose projections carry one; layers a model does not have are left out, so
+    the same numerics fit a smaller model (a test model, a projection alone).
     ``unsigned_weights``: store the int8 weights as uint8 + 128 with a zero point of 128, for
     onnxruntime's u8u8 GEMM (CPUs without VNNI: see the module's notes); the same integer sums.
     """
@@ -197,12 +198,6 @@ class GemmBuilder:
         self.opset = opset
         self.numerics = numerics
         self.layers = layers  # the model's layer count, for Numerics.fine_layers
-        outside = [i for i in numerics.fine_layers if not -layers <= i < layers]
-        if outside:
-            raise ValueError(
-                f"remainder layers {outside} are outside the model's {layers} layers; "
-                f"number them 0..{layers - 1}, or -1..-{layers} from the last"
-            )
         self.weights: list[TensorProto] = []
         self._constants: dict[str, np.ndarray] = {
             "tiny": np.array(1e-12, np.float32),

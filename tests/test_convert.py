@@ -339,6 +339,7 @@ def test_projection_roles_are_read_from_node_names(name, role):
     [
         ("/model/layers.31/attn/qkv_proj/MatMulNBits", 31),
         ("vision.encoder.layers.22.self_attn.qkv_proj/MatMulNBits", 22),
+        ("/img_processor/vision_model/encoder/layers.21/self_attn/out_proj/MatMul", 21),
         ("/backbone/encoder/layer.10/mlp/fc1/MatMulNBits", 10),
         ("/blocks.0/mlp/fc2/MatMul", None),
         ("model.vision_embed_tokens.img_projection.0/MatMulNBits", None),
@@ -426,12 +427,13 @@ def test_numerics_name_their_remainder_layers():
     assert integer_gemm.Numerics(fine_layers=(0, -1)).describe() == "per row, remainder layers 0,-1"
 
 
-def test_remainder_layers_outside_the_model_are_refused(tmp_path):
+def test_remainder_layers_a_model_lacks_are_left_out(tmp_path):
+    """Numbers past the model's layers refine nothing (they do not wrap around)."""
     source = projection_model(tmp_path / "int4.onnx", "layers.0.mlp.down_proj", 64, 32)
-    for outside in (1, -2):  # the model has one layer, layer 0
-        numerics = integer_gemm.Numerics(fine_layers=(outside,))
-        with pytest.raises(ValueError, match=r"outside the model's 1 layers"):
-            convert.convert_model(source, tmp_path / "copy.onnx", numerics)
+    for fine_layers, refined in (((1,), 0), ((-2,), 0), ((-1,), 1), ((0, 5), 1)):
+        target = tmp_path / f"copy{fine_layers}.onnx"
+        convert.convert_model(source, target, integer_gemm.Numerics(fine_layers=fine_layers))
+        assert gemms_by_role(target, "remainder_int8").get("mlp_out", 0) == refined, fine_layers
 
 
 def test_remainder_layers_refine_every_projection_of_those_layers(model):
