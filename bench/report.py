@@ -175,7 +175,7 @@ def targets_table(scale: dict, follow_up: dict | None, decode_check: dict | None
     for title, value, wanted, bound, sense in rows:
         if value is None:
             continue
-        met = value <= bound if sense == "le" else value >= bound
+        met = _met(value, bound, sense)
         lines.append(f"| {title} | {value:.2f} | {wanted} | {'yes' if met else '**no**'} |")
     if follow_up:
         ttft = follow_up["reuse"]
@@ -224,6 +224,20 @@ def amx_note(scale: dict) -> str:
     )
 
 
+def _met(value: float, bound: float, sense: str) -> bool:
+    """Whether ``value`` meets ``bound``: at most it ("le") or at least it ("ge")."""
+    return value <= bound if sense == "le" else value >= bound
+
+
+def _cpu_kind(run: dict) -> str | None:
+    """A bench.py run's CPU as issue 16's targets name it: "AMX", "VNNI only", or ``None`` (no
+    integer units: auto keeps exact there, and the targets do not apply)."""
+    simd = set(run["machine"]["simd"])
+    if "amx_int8" in simd:
+        return "AMX"
+    return "VNNI only" if simd & {"avx512_vnni", "avx_vnni"} else None
+
+
 def _scale_runs(scale: dict) -> list[dict]:
     """``scale`` and the other CPUs' bench.py runs with a photo (``scale-*.json``)."""
     others = sorted(RESULTS.glob("scale-*.json"))
@@ -234,34 +248,26 @@ def first_answer_targets(runs: list[dict]) -> str:
     """Issue 16's speed targets, from each bench.py run with a photo, by the kind of CPU."""
     lines = ["| target | CPU | measured | wanted | met |", "|---|---|---|---|---|"]
     for run in runs:
-        simd = run["machine"]["simd"]
-        vnni = {"amx_int8", "avx512_vnni", "avx_vnni"} & set(simd)
-        if "phi3v-fast" not in run["summary"].get("image", {}) or not vnni:
-            continue  # the targets are for CPUs with integer units, where auto picks fast
-        amx = "amx_int8" in simd
-        cpu = f"{run['machine']['cpu_model']}, {'AMX' if amx else 'VNNI only'} (`{run['name']}.md`)"
+        kind = _cpu_kind(run)
+        if "phi3v-fast" not in run["summary"].get("image", {}) or kind is None:
+            continue
+        cpu = f"{run['machine']['cpu_model']}, {kind} (`{run['name']}.md`)"
         fast, genai = (median(run, "image", c, "ttft_s") for c in ("phi3v-fast", "genai-B"))
         speed = median(run, "image", "genai-B", "decode_ms") / median(
             run, "image", "phi3v-fast", "decode_ms"
         )
-        wanted = 0.12 if amx else 0.30
+        wanted = 0.12 if kind == "AMX" else 0.30
         rows = [
-            (
-                "photo first token, fast / onnxruntime-genai",
-                fast / genai,
-                f"<= {wanted:.2f}",
-                wanted,
-            ),
-            ("decode speed after the photo, fast / onnxruntime-genai", speed, ">= 1.0", -1.0),
+            ("photo first token, fast / onnxruntime-genai", fast / genai, wanted, "le"),
+            ("decode speed after the photo, fast / onnxruntime-genai", speed, 1.0, "ge"),
         ]
-        if amx:
+        if kind == "AMX":
             vision = median(run, "image", "phi3v-fast", "vision_s")
-            rows.append(("vision, 13 crops, s", vision, "<= 3.5", 3.5))
-        for title, value, text, bound in rows:
-            met = value >= -bound if bound < 0 else value <= bound
-            lines.append(
-                f"| {title} | {cpu} | {value:.2f} | {text} | {'yes' if met else '**no**'} |"
-            )
+            rows.append(("vision, 13 crops, s", vision, 3.5, "le"))
+        for title, value, bound, sense in rows:
+            wanted_text = f"{'<=' if sense == 'le' else '>='} {bound:.2f}"
+            met = "yes" if _met(value, bound, sense) else "**no**"
+            lines.append(f"| {title} | {cpu} | {value:.2f} | {wanted_text} | {met} |")
     return "\n".join(lines)
 
 
@@ -687,7 +693,7 @@ def vnni_section() -> str:
     if not all(f.exists() for f in files):
         return ""
     run, profile, forms = (json.loads(f.read_text()) for f in files)
-    if "amx_int8" in run["machine"]["simd"] or "avx512_vnni" not in run["machine"]["simd"]:
+    if _cpu_kind(run) != "VNNI only":
         return ""
     fast, genai = (median(run, "image", c, "ttft_s") for c in ("phi3v-fast", "genai-B"))
     vision, prefill = (median(run, "image", "phi3v-fast", m) for m in ("vision_s", "prefill_s"))
@@ -986,11 +992,15 @@ def main() -> None:
         help="only say whether the docs are as the results make them",
     )
     args = parser.parse_args()
-    stale = [path for path, text in generated().items() if path.read_text() != text]
+    docs = generated()
     if args.check:
-        names = ", ".join(str(path.relative_to(REPO)) for path in stale)
-        raise SystemExit(f"out of date: {names}; run python bench/report.py" if stale else 0)
-    for path, text in generated().items():
+        stale = [
+            str(path.relative_to(REPO)) for path, text in docs.items() if path.read_text() != text
+        ]
+        raise SystemExit(
+            f"out of date: {', '.join(stale)}; run python bench/report.py" if stale else 0
+        )
+    for path, text in docs.items():
         path.write_text(text)
     print(f"wrote {PERFORMANCE.relative_to(REPO)} and the README's speed and accuracy blocks")
 
