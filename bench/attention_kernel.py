@@ -1,8 +1,9 @@
-"""Our fused causal attention kernel (``attention_kernel.c``), compiled here and called by ctypes.
+"""Our fused causal attention kernel (``phi3v/kernels/attention.c``) for the benchmarks.
 
-A benchmark study for issue 16, not product code: ``attention_forms.py`` measures it beside
-onnxruntime's GroupQueryAttention. The C file is compiled with gcc into a cache folder on first
-use (again whenever it changes); there are no onnxruntime headers involved.
+The product builds and calls the kernel through :mod:`phi3v.attention` (its fp32 variant); this
+module adds what the studies need: both variants, AMX bf16 too, over whole Q/K/V arrays in the
+prefill's chunks, and a count of the work each does. ``attention_forms.py`` measures it beside
+onnxruntime's GroupQueryAttention.
 
     out = attention(q, k, v, head=96, variant="fp32")  # or "amx": bf16 tiles
 
@@ -19,65 +20,24 @@ set flags, so it loads on any x86-64; the AMX variant needs AVX-512 and AMX.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-from functools import cache
-from pathlib import Path
-
 import numpy as np
 
-SOURCE = Path(__file__).with_name("attention_kernel.c")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "phi3v" / "kernels"
-VARIANTS = {"fp32": 0, "amx": 1}
-KEYS = 64  # keys per tile of the causal triangle, both variants (the C file's KEYS)
-AMX_ROWS = 16  # query rows per tile of the AMX variant (the C file's AMX_ROWS)
+from phi3v.attention import (
+    AMX_BF16,
+    AMX_ROWS,
+    ERRORS,
+    FP32,
+    KEYS,
+    NO_AVX2,
+    KernelUnavailable,
+    amx_ready,
+    library,
+)
+
+__all__ = ["KernelUnavailable", "amx_ready", "attention", "library", "pairs", "tile"]
+
+VARIANTS = {"fp32": FP32, "amx": AMX_BF16}
 THREADS = 2  # as the timed onnxruntime sessions: the machine's two cores
-NO_AVX2 = -5  # the C file's status where the fp32 variant cannot run
-ERRORS = {
-    -1: "shape not supported (head must be 32, 64 or 96; heads a multiple of kv_heads)",
-    -2: "AMX bf16 is not available (the CPU lacks it, or Linux refused the tile state)",
-    -3: "the CPU lacks AVX-512 (with bf16 conversions), which the AMX variant needs",
-    -4: "out of memory",
-    -5: "the CPU lacks AVX2 and FMA (or the OS their registers), which the fp32 variant needs",
-}
-
-
-class KernelUnavailable(RuntimeError):
-    """The kernel cannot run here: no compiler, or the CPU (or Linux) lacks what it needs."""
-
-
-@cache
-def library() -> ctypes.CDLL:
-    """The compiled kernel, built with gcc on first use (cached by the source's hash)."""
-    compiler = shutil.which("gcc")
-    if compiler is None:
-        raise KernelUnavailable("no C compiler: install gcc to build bench/attention_kernel.c")
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    target = CACHE / f"attention_kernel-{digest}.so"
-    if not target.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        command = [compiler, "-O3", "-fopenmp", "-shared", "-fPIC", "-o", str(partial)]
-        command += [str(SOURCE), "-lm"]
-        built = subprocess.run(command, capture_output=True, text=True)
-        if built.returncode != 0:
-            raise KernelUnavailable(f"gcc could not build {SOURCE.name}:\n{built.stderr}")
-        partial.replace(target)
-    lib = ctypes.CDLL(str(target))
-    floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
-    lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8 + [ctypes.c_void_p] * 2
-    lib.causal_attention.restype = ctypes.c_int
-    lib.attention_amx_ready.restype = ctypes.c_int
-    lib.attention_fp32_rows.restype = ctypes.c_int
-    return lib
-
-
-def amx_ready() -> bool:
-    """Whether the AMX variant can run: the CPU has AMX bf16 and Linux grants its tile state."""
-    return bool(library().attention_amx_ready())
 
 
 def tile(variant: str) -> tuple[int, int]:

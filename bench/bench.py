@@ -53,8 +53,11 @@ PROMPTS = {
     "image": "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n",
 }
 IMAGE_SIZE = (1344, 1008)  # 4 x 3 tiles of 336: 12 crops, 1921 image tokens
-CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast")
-PRECISION = {"phi3v": "exact", "phi3v-fast": "fast"}  # phi3v configs and their precision
+CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa")
+# phi3v configs and their precision; phi3v-fast-gqa is fast with the fused attention kernel
+# turned off (PHI3V_FUSED_ATTENTION=0): the prompt copy whole, with GroupQueryAttention
+PRECISION = {"phi3v": "exact", "phi3v-fast": "fast", "phi3v-fast-gqa": "fast"}
+FUSED_OFF = {"phi3v-fast-gqa"}
 B_THREADS = 2  # genai-B: the machine's cores (genai's default uses half the hardware threads)
 BUSY_SHARE = 0.15  # others using more than this share of all cores makes a run "busy"
 MAX_ATTEMPTS = 3
@@ -117,6 +120,7 @@ def phi3v_run(
     started = time.perf_counter()
     pipe = Pipeline.load(model_dir, precision=precision)
     load = time.perf_counter() - started
+    attention = pipe.sessions.prefill_attention
     rss_loaded = _rss_mib()
 
     result = pipe.generate(
@@ -143,19 +147,23 @@ def phi3v_run(
         "input_ids": result.input_ids,
         "token_ids": result.token_ids,
         "stop_reason": result.stop_reason,
+        "prefill_attention": attention,
         "phi3v_source": phi3v_source_digest(),
     }
 
 
 def phi3v_source_digest() -> str:
-    """A short hash of phi3v/*.py as this run imported them: others may commit while we run."""
+    """A short hash of phi3v/*.py and the attention kernel as this run imported them: others may
+    commit while we run."""
     digest = hashlib.sha256()
-    for path in sorted((REPO / "phi3v").glob("*.py")):
+    for path in sorted((REPO / "phi3v").glob("*.py")) + [REPO / "phi3v/kernels/attention.c"]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
 def worker_main(spec: dict) -> None:
+    if spec.get("fused_attention") is False:
+        os.environ["PHI3V_FUSED_ATTENTION"] = "0"
     if spec["runtime"] == "genai":
         result = genai_run(spec["model"], spec["case"], spec["image"])
     else:
@@ -293,6 +301,7 @@ def timed_run(config: str, model: Path, case: str, image: Path | None, ids: list
     spec = {
         "runtime": "phi3v" if config in PRECISION else "genai",
         "precision": PRECISION.get(config),
+        "fused_attention": config not in FUSED_OFF,
         "model": str(model),
         "case": case,
         "image": str(image) if image else None,
@@ -607,9 +616,11 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
             "genai-B": make_config_b(model, tmp / "config-b"),
             "phi3v": model,
             "phi3v-fast": model,
+            "phi3v-fast-gqa": model,
         }
         fast_setup = None
-        if "phi3v-fast" in configs:  # made and checked once per folder, before any timed run
+        if {"phi3v-fast", "phi3v-fast-gqa"} & set(configs):
+            # The copies are made and checked once per folder, before any timed run.
             # In a child: a worker forked from a parent that had held the copies would inherit
             # its resident size in ru_maxrss (Linux keeps the high-water mark across exec).
             fast_setup, _ = run_process(["--prepare-fast", str(model)])

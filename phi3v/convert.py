@@ -19,7 +19,9 @@ docs/PERFORMANCE.md); random weights have no outlier channels and cannot show th
 The decoder copy is also cut before the LM head to the last position (the prefill needs only its
 logits; the LM head itself stays int4). It does prompt processing only; the int4 decoder keeps the
 token-by-token steps, which are memory-bound and would read twice the bytes in int8. Both write
-the same KV cache.
+the same KV cache. Beside it are its stages: the same graph cut at each attention, so that the
+prefill can run our fused causal attention kernel between them (:mod:`phi3v.layered`); their
+weights are the copy's own data file.
 
 The copies are made once per model folder into ``<model>/.phi3v-cache/fast-<key>/`` (or
 ``$PHI3V_CACHE_DIR`` where the model folder is read-only), keyed by the source files' sha256, the
@@ -56,9 +58,10 @@ from phi3v.integer_gemm import (
     layer_count,
     projection_role,
 )
+from phi3v.layered import NotLayerable, write_stages
 from phi3v.results import Progress
 
-CONVERTER_VERSION = 7  # bump when the rewrite changes: every cached copy is then rebuilt
+CONVERTER_VERSION = 8  # bump when the rewrite changes: every cached copy is then rebuilt
 CACHE_FOLDER = ".phi3v-cache"
 CACHE_ENV = "PHI3V_CACHE_DIR"
 MANIFEST = "manifest.json"
@@ -167,7 +170,8 @@ def fast_models(
             progress=report,
             what="decoder",
         )
-        _write_manifest(work, numerics)
+        layers = _write_stages(work / decoder.name, config)
+        _write_manifest(work, numerics, layers)
         os.replace(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -466,11 +470,22 @@ def _numerics_key(numerics: FastNumerics) -> str:
     return key
 
 
-def _write_manifest(folder: Path, numerics: FastNumerics) -> None:
+def _write_stages(decoder: Path, config: ModelConfig) -> dict:
+    """The decoder copy's stages for the fused attention kernel (:mod:`phi3v.layered`), written
+    beside it; the manifest's record of them, or of why the copy has none."""
+    try:
+        plan = write_stages(decoder, config.decoder)
+    except NotLayerable as error:
+        return {"stages": 0, "why_not": str(error)}
+    return {"stages": len(plan.stages)}
+
+
+def _write_manifest(folder: Path, numerics: FastNumerics, layers: dict) -> None:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     manifest = {
         "converter_version": CONVERTER_VERSION,
         "numerics": asdict(numerics),
+        "layers": layers,
         "made": time.time(),
         "files": files,
     }

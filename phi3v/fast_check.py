@@ -120,7 +120,7 @@ def run_check(
     logits = {}
     for number, path in enumerate(("truth", "exact", "fast")):
         report(Progress("checking the fast copies", number, 3))
-        paired = _path_sessions(sessions, path)
+        paired = path_sessions(sessions, path)
         logits[path] = teacher_forced_logits(paired, prompt, answer, [image])[:, :vocab]
     report(Progress("checking the fast copies", 3, 3))
     fast, exact = (agreement(logits["truth"], logits[p]) for p in ("fast", "exact"))
@@ -162,7 +162,7 @@ def check_picture() -> Image.Image:
     return picture
 
 
-def _path_sessions(sessions: Sessions, path: str) -> Sessions:
+def path_sessions(sessions: Sessions, path: str) -> Sessions:
     """``sessions`` with the vision model and decoders of ``path``: the copies are already in
     ``sessions`` (fast); exact reads the model's own vision file; truth runs the model's own
     files with fp32 activations."""

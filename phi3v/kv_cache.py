@@ -21,11 +21,15 @@ import math
 import mmap
 import os
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from phi3v.config import DecoderConfig
+
+if TYPE_CHECKING:
+    from phi3v.layered import LayeredDecoder
 
 # Prompt positions per decoder call. Bounds the logits of a prefill to [PREFILL_CHUNK, vocab]
 # (64 MB, not 128 KB per prompt token), lets Stop land between chunks and progress be shown.
@@ -166,24 +170,24 @@ class KVCache:
 
     def run(
         self,
-        session: ort.InferenceSession,
+        session: ort.InferenceSession | LayeredDecoder,
         embeds: np.ndarray,
         run_options: ort.RunOptions | None = None,
     ) -> np.ndarray:
-        """Run a decoder session on ``embeds`` [1, S, hidden] after the cached positions, append
-        their keys and values, and return the logits of the last position [vocab].
+        """Run a decoder on ``embeds`` [1, S, hidden] after the cached positions, append their
+        keys and values, and return the logits of the last position [vocab]. The decoder is an
+        onnxruntime session, or the fast prefill in layers (:mod:`phi3v.layered`), which runs
+        itself on the cache's buffers.
 
         ``run_options.terminate`` aborts the run; the cache then holds the old positions only.
         """
+        if not isinstance(session, ort.InferenceSession):
+            return session.extend(self, embeds, run_options)
         new = embeds.shape[1]
-        if self._frozen:
-            raise RuntimeError("a frozen KV cache (a shared prefix) is read-only: run a copy")
-        if self.length + new > self.capacity:
-            raise RuntimeError("KV cache is full: the generation outgrew its capacity")
         cfg = self.config
+        mask = self.mask_for(new)
         binding, fixed_rows = self._binding(session)
         binding.bind_ortvalue_input(cfg.inputs_embeds, ort.OrtValue.ortvalue_from_numpy(embeds))
-        mask = self._mask[:, : self.length + new]
         binding.bind_ortvalue_input(cfg.attention_mask, ort.OrtValue.ortvalue_from_numpy(mask))
         # Logits land straight in a numpy buffer we own (a graph cut before the LM head gives
         # one row; the released graph gives one per input position).
@@ -202,6 +206,29 @@ class KVCache:
             self._past = binding.get_outputs()[1:]
         self.length += new
         return self._logits[0, -1]
+
+    def mask_for(self, new: int) -> np.ndarray:
+        """The attention mask [1, length + new] of a run of ``new`` positions, which must fit."""
+        if self._frozen:
+            raise RuntimeError("a frozen KV cache (a shared prefix) is read-only: run a copy")
+        if self.length + new > self.capacity:
+            raise RuntimeError("KV cache is full: the generation outgrew its capacity")
+        return self._mask[:, : self.length + new]
+
+    def layer_buffers(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer``'s key and value buffers [kv_heads, capacity, head], for a decoder that
+        writes them itself (:mod:`phi3v.layered`); a shared-buffer cache only."""
+        if not self.share_buffer or self._frozen:
+            raise RuntimeError("only a writable shared-buffer cache hands out its buffers")
+        return self._buffers[2 * layer][0], self._buffers[2 * layer + 1][0]
+
+    def append(self, new: int, logits: np.ndarray) -> np.ndarray:
+        """Record a run that wrote ``new`` positions' keys and values into
+        :meth:`layer_buffers` and computed ``logits`` [1, rows, vocab]; the last row's logits."""
+        self.mask_for(new)  # the same checks as before the run
+        self._logits = logits
+        self.length += new
+        return logits[0, -1]
 
     def last_logits(self) -> np.ndarray:
         """The logits of every position of the last run [rows, vocab] (one row for a graph cut

@@ -68,3 +68,26 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting each physical core once (hyperthreads share
+    one), as onnxruntime sizes its default thread pool; all allowed CPUs where Linux's
+    /proc/cpuinfo does not say."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
+    except OSError:
+        blocks = []
+    cores = set()
+    for block in blocks:
+        fields = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (line.partition(":") for line in block.splitlines())
+        )
+        if "processor" not in fields or "core id" not in fields:
+            continue
+        if allowed is not None and int(fields["processor"]) not in allowed:
+            continue
+        cores.add((fields.get("physical id"), fields["core id"]))
+    return len(cores) or (len(allowed) if allowed else os.cpu_count() or 1)

@@ -12,11 +12,15 @@ The vision model reads one image per call in both layouts.
 
 With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
 prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
-steps, and both decoders write the same KV cache.
+steps, and both decoders write the same KV cache. The prompt decoder runs in layers with our fused
+causal attention kernel between them (:mod:`phi3v.layered`) where the kernel can be built and
+run here, else whole, with onnxruntime's GroupQueryAttention (``PHI3V_FUSED_ATTENTION=0`` asks
+for the latter).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +28,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from phi3v import attention, machine
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, PromptError, first_line
 from phi3v.image import ProcessedImage
+from phi3v.layered import LayeredDecoder, NotLayerable, plan_path
+
+FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # "0": the prompt decoder keeps GroupQueryAttention
+GQA = "GroupQueryAttention (onnxruntime)"
 
 
 @dataclass(frozen=True)
@@ -44,7 +53,10 @@ class Sessions:
 
     ``decoder`` runs the token-by-token steps; ``prefill_decoder`` processes prompts (the same
     session unless a fast copy is given). ``vision_path`` / ``prefill_path`` replace the model
-    folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`).
+    folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`),
+    run in layers with the fused attention kernel where it can (``fused_attention``: None =
+    unless ``PHI3V_FUSED_ATTENTION=0``). ``prefill_attention`` says what computes the prompt's
+    attention, and why, for a status line.
     """
 
     def __init__(
@@ -55,6 +67,7 @@ class Sessions:
         *,
         vision_path: Path | None = None,
         prefill_path: Path | None = None,
+        fused_attention: bool | None = None,
     ):
         self.config = config
         self.options = SessionSettings(num_threads, tuple(providers or ["CPUExecutionProvider"]))
@@ -62,9 +75,12 @@ class Sessions:
         self.vision = open_session(vision_path, self.options)
         self.embedding = open_session(config.path(config.embedding.filename), self.options)
         self.decoder = open_session(config.path(config.decoder.filename), self.options)
-        self.prefill_decoder = (
-            open_session(prefill_path, self.options) if prefill_path else self.decoder
-        )
+        self.prefill_decoder: ort.InferenceSession | LayeredDecoder = self.decoder
+        self.prefill_attention = GQA
+        if prefill_path:
+            self.prefill_decoder, self.prefill_attention = _prompt_decoder(
+                prefill_path, self.options, fused_attention
+            )
         _check_io(config, self)
 
     def encode_images(
@@ -168,7 +184,12 @@ def image_order(ids: np.ndarray) -> list[int]:
 
 
 def open_session(
-    path: Path, settings: SessionSettings, *, fp32_activations: bool = False
+    path: Path,
+    settings: SessionSettings,
+    *,
+    fp32_activations: bool = False,
+    spinning: bool = True,
+    shared_arena: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime session of the model file at ``path``. ``fp32_activations`` runs int4
     ``MatMulNBits`` with float activations whatever its accuracy level (the fast precision's
@@ -178,6 +199,10 @@ def open_session(
         options.intra_op_num_threads = settings.num_threads
     if fp32_activations:
         options.add_session_config_entry("mlas.qnbit.force_fp32", "1")
+    if not spinning:  # idle threads sleep: another thread pool runs between the runs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if shared_arena:  # the environment's arena (registered by the caller), not one per session
+        options.add_session_config_entry("session.use_env_allocators", "1")
     try:
         # From the path, so the .onnx.data beside it is found (external data is path-relative).
         return ort.InferenceSession(
@@ -188,6 +213,24 @@ def open_session(
             f"onnxruntime could not load {path} ({first_line(err)}); check that "
             f"{path.name}.data sits beside it and is complete, or re-download the model set"
         ) from err
+
+
+def _prompt_decoder(
+    path: Path, settings: SessionSettings, fused: bool | None
+) -> tuple[ort.InferenceSession | LayeredDecoder, str]:
+    """The prompt decoder copy at ``path``: in layers with the fused attention kernel where the
+    copy has its stages and the kernel runs here, else whole; and what computes its attention."""
+    if fused is None:
+        fused = os.environ.get(FUSED_ATTENTION_ENV, "1").strip() not in ("0", "false", "no")
+    if not fused:
+        return open_session(path, settings), f"{GQA}: the fused kernel was turned off"
+    if not plan_path(path).exists():
+        return open_session(path, settings), f"{GQA}: the copy has no stages for the kernel"
+    try:
+        kernel = attention.kernel(settings.num_threads or machine.physical_cores())
+        return LayeredDecoder(path, settings, kernel), kernel.name
+    except (attention.KernelUnavailable, NotLayerable) as error:
+        return open_session(path, settings), f"{GQA}: {first_line(error)}"
 
 
 def _check_io(config: ModelConfig, model: Sessions) -> None:
@@ -208,8 +251,12 @@ def _check_io(config: ModelConfig, model: Sessions) -> None:
             [config.embedding.inputs_embeds],
         ),
         (decoder.filename, model.decoder): decoder_io,
-        (f"the prompt copy of {decoder.filename}", model.prefill_decoder): decoder_io,
     }
+    prompt_copy = f"the prompt copy of {decoder.filename}"
+    if isinstance(model.prefill_decoder, LayeredDecoder):  # its attention reads no past inputs
+        expected[prompt_copy, model.prefill_decoder] = ([decoder.inputs_embeds], [decoder.logits])
+    else:
+        expected[prompt_copy, model.prefill_decoder] = decoder_io
     for (filename, session), (inputs, outputs) in expected.items():
         have_in = {i.name for i in session.get_inputs()}
         have_out = {o.name for o in session.get_outputs()}

@@ -94,7 +94,7 @@ def test_a_new_converter_version_rebuilds_the_copy(model, monkeypatch):
 
 
 def test_an_interrupted_conversion_leaves_nothing_that_is_used(model, monkeypatch):
-    def interrupted(folder, numerics):
+    def interrupted(folder, numerics, layers):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert, "_write_manifest", interrupted)

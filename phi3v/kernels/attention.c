@@ -1,10 +1,11 @@
 /*
- * Fused causal attention for one prefill chunk (issue 16's study; bench code, not product code).
+ * Fused causal attention for one prefill chunk: the fast prefill's attention (phi3v/layered.py,
+ * built and called by phi3v/attention.py; measured in bench/attention_forms.py).
  *
  * The queries of one chunk, positions [start, start + rows), attend to the keys [0, position]
  * of a key/value cache that already holds the chunk's own keys and values, as the fast decoder's
- * GroupQueryAttention does with its shared past/present buffer. Rotary embedding is not applied
- * (the study's other forms ignore it too). Layouts (fp32, row-major):
+ * GroupQueryAttention does with its shared past/present buffer. Q and K arrive rotated (the
+ * layered prefill's graphs apply the rotary embedding). Layouts (fp32, row-major):
  *
  *   q     [rows][heads * head]            the chunk's queries, head h at column h * head
  *   k, v  [kv_heads][capacity][head]      the cache; positions [0, start + rows) are valid
@@ -233,7 +234,8 @@ VEC INLINE void values_fp32(float *o, const float *p, const float *v, const floa
 
 VEC static void values_rows(float *o, const float *p, const float *v, const float *scale, int nk,
                             int head) {
-    if (head == 32) values_fp32(o, p, v, scale, nk, 2);
+    if (head == 16) values_fp32(o, p, v, scale, nk, 1);
+    else if (head == 32) values_fp32(o, p, v, scale, nk, 2);
     else if (head == 64) values_fp32(o, p, v, scale, nk, 4);
     else values_fp32(o, p, v, scale, nk, 6);
 }
@@ -719,7 +721,9 @@ TILES static void release_tiles(void) { _tile_release(); }
 int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
                      int start, int capacity, int heads, int kv_heads, int head, int variant,
                      int threads, uint16_t *packed_k, uint16_t *packed_vt) {
-    if ((head != 32 && head != 64 && head != 96) || rows <= 0 || start < 0 || kv_heads <= 0 ||
+    /* head 16 (the tiny test models') only in fp32: the AMX variant works in slices of 32 dims */
+    const int head_ok = head == 32 || head == 64 || head == 96 || (head == 16 && variant == FP32);
+    if (!head_ok || rows <= 0 || start < 0 || kv_heads <= 0 ||
         heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16) ||
         (variant == AMX_BF16 && (!packed_k || !packed_vt)))
         return BAD_SHAPE;
