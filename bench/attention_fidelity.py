@@ -30,6 +30,10 @@ The forms:
 * ``int8 QK and PV``: smoothed int8 Q·Kᵀ, then P as uint8 with one scale per query row and V
   int8 with one scale per channel.
 
+Beside the emulations, the fast copy as the product runs it (``fused kernel fp32``): cut in
+stages with our kernel computing attention between them (:mod:`phi3v.layered`), its own
+summation order included. Left out, with the reason, where the kernel cannot run.
+
     python bench/attention_fidelity.py     # -> bench/results/attention_fidelity.{json,md}
 """
 
@@ -53,9 +57,10 @@ import tables
 from onnx import TensorProto, helper, numpy_helper
 from provenance import commit
 
-from phi3v import convert, machine
+from phi3v import attention, convert, machine
 from phi3v.config import TOKENIZER, load_config
 from phi3v.fast_check import kl_divergence, teacher_forced_logits
+from phi3v.layered import LayeredDecoder, write_stages
 from phi3v.sessions import Sessions, open_session
 from phi3v.testing import proxies
 from phi3v.tokenizer import PromptTokenizer
@@ -65,6 +70,7 @@ BASE = "GroupQueryAttention"  # the fast copy as it ships
 # Path names: a form emulated in the fast copy, or in truth's decoder (fp32 activations).
 FAST, ALONE = "fast copy:", "fp32 activations:"
 NOISE = f"{FAST} fp32"  # the fast copy with exact fp32 attention: the paired base of its forms
+KERNEL = "fused kernel fp32 (the product)"  # the copy in stages, phi3v/layered.py
 # form -> (how Q and K are rounded, how P and V are rounded)
 FORMS = {
     "fp32": ("fp32", "fp32"),
@@ -118,6 +124,14 @@ def fidelity(folder: Path, forms: list[str], answer_tokens: int) -> dict:
     paths = {"exact": exact, BASE: _prefill_on(exact, fast)}
     for name in forms:  # in the fast copy: what the product would compute
         paths[f"{FAST} {name}"] = _prefill_on(exact, emulate(fast, name, *FORMS[name]))
+    not_run = {}
+    write_stages(fast, config.decoder)
+    try:
+        kernel = attention.kernel(exact.options.num_threads or machine.physical_cores())
+        layered = LayeredDecoder(fast, exact.options, kernel)
+        paths[f"{FAST} {KERNEL}"] = accuracy._with_decoders(exact, exact.decoder, layered)
+    except attention.KernelUnavailable as error:
+        not_run[KERNEL] = str(error)
     for name in forms:  # in truth's decoder: the attention numerics alone
         emulated = emulate(source, name, *FORMS[name])
         emulated = open_session(emulated, exact.options, fp32_activations=True)
@@ -127,6 +141,7 @@ def fidelity(folder: Path, forms: list[str], answer_tokens: int) -> dict:
     for split in ("tune", "held_out"):
         pairs = accuracy._prompts(tokenizer, proxies.evaluation_texts(split), answer_tokens)
         report[split] = _split(paths, truth, pairs, vocab, split)
+    report["not_run"] = not_run
     return report
 
 
@@ -384,7 +399,27 @@ copy computing attention in fp32 by the same emulation:
 
 {tables._table(header + paired_header, in_copy)}
 
-{noise_line}"""
+{noise_line}{kernel_line(result)}"""
+
+
+def kernel_line(result: dict) -> str:
+    """What the product's kernel path does against GroupQueryAttention in the same copy, or why
+    it did not run."""
+    not_run = result.get("not_run", {}).get(KERNEL)
+    if not_run:
+        return f"\n\nNot run: {KERNEL}: {not_run}."
+    against = result["tune"]["against"][BASE].get(f"{FAST} {KERNEL}")
+    if not against:
+        return ""
+    low, high = against["kl_ratio"]["interval"]
+    t_low, t_high = against["top1_difference"]["interval"]
+    return (
+        f"\n\nThe product's path, the copy in stages with our fused kernel (`{KERNEL}`), paired "
+        f"with {BASE} in the same copy: KL to truth {against['kl_ratio']['value']:.2f}x "
+        f"[{low:.2f}, {high:.2f}], top-1 {against['top1_difference']['value']:+.1f} points "
+        f"[{t_low:+.1f}, {t_high:+.1f}], {against['same_as_exact']['value']:.1%} the same top-1: "
+        "the same noise floor as the emulation's."
+    )
 
 
 if __name__ == "__main__":

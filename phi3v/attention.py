@@ -92,6 +92,8 @@ def library() -> ctypes.CDLL:
     lib.causal_attention.restype = ctypes.c_int
     lib.attention_amx_ready.restype = ctypes.c_int
     lib.attention_fp32_rows.restype = ctypes.c_int
+    lib.store_chunk.argtypes = [floats] * 4 + [ctypes.c_int] * 6
+    lib.store_chunk.restype = ctypes.c_int
     return lib
 
 
@@ -146,6 +148,19 @@ class CausalAttention:
             q, keys, values, out, q.shape[0], start, capacity, heads, kv_heads, head, FP32,
             self.threads, None, None,
         )  # fmt: skip
+        if status:
+            raise KernelUnavailable(ERRORS.get(status, f"the kernel failed with status {status}"))
+
+    def store(
+        self, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int
+    ) -> None:
+        """Write a chunk's keys and values k, v [rows, kv_heads * head] into the cache's
+        ``keys``, ``values`` [kv_heads, capacity, head] at positions [start, start + rows),
+        on the kernel's threads."""
+        kv_heads, capacity, head = keys.shape
+        status = library().store_chunk(
+            k, v, keys, values, k.shape[0], start, capacity, kv_heads, head, self.threads
+        )
         if status:
             raise KernelUnavailable(ERRORS.get(status, f"the kernel failed with status {status}"))
 

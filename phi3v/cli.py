@@ -2,7 +2,7 @@
 
 Streams the answer to stdout, or prints the result object with ``--json``. ``--check`` says which
 precision runs and why, with the fast copies' self-check (``--precision fast --check`` makes and
-checks the copies). Errors end the program
+checks the copies) and, in fast, what computes the prompt's attention. Errors end the program
 with one readable line on stderr and a non-zero exit code, never a traceback.
 """
 
@@ -97,12 +97,17 @@ def _show_progress(progress: Progress) -> None:
 
 def _print_precision(pipe: Pipeline, as_json: bool) -> None:
     choice = pipe.precision_choice
+    attention = pipe.sessions.prefill_attention if choice.precision == "fast" else None
     if as_json:
         check = choice.check.to_json() if choice.check else None
         report = {"precision": choice.precision, "reason": choice.reason, "self_check": check}
+        if attention:
+            report["prompt_attention"] = attention
         print(json.dumps(report))
         return
     print(f"precision: {choice.precision} ({choice.reason})")
+    if attention:
+        print(f"prompt attention: {attention}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,8 @@ def convert_model(
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
-    used = {name for node in nodes for name in node.input}
+    used = {name for node in nodes for name in node.input} | _subgraph_inputs(graph)
+    kept = [tensor for tensor in kept if tensor.name in used]  # e.g. a folded Split's sizes
     graph.initializer.extend(kept + builder.weights)
     graph.initializer.extend(c for c in builder.constants() if c.name in used)
     _write_with_data(model, target, reader)

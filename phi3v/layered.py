@@ -413,13 +413,9 @@ class LayeredDecoder:
 
     def _attend(self, cache: KVCache, number: int, layer: Layer, buffers, start: int) -> None:
         """Layer ``number``'s attention: its keys and values into the cache, then the kernel."""
-        q, k, v = buffers.q[0], buffers.k[0], buffers.v[0]
-        new = q.shape[0]
-        keys, vals = cache.layer_buffers(number)
-        kv_heads, _, head = keys.shape
-        for buffer, rows in ((keys, k), (vals, v)):
-            buffer[:, start : start + new] = rows.reshape(new, kv_heads, head).swapaxes(0, 1)
-        self.attention(q, keys, vals, buffers.out[0], start, layer.heads)
+        keys, values = cache.layer_buffers(number)
+        self.attention.store(buffers.k[0], buffers.v[0], keys, values, start)
+        self.attention(buffers.q[0], keys, values, buffers.out[0], start, layer.heads)
 
 
 class _Buffers:

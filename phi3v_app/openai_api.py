@@ -116,6 +116,8 @@ def add_openai_routes(
             check = choice.check.to_json() if choice.check else None
             model["phi3v"] = {"precision": choice.precision, "reason": choice.reason}
             model["phi3v"]["self_check"] = check
+            if choice.precision == "fast":  # what computes the prompt's attention, and why
+                model["phi3v"]["prompt_attention"] = pipe.sessions.prefill_attention
         return JSONResponse({"object": "list", "data": [model]})
 
     app.add_api_route(

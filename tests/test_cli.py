@@ -101,6 +101,7 @@ def test_check_says_which_precision_runs_and_the_self_check(tiny_int4_model_dir)
     assert report["precision"] == "fast"
     assert report["self_check"]["passed"] is True
     assert 0 <= report["self_check"]["fast"]["top1"] <= 1
+    assert report["prompt_attention"].startswith(("fused causal fp32", "GroupQueryAttention"))
     plain = run_cli("--model", str(tiny_int4_model_dir), "--precision", "exact", "--check")
     assert plain.stdout.strip() == "precision: exact (asked for)"
 

@@ -12,6 +12,7 @@ cannot be built (no C compiler) or run (no AVX2): the fallback tests run everywh
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -251,3 +252,10 @@ def test_on_the_trained_proxy_layers_are_as_close_to_truth_as_the_whole_copy(tmp
             top1[fused].append(found.top1)
     assert np.mean(kl[True]) <= 1.25 * np.mean(kl[False])
     assert np.mean(top1[True]) >= np.mean(top1[False]) - 0.05
+
+
+def test_the_kernel_threads_default_to_the_physical_cores():
+    from phi3v import machine
+
+    cores = machine.physical_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)

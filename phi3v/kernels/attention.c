@@ -790,3 +790,24 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
     }
     return status;
 }
+
+/* The chunk's keys and values into the cache, before causal_attention reads them: rows `start`
+ * to `start + count` of k_rows, v_rows [count][kv_heads * head] (the layout the projection makes)
+ * go to k, v [kv_heads][capacity][head]. The key/value heads are shared among `threads` threads:
+ * the first write to a page of the cache costs a page fault, and on a VM those cost seconds over
+ * a photo's prompt, so two cores take them in half the time one would. */
+int store_chunk(const float *k_rows, const float *v_rows, float *k, float *v, int count, int start,
+                int capacity, int kv_heads, int head, int threads) {
+    if (count <= 0 || start < 0 || start + count > capacity || kv_heads <= 0 || head <= 0)
+        return BAD_SHAPE;
+    const size_t row = (size_t)kv_heads * head;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int slot = 0; slot < 2 * kv_heads; slot++) {
+        const int g = slot % kv_heads;
+        const float *source = (slot < kv_heads ? k_rows : v_rows) + (size_t)g * head;
+        float *target = (slot < kv_heads ? k : v) + ((size_t)g * capacity + start) * head;
+        for (int i = 0; i < count; i++)
+            memcpy(target + (size_t)i * head, source + (size_t)i * row, sizeof(float) * head);
+    }
+    return OK;
+}

@@ -1,0 +1,195 @@
+"""The fast prefill with our fused attention kernel against the whole copy with onnxruntime's
+GroupQueryAttention, and where the layered prefill's time goes (issue 16: attention's share).
+
+On a real-size set (its fast copies as ``Pipeline.load(precision="fast")`` makes them), one
+process per run, the two paths alternated: the decoder copy on a photo's 1,935 prompt positions
+(random values: timing depends on shapes, not values) in the engine's chunks of 512, into a fresh
+KV cache as the engine uses, then the same again into a second cache whose memory was touched
+beforehand. The second figure leaves out the cost of the cache's first pages, which both paths
+pay alike (on this kind of VM it is seconds: see the report). In the layered runs the kernel's
+calls and the copies of each chunk's keys and values into the cache are timed on their own,
+which gives attention's share of the prefill.
+
+    python bench/layered_prefill.py --model /tmp/scale [--runs 3] [--name N]
+
+Writes ``bench/results/layered_prefill.{json,md}`` (``--name``: another stem, for another CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import tables
+from provenance import commit
+from workers import report_result, run_worker
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
+PATHS = ("fused kernel", "GroupQueryAttention")
+TARGET_SHARE = 0.25  # issue 16: prefill attention <= 25 % of prefill time
+
+
+def worker(model: str, path: str) -> dict:
+    import numpy as np
+
+    from phi3v import convert, load_config
+    from phi3v.kv_cache import PREFILL_CHUNK, KVCache
+    from phi3v.layered import LayeredDecoder
+    from phi3v.sessions import Sessions
+
+    config = load_config(model)
+    fast = convert.fast_models(config)
+    fused = path == "fused kernel"
+    sessions = Sessions(
+        config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention=fused
+    )
+    decoder = sessions.prefill_decoder
+    if fused != isinstance(decoder, LayeredDecoder):
+        raise RuntimeError(f"asked for {path}, got {sessions.prefill_attention}")
+    spent = {"kernel": 0.0, "store": 0.0}
+    if fused:
+        decoder.attention = _Timed(decoder.attention, spent)
+    rng = np.random.default_rng(0)
+    embeds = (rng.standard_normal((1, POSITIONS, config.decoder.hidden_size)) * 0.5).astype(
+        np.float32
+    )
+    result = {"attention": sessions.prefill_attention}
+    for touched in (False, True):
+        cache = KVCache(config.decoder, POSITIONS + 64, True, config.vocab_size)
+        if touched:
+            for buffer in cache._buffers:
+                buffer[...] = 0
+        spent.update(kernel=0.0, store=0.0)
+        started = time.perf_counter()
+        for start in range(0, POSITIONS, PREFILL_CHUNK):
+            cache.run(decoder, np.ascontiguousarray(embeds[:, start : start + PREFILL_CHUNK]))
+        key = "touched" if touched else "fresh"
+        result[f"{key}_s"] = time.perf_counter() - started
+        if fused:
+            result[f"{key}_kernel_s"] = spent["kernel"]
+            result[f"{key}_kv_copy_s"] = spent["store"]
+        cache.close()
+    return result
+
+
+class _Timed:
+    """The layered decoder's kernel, its two calls timed into ``spent``."""
+
+    def __init__(self, kernel, spent: dict):
+        self.kernel, self.spent = kernel, spent
+        self.name = kernel.name
+
+    def __call__(self, *args) -> None:
+        started = time.perf_counter()
+        self.kernel(*args)
+        self.spent["kernel"] += time.perf_counter() - started
+
+    def store(self, *args) -> None:
+        started = time.perf_counter()
+        self.kernel.store(*args)
+        self.spent["store"] += time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--name", default="layered_prefill")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        return report_result(worker(spec["model"], spec["path"]))
+    if args.model is None:
+        parser.error("--model is required")
+    from phi3v import convert, load_config, machine
+
+    convert.fast_models(load_config(args.model))  # made once, untimed
+    load_before = os.getloadavg()
+    runs = {path: [] for path in PATHS}
+    for _ in range(args.runs):
+        for path in PATHS:
+            spec = {"model": str(args.model.resolve()), "path": path}
+            runs[path].append(run_worker(__file__, spec))
+            print(path, runs[path][-1], flush=True)
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "cpu": machine.describe_cpu(),
+        "flags": sorted(machine.cpu_flags() & tables.FLAGS),
+        "command": f"python bench/layered_prefill.py --model {args.model} --runs {args.runs}",
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "positions": POSITIONS,
+        "runs": runs,
+        "medians": {
+            path: {
+                key: statistics.median(run[key] for run in found)
+                for key in found[0]
+                if key != "attention"
+            }
+            for path, found in runs.items()
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(report(result) + "\n")
+    print(report(result))
+
+
+def report(result: dict) -> str:
+    medians = result["medians"]
+    fused, whole = medians["fused kernel"], medians["GroupQueryAttention"]
+    rows = []
+    for key, title in (
+        ("fresh", "fresh KV cache (as the engine runs)"),
+        ("touched", "KV cache touched beforehand"),
+    ):
+        rows.append(
+            [
+                title,
+                f"{fused[f'{key}_s']:.2f}",
+                f"{whole[f'{key}_s']:.2f}",
+                f"{whole[f'{key}_s'] / fused[f'{key}_s']:.2f}x",
+                f"{fused[f'{key}_kernel_s']:.2f}",
+                f"{fused[f'{key}_kv_copy_s']:.2f}",
+                f"{(fused[f'{key}_kernel_s'] + fused[f'{key}_kv_copy_s']) / fused[f'{key}_s']:.0%}",
+            ]
+        )
+    header = [
+        "prefill of 1,935 positions",
+        "fused kernel, s",
+        "GroupQueryAttention, s",
+        "speed-up",
+        "of which the kernel, s",
+        "keys and values into the cache, s",
+        "attention's share",
+    ]
+    share = (fused["touched_kernel_s"] + fused["touched_kv_copy_s"]) / fused["touched_s"]
+    fresh_share = (fused["fresh_kernel_s"] + fused["fresh_kv_copy_s"]) / fused["fresh_s"]
+    first_pages = fused["fresh_s"] - fused["touched_s"]
+    met = "met" if max(share, fresh_share) <= TARGET_SHARE else "**not met**"
+    return f"""# The fast prefill: fused attention kernel against GroupQueryAttention
+
+{result["date"]}; phi3v {result["commit"]}; {result["cpu"]} (`{", ".join(result["flags"])}`);
+`{result["command"]}`; median of {len(result["runs"]["fused kernel"])} processes per path,
+alternated; load average {result["load_before"][0]:.2f} -> {result["load_after"][0]:.2f}.
+
+{tables._table(header, rows)}
+
+Attention in the layered prefill is the kernel plus the copy of each chunk's keys and values into
+the cache (GroupQueryAttention makes the same copy inside its run). Its share is
+{share:.0%} with the cache's memory touched beforehand and {fresh_share:.0%} with a fresh cache,
+where the copy also takes the first write to every page of the cache: {first_pages:.1f} s of the
+fused path's time here, paid by both paths alike. Issue 16 asks for at most
+{TARGET_SHARE:.0%}: {met} on this CPU."""
+
+
+if __name__ == "__main__":
+    main()
