@@ -23,7 +23,7 @@ The forms:
 * ``fp32``: the emulation with no rounding. It must agree with GroupQueryAttention to rounding:
   the check that the emulation computes attention as GroupQueryAttention does.
 * ``bf16``: Q (already scaled by 1/sqrt(head)), K, V and the softmax weights P rounded to
-  bfloat16, products summed in fp32: ``attention_kernel.c``'s AMX variant.
+  bfloat16, products summed in fp32: the kernel's (``phi3v/kernels/attention.c``) AMX variant.
 * ``int8 QK``: Q and K int8, one scale per query row and per key; P and V in bfloat16.
 * ``int8 QK, K smoothed``: the same after subtracting the keys' mean per channel (exact under the
   softmax, as SageAttention does).

@@ -5,8 +5,8 @@ One layer of the real model's attention (32 heads of 96, 32 key/value heads) ove
 decoder runs it (chunks of ``PREFILL_CHUNK``, with and without its tiled path), MultiHeadAttention
 without a mask (not causal: its rate only), block-causal forms in plain ONNX ops (fp32, the
 products alone, SageAttention-style int8 Q·Kᵀ, int8 Q·Kᵀ and P·V), and our own fused causal
-kernel (``attention_kernel.c``, fp32 on AVX-512 or else AVX2, and AMX bf16, in the same chunks
-as GQA).
+kernel (``phi3v/kernels/attention.c``, fp32 on AVX-512 or else AVX2, and AMX bf16, in the
+same chunks as GQA).
 
 * **Speed**: each form in its own process (threads = 2), forms alternated over ``--rounds``,
   ``--repeats`` runs each after a warm-up; median over all. A process during which other

@@ -35,7 +35,7 @@ FORM_MEANINGS = """\
   (AMX where the CPU has it), both scales and 1/sqrt(96) folded into its per-column scale.
 * **int8 QK and PV**: also P·V on the integer GEMM: P uint8 per row, V int8 per head and
   channel.
-* **fused causal (our kernel)**: `bench/attention_kernel.c`, called through ctypes (not an
+* **fused causal (our kernel)**: `phi3v/kernels/attention.c`, called through ctypes (not an
   onnxruntime operator), in the same chunks of the same cache as GroupQueryAttention: blocks of
   query rows meet blocks of 64 keys only up to their last row, scores stay in cache, online
   softmax. **fp32**: AVX-512, blocks of 32 rows, or AVX2 + FMA, blocks of 16. **AMX bf16**: Q·Kᵀ

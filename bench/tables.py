@@ -470,7 +470,7 @@ def attention_target(report: dict) -> str:
     return "\n".join(lines)
 
 
-# attention_forms.py's estimate -> the form that measures it (bench/attention_kernel.c)
+# attention_forms.py's estimate -> the form that measures it (phi3v/kernels/attention.c)
 KERNEL_FORMS = {
     "fused fp32": "fused causal fp32 (our kernel)",
     "fused AMX bf16": "fused causal AMX bf16 (our kernel)",

@@ -1,12 +1,13 @@
 """The fused causal attention kernel (``kernels/attention.c``): built on first use, run by ctypes.
 
-The fast prefill's attention (:mod:`phi3v.layered`). onnxruntime's GroupQueryAttention computes
-every (query, key) pair of a chunk's queries against the cache, the masked half too, and its
-tiled path stops late (blocks of ~680 keys); the kernel tiles the causal triangle in blocks of
-64 keys and computes only the blocks that can see something. One decoder layer over a photo's
-1,935 positions took 122 ms against GroupQueryAttention's 204 ms on a 2-core Xeon, 141 ms
-against 195 ms on a 2-core EPYC with AVX-512 (``bench/results/attention_forms*.md``), with the
-same fp32 arithmetic (relative error to float64 1e-6, as GroupQueryAttention's).
+The fast prefill's attention where it is asked for (:mod:`phi3v.layered`). onnxruntime's
+GroupQueryAttention computes every (query, key) pair of a chunk's queries against the cache, the
+masked half too, and its tiled path stops late (blocks of ~680 keys); the kernel tiles the
+causal triangle in blocks of 64 keys and computes only the blocks that can see something. One
+decoder layer over a photo's 1,935 positions took 122 ms against GroupQueryAttention's 204 ms
+on a 2-core Xeon, 141 ms against 195 ms on a 2-core EPYC with AVX-512
+(``bench/results/attention_forms*.md``), with the same fp32 arithmetic (relative error to
+float64 1e-6, as GroupQueryAttention's).
 
 The C file is compiled with the system's C compiler (``$CC``, else ``cc`` or ``gcc``) into
 ``~/.cache/phi3v/kernels`` the first time it is needed, again only when the source changes. The

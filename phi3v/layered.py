@@ -1,6 +1,6 @@
 """The fast prefill in layers: the decoder copy cut at its attention, the fused kernel in between.
 
-onnxruntime's GroupQueryAttention is a whole third of the fast prefill of a photo's prompt on a
+onnxruntime's GroupQueryAttention was over a quarter of the fast prefill of a photo's prompt on a
 2-core EPYC and half of it on a Xeon (``bench/results/prefill_profile*.md``): for a chunk of
 queries it computes every (query, key) pair, the masked half of the triangle too. Our kernel
 (:mod:`phi3v.attention`) computes only the causal half, with the same fp32 arithmetic. An
@@ -13,9 +13,9 @@ attention:
 
 Each GroupQueryAttention (packed QKV, rotary inside) becomes a Split and two ``RotaryEmbedding``
 nodes (the same rotation, from the same cos/sin caches the LongRoPE ``If`` picks), whose outputs
-leave the stage. Between two stages Python writes the chunk's keys and values into the KV cache
-(the same buffers the int4 decoder reads afterwards, [kv_heads, capacity, head] per layer) and
-the kernel attends the queries to the cache. Tensors that later stages read (the residual
+leave the stage. Between two stages the kernel writes the chunk's keys and values into the KV
+cache (the same buffers the int4 decoder reads afterwards, [kv_heads, capacity, head] per layer)
+and attends the queries to the cache. Tensors that later stages read (the residual
 stream, the cos/sin caches) are passed along by name.
 
 The stage graphs are small files beside the copy (:func:`write_stages`) whose weights point into

@@ -139,11 +139,11 @@ def test_a_full_cache_is_refused_before_anything_runs(both):
 def test_fast_answers_the_same_with_and_without_the_kernel(folder, monkeypatch):
     kernel_or_skip()
     question = "Describe the history of computing machines in a few words. " * 4
+    whole = Pipeline.load(folder, precision="fast")
+    assert whole.sessions.prefill_attention.endswith("the fused kernel is opt-in")
+    monkeypatch.setenv(FUSED_ATTENTION_ENV, "1")
     layered = Pipeline.load(folder, precision="fast")
     assert isinstance(layered.sessions.prefill_decoder, LayeredDecoder)
-    monkeypatch.setenv(FUSED_ATTENTION_ENV, "0")
-    whole = Pipeline.load(folder, precision="fast")
-    assert "turned off" in whole.sessions.prefill_attention
     picture = "data/examples/bar_chart.png"
     for images in ((), (picture,)):
         answers = [p.generate(question, images, max_new_tokens=24) for p in (whole, layered)]
@@ -157,7 +157,9 @@ def test_without_a_compiler_the_prefill_keeps_group_query_attention(folder, monk
     try:
         config = load_config(folder)
         fast = convert.fast_models(config)
-        sessions = Sessions(config, vision_path=fast.vision, prefill_path=fast.decoder)
+        sessions = Sessions(
+            config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention=True
+        )
     finally:
         attention.library.cache_clear()
     assert not isinstance(sessions.prefill_decoder, LayeredDecoder)
@@ -211,7 +213,9 @@ def test_a_copy_without_stages_keeps_group_query_attention(tmp_path):
     config = load_config(folder)
     fast = convert.fast_models(config)
     plan_path(fast.decoder).unlink()
-    sessions = Sessions(config, vision_path=fast.vision, prefill_path=fast.decoder)
+    sessions = Sessions(
+        config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention=True
+    )
     assert sessions.prefill_attention.endswith("the copy has no stages for the kernel")
 
 
