@@ -25,12 +25,12 @@ import numpy as np
 from phi3v.attention import (
     AMX_BF16,
     AMX_ROWS,
-    ERRORS,
     FP32,
     KEYS,
-    NO_AVX2,
     KernelUnavailable,
     amx_ready,
+    check_status,
+    kernel,
     library,
 )
 
@@ -45,10 +45,7 @@ def tile(variant: str) -> tuple[int, int]:
     takes blocks of 32 rows with AVX-512 and of 16 with AVX2 (the C code chooses), AMX of 16."""
     if variant == "amx":
         return AMX_ROWS, KEYS
-    rows = library().attention_fp32_rows()
-    if rows == 0:
-        raise KernelUnavailable(ERRORS[NO_AVX2])
-    return rows, KEYS
+    return kernel(THREADS).rows, KEYS
 
 
 def attention(
@@ -73,8 +70,7 @@ def attention(
             rows, *cache, out[start:end], end - start, start, positions, heads, kv_heads, head,
             VARIANTS[variant], THREADS, *addresses,
         )  # fmt: skip
-        if status:
-            raise KernelUnavailable(ERRORS.get(status, f"error {status}"))
+        check_status(status)
     return out[None]
 
 

@@ -114,6 +114,12 @@ def _build(cc: str, target: Path) -> None:
     partial.replace(target)
 
 
+def check_status(status: int) -> None:
+    """Raise :class:`KernelUnavailable` with the reason for a non-zero status of the C file."""
+    if status:
+        raise KernelUnavailable(ERRORS.get(status, f"the kernel failed with status {status}"))
+
+
 def amx_ready() -> bool:
     """Whether the AMX variant can run: the CPU has AMX bf16 and Linux grants its tile state."""
     return bool(library().attention_amx_ready())
@@ -149,8 +155,7 @@ class CausalAttention:
             q, keys, values, out, q.shape[0], start, capacity, heads, kv_heads, head, FP32,
             self.threads, None, None,
         )  # fmt: skip
-        if status:
-            raise KernelUnavailable(ERRORS.get(status, f"the kernel failed with status {status}"))
+        check_status(status)
 
     def store(
         self, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int
@@ -162,8 +167,7 @@ class CausalAttention:
         status = library().store_chunk(
             k, v, keys, values, k.shape[0], start, capacity, kv_heads, head, self.threads
         )
-        if status:
-            raise KernelUnavailable(ERRORS.get(status, f"the kernel failed with status {status}"))
+        check_status(status)
 
 
 def kernel(threads: int) -> CausalAttention:
