@@ -1,7 +1,8 @@
 """Write docs/PERFORMANCE.md and the README's speed table from the results files.
 
 Numbers in the docs are never typed by hand: run this after the benchmarks and commit what it
-writes. The README's table sits between ``<!-- bench:start -->`` and ``<!-- bench:end -->``.
+writes. The README's generated parts sit between ``<!-- bench:start -->`` / ``<!-- bench:end -->``
+and the like (accuracy, hardware).
 
     python bench/report.py
 
@@ -34,6 +35,7 @@ README = REPO / "README.md"
 PERFORMANCE = REPO / "docs" / "PERFORMANCE.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 ACCURACY_START, ACCURACY_END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+HARDWARE_START, HARDWARE_END = "<!-- hardware:start -->", "<!-- hardware:end -->"
 ROWS = (  # (case, metric, title, unit, digits)
     ("image", "ttft_s", "1 photo (1935 ids): first token", "s", 1),
     ("image", "decode_ms", "1 photo: decode", "ms/token", 1),
@@ -1008,6 +1010,43 @@ def readme_block(scale: dict) -> str:
     )
 
 
+def readme_hardware(scale: dict, follow_up: dict[str, float]) -> str:
+    """The README's RAM and CPU bullets: what a photo's first answer needs and takes here."""
+
+    def value(case: str, config: str, metric: str) -> float:
+        found = median(scale, case, config, metric)
+        if found is None:
+            raise SystemExit(f"{scale['name']}.json has no {case} / {config} / {metric}")
+        return found
+
+    gib = {c: value("image", c, "peak_rss_mib") / 1024 for c in ("phi3v", "phi3v-fast")}
+    first = {c: value("image", c, "ttft_s") for c in ("genai-B", "phi3v", "phi3v-fast")}
+    rates = sorted(round(1000 / value("image", c, "decode_ms")) for c in ("phi3v", "phi3v-fast"))
+    rate = f"{rates[0]}" if rates[0] == rates[-1] else f"{rates[0]}-{rates[-1]}"
+    machine, commit = scale["machine"], scale["versions"]["phi3v_commit"]
+    where = f"`bench/results/{scale['name']}.md`, {scale['date'][:10]}, commit {commit}"
+    return (
+        f"{HARDWARE_START}\n"
+        "- **RAM:** 8 GB at least for `exact`, 16 GB for `fast` (and recommended). Measured with "
+        f"one full-detail photo in the prompt ({where}): peak RSS {gib['phi3v']:.1f} GiB in "
+        f"exact, {gib['phi3v-fast']:.1f} GiB in fast, which holds the int8 copy of the decoder "
+        "beside the int4 one. `auto` picks exact where the memory for the copies is missing.\n"
+        "- **Disk:** about 4 GB free for exact: 3.2 GB of model files in `data/<model>`, plus "
+        "the Python packages; fast adds its copies (about 4 GB) in `data/<model>/.phi3v-cache/`.\n"
+        f"- **CPU:** 2 cores work, slowly. On the {machine['nproc']}-vCPU {machine['cpu_model']} "
+        "of the same results file, the first token about a full-detail photo comes after "
+        f"{first['phi3v']:.0f} s in exact and {first['phi3v-fast']:.0f} s in fast "
+        f"(onnxruntime-genai: {first['genai-B']:.0f} s); answers then stream at about "
+        f"{rate} tokens/s; a follow-up question about the same image "
+        f"starts in {follow_up['reuse']:.1f} s instead of {follow_up['no reuse']:.0f} s "
+        "(`bench/results/follow_up.md`), a text-only question in about "
+        f"{value('text', 'phi3v-fast', 'ttft_s'):.1f} s. CPUs with AMX (recent Intel Xeons) "
+        "gain more from fast (`docs/PERFORMANCE.md`). Lower *Image detail* for faster reading; "
+        "more cores help the image step almost linearly.\n"
+        f"{HARDWARE_END}"
+    )
+
+
 def generated() -> dict[Path, str]:
     """docs/PERFORMANCE.md and README.md as the results files make them."""
     scale = json.loads((RESULTS / "scale.json").read_text())
@@ -1021,6 +1060,8 @@ def generated() -> dict[Path, str]:
     readme = README.read_text()
     readme = _replace_block(readme, START, END, readme_block(scale))
     readme = _replace_block(readme, ACCURACY_START, ACCURACY_END, readme_accuracy(accuracy))
+    hardware = readme_hardware(scale, follow_up)
+    readme = _replace_block(readme, HARDWARE_START, HARDWARE_END, hardware)
     performance = performance_doc(scale, forms, accuracy, follow_up, follow_up_md, decode_check)
     return {PERFORMANCE: performance, README: readme}
 

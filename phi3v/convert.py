@@ -58,7 +58,7 @@ from phi3v.integer_gemm import (
     layer_count,
     projection_role,
 )
-from phi3v.layered import NotLayerable, write_stages
+from phi3v.layered import NotLayerable, node_reads, subgraph_reads, write_stages
 from phi3v.results import Progress
 
 CONVERTER_VERSION = 8  # bump when the rewrite changes: every cached copy is then rebuilt
@@ -231,7 +231,7 @@ def convert_model(
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]
-    used = {name for node in nodes for name in node.input} | _subgraph_inputs(graph)
+    used = {name for node in nodes for name in node_reads(node)}
     kept = [tensor for tensor in kept if tensor.name in used]  # e.g. a folded Split's sizes
     graph.initializer.extend(kept + builder.weights)
     graph.initializer.extend(c for c in builder.constants() if c.name in used)
@@ -266,7 +266,8 @@ def _foldable_splits(
     for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    elsewhere = {out.name for out in graph.output} | _subgraph_inputs(graph)
+    elsewhere = {out.name for out in graph.output}
+    elsewhere |= {name for node in graph.node for name in subgraph_reads(node)}
     found = {}
     for node in targets:
         output = node.output[0]
@@ -281,17 +282,6 @@ def _foldable_splits(
         bias = reader.array(initializers[bias]) if bias else None
         found[id(node)] = split, SplitOutputs(tuple(split.output), tuple(sizes), bias)
     return found
-
-
-def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Every name the subgraphs (Loop or If bodies) of ``graph``'s nodes read, at any depth."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-                names |= {name for inner in body.node for name in inner.input}
-                names |= _subgraph_inputs(body)
-    return names
 
 
 def _split_sizes(split, initializers, reader) -> list[int] | None:

@@ -159,7 +159,7 @@ def cut(
     placed: list[tuple[int, onnx.NodeProto]] = []
     layers: list[Layer] = []
     for node in graph.node:
-        stage = max((stage_of.get(name, 0) for name in _reads(node)), default=0)
+        stage = max((stage_of.get(name, 0) for name in node_reads(node)), default=0)
         if node.op_type != "GroupQueryAttention":
             placed.append((stage, node))
             stage_of.update((name, stage) for name in node.output if name)
@@ -187,14 +187,14 @@ def cut(
     for number in range(len(layers) + 1):
         nodes = [node for stage, node in placed if stage == number]
         made = {name for node in nodes for name in node.output}
-        later = {name for stage, node in placed if stage > number for name in _reads(node)}
+        later = {name for stage, node in placed if stage > number for name in node_reads(node)}
         outputs = sorted(made & later)
         if number < len(layers):
             layer = layers[number]
             outputs += [layer.q, layer.k, layer.v]
         else:
             outputs.append(logits)
-        read = {name for node in nodes for name in _reads(node)} - made - {""}
+        read = {name for node in nodes for name in node_reads(node)} - made - {""}
         stage_inputs = []
         for name in sorted(read - initializers.keys()):
             if name in inputs:
@@ -274,13 +274,20 @@ def _rotations(
     return nodes, sizes, layer
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """Every tensor ``node`` reads: its inputs and what its subgraphs (If, Loop) read."""
-    names = list(node.input)
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor ``node`` reads: its inputs, then what its subgraphs read from outside."""
+    return [*node.input, *subgraph_reads(node)]
+
+
+def subgraph_reads(node: onnx.NodeProto) -> list[str]:
+    """The outer tensors ``node``'s subgraphs (If branches, Loop bodies) read, at any depth:
+    the names their nodes read that the body neither takes as an input nor makes itself."""
+    names = []
     for attribute in node.attribute:
         for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            inner = {name for n in body.node for name in n.output}
-            names += [name for n in body.node for name in _reads(n) if name not in inner]
+            own = {name for n in body.node for name in n.output}
+            own |= {value.name for value in body.input} | {t.name for t in body.initializer}
+            names += [name for n in body.node for name in node_reads(n) if name not in own]
     return names
 
 
@@ -290,7 +297,7 @@ def _live(placed: list[tuple[int, onnx.NodeProto]], wanted: Iterable[str]):
     for stage, node in reversed(placed):
         if any(name in needed for name in node.output):
             kept.append((stage, node))
-            needed |= set(_reads(node))
+            needed |= set(node_reads(node))
     return kept[::-1]
 
 
