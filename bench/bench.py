@@ -53,11 +53,17 @@ PROMPTS = {
     "image": "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n",
 }
 IMAGE_SIZE = (1344, 1008)  # 4 x 3 tiles of 336: 12 crops, 1921 image tokens
-CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast", "phi3v-fast-kernel")
-# phi3v configs and their precision; phi3v-fast-kernel is fast with the opt-in fused attention
-# kernel (PHI3V_FUSED_ATTENTION=1): the prompt copy in layers, phi3v/layered.py
-PRECISION = {"phi3v": "exact", "phi3v-fast": "fast", "phi3v-fast-kernel": "fast"}
-FUSED_ON = {"phi3v-fast-kernel"}
+CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
+# phi3v configs and their precision. phi3v-fast runs as a user's default does (the prompt copy in
+# layers with the fused attention kernel where it runs, phi3v/layered.py); phi3v-fast-gqa with
+# PHI3V_FUSED_ATTENTION=0 (whole, GroupQueryAttention) and phi3v-fast-kernel with it =1.
+PRECISION = {
+    "phi3v": "exact",
+    "phi3v-fast": "fast",
+    "phi3v-fast-gqa": "fast",
+    "phi3v-fast-kernel": "fast",
+}
+FUSED = {"phi3v-fast-gqa": "0", "phi3v-fast-kernel": "1"}  # PHI3V_FUSED_ATTENTION, else unset
 B_THREADS = 2  # genai-B: the machine's cores (genai's default uses half the hardware threads)
 BUSY_SHARE = 0.15  # others using more than this share of all cores makes a run "busy"
 MAX_ATTEMPTS = 3
@@ -162,7 +168,10 @@ def phi3v_source_digest() -> str:
 
 
 def worker_main(spec: dict) -> None:
-    os.environ["PHI3V_FUSED_ATTENTION"] = "1" if spec.get("fused_attention") else "0"
+    if spec.get("fused_attention") is not None:
+        os.environ["PHI3V_FUSED_ATTENTION"] = spec["fused_attention"]
+    else:
+        os.environ.pop("PHI3V_FUSED_ATTENTION", None)
     if spec["runtime"] == "genai":
         result = genai_run(spec["model"], spec["case"], spec["image"])
     else:
@@ -300,7 +309,7 @@ def timed_run(config: str, model: Path, case: str, image: Path | None, ids: list
     spec = {
         "runtime": "phi3v" if config in PRECISION else "genai",
         "precision": PRECISION.get(config),
-        "fused_attention": config in FUSED_ON,
+        "fused_attention": FUSED.get(config),
         "model": str(model),
         "case": case,
         "image": str(image) if image else None,
@@ -615,10 +624,11 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
             "genai-B": make_config_b(model, tmp / "config-b"),
             "phi3v": model,
             "phi3v-fast": model,
+            "phi3v-fast-gqa": model,
             "phi3v-fast-kernel": model,
         }
         fast_setup = None
-        if {"phi3v-fast", "phi3v-fast-kernel"} & set(configs):
+        if {"phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel"} & set(configs):
             # The copies are made and checked once per folder, before any timed run.
             # In a child: a worker forked from a parent that had held the copies would inherit
             # its resident size in ru_maxrss (Linux keeps the high-water mark across exec).

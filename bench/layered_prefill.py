@@ -18,7 +18,6 @@ Writes ``bench/results/layered_prefill.{json,md}`` (``--name``: another stem, fo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -26,8 +25,7 @@ import time
 from pathlib import Path
 
 import tables
-from provenance import commit
-from workers import report_result, run_worker
+from workers import alternate, report_result, stamp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
@@ -109,24 +107,15 @@ def main() -> None:
         return report_result(worker(spec["model"], spec["path"]))
     if args.model is None:
         parser.error("--model is required")
-    from phi3v import convert, load_config, machine
+    from phi3v import convert, load_config
 
     convert.fast_models(load_config(args.model))  # made once, untimed
     load_before = os.getloadavg()
-    runs = {path: [] for path in PATHS}
-    for _ in range(args.runs):
-        for path in PATHS:
-            spec = {"model": str(args.model.resolve()), "path": path}
-            runs[path].append(run_worker(__file__, spec))
-            print(path, runs[path][-1], flush=True)
+    specs = {path: {"model": str(args.model.resolve()), "path": path} for path in PATHS}
+    runs = alternate(__file__, specs, args.runs)
+    command = f"python bench/layered_prefill.py --model {args.model} --runs {args.runs}"
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
-        "cpu": machine.describe_cpu(),
-        "flags": sorted(machine.cpu_flags() & FLAGS),
-        "command": f"python bench/layered_prefill.py --model {args.model} --runs {args.runs}",
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
+        **stamp(command, FLAGS, load_before),
         "positions": POSITIONS,
         "runs": runs,
         "medians": {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,13 +45,14 @@ ROWS = (  # (case, metric, title, unit, digits)
     ("text", "decode_ms", "text: decode", "ms/token", 1),
     ("text", "peak_rss_mib", "text: peak RSS", "MiB", 0),
 )
-CONFIGS = ("genai-B", "phi3v", "phi3v-fast", "phi3v-fast-kernel")
+CONFIGS = ("genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
 README_CONFIGS = CONFIGS[:3]  # the README compares the two precisions with the peer only
 TITLES = {
     "genai-B": "onnxruntime-genai, 2 threads",
     "phi3v": "phi3v exact",
     "phi3v-fast": "phi3v fast",
-    "phi3v-fast-kernel": "phi3v fast, fused attention kernel (opt-in)",
+    "phi3v-fast-gqa": "phi3v fast, GroupQueryAttention (`PHI3V_FUSED_ATTENTION=0`)",
+    "phi3v-fast-kernel": "phi3v fast, fused attention kernel (`PHI3V_FUSED_ATTENTION=1`)",
 }
 
 
@@ -331,11 +333,12 @@ What the numbers say:
   speed is unchanged. The copies are made once per model folder and kept in
   `<model>/.phi3v-cache/`; the int8 decoder copy is held in memory beside the int4 one (peak RSS
   above).
-* `phi3v-fast-kernel` rows are fast with the opt-in fused causal attention kernel
-  (`PHI3V_FUSED_ATTENTION=1`: fp32, only the causal half of the work, between stages of the
-  copy, `phi3v/layered.py`), in the same run. It saves seconds of prefill, but decode after it
-  measured slower in the engine, not yet explained (the CPU section below), so it is not the
-  default.
+* fast processes the prompt on the decoder copy cut in stages, with our fused causal attention
+  kernel between them (fp32, only the causal half of the work, `phi3v/layered.py`), where the
+  kernel builds and runs; each run records which path it took. `phi3v-fast-gqa` rows are the
+  whole copy with onnxruntime's GroupQueryAttention (`PHI3V_FUSED_ATTENTION=0`), in the same run
+  (the CPU section below compares the two); results files from before the kernel existed ran
+  that path as `phi3v-fast`.
 * Both precisions run the vision model on the crops the HD grid uses only (13 of 17 for a 4:3
   photo), and process the prompt in chunks of 512 positions (progress, Stop between chunks, logits
   of at most 512 rows; the fast decoder computes the last position's logits only).
@@ -710,6 +713,10 @@ def vnni_section() -> str:
     run, profile, forms = (json.loads(f.read_text()) for f in files)
     if _cpu_kind(run) != "VNNI only":
         return ""
+    ab, modes = (
+        json.loads(path.read_text()) if path.exists() else None
+        for path in (RESULTS / "kernel_ab.json", RESULTS / "decode_modes-vnni.json")
+    )
     fast, genai = (median(run, "image", c, "ttft_s") for c in ("phi3v-fast", "genai-B"))
     vision, prefill = (median(run, "image", "phi3v-fast", m) for m in ("vision_s", "prefill_s"))
     row = next(
@@ -751,7 +758,7 @@ def vnni_section() -> str:
         f"kernel (AVX-512) {kernel:.0f} ms ({gqa / kernel:.2f}x its speed); int8 Q·Kᵀ and P·V "
         f"on the VNNI GEMM {int8:.0f} ms ({gqa / int8:.2f}x), which the trained proxy rejects "
         "(the section on prefill attention numerics above).\n\n"
-        + kernel_effect(run, layers * (gqa - kernel) / 1000)
+        + kernel_effect(run, layers * (gqa - kernel) / 1000, ab, modes)
         + f" 0.30x needs {fast - wanted:.0f} s less in all. In "
         f"the profiled runs the integer GEMMs took {gemm:.1f} s of vision and prefill and every "
         f"other operator {other:.1f} s"
@@ -765,33 +772,113 @@ def vnni_section() -> str:
     )
 
 
-def kernel_effect(run: dict, estimate: float) -> str:
-    """What the opt-in fused attention kernel does to ``run``'s fast first answer: measured where
-    the run also timed it (``phi3v-fast-kernel``), else ``estimate`` from one layer's figures."""
-    without, genai = (median(run, "image", c, "ttft_s") for c in ("phi3v-fast", "genai-B"))
-    fast = median(run, "image", "phi3v-fast-kernel", "ttft_s")
-    if fast is None:
+def fast_paths(run: dict) -> dict[str, str]:
+    """``run``'s fast configs by what computed the prompt's attention, as each run recorded it:
+    "kernel" (the layered copy with the fused kernel) or "gqa" (the whole copy)."""
+    found: dict[str, str] = {}
+    for entry in run["raw_runs"]:
+        attempts = entry["attempts"]
+        attention = attempts[-1].get("prefill_attention") if attempts else None
+        if entry["config"].startswith("phi3v-fast") and attention:
+            found.setdefault("kernel" if attention.startswith("fused") else "gqa", entry["config"])
+    return found
+
+
+def kernel_effect(run: dict, estimate: float, ab: dict | None, modes: dict | None) -> str:
+    """What the fused attention kernel does to ``run``'s fast first answer: measured where the
+    run timed both paths, else ``estimate`` from one layer's figures; then the decode checks."""
+    paths, genai = fast_paths(run), median(run, "image", "genai-B", "ttft_s")
+    if not {"kernel", "gqa"} <= paths.keys():
+        without = median(run, "image", "phi3v-fast", "ttft_s")
         return (
             f"So the fused kernel in the prefill would save about {estimate:.1f} s, a first "
             f"answer of about {without - estimate:.0f} s ({(without - estimate) / genai:.2f}x)."
         )
-    prefill, prefill_gqa = (
-        median(run, "image", c, "prefill_s") for c in ("phi3v-fast-kernel", "phi3v-fast")
-    )
-    decode, decode_gqa = (
-        median(run, "image", c, "decode_ms") for c in ("phi3v-fast-kernel", "phi3v-fast")
-    )
+    kernel, gqa = paths["kernel"], paths["gqa"]
+    fast, without = (median(run, "image", c, "ttft_s") for c in (kernel, gqa))
+    prefill, prefill_gqa = (median(run, "image", c, "prefill_s") for c in (kernel, gqa))
+    decode, decode_gqa = (median(run, "image", c, "decode_ms") for c in (kernel, gqa))
     return (
-        f"The fused kernel now runs in the prefill as an option (`PHI3V_FUSED_ATTENTION=1`, "
-        f"`phi3v/layered.py`). Measured in the same run, alternated: prefill {prefill:.1f} s with "
-        f"it against {prefill_gqa:.1f} s with GroupQueryAttention ({prefill_gqa - prefill:.1f} s "
-        f"saved; the layer figures above estimated {estimate:.1f} s), first answer {fast:.1f} s "
-        f"against {without:.1f} s ({fast / genai:.2f}x and {without / genai:.2f}x "
-        f"onnxruntime-genai's). But decode after it took {decode:.0f} ms per token against "
-        f"{decode_gqa:.0f} ms (medians of 3; an earlier run of the same commit, whose results "
-        "file was lost, showed 132-153 against 106-122 ms). A test on bare sessions (the prefill "
-        "then 64 decode steps, one process per path) did not reproduce it, the engine with a "
-        "picture did; until that is explained the kernel is not the default."
+        "The fast prompt copy runs in stages with the fused kernel between them "
+        "(`phi3v/layered.py`; `PHI3V_FUSED_ATTENTION=0` runs it whole, with GroupQueryAttention). "
+        f"Measured in the same run, alternated: prefill {prefill:.1f} s with it against "
+        f"{prefill_gqa:.1f} s with GroupQueryAttention ({prefill_gqa - prefill:.1f} s saved; the "
+        f"layer figures above estimated {estimate:.1f} s), first answer {fast:.1f} s against "
+        f"{without:.1f} s ({fast / genai:.2f}x and {without / genai:.2f}x onnxruntime-genai's); "
+        f"decode after it {decode:.0f} ms per token against {decode_gqa:.0f} ms (medians of "
+        f"{run['runs']})." + kernel_ab_note(ab) + decode_modes_note(modes, run)
+    )
+
+
+def _decode_ms(result: dict) -> float:
+    return 1000 * result["decode_s"] / result["decode_steps"]
+
+
+def kernel_ab_note(ab: dict | None) -> str:
+    """The two fast paths alone, alternated process by process (``bench.py --configs
+    phi3v-fast-gqa,phi3v-fast-kernel --name kernel_ab``): pair by pair, who answered first and
+    who decoded faster."""
+    if ab is None:
+        return ""
+    paths, runs = fast_paths(ab), {}
+    for entry in ab["raw_runs"]:
+        if entry["case"] == "image" and entry["attempts"]:
+            runs.setdefault(entry["config"], []).append(entry["attempts"][-1])
+    kernel, gqa = runs[paths["kernel"]], runs[paths["gqa"]]
+    pairs = list(zip(gqa, kernel, strict=False))
+
+    def spread(results: list[dict]) -> str:
+        return ", ".join(f"{v:.0f}" for v in sorted(_decode_ms(r) for r in results))
+
+    sooner = sum(k["ttft_s"] < g["ttft_s"] for g, k in pairs)
+    slower = sum(_decode_ms(k) > _decode_ms(g) for g, k in pairs)
+    ttft = {p: ab["summary"]["image"][c]["ttft_s"]["median"] for p, c in paths.items()}
+    return (
+        f" A run of the two paths alone (`bench/results/{ab['name']}.md`, "
+        f"{ab['date'][:10]}, phi3v {ab['versions']['phi3v_commit']}, {len(pairs)} alternated "
+        f"pairs of processes): the kernel answered first in {sooner} of {len(pairs)} pairs "
+        f"(median {ttft['kernel']:.1f} s against {ttft['gqa']:.1f} s) and decoded slower in "
+        f"{slower}; decode per token with the kernel {spread(kernel)} ms, without "
+        f"{spread(gqa)} ms."
+    )
+
+
+def decode_modes_note(modes: dict | None, run: dict) -> str:
+    """Whether a slow decode belongs to the path that wrote the cache or to the process
+    (``bench/decode_modes.py``); ``run``'s decode ranges for the others."""
+    if modes is None:
+        return ""
+    runs = modes["runs"]
+    others = "; ".join(
+        f"{TITLES[c]} {entry['decode_ms']['min']:.0f}-{entry['decode_ms']['max']:.0f} ms"
+        for c in ("genai-B", "phi3v")
+        if (entry := run["summary"].get("image", {}).get(c))
+    )
+
+    def listed(path: str, key: str) -> str:
+        return ", ".join(
+            f"{statistics.median(r[key]) if isinstance(r[key], list) else r[key]:.0f}"
+            for r in runs[path]
+        )
+
+    return (
+        " Decode on this VM runs in a fast (about 110 ms) or a slow (about 150 ms) mode from "
+        f"process to process, whatever runs (in the same run: {others}). "
+        f"`bench/results/decode_modes-vnni.md` ({modes['date'][:10]}) asked the photo's "
+        "question once, then four times again in the same conversation (decode alone, on the "
+        "cache the first answer's prefill wrote), one process per path, alternated: decode "
+        f"right after the prefill took {listed('fused kernel', 'first_decode_ms')} ms per "
+        f"token with the kernel and {listed('GroupQueryAttention', 'first_decode_ms')} ms "
+        "without; the repeated questions (median per process) "
+        f"{listed('fused kernel', 'repeat_decode_ms')} and "
+        f"{listed('GroupQueryAttention', 'repeat_decode_ms')} ms. A process that starts slow "
+        "stays slow whichever path wrote its cache, and both paths had such processes: the "
+        "mode belongs to the process, not to the kernel (where the host backs the VM's memory "
+        "would explain it; the guest cannot see that). Looked at and without effect: the stage "
+        "sessions loaded beside a GroupQueryAttention prefill, the embedding session's "
+        "spinning threads, and the int4 decoder's memory-mapped scales going out of memory "
+        "during the prefill (onnxruntime packs them at load and never reads the mapping "
+        "again)."
     )
 
 

@@ -6,7 +6,9 @@ run's caches and allocator state out of the next.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +30,32 @@ def run_worker(script: str | Path, spec: dict, *args: str) -> dict:
 def report_result(result: dict) -> None:
     """In the worker: hand ``result`` back to :func:`run_worker`."""
     print(MARK + json.dumps(result), flush=True)
+
+
+def alternate(script: str | Path, specs: dict[str, dict], runs: int) -> dict[str, list[dict]]:
+    """``runs`` rounds of one worker process per spec, the specs in turn within each round (so a
+    drift of the machine reaches them alike); each spec's results in run order, by name."""
+    results: dict[str, list[dict]] = {name: [] for name in specs}
+    for _ in range(runs):
+        for name, spec in specs.items():
+            results[name].append(run_worker(script, spec))
+            print(name, results[name][-1], flush=True)
+    return results
+
+
+def stamp(command: str, flags: set[str], load_before: tuple[float, ...]) -> dict:
+    """A results file's header: when, at which commit, on which CPU (its ``flags`` of
+    interest), by which command, and the load average before and now."""
+    from provenance import commit
+
+    from phi3v import machine
+
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "cpu": machine.describe_cpu(),
+        "flags": sorted(machine.cpu_flags() & flags),
+        "command": command,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+    }

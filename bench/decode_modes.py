@@ -1,0 +1,148 @@
+"""Decode right after a photo's fast prefill, and again later in the same process, with and
+without the fused attention kernel (issue 16: why the kernel is not the default yet).
+
+In ``bench.py``'s runs decode after a photo took either about 110 or about 150 ms per token,
+from process to process, for every runtime; the fused kernel's runs landed in the slow mode more
+often. This separates the two questions: per process (one per path, alternated), the engine
+answers a question about the photo in a conversation (load, vision, prefill, then decode), then
+asks the same question again ``--repeats`` times in that conversation: the prompt's positions
+are reused (no vision, no prefill), so those runs are decode alone, on the same KV cache.
+
+    python bench/decode_modes.py --model /tmp/scale [--runs 3] [--repeats 4] [--name N]
+
+Writes ``bench/results/decode_modes.{json,md}`` (``--name``: another stem, for another CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import tables
+from workers import alternate, report_result, stamp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PATHS = ("fused kernel", "GroupQueryAttention")
+QUESTION = "Describe the picture."
+NEW_TOKENS = 32
+FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
+
+
+def worker(model: str, image: str, path: str, repeats: int) -> dict:
+    os.environ["PHI3V_FUSED_ATTENTION"] = "1" if path == "fused kernel" else "0"
+    from phi3v import Pipeline
+
+    pipe = Pipeline.load(model, precision="fast")
+    attention = pipe.sessions.prefill_attention
+    if (path == "fused kernel") != attention.startswith("fused"):
+        raise RuntimeError(f"asked for {path}, got {attention}")
+
+    def ask() -> tuple[float, float, int]:
+        result = pipe.generate(QUESTION, images=[image], max_new_tokens=NEW_TOKENS, conversation=1)
+        timings = result.timings
+        return 1000 / timings.decode_tokens_per_second, timings.prefill, result.reused_tokens
+
+    first, prefill, _ = ask()
+    again = [ask() for _ in range(repeats)]
+    if any(reused == 0 for _, _, reused in again):
+        raise RuntimeError("a repeated question did not reuse the prompt's KV cache")
+    return {
+        "attention": attention,
+        "prefill_s": prefill,
+        "first_decode_ms": first,
+        "repeat_decode_ms": [ms for ms, _, _ in again],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--image", type=Path, help="a photo (default: bench.py's 1344x1008 PNG)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--name", default="decode_modes")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        return report_result(worker(spec["model"], spec["image"], spec["path"], spec["repeats"]))
+    if args.model is None:
+        parser.error("--model is required")
+    from bench import make_image
+    from phi3v import convert, load_config
+
+    convert.fast_models(load_config(args.model))  # made once, untimed
+    image = args.image or make_image(Path("/tmp/phi3v-bench-photo.png"))
+    load_before = os.getloadavg()
+    model = str(args.model.resolve())
+    specs = {
+        path: {"model": model, "image": str(image), "path": path, "repeats": args.repeats}
+        for path in PATHS
+    }
+    runs = alternate(__file__, specs, args.runs)
+    command = (
+        f"python bench/decode_modes.py --model {args.model} --runs {args.runs} "
+        f"--repeats {args.repeats}"
+    )
+    result = {
+        **stamp(command, FLAGS, load_before),
+        "new_tokens": NEW_TOKENS,
+        "runs": runs,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(report(result) + "\n")
+    print(report(result))
+
+
+def summary(result: dict) -> dict[str, dict[str, list[float]]]:
+    """Per path: decode right after the prefill, one value per process; and the median of each
+    process's repeated decodes."""
+    return {
+        path: {
+            "first": [run["first_decode_ms"] for run in found],
+            "repeats": [statistics.median(run["repeat_decode_ms"]) for run in found],
+        }
+        for path, found in result["runs"].items()
+    }
+
+
+def report(result: dict) -> str:
+    def values(numbers: list[float]) -> str:
+        return ", ".join(f"{n:.0f}" for n in numbers)
+
+    rows = [
+        [
+            path,
+            values(found["first"]),
+            f"{statistics.median(found['first']):.0f}",
+            values(found["repeats"]),
+            f"{statistics.median(found['repeats']):.0f}",
+        ]
+        for path, found in summary(result).items()
+    ]
+    header = [
+        "prompt attention",
+        "decode right after the photo's prefill, ms/token (per process, in run order)",
+        "median",
+        "decode asked again in the same process, ms/token (median per process)",
+        "median",
+    ]
+    processes = len(result["runs"][PATHS[0]])
+    return f"""# Decode after the fast prefill, with and without the fused attention kernel
+
+{result["date"]}; phi3v {result["commit"]}; {result["cpu"]} (`{", ".join(result["flags"])}`);
+`{result["command"]}`; {processes} processes per path, alternated, {result["new_tokens"]} new
+tokens per answer; load average {result["load_before"][0]:.2f} -> {result["load_after"][0]:.2f}.
+
+{tables._table(header, rows)}
+
+The repeated questions reuse the prompt's KV cache, which the path named in the first column
+wrote: they decode on the same cache as the first answer, without its vision run and prefill."""
+
+
+if __name__ == "__main__":
+    main()
