@@ -54,9 +54,9 @@ PROMPTS = {
 }
 IMAGE_SIZE = (1344, 1008)  # 4 x 3 tiles of 336: 12 crops, 1921 image tokens
 CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
-# phi3v configs and their precision. phi3v-fast runs as a user's default does (the prompt copy in
-# layers with the fused attention kernel where it runs, phi3v/layered.py); phi3v-fast-gqa with
-# PHI3V_FUSED_ATTENTION=0 (whole, GroupQueryAttention) and phi3v-fast-kernel with it =1.
+# phi3v configs and their precision. phi3v-fast runs as a user's default does; phi3v-fast-gqa
+# with PHI3V_FUSED_ATTENTION=0 (the prompt copy whole, GroupQueryAttention) and phi3v-fast-kernel
+# with it =1 (the copy in layers with the fused attention kernel, phi3v/layered.py).
 PRECISION = {
     "phi3v": "exact",
     "phi3v-fast": "fast",
@@ -498,6 +498,7 @@ def markdown(report: dict) -> str:
         f"# Benchmark `{report['name']}`: phi3v vs onnxruntime-genai",
         "",
         f"* date: {report['date']}; model: `{report['model']}` ({report['model_gb']:.2f} GB)",
+        *([f"* {report['note']}"] if report.get("note") else []),
         f"* machine: {m['nproc']} cores, {m['cpu_model']}, {m['mem_gib']} GiB, "
         f"SIMD {', '.join(m['simd'])}",
         "* versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),

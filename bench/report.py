@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 from dataclasses import asdict
@@ -333,12 +334,11 @@ What the numbers say:
   speed is unchanged. The copies are made once per model folder and kept in
   `<model>/.phi3v-cache/`; the int8 decoder copy is held in memory beside the int4 one (peak RSS
   above).
-* fast processes the prompt on the decoder copy cut in stages, with our fused causal attention
-  kernel between them (fp32, only the causal half of the work, `phi3v/layered.py`), where the
-  kernel builds and runs; each run records which path it took. `phi3v-fast-gqa` rows are the
-  whole copy with onnxruntime's GroupQueryAttention (`PHI3V_FUSED_ATTENTION=0`), in the same run
-  (the CPU section below compares the two); results files from before the kernel existed ran
-  that path as `phi3v-fast`.
+* `phi3v-fast-kernel` rows are fast with the opt-in fused causal attention kernel
+  (`PHI3V_FUSED_ATTENTION=1`: the decoder copy cut in stages with our kernel between them, fp32,
+  only the causal half of the work, `phi3v/layered.py`), in the same run; each run records which
+  path it took. It saves seconds of prefill, but the processes that ran it decoded slowly more
+  often (the CPU section below), so it is not the default.
 * Both precisions run the vision model on the crops the HD grid uses only (13 of 17 for a 4:3
   photo), and process the prompt in chunks of 512 positions (progress, Stop between chunks, logits
   of at most 512 rows; the fast decoder computes the last position's logits only).
@@ -713,10 +713,9 @@ def vnni_section() -> str:
     run, profile, forms = (json.loads(f.read_text()) for f in files)
     if _cpu_kind(run) != "VNNI only":
         return ""
-    ab, modes = (
-        json.loads(path.read_text()) if path.exists() else None
-        for path in (RESULTS / "kernel_ab.json", RESULTS / "decode_modes-vnni.json")
-    )
+    ab = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("kernel_ab*.json"))]
+    modes_path = RESULTS / "decode_modes-vnni.json"
+    modes = json.loads(modes_path.read_text()) if modes_path.exists() else None
     fast, genai = (median(run, "image", c, "ttft_s") for c in ("phi3v-fast", "genai-B"))
     vision, prefill = (median(run, "image", "phi3v-fast", m) for m in ("vision_s", "prefill_s"))
     row = next(
@@ -784,7 +783,7 @@ def fast_paths(run: dict) -> dict[str, str]:
     return found
 
 
-def kernel_effect(run: dict, estimate: float, ab: dict | None, modes: dict | None) -> str:
+def kernel_effect(run: dict, estimate: float, ab: list[dict], modes: dict | None) -> str:
     """What the fused attention kernel does to ``run``'s fast first answer: measured where the
     run timed both paths, else ``estimate`` from one layer's figures; then the decode checks."""
     paths, genai = fast_paths(run), median(run, "image", "genai-B", "ttft_s")
@@ -799,14 +798,17 @@ def kernel_effect(run: dict, estimate: float, ab: dict | None, modes: dict | Non
     prefill, prefill_gqa = (median(run, "image", c, "prefill_s") for c in (kernel, gqa))
     decode, decode_gqa = (median(run, "image", c, "decode_ms") for c in (kernel, gqa))
     return (
-        "The fast prompt copy runs in stages with the fused kernel between them "
-        "(`phi3v/layered.py`; `PHI3V_FUSED_ATTENTION=0` runs it whole, with GroupQueryAttention). "
+        "The fused kernel runs in the prefill as an option (`PHI3V_FUSED_ATTENTION=1`: the copy "
+        "in stages with the kernel between them, `phi3v/layered.py`). "
         f"Measured in the same run, alternated: prefill {prefill:.1f} s with it against "
         f"{prefill_gqa:.1f} s with GroupQueryAttention ({prefill_gqa - prefill:.1f} s saved; the "
         f"layer figures above estimated {estimate:.1f} s), first answer {fast:.1f} s against "
         f"{without:.1f} s ({fast / genai:.2f}x and {without / genai:.2f}x onnxruntime-genai's); "
         f"decode after it {decode:.0f} ms per token against {decode_gqa:.0f} ms (medians of "
-        f"{run['runs']})." + kernel_ab_note(ab) + decode_modes_note(modes, run)
+        f"{run['runs']})."
+        + "".join(kernel_ab_note(one) for one in ab)
+        + decode_modes_note(modes, run)
+        + slow_tally([run, *ab], modes)
     )
 
 
@@ -814,17 +816,21 @@ def _decode_ms(result: dict) -> float:
     return 1000 * result["decode_s"] / result["decode_steps"]
 
 
-def kernel_ab_note(ab: dict | None) -> str:
-    """The two fast paths alone, alternated process by process (``bench.py --configs
-    phi3v-fast-gqa,phi3v-fast-kernel --name kernel_ab``): pair by pair, who answered first and
-    who decoded faster."""
-    if ab is None:
-        return ""
-    paths, runs = fast_paths(ab), {}
-    for entry in ab["raw_runs"]:
+def _image_runs(run: dict) -> dict[str, list[dict]]:
+    """The fast paths' final attempts on the photo, in run order, by "kernel" / "gqa"."""
+    paths, runs = fast_paths(run), {}
+    for entry in run["raw_runs"]:
         if entry["case"] == "image" and entry["attempts"]:
             runs.setdefault(entry["config"], []).append(entry["attempts"][-1])
-    kernel, gqa = runs[paths["kernel"]], runs[paths["gqa"]]
+    return {path: runs[config] for path, config in paths.items()}
+
+
+def kernel_ab_note(ab: dict) -> str:
+    """The two fast paths alone, alternated process by process (``bench.py --configs
+    phi3v-fast,phi3v-fast-kernel --cases image --name kernel_ab...``): pair by pair, who
+    answered first and who decoded faster."""
+    paths, runs = fast_paths(ab), _image_runs(ab)
+    kernel, gqa = runs["kernel"], runs["gqa"]
     pairs = list(zip(gqa, kernel, strict=False))
 
     def spread(results: list[dict]) -> str:
@@ -863,7 +869,7 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
 
     return (
         " Decode on this VM runs in a fast (about 110 ms) or a slow (about 150 ms) mode from "
-        f"process to process, whatever runs (in the same run: {others}). "
+        f"process to process (in the same run: {others}). "
         f"`bench/results/decode_modes-vnni.md` ({modes['date'][:10]}) asked the photo's "
         "question once, then four times again in the same conversation (decode alone, on the "
         "cache the first answer's prefill wrote), one process per path, alternated: decode "
@@ -872,13 +878,52 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
         "without; the repeated questions (median per process) "
         f"{listed('fused kernel', 'repeat_decode_ms')} and "
         f"{listed('GroupQueryAttention', 'repeat_decode_ms')} ms. A process that starts slow "
-        "stays slow whichever path wrote its cache, and both paths had such processes: the "
-        "mode belongs to the process, not to the kernel (where the host backs the VM's memory "
-        "would explain it; the guest cannot see that). Looked at and without effect: the stage "
-        "sessions loaded beside a GroupQueryAttention prefill, the embedding session's "
+        "stays slow whichever path wrote its cache, and processes of both paths were slow, so "
+        "the slowness is not in the cache the kernel wrote. Looked at and without effect: the "
+        "stage sessions loaded beside a GroupQueryAttention prefill, the embedding session's "
         "spinning threads, and the int4 decoder's memory-mapped scales going out of memory "
         "during the prefill (onnxruntime packs them at load and never reads the mapping "
         "again)."
+    )
+
+
+SLOW_DECODE_MS = 125  # between this VM's two decode modes (about 110 and about 150 ms/token)
+
+
+def fisher_p(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided Fisher exact test of the 2x2 table [[a, b], [c, d]]: the probability, with
+    the margins fixed, of a table no more likely than this one."""
+    row, col, n = a + b, a + c, a + b + c + d
+
+    def chance(x: int) -> float:
+        return math.comb(row, x) * math.comb(n - row, col - x) / math.comb(n, col)
+
+    observed = chance(a)
+    tables = range(max(0, col - (n - row)), min(row, col) + 1)
+    return min(1.0, sum(p for x in tables if (p := chance(x)) <= observed * (1 + 1e-9)))
+
+
+def slow_tally(runs: list[dict], modes: dict | None) -> str:
+    """How many processes of each fast path decoded the photo's answer in the slow mode, over
+    every results file that timed both."""
+    counts = {"kernel": [0, 0], "gqa": [0, 0]}
+    for run in runs:
+        for path, results in _image_runs(run).items():
+            counts[path][0] += sum(_decode_ms(r) > SLOW_DECODE_MS for r in results)
+            counts[path][1] += len(results)
+    if modes is not None:
+        for path, name in (("kernel", "fused kernel"), ("gqa", "GroupQueryAttention")):
+            firsts = [r["first_decode_ms"] for r in modes["runs"][name]]
+            counts[path][0] += sum(ms > SLOW_DECODE_MS for ms in firsts)
+            counts[path][1] += len(firsts)
+    (slow, total), (slow_gqa, total_gqa) = counts["kernel"], counts["gqa"]
+    return (
+        f" Over all these files, decode after the photo's prefill took more than "
+        f"{SLOW_DECODE_MS} ms per token in {slow} of {total} processes with the kernel and "
+        f"{slow_gqa} of {total_gqa} without (Fisher's exact test, two-sided: p = "
+        f"{fisher_p(slow, total - slow, slow_gqa, total_gqa - slow_gqa):.3f}). The cause is not "
+        "found, so the kernel is not the default: 30 ms more on each of 100 tokens would cost "
+        "more than its prefill saves."
     )
 
 

@@ -12,11 +12,13 @@ The vision model reads one image per call in both layouts.
 
 With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
 prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
-steps, and both decoders write the same KV cache. The prompt decoder runs in layers with our
-fused causal attention kernel between them (:mod:`phi3v.layered`) where the kernel can be built
-and run here, else whole, with onnxruntime's GroupQueryAttention; ``PHI3V_FUSED_ATTENTION=0``
-asks for the latter. The kernel saves about 3 s of a photo's first answer on a 2-core EPYC with
-the same accuracy on the trained proxy (``docs/PERFORMANCE.md``).
+steps, and both decoders write the same KV cache. With ``PHI3V_FUSED_ATTENTION=1`` (opt-in) the
+prompt decoder runs in layers with our fused causal attention kernel between them
+(:mod:`phi3v.layered`) where the kernel can be built and run here; by default it runs whole, with
+onnxruntime's GroupQueryAttention. The kernel saves about 2.5 s of a photo's first answer on a
+2-core EPYC with the same accuracy on the trained proxy, but the processes that ran it decoded
+slowly (about 150 instead of 110 ms per token) far more often than those that did not, for a
+reason not found yet (``docs/PERFORMANCE.md``), so it is not the default.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from phi3v.errors import ModelFolderError, PromptError, first_line
 from phi3v.image import ProcessedImage
 from phi3v.layered import LayeredDecoder, NotLayerable, plan_path
 
-FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # "0": the prompt decoder runs whole, with GQA
+FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # "1": the prompt decoder runs in layers (opt-in)
 GQA = "GroupQueryAttention (onnxruntime)"
 
 
@@ -56,7 +58,7 @@ class Sessions:
     session unless a fast copy is given). ``vision_path`` / ``prefill_path`` replace the model
     folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`),
     run in layers with the fused attention kernel where it can (``fused_attention``: None =
-    as ``PHI3V_FUSED_ATTENTION`` says, on unless it is ``0``). ``prefill_attention`` says what
+    as ``PHI3V_FUSED_ATTENTION`` says, off unless it is ``1``). ``prefill_attention`` says what
     computes the prompt's attention, and why, for a status line.
     """
 
@@ -222,9 +224,9 @@ def _prompt_decoder(
     """The prompt decoder copy at ``path``: in layers with the fused attention kernel where the
     copy has its stages and the kernel runs here, else whole; and what computes its attention."""
     if fused is None:
-        fused = os.environ.get(FUSED_ATTENTION_ENV, "1").strip() not in ("0", "false", "no")
+        fused = os.environ.get(FUSED_ATTENTION_ENV, "0").strip() in ("1", "true", "yes")
     if not fused:
-        return open_session(path, settings), f"{GQA}: {FUSED_ATTENTION_ENV}=0"
+        return open_session(path, settings), f"{GQA}: the fused kernel is opt-in"
     if not plan_path(path).exists():
         return open_session(path, settings), f"{GQA}: the copy has no stages for the kernel"
     try:

@@ -139,11 +139,11 @@ def test_a_full_cache_is_refused_before_anything_runs(both):
 def test_fast_answers_the_same_with_and_without_the_kernel(folder, monkeypatch):
     kernel_or_skip()
     question = "Describe the history of computing machines in a few words. " * 4
-    layered = Pipeline.load(folder, precision="fast")  # the default, where the kernel runs
+    whole = Pipeline.load(folder, precision="fast")  # the default: the copy whole, with GQA
+    assert whole.sessions.prefill_attention.endswith("the fused kernel is opt-in")
+    monkeypatch.setenv(FUSED_ATTENTION_ENV, "1")
+    layered = Pipeline.load(folder, precision="fast")
     assert isinstance(layered.sessions.prefill_decoder, LayeredDecoder)
-    monkeypatch.setenv(FUSED_ATTENTION_ENV, "0")
-    whole = Pipeline.load(folder, precision="fast")
-    assert whole.sessions.prefill_attention.endswith(f"{FUSED_ATTENTION_ENV}=0")
     picture = "data/examples/bar_chart.png"
     for images in ((), (picture,)):
         answers = [p.generate(question, images, max_new_tokens=24) for p in (whole, layered)]
