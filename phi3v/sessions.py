@@ -17,7 +17,7 @@ prompt decoder runs in layers with our fused causal attention kernel between the
 (:mod:`phi3v.layered`) where the kernel can be built and run here; by default it runs whole, with
 onnxruntime's GroupQueryAttention. The kernel saves about 2.5 s of a photo's first answer on a
 2-core EPYC with the same accuracy on the trained proxy, but the processes that ran it decoded
-slowly (about 150 instead of 110 ms per token) far more often than those that did not, for a
+slowly (about 150 instead of 110 ms per token) more often than those that did not, for a
 reason not found yet (``docs/PERFORMANCE.md``), so it is not the default.
 """
 
