@@ -324,7 +324,7 @@ def timed_run(config: str, model: Path, case: str, image: Path | None, ids: list
         status = "BUSY, retrying" if result["busy"] else "ok"
         print(
             f"  {case:5} {config:7} load {result['load_s']:6.2f} s  TTFT {result['ttft_s']:7.2f} s"
-            f"  decode {_ms_per_token(result):7.1f} ms/tok  peak {result['peak_rss_mib']:6.0f} MiB"
+            f"  decode {ms_per_token(result):7.1f} ms/tok  peak {result['peak_rss_mib']:6.0f} MiB"
             f"  others {machine['others_share']:.0%} (waited {waited:.0f} s)  {status}",
             flush=True,
         )
@@ -333,7 +333,8 @@ def timed_run(config: str, model: Path, case: str, image: Path | None, ids: list
     return {"case": case, "config": config, "attempts": attempts}
 
 
-def _ms_per_token(run: dict) -> float:
+def ms_per_token(run: dict) -> float:
+    """A run's decode time per generated token after the first (NaN when it made only one)."""
     return 1000 * run["decode_s"] / run["decode_steps"] if run["decode_steps"] else float("nan")
 
 
@@ -386,8 +387,8 @@ METRICS = (  # key, column title, how to read it from a run
     ("load_s", "load s", lambda r: r["load_s"]),
     ("preprocess_s", "preprocess s", lambda r: r["preprocess_s"]),
     ("ttft_s", "TTFT s", lambda r: r["ttft_s"]),
-    ("decode_ms", "decode ms/token", _ms_per_token),
-    ("decode_tps", "decode tok/s", lambda r: 1000 / _ms_per_token(r)),
+    ("decode_ms", "decode ms/token", ms_per_token),
+    ("decode_tps", "decode tok/s", lambda r: 1000 / ms_per_token(r)),
     ("peak_rss_mib", "peak RSS MiB", lambda r: r["peak_rss_mib"]),
 )
 RATIO_METRICS = ("load_s", "ttft_s", "decode_ms", "peak_rss_mib")

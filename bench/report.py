@@ -17,10 +17,10 @@ import argparse
 import json
 import math
 import re
-import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+import decode_modes
 import tables
 from studies import (
     attention_section,
@@ -29,6 +29,7 @@ from studies import (
     vision_layers_section,
 )
 
+from bench import ms_per_token
 from phi3v import convert, integer_gemm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -812,10 +813,6 @@ def kernel_effect(run: dict, estimate: float, ab: list[dict], modes: dict | None
     )
 
 
-def _decode_ms(result: dict) -> float:
-    return 1000 * result["decode_s"] / result["decode_steps"]
-
-
 def _image_runs(run: dict) -> dict[str, list[dict]]:
     """The fast paths' final attempts on the photo, in run order, by "kernel" / "gqa"."""
     paths, runs = fast_paths(run), {}
@@ -834,10 +831,10 @@ def kernel_ab_note(ab: dict) -> str:
     pairs = list(zip(gqa, kernel, strict=False))
 
     def spread(results: list[dict]) -> str:
-        return ", ".join(f"{v:.0f}" for v in sorted(_decode_ms(r) for r in results))
+        return ", ".join(f"{v:.0f}" for v in sorted(ms_per_token(r) for r in results))
 
     sooner = sum(k["ttft_s"] < g["ttft_s"] for g, k in pairs)
-    slower = sum(_decode_ms(k) > _decode_ms(g) for g, k in pairs)
+    slower = sum(ms_per_token(k) > ms_per_token(g) for g, k in pairs)
     ttft = {p: ab["summary"]["image"][c]["ttft_s"]["median"] for p, c in paths.items()}
     return (
         f" A run of the two paths alone (`bench/results/{ab['name']}.md`, "
@@ -854,7 +851,7 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
     (``bench/decode_modes.py``); ``run``'s decode ranges for the others."""
     if modes is None:
         return ""
-    runs = modes["runs"]
+    found = decode_modes.summary(modes)
     others = "; ".join(
         f"{TITLES[c]} {entry['decode_ms']['min']:.0f}-{entry['decode_ms']['max']:.0f} ms"
         for c in ("genai-B", "phi3v")
@@ -862,10 +859,7 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
     )
 
     def listed(path: str, key: str) -> str:
-        return ", ".join(
-            f"{statistics.median(r[key]) if isinstance(r[key], list) else r[key]:.0f}"
-            for r in runs[path]
-        )
+        return ", ".join(f"{ms:.0f}" for ms in found[path][key])
 
     return (
         " Decode on this VM runs in a fast (about 110 ms) or a slow (about 150 ms) mode from "
@@ -873,11 +867,11 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
         f"`bench/results/decode_modes-vnni.md` ({modes['date'][:10]}) asked the photo's "
         "question once, then four times again in the same conversation (decode alone, on the "
         "cache the first answer's prefill wrote), one process per path, alternated: decode "
-        f"right after the prefill took {listed('fused kernel', 'first_decode_ms')} ms per "
-        f"token with the kernel and {listed('GroupQueryAttention', 'first_decode_ms')} ms "
+        f"right after the prefill took {listed('fused kernel', 'first')} ms per "
+        f"token with the kernel and {listed('GroupQueryAttention', 'first')} ms "
         "without; the repeated questions (median per process) "
-        f"{listed('fused kernel', 'repeat_decode_ms')} and "
-        f"{listed('GroupQueryAttention', 'repeat_decode_ms')} ms. A process that starts slow "
+        f"{listed('fused kernel', 'repeats')} and "
+        f"{listed('GroupQueryAttention', 'repeats')} ms. A process that starts slow "
         "stays slow whichever path wrote its cache, and processes of both paths were slow, so "
         "the slowness is not in the cache the kernel wrote. Looked at and without effect: the "
         "stage sessions loaded beside a GroupQueryAttention prefill, the embedding session's "
@@ -909,11 +903,11 @@ def slow_tally(runs: list[dict], modes: dict | None) -> str:
     counts = {"kernel": [0, 0], "gqa": [0, 0]}
     for run in runs:
         for path, results in _image_runs(run).items():
-            counts[path][0] += sum(_decode_ms(r) > SLOW_DECODE_MS for r in results)
+            counts[path][0] += sum(ms_per_token(r) > SLOW_DECODE_MS for r in results)
             counts[path][1] += len(results)
     if modes is not None:
         for path, name in (("kernel", "fused kernel"), ("gqa", "GroupQueryAttention")):
-            firsts = [r["first_decode_ms"] for r in modes["runs"][name]]
+            firsts = decode_modes.summary(modes)[name]["first"]
             counts[path][0] += sum(ms > SLOW_DECODE_MS for ms in firsts)
             counts[path][1] += len(firsts)
     (slow, total), (slow_gqa, total_gqa) = counts["kernel"], counts["gqa"]
