@@ -24,7 +24,15 @@ from phi3v import machine
 from phi3v.config import TOKENIZER, ModelConfig, load_config
 from phi3v.errors import ImageError, LimitError, PromptError
 from phi3v.feature_cache import PUBLIC, FeatureCache, request_scope
-from phi3v.image import ImageInput, ProcessedImage, check_num_crops, preprocess_image
+from phi3v.image import (
+    ImageInput,
+    ProcessedImage,
+    check_num_crops,
+    describe_image,
+    preprocess_image,
+    read_image,
+    source_digest,
+)
 from phi3v.kv_cache import PREFILL_CHUNK, KVCache, bytes_per_position
 from phi3v.precision import EXACT, PrecisionChoice, open_sessions
 from phi3v.prefix_cache import LONG_ROPE_FROM, PrefixCache, position_keys, uses_long_rope
@@ -252,7 +260,7 @@ class Pipeline:
         crops = self.config.num_crops if num_crops is None else num_crops
         check_num_crops(crops)
         processed = tuple(
-            _preprocess(image, crops, n, len(images)) for n, image in enumerate(images, 1)
+            self._image(image, crops, scope, n, len(images)) for n, image in enumerate(images, 1)
         )
         counts = [image.num_image_tokens for image in processed]
         if messages is not None:
@@ -262,6 +270,23 @@ class Pipeline:
         self._check_size(ids.shape[1], sum(counts))
         room = self.config.context_length - ids.shape[1]
         return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation, scope)
+
+    def _image(
+        self, image: ImageInput, num_crops: int, scope: Hashable | None, number: int, count: int
+    ) -> ProcessedImage:
+        """``image`` ready for the model: recognised by its bytes when ``scope`` (or the public
+        scope) holds its features, so nothing is decoded, else preprocessed now."""
+        try:
+            data = read_image(image)
+            source = source_digest(data, num_crops)
+            known = self._features.recall(
+                scope, source, lambda: preprocess_image(data, num_crops).pixel_values
+            )
+            return known or preprocess_image(data, num_crops, what=describe_image(image))
+        except ImageError as err:
+            if count == 1:
+                raise
+            raise ImageError(f"image {number} of {count}: {err}") from err
 
     def _check_size(self, length: int, image_tokens: int) -> None:
         context, limit = self.config.context_length, self.max_prompt_tokens
@@ -458,15 +483,6 @@ def _chunks(cached: int, total: int) -> list[tuple[int, int]]:
 
 class _Cancelled(Exception):
     """Ends a cancelled generation between two model calls."""
-
-
-def _preprocess(image: ImageInput, num_crops: int, number: int, count: int) -> ProcessedImage:
-    try:
-        return preprocess_image(image, num_crops)
-    except ImageError as err:
-        if count == 1:
-            raise
-        raise ImageError(f"image {number} of {count}: {err}") from err
 
 
 def _default_prompt_limit(config: ModelConfig, per_position: int) -> int:

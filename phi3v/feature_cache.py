@@ -10,6 +10,12 @@ An image is known by :func:`image_key`: the digest of the HD image its pixel val
 and the HD size beside it. Pixel values are a function of exactly those, so two different images
 never share an entry (short of a BLAKE2b collision).
 
+A file or bytes seen before are known before they are decoded: each entry also remembers the
+:attr:`ProcessedImage.source` it was read from (a hash of the input's bytes and crop count), and
+:meth:`FeatureCache.recall` turns a later request's source back into the image, pixel values left
+uncomputed. So a second conversation about the same upload, and every later turn of a
+conversation that holds it, skips the decoding and the HD transform as well as the vision model.
+
 **Privacy.** A hit skips seconds of work, which anyone can time. So entries are kept per *scope*,
 and a request sees only its own scope and the public one: visitor A can never learn from a fast
 answer that visitor B sent the same picture. The scope is the caller's ``owner`` key (a visitor,
@@ -32,7 +38,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
-from phi3v.image import ProcessedImage
+from phi3v.image import ProcessedImage, num_image_tokens
 
 # Ten full-detail photos of the real model (1,921 rows x 3,072 float32 = 23.6 MB each).
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -56,10 +62,10 @@ def request_scope(owner: Hashable | None, conversation: Hashable | None) -> Hash
     return None if conversation is None else ("conversation", conversation)
 
 
-def image_key(image: ProcessedImage) -> tuple:
+def image_key(image: ProcessedImage) -> tuple[bytes, int, tuple[int, int]]:
     """What identifies an image's features: its digest, crop count and HD size."""
     digest = image.digest or hashlib.blake2b(image.pixel_values.tobytes()).digest()
-    return digest, image.pixel_values.shape[0] - 1, image.image_size
+    return digest, image.num_crops, image.image_size
 
 
 class FeatureCache:
@@ -73,6 +79,8 @@ class FeatureCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[Hashable, tuple], np.ndarray] = OrderedDict()
         self._bytes = 0
+        # (scope, source digest) -> the image key of an entry read from that source
+        self._sources: dict[tuple[Hashable, bytes], tuple] = {}
 
     def get_or_encode(
         self,
@@ -94,6 +102,30 @@ class FeatureCache:
             result.append(hit)
         return result
 
+    def recall(
+        self, scope: Hashable | None, source: bytes, pixels: Callable[[], np.ndarray]
+    ) -> ProcessedImage | None:
+        """The image made from ``source`` (:func:`~phi3v.image.source_digest`) if ``scope`` or
+        the public scope holds its features, else None. Its pixel values are left to
+        ``pixels()``, called only if a model reads them after all (the features may be pushed
+        out before the request runs)."""
+        if not source:
+            return None
+        with self._lock:
+            for key in ((scope, source), (PUBLIC, source)):
+                image = self._sources.get(key) if key[0] is not None else None
+                if image is not None and (key[0], image) in self._entries:
+                    digest, num_crops, (height, width) = image
+                    return ProcessedImage(
+                        pixels,
+                        (height, width),
+                        num_image_tokens(height, width),
+                        digest,
+                        num_crops=num_crops,
+                        source=source,
+                    )
+        return None
+
     def holds(self, scope: Hashable | None, image: ProcessedImage) -> bool:
         """Whether a request in ``scope`` would find ``image``'s features."""
         key = image_key(image)
@@ -105,11 +137,13 @@ class FeatureCache:
         with self._lock:
             for key in [key for key in self._entries if key[0] == scope]:
                 self._bytes -= self._entries.pop(key).nbytes
+            self._forget_sources(lambda entry: entry[0] == scope)
 
     def clear(self) -> None:
         """Drop every entry."""
         with self._lock:
             self._entries.clear()
+            self._sources.clear()
             self._bytes = 0
 
     def _get(self, scope: Hashable | None, image: ProcessedImage) -> np.ndarray | None:
@@ -132,5 +166,17 @@ class FeatureCache:
                 self._bytes -= old.nbytes
             self._entries[entry] = kept
             self._bytes += kept.nbytes
+            if image.source:
+                self._sources[scope, image.source] = entry[1]
+            gone = set()
             while self._bytes > self.budget_bytes:
-                self._bytes -= self._entries.popitem(last=False)[1].nbytes
+                old_entry, old = self._entries.popitem(last=False)
+                self._bytes -= old.nbytes
+                gone.add(old_entry)
+            if gone:
+                self._forget_sources(lambda entry: entry in gone)
+
+    def _forget_sources(self, dropped: Callable[[tuple[Hashable, tuple]], bool]) -> None:
+        """Forget the sources of the entries ``dropped`` says are gone (lock held)."""
+        for key in [key for key, image in self._sources.items() if dropped((key[0], image))]:
+            del self._sources[key]

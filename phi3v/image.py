@@ -21,7 +21,7 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,31 +47,68 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # Upper bound on input size: larger images are refused before decoding (a decompression bomb,
 # or a photo far beyond what 16 crops of 336 can show). 64 MP is a 9000x7000 photo.
 MAX_PIXELS = 64_000_000
+# Upper bound on an image file's size, checked before it is read: 64 MP of 16-bit RGBA,
+# uncompressed, is 512 MB; anything larger is not an image this can use.
+MAX_FILE_BYTES = 512 * 2**20
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 
-@dataclass(frozen=True)
 class ProcessedImage:
     """One image ready for the vision model.
 
     ``pixel_values``: float32 [num_crops + 1, 3, 336, 336] (global image, crops, zero padding).
+    An image recognised by its source (below) computes them only when first read, which a
+    request whose features are kept never does.
     ``image_size``: (height, width) of the padded HD image, both multiples of 336.
     ``num_image_tokens``: how many feature rows the vision model returns for it.
+    ``num_crops``: the crop budget it was made with.
     ``digest``: identifies the pixel values (a 256-bit hash of the HD image and num_crops they
     derive from), so a cached prefix or cached features can tell the same image from another.
+    ``source``: identifies what it was made from (:func:`source_digest`: the input's bytes and
+    num_crops; empty for a PIL image), so a later call with the same file or bytes is known
+    before anything is decoded.
     """
 
-    pixel_values: np.ndarray
-    image_size: tuple[int, int]
-    num_image_tokens: int
-    digest: bytes = b""
+    __slots__ = ("image_size", "num_image_tokens", "num_crops", "digest", "source", "_pixels")
+
+    def __init__(
+        self,
+        pixel_values: np.ndarray | Callable[[], np.ndarray],
+        image_size: tuple[int, int],
+        num_image_tokens: int,
+        digest: bytes = b"",
+        *,
+        num_crops: int | None = None,
+        source: bytes = b"",
+    ):
+        if num_crops is None:
+            if callable(pixel_values):
+                raise TypeError("num_crops is needed when the pixel values come later")
+            num_crops = pixel_values.shape[0] - 1
+        self.image_size, self.num_image_tokens = image_size, num_image_tokens
+        self.num_crops, self.digest, self.source = num_crops, digest, source
+        self._pixels = pixel_values
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        if callable(self._pixels):
+            # Two threads may both compute them; either result is the same array's values.
+            self._pixels = self._pixels()
+        return self._pixels
 
     @property
     def used_crops(self) -> int:
         """Entries of ``pixel_values`` the HD grid uses: the global image and h*w tiles."""
         height, width = self.image_size
         return 1 + (height // TILE) * (width // TILE)
+
+    def __repr__(self) -> str:
+        height, width = self.image_size
+        return (
+            f"ProcessedImage({width}x{height} HD, num_crops={self.num_crops}, "
+            f"{self.num_image_tokens} image tokens)"
+        )
 
 
 def num_image_tokens(height: int, width: int) -> int:
@@ -81,14 +118,18 @@ def num_image_tokens(height: int, width: int) -> int:
     return (rows * cols + 1) * TOKENS_PER_TILE + 1 + (rows + 1) * TOKENS_PER_ROW
 
 
-def preprocess_image(image: ImageInput, num_crops: int = MAX_CROPS) -> ProcessedImage:
+def preprocess_image(
+    image: ImageInput, num_crops: int = MAX_CROPS, *, what: str | None = None
+) -> ProcessedImage:
     """Turn a path, raw bytes or PIL image into the vision model's inputs.
 
     ``num_crops`` (1..16) bounds the number of 336x336 tiles; fewer tiles mean fewer image
-    tokens and a faster, coarser answer. Raises :class:`ImageError` for anything unreadable.
+    tokens and a faster, coarser answer. ``what`` names the image in error messages (default:
+    from ``image``). Raises :class:`ImageError` for anything unreadable.
     """
     check_num_crops(num_crops)
-    rgb = hd_transform(load_rgb(image), num_crops)
+    data = read_image(image)
+    rgb = hd_transform(load_rgb(data, what or describe_image(image)), num_crops)
     pixels = normalize(rgb)
     height, width = pixels.shape[1:]
     crops = split_crops(pixels)
@@ -98,8 +139,53 @@ def preprocess_image(image: ImageInput, num_crops: int = MAX_CROPS) -> Processed
     digest = hashlib.blake2b(rgb.tobytes(), digest_size=32, salt=bytes([num_crops]))
     digest.update(f"{width}x{height}".encode())
     return ProcessedImage(
-        pixel_values, (height, width), num_image_tokens(height, width), digest.digest()
+        pixel_values,
+        (height, width),
+        num_image_tokens(height, width),
+        digest.digest(),
+        source=source_digest(data, num_crops),
     )
+
+
+def read_image(image: ImageInput) -> bytes | Image.Image:
+    """The bytes of a file or buffer, read once (what :func:`source_digest` recognises is then
+    what is decoded), or a PIL image as it is. Raises ImageError for a missing, unreadable or
+    oversized file and for anything that is not an image input."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"image file {path} does not exist")
+        if (size := path.stat().st_size) > MAX_FILE_BYTES:
+            raise ImageError(
+                f"image file {path} is {size:,} bytes, more than the limit of "
+                f"{MAX_FILE_BYTES:,}; no image of at most {MAX_PIXELS:,} pixels needs that many"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise ImageError(f"image file {path} could not be read ({err})") from err
+    else:
+        raise ImageError(
+            f"expected an image as a file path, raw bytes or a PIL image, "
+            f"got {type(image).__name__}"
+        )
+    if not data:
+        what = "the image data" if isinstance(image, (bytes, bytearray, memoryview)) else None
+        raise ImageError(f"{what or describe_image(image)} is empty (0 bytes)")
+    return data
+
+
+def source_digest(data: bytes | Image.Image, num_crops: int) -> bytes:
+    """What an input is recognised by: a 256-bit BLAKE2b of its bytes salted with num_crops
+    (the same bytes at the same crop count make the same pixel values); b"" for a PIL image,
+    whose pixels could change under the same object."""
+    if isinstance(data, Image.Image):
+        return b""
+    return hashlib.blake2b(data, digest_size=32, salt=bytes([num_crops])).digest()
 
 
 def check_num_crops(num_crops: object) -> None:
@@ -112,10 +198,12 @@ def check_num_crops(num_crops: object) -> None:
         raise ImageError(f"num_crops must be an integer from 1 to {MAX_CROPS}, got {num_crops!r}")
 
 
-def load_rgb(image: ImageInput) -> Image.Image:
+def load_rgb(image: ImageInput, what: str | None = None) -> Image.Image:
     """Decode any Pillow-readable image to RGB: first frame, EXIF orientation applied,
-    transparency composited on white, 16-bit and CMYK data converted."""
-    opened = _open(image)
+    transparency composited on white, 16-bit and CMYK data converted. ``what`` names the
+    image in error messages (default: from ``image`` itself)."""
+    what = what or describe_image(image)
+    opened = _open(read_image(image), what)
     try:
         opened.seek(0)  # animated images: the first frame
         opened = ImageOps.exif_transpose(opened)
@@ -123,7 +211,7 @@ def load_rgb(image: ImageInput) -> Image.Image:
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{_describe(image)} is corrupt or truncated ({err})") from err
+        raise ImageError(f"{what} is corrupt or truncated ({err})") from err
 
 
 def hd_transform(image: Image.Image, num_crops: int) -> Image.Image:
@@ -187,37 +275,23 @@ def _round_up(size: int) -> int:
     return math.ceil(size / TILE) * TILE
 
 
-def _open(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        _check_pixels(image, "the image")
-        return image
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        if len(image) == 0:
-            raise ImageError("the image data is empty (0 bytes)")
-        source: object = io.BytesIO(bytes(image))
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file {path} does not exist")
-        source = path
-    else:
-        raise ImageError(
-            f"expected an image as a file path, raw bytes or a PIL image, "
-            f"got {type(image).__name__}"
-        )
+def _open(data: bytes | Image.Image, what: str) -> Image.Image:
+    if isinstance(data, Image.Image):
+        _check_pixels(data, what)
+        return data
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(source)  # lazy: reads the header only
+            opened = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{_describe(image)} is too large to decode safely ({err})") from err
+        raise ImageError(f"{what} is too large to decode safely ({err})") from err
     except UnidentifiedImageError as err:
         raise ImageError(
-            f"{_describe(image)} is not an image Pillow can read (PNG, JPEG, WebP, GIF, ...)"
+            f"{what} is not an image Pillow can read (PNG, JPEG, WebP, GIF, ...)"
         ) from err
     except OSError as err:
-        raise ImageError(f"{_describe(image)} could not be read ({err})") from err
-    _check_pixels(opened, _describe(image))
+        raise ImageError(f"{what} could not be read ({err})") from err
+    _check_pixels(opened, what)
     return opened
 
 
@@ -256,7 +330,8 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)
 
 
-def _describe(image: ImageInput) -> str:
+def describe_image(image: ImageInput) -> str:
+    """How error messages name ``image``: its file, its size in bytes, or "the image"."""
     if isinstance(image, (str, os.PathLike)):
         return f"image file {Path(image)}"
     if isinstance(image, (bytes, bytearray, memoryview)):

@@ -7,9 +7,14 @@ keeps nothing: the caches may only save time.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import phi3v.image as image_module
 from phi3v import Pipeline, preprocess_image
+from phi3v.feature_cache import FeatureCache
+from phi3v.image import source_digest
 from tests.test_cache import count_vision_runs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "data" / "examples"
@@ -117,6 +122,113 @@ def test_kept_features_give_the_tokens_of_a_fresh_run_in_fast_precision(
     second = ask(pipe, OTHER_QUESTION, CHART, owner="ada", conversation="second")
     assert vision_runs == []
     assert second.token_ids == ask(fresh, OTHER_QUESTION, CHART).token_ids
+
+
+# --- pictures known by their bytes ----------------------------------------------------------
+
+
+def count_decodes(monkeypatch) -> list[int]:
+    """Record each time a picture is decoded and transformed (``phi3v.image.hd_transform``)."""
+    calls = []
+    transform = image_module.hd_transform
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return transform(*args, **kwargs)
+
+    monkeypatch.setattr(image_module, "hd_transform", counting)
+    return calls
+
+
+def test_a_picture_seen_before_is_not_decoded_again(pipe, fresh, monkeypatch):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="first")
+    decodes, vision_runs = count_decodes(monkeypatch), count_vision_runs(pipe, monkeypatch)
+    second = ask(pipe, OTHER_QUESTION, CHART, owner="ada", conversation="second")
+    assert decodes == [] and vision_runs == []
+    assert second.token_ids == ask(fresh, OTHER_QUESTION, CHART).token_ids
+
+
+def test_every_turn_of_a_conversation_reads_its_picture_once(pipe, monkeypatch):
+    decodes = count_decodes(monkeypatch)
+    first = ask(pipe, QUESTION, CHART, conversation="chat")
+    history = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "And the least?"},
+    ]
+    second = pipe.generate(history, [CHART], max_new_tokens=4, conversation="chat")
+    assert second.reused_tokens > 0
+    assert len(decodes) == 1
+
+
+def test_the_same_bytes_are_known_whichever_way_they_come(pipe, monkeypatch):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="from a file")
+    decodes = count_decodes(monkeypatch)
+    ask(pipe, QUESTION, Path(CHART).read_bytes(), owner="ada", conversation="from bytes")
+    assert decodes == []
+
+
+def test_a_file_changed_under_the_same_name_is_read_anew(pipe, fresh, tmp_path, monkeypatch):
+    picture = tmp_path / "upload.png"
+    picture.write_bytes(Path(CHART).read_bytes())
+    ask(pipe, QUESTION, picture, owner="ada", conversation="first")
+    picture.write_bytes(Path(SCENE).read_bytes())
+    decodes, vision_runs = count_decodes(monkeypatch), count_vision_runs(pipe, monkeypatch)
+    answer = ask(pipe, QUESTION, picture, owner="ada", conversation="second")
+    assert len(decodes) == 1 and len(vision_runs) == 1
+    assert answer.token_ids == ask(fresh, QUESTION, SCENE).token_ids
+
+
+def test_another_owner_decodes_the_same_picture_again(pipe, monkeypatch):
+    ask(pipe, QUESTION, CHART, owner="ada", conversation="ada's")
+    decodes = count_decodes(monkeypatch)
+    ask(pipe, QUESTION, CHART, owner="bob", conversation="bob's")
+    assert len(decodes) == 1
+
+
+def test_a_pil_picture_is_decoded_each_time_but_its_features_are_kept(pipe, monkeypatch):
+    picture = Image.open(CHART)
+    ask(pipe, QUESTION, picture, owner="ada", conversation="first")
+    decodes, vision_runs = count_decodes(monkeypatch), count_vision_runs(pipe, monkeypatch)
+    ask(pipe, QUESTION, picture, owner="ada", conversation="second")
+    assert len(decodes) == 1  # an object's pixels may change under it: no bytes to know it by
+    assert vision_runs == []
+
+
+def test_a_known_picture_whose_features_went_is_computed_from_its_bytes():
+    """The features can be pushed out between the request's start and its vision step: the
+    recalled image then computes its pixel values from the bytes it was recognised by."""
+    cache = FeatureCache()
+    image = preprocess_image(CHART, 4)
+    cache.get_or_encode("ada", [image], lambda missing: [np.ones((3, 2), np.float32)])
+    computed = []
+
+    def pixels():
+        computed.append(1)
+        return preprocess_image(CHART, 4).pixel_values
+
+    known = cache.recall("ada", source_digest(Path(CHART).read_bytes(), 4), pixels)
+    assert (known.digest, known.image_size, known.num_crops) == (image.digest, image.image_size, 4)
+    assert known.num_image_tokens == image.num_image_tokens and computed == []
+    cache.clear()
+    assert cache.recall("ada", known.source, pixels) is None
+    np.testing.assert_array_equal(known.pixel_values, image.pixel_values)
+    assert computed == [1]
+
+
+def test_a_source_is_forgotten_with_its_features():
+    cache = FeatureCache(budget_bytes=24)
+    chart, scene = preprocess_image(CHART, 1), preprocess_image(SCENE, 1)
+    features = lambda missing: [np.zeros((3, 2), np.float32) for _ in missing]  # noqa: E731
+    cache.get_or_encode("ada", [chart], features)
+    assert cache.recall("ada", chart.source, lambda: None) is not None
+    assert cache.recall("bob", chart.source, lambda: None) is None
+    cache.get_or_encode("ada", [scene], features)  # 24 bytes each: the chart goes
+    assert cache.recall("ada", chart.source, lambda: None) is None
+    assert cache.recall("ada", scene.source, lambda: None) is not None
+    cache.release("ada")
+    assert cache.recall("ada", scene.source, lambda: None) is None
+    assert cache._sources == {}
 
 
 # --- warmed examples -----------------------------------------------------------------------------

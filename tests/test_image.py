@@ -9,7 +9,16 @@ import pytest
 from PIL import Image
 
 from phi3v import ImageError, preprocess_image
-from phi3v.image import CLIP_MEAN, CLIP_STD, MAX_PIXELS, TILE, normalize
+from phi3v.image import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    TILE,
+    ProcessedImage,
+    normalize,
+    source_digest,
+)
 
 
 def noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -199,6 +208,55 @@ def test_too_many_pixels_are_refused_before_decoding():
     )
     with pytest.raises(ImageError, match=f"more than the limit of {MAX_PIXELS:,}"):
         preprocess_image(data)
+
+
+def test_an_empty_file_is_named(tmp_path):
+    (tmp_path / "blank.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"image file .*blank\.png is empty \(0 bytes\)"):
+        preprocess_image(tmp_path / "blank.png")
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:
+        file.truncate(MAX_FILE_BYTES + 1)  # sparse: no disk, and reading it would take seconds
+    with pytest.raises(ImageError, match=f"more than the limit of {MAX_FILE_BYTES:,}"):
+        preprocess_image(huge)
+
+
+def test_a_corrupt_file_is_named(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png_bytes(noise(300, 200))[:500])
+    with pytest.raises(ImageError, match=r"image file .*broken\.png is corrupt or truncated"):
+        preprocess_image(broken)
+
+
+def test_the_source_is_the_bytes_and_the_crop_count(tmp_path):
+    data = png_bytes(noise(300, 200))
+    (tmp_path / "a.png").write_bytes(data)
+    from_file, from_bytes = preprocess_image(tmp_path / "a.png", 4), preprocess_image(data, 4)
+    assert from_file.source == from_bytes.source == source_digest(data, 4)
+    assert preprocess_image(data, 5).source != from_bytes.source
+    assert preprocess_image(png_bytes(noise(300, 200, seed=1)), 4).source != from_bytes.source
+    assert preprocess_image(Image.open(io.BytesIO(data)), 4).source == b""  # a PIL object
+
+
+def test_pixel_values_can_come_later_and_are_computed_once():
+    made = preprocess_image(noise(300, 200), 4)
+    calls = []
+    later = ProcessedImage(
+        lambda: calls.append(1) or made.pixel_values,
+        made.image_size,
+        made.num_image_tokens,
+        made.digest,
+        num_crops=4,
+    )
+    assert later.used_crops == made.used_crops and calls == []
+    assert later.pixel_values is made.pixel_values and later.pixel_values is made.pixel_values
+    assert calls == [1]
+    assert repr(later) == "ProcessedImage(672x672 HD, num_crops=4, 757 image tokens)"
+    with pytest.raises(TypeError, match="num_crops is needed"):
+        ProcessedImage(lambda: made.pixel_values, made.image_size, made.num_image_tokens)
 
 
 def test_unsupported_input_type_is_refused():
