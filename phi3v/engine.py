@@ -372,7 +372,10 @@ class Pipeline:
         )
         run.vision_seconds = time.perf_counter() - started
         features = dict(zip(numbers, encoded, strict=True))
-        return self.sessions.embed(new_ids, features, run.run_options)
+        started = time.perf_counter()
+        embeds = self.sessions.embed(new_ids, features, run.run_options)
+        run.embedding_seconds = time.perf_counter() - started
+        return embeds
 
     def _encode(self, images: list[ProcessedImage], run: RunState) -> list[np.ndarray]:
         """The vision model's features of ``images``; its speed is recorded for estimates."""
@@ -396,7 +399,8 @@ class Pipeline:
                 raise _Cancelled
             chunk = np.ascontiguousarray(embeds[:, start:end])
             logits = cache.run(decoder, chunk, run.run_options)
-        run.prefill_seconds = time.perf_counter() - started
+        # The prompt's embedding counts in its prefill, once the decoder has read it all.
+        run.prefill_seconds = run.embedding_seconds + time.perf_counter() - started
         self._speed.prefill.record(total, run.prefill_seconds)
         run.progress = Progress("decode", 0, 0)
         return logits

@@ -44,6 +44,7 @@ class RunState:
         self.started = started
         self.preprocess_seconds = time.perf_counter() - started
         self.vision_seconds = self.prefill_seconds = 0.0
+        self.embedding_seconds = 0.0  # the new prompt positions' embedding, part of the prefill
         self.progress = Progress("preprocess")
         self.token_ids: list[int] = []
         self.stop_reason: StopReason | None = None
