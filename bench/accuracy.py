@@ -53,7 +53,7 @@ import paired
 import tables
 import vision_proxy
 from onnx import TensorProto
-from provenance import commit
+from provenance import RESULTS, commit, save
 
 from phi3v import convert, integer_gemm, machine
 from phi3v.config import TOKENIZER, load_config
@@ -63,7 +63,6 @@ from phi3v.testing import proxies
 from phi3v.testing.onnx_graph import Graph, WeightFile, rng, value
 from phi3v.tokenizer import PromptTokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = (600, 1200)  # a prompt takes as much of a text as fits in this range
 # Teacher-forced answer tokens per text: 256 x 10 tuning texts = 2,560 positions per path, so a
@@ -206,9 +205,7 @@ def measure_speed(variants: dict[str, integer_gemm.Numerics], args) -> dict:
 
 
 def _write(result: dict, stem: Path) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(tables.fidelity_report(result) + "\n")
+    save(stem.name, result, tables.fidelity_report(result))
     print(tables.fidelity_report(result))
 
 

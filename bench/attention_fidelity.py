@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import tempfile
@@ -55,7 +54,7 @@ import onnxruntime as ort
 import paired
 import tables
 from onnx import TensorProto, helper, numpy_helper
-from provenance import commit
+from provenance import commit, save
 
 from phi3v import attention, convert, machine
 from phi3v.config import TOKENIZER, load_config
@@ -65,7 +64,6 @@ from phi3v.sessions import Sessions, open_session
 from phi3v.testing import proxies
 from phi3v.tokenizer import PromptTokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BASE = "GroupQueryAttention"  # the fast copy as it ships
 # Path names: a form emulated in the fast copy, or in truth's decoder (fp32 activations).
 FAST, ALONE = "fast copy:", "fp32 activations:"
@@ -100,9 +98,7 @@ def main() -> None:
             **fidelity(Path(work), args.forms, args.answer_tokens),
         }
     result["load_after"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "attention_fidelity.md").write_text(report(result) + "\n")
+    save("attention_fidelity", result, report(result))
     print(report(result))
 
 

@@ -44,9 +44,8 @@ from pathlib import Path
 import attention_kernel
 import numpy as np
 import tables
-from provenance import commit
+from provenance import RESULTS, commit, save
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, HEAD = 32, 96  # Phi-3-mini: 32 query heads of 96, as many key/value heads
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 LAYERS = 32
@@ -498,9 +497,7 @@ def main() -> None:
     if profile.get("cpu") == report["cpu"] and positions == POSITIONS:
         report["target"] = target(profile, chunk)
         report["estimates"] = estimates(speed["this CPU"], report["pairs"], report["target"])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(tables.attention_forms(report) + "\n")
+    save(args.name, report, tables.attention_forms(report))
     print(tables.attention_forms(report))
 
 

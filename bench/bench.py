@@ -42,10 +42,10 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from provenance import save
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
 
 NEW_TOKENS = 32
 PROMPTS = {
@@ -680,9 +680,7 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
         "token_equality": token_equality(results),
         "raw_runs": results,
     }
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS_DIR / f"{name}.md").write_text(markdown(report))
+    save(name, report, markdown(report))
     print(markdown(report))
 
 

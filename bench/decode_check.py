@@ -18,12 +18,11 @@ import os
 import statistics
 from pathlib import Path
 
-from provenance import commit
+from provenance import commit, save
 from workers import report_result, run_worker
 
 from phi3v import machine
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 33  # 32 decode steps after the first token
 COMPARED = ("exact", "fast")
 
@@ -92,9 +91,7 @@ def main() -> None:
         each = ", ".join(f"{r['decode_ms']:.1f}" for r in runs if r["precision"] == p)
         lines.append(f"| {p} | {each} | {medians[p]:.1f} |")
     lines += ["", f"fast / exact: **{medians['fast'] / medians['exact']:.2f}**"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    save(args.name, report, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -22,9 +22,9 @@ import statistics
 from pathlib import Path
 
 import tables
+from provenance import save
 from workers import alternate, report_result, stamp
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("fused kernel", "GroupQueryAttention")
 QUESTION = "Describe the picture."
 NEW_TOKENS = 32
@@ -92,9 +92,7 @@ def main() -> None:
         "new_tokens": NEW_TOKENS,
         "runs": runs,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(report(result) + "\n")
+    save(args.name, result, report(result))
     print(report(result))
 
 

@@ -15,20 +15,17 @@ differ a little (``docs/PERFORMANCE.md``, the accuracy section).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from provenance import commit
+from provenance import commit, save
 
 from phi3v import Pipeline
 from phi3v.machine import describe_cpu
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 32
 
 
@@ -109,9 +106,7 @@ def main() -> None:
             "decoder, the conversation read afresh on the integer-GEMM copy)."
         ),
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(runs, indent=1))
+    save(args.name, runs, "\n".join(lines))
     print("\n".join(lines))
     if precision == "exact" and not same:
         raise SystemExit("exact precision answered otherwise with reuse than without: a bug")

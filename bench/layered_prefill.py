@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import tables
+from provenance import save
 from workers import alternate, report_result, stamp
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 PATHS = ("fused kernel", "GroupQueryAttention")
 TARGET_SHARE = 0.25  # issue 16: prefill attention <= 25 % of prefill time
@@ -127,9 +127,7 @@ def main() -> None:
             for path, found in runs.items()
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(report(result) + "\n")
+    save(args.name, result, report(result))
     print(report(result))
 
 

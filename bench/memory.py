@@ -20,9 +20,9 @@ import resource
 from pathlib import Path
 
 import tables
+from provenance import save
 from workers import report_result, run_worker
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 4
 MIB = 1 << 20
 
@@ -80,9 +80,7 @@ def main() -> None:
         "rows": rows,
     }
     name = f"memory-{args.model.resolve().name}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(report))
+    save(name, report, markdown(report))
     print(markdown(report))
 
 

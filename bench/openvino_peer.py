@@ -49,14 +49,13 @@ from pathlib import Path
 
 import numpy as np
 import tables
-from provenance import commit
+from provenance import RESULTS, commit, save
 from workers import report_result, run_worker
 
 from phi3v.config import DecoderConfig, load_config
 from phi3v.image import TILE
 from phi3v.machine import describe_cpu
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 RUNTIMES = ("openvino", "exact", "fast")
 DEFAULT_POSITIONS = 1935  # the 1344x1008 photo's prompt (bench/bench.py's image case)
@@ -685,9 +684,7 @@ def main() -> None:
     if any(crops < WARMUP_CROPS for crops in args.crops):
         parser.error(f"--crops: each count must be at least {WARMUP_CROPS} (global + one tile)")
     report = measure(args)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "openvino.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.results / "openvino.md").write_text(markdown(report))
+    save("openvino", report, markdown(report), args.results)
     print(markdown(report))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import tempfile
@@ -31,13 +30,13 @@ import accuracy
 import numpy as np
 import onnxruntime as ort
 import tables
+from provenance import save
 
 import phi3v.convert as convert
 import phi3v.integer_gemm as integer_gemm
 from phi3v import machine
 from phi3v.testing.onnx_graph import projection_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 K, N = 3072, 8192  # Phi-3-mini's hidden size -> its MLP's gate+up width / 2
 ROWS = (1935, 512, 32, 8, 1)  # a photo's prompt, a prefill chunk, short suffixes, one token
 FORMS = ("int4", "row")
@@ -186,9 +185,7 @@ def main() -> None:
     if args.model:
         report["suffixes"] = time_suffixes(args.model, min(args.repeats, 3))
     report["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(report))
+    save(args.name, report, markdown(report))
     print(markdown(report))
 
 

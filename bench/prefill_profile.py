@@ -28,10 +28,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import tables
-from provenance import commit
+from provenance import commit, save
 from workers import report_result, run_worker
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 CROPS = 13  # the crops that photo's HD grid uses (1 global + 3 x 4)
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
@@ -211,9 +210,7 @@ def main() -> None:
     make_copies(args.model)
     report["rows"] = measure(args.model, args.runs, before)
     report["load_after"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(tables.fast_profile(report) + "\n")
+    save(args.name, report, tables.fast_profile(report))
     print(tables.fast_profile(report))
 
 

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from provenance import commit
+from provenance import commit, save
 
 from phi3v import Pipeline
 from phi3v.machine import describe_cpu
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 8  # the first token is what is measured; a few more show the answers agree
 FIRST = "<|image_1|>\nDescribe the image."
 SECOND = "<|image_1|>\nWhat colours stand out?"
@@ -181,9 +179,7 @@ def main() -> None:
         checks=verdicts(run),
     )
     text = write(run, args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(text)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(run, indent=1))
+    save(args.name, run, text)
     print(text)
 
 

@@ -14,7 +14,6 @@ Writes bench/results/ui_latency.{json,md}: the median and the worst of the runs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -25,13 +24,12 @@ import time
 from pathlib import Path
 
 import playwright.sync_api as sync_api
-from provenance import commit
+from provenance import commit, save
 
 from phi3v.testing import build_model
 from phi3v_app.cli import create_app, launch
 from phi3v_app.loading import ModelLoader
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 
@@ -174,9 +172,7 @@ def main() -> None:
             f"| {name} | {expected.split('|')[0]} | {report['median_ms'][name]:.0f} | "
             f"{report['worst_ms'][name]:.0f} |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    save(args.name, report, "\n".join(lines))
     print("\n".join(lines))
 
 

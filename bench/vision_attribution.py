@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import tempfile
 import time
@@ -39,12 +38,11 @@ import onnxruntime as ort
 import tables
 import vision_proxy
 from onnx import helper, numpy_helper
-from provenance import commit
+from provenance import commit, save
 
 from phi3v import convert, integer_gemm, machine
 from phi3v.sessions import open_session
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROLES = tuple(integer_gemm.ROLES)  # attention_in (q, k, v), attention_out, mlp_in, mlp_out
 ROLE_NAMES = {"attention_in": "qkv", "attention_out": "out", "mlp_in": "fc1", "mlp_out": "fc2"}
 ROTATIONS = (0, 32, 64, 128, "whole")
@@ -89,10 +87,7 @@ def main() -> None:
             "divergence": divergence(study, DEFAULT_VISION),
         }
     result["seconds"] = round(time.perf_counter() - started)
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / args.name
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(tables.vision_attribution(result) + "\n")
+    save(args.name, result, tables.vision_attribution(result))
     print(tables.vision_attribution(result))
 
 

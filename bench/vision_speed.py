@@ -34,13 +34,12 @@ import numpy as np
 import onnxruntime as ort
 import tables
 import vision_proxy
-from provenance import commit
+from provenance import commit, save
 from workers import report_result, run_worker
 
 from phi3v import convert, integer_gemm, load_config, machine
 from phi3v.sessions import SessionSettings, open_session
 
-RESULTS = Path(__file__).resolve().parent / "results"
 N = integer_gemm.Numerics
 QKV, OUT, FC2 = "attention_in", "attention_out", "mlp_out"
 BASELINE = "hadamard 32 (today's fast)"
@@ -115,11 +114,9 @@ def main() -> None:
         result["speed"] = {}
     result["load_after"] = os.getloadavg()
     result["seconds"] = round(time.perf_counter() - started)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     # The first answer is derived in docs/PERFORMANCE.md, from a bench.py run (bench/studies.py).
     text = tables.vision_speed(result, TARGET_ERROR, TARGET_TIME, first_answer={})
-    (RESULTS / f"{args.name}.md").write_text(f"{_head(result)}\n\n{text}\n")
+    save(args.name, result, f"{_head(result)}\n\n{text}")
     print(text)
 
 
