@@ -276,7 +276,44 @@ def first_answer_targets(runs: list[dict]) -> str:
             wanted_text = f"{'<=' if sense == 'le' else '>='} {bound:.2f}"
             met = "yes" if _met(value, bound, sense) else "**no**"
             lines.append(f"| {title} | {cpu} | {value:.2f} | {wanted_text} | {met} |")
+    for peer in _decode_peers():
+        ratio = peer["summary"]["speed_ratio"]
+        lines.append(
+            f"| decode speed at {peer['length']:,} positions, both in one process, phi3v / "
+            f"onnxruntime-genai | {peer['cpu']} (`{peer['name']}.md`) | {ratio:.2f} | >= 1.00 | "
+            f"{'yes' if ratio >= 1.0 else '**no**'} |"
+        )
     return "\n".join(lines)
+
+
+def _decode_peers() -> list[dict]:
+    """``bench/decode_peer.py``'s runs, one per CPU."""
+    return [json.loads(path.read_text()) for path in sorted(RESULTS.glob("decode_peer*.json"))]
+
+
+def decode_peer_note() -> str:
+    """Why decode is also compared inside one process, and what that showed; a paragraph
+    (with its blank line after it), or nothing before the first such run."""
+    notes = []
+    for peer in _decode_peers():
+        found = peer["summary"]
+        ours, theirs = found["phi3v"], found["onnxruntime-genai"]
+        notes.append(
+            f"`bench/results/{peer['name']}.md` ({peer['date'][:10]}, {peer['cpu']}): "
+            f"{ours['median_ms']:.1f} ms per step against {theirs['median_ms']:.1f} ms "
+            f"({found['speed_ratio']:.2f}x onnxruntime-genai's speed), phi3v faster in "
+            f"{found['rounds_phi3v_faster']} of {peer['rounds']} rounds, the same tokens: "
+            f"{'yes' if peer['same_tokens'] else '**no**'}."
+        )
+    if not notes:
+        return ""
+    return (
+        "Decode is also compared inside one process (`bench/decode_peer.py`): on these 2-vCPU "
+        "VMs a process decodes in a fast or a slow mode, and the mode drifts within a process "
+        "too, so processes per runtime compare modes as much as runtimes. There both runtimes "
+        "read the same prompt of a photo's length into their own KV caches, then take turns of "
+        "8 greedy steps, the order swapped each round: " + " ".join(notes) + "\n\n"
+    )
 
 
 def performance_doc(
@@ -310,7 +347,7 @@ Against the first-answer targets (issue 16), one row per measured CPU kind:
 
 {first_answer_targets(_scale_runs(scale))}
 
-{decode_note(scale, decode_check)}
+{decode_peer_note()}{decode_note(scale, decode_check)}
 
 {amx_note(scale)}
 
