@@ -290,17 +290,21 @@ class Pipeline:
 
     def _check_size(self, length: int, image_tokens: int) -> None:
         context, limit = self.config.context_length, self.max_prompt_tokens
-        what = f" ({image_tokens:,} of them for images)"
+        what = f" ({image_tokens:,} of them for images)" if image_tokens else ""
         if length >= context:
+            advice = "Use fewer images, lower num_crops or a shorter conversation"
             raise LimitError(
                 f"the prompt is {length:,} tokens{what}; the model's context is {context:,} "
-                "tokens. Use fewer images, lower num_crops or a shorter conversation"
+                f"tokens. {advice if image_tokens else 'Shorten the text or the conversation'}"
             )
         if length > limit:
-            raise LimitError(
-                f"the prompt is {length:,} tokens{what}; this server takes at most {limit:,}. "
+            advice = (
                 "Use fewer or smaller images, lower the image detail (num_crops), or start a "
                 "new conversation"
+            )
+            raise LimitError(
+                f"the prompt is {length:,} tokens{what}; this server takes at most {limit:,}. "
+                f"{advice if image_tokens else 'Shorten the text or start a new conversation'}"
             )
 
     def _check_input_ids(self, input_ids: Sequence[int], counts: list[int]) -> np.ndarray:

@@ -91,16 +91,18 @@ class FeatureCache:
         """The features of each image: kept ones from ``scope`` or the public scope, the rest
         from ``encode(missing images)``, which are then kept under ``scope`` (unless None)."""
         found = [self._get(scope, image) for image in images]
-        missing = [image for image, hit in zip(images, found, strict=True) if hit is None]
-        encoded = iter(encode(missing) if missing else [])
-        result = []
+        missing: dict[tuple, ProcessedImage] = {}  # one encoding per image, however often sent
         for image, hit in zip(images, found, strict=True):
             if hit is None:
-                hit = next(encoded)
-                if scope is not None:
-                    self._put(scope, image, hit)
-            result.append(hit)
-        return result
+                missing.setdefault(image_key(image), image)
+        encoded = dict(zip(missing, encode(list(missing.values())) if missing else [], strict=True))
+        if scope is not None:
+            for key, features in encoded.items():
+                self._put(scope, missing[key], features)
+        return [
+            encoded[image_key(image)] if hit is None else hit
+            for image, hit in zip(images, found, strict=True)
+        ]
 
     def recall(
         self, scope: Hashable | None, source: bytes, pixels: Callable[[], np.ndarray]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS, ImageError, Timings
-from phi3v.image import load_rgb
+from phi3v.image import describe_image, load_rgb
 from phi3v_app import view
 from phi3v_app.history import (
     HistoryError,
@@ -103,38 +103,52 @@ def generation_options(
 
 def check_images(paths: Sequence[str]) -> None:
     """Raise :class:`HistoryError` naming the first upload that is not a readable picture, by
-    its own name and its place in the message. The log gets the reason, in one line."""
+    its own name and its place in the message, and saying what is wrong with it. The log gets
+    the reason, in one line."""
     for number, path in enumerate(paths, 1):
-        if unreadable(path) is None:
+        if (reason := unreadable(path)) is None:
             continue
         where = f" (image {number} of {len(paths)} in this message)" if len(paths) > 1 else ""
         raise HistoryError(
-            f"{upload_name(path)}{where} could not be read as a picture: it is not a PNG, JPEG, "
-            "WebP or GIF image, or it is damaged. Send it again as a PNG or JPEG file."
+            f"{upload_name(path)}{where} could not be read as a picture: it {reason}. Send it "
+            "again as a PNG or JPEG file."
         )
 
 
 def unreadable(path: str) -> str | None:
-    """Why the uploaded file at ``path`` is not a picture the model can read (damaged, of
-    another type, or gone from the server); None when it is one. The log gets the reason once,
-    in one line."""
+    """What is wrong with the uploaded file at ``path``, in a visitor's words, to follow "it"
+    ("is empty (0 bytes)", "is damaged or cut short", ...); None when it is a picture the model
+    can read. The log gets the full reason once, in one line."""
     try:
         stat = os.stat(path)
     except OSError:
         log.warning("refused upload %s: the file is gone", upload_name(path))
-        return "the file is gone"
+        return "is no longer on the server"
     return _unreadable(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _in_words(error: ImageError, path: str) -> str:
+    """An ImageError about the file at ``path`` as a visitor would want it: no server path, no
+    library names."""
+    reason = str(error).removeprefix(describe_image(path)).strip()
+    if reason.startswith("is empty"):
+        return "is empty (0 bytes)"
+    if reason.startswith("is corrupt or truncated"):
+        return "is damaged or cut short"
+    if reason.startswith(("has ", "is too large")):  # pixel and size limits: worded already
+        return reason.split(" (", 1)[0].split("; ", 1)[0]
+    return "is not a PNG, JPEG, WebP or GIF image"
 
 
 @functools.lru_cache(maxsize=256)  # an upload is checked as it arrives and again when sent
 def _unreadable(path: str, mtime_ns: int, size: int) -> str | None:
     try:
         if not is_image_name(path):
-            raise ImageError("not an image file type")
+            raise ImageError(f"{describe_image(path)} is not a picture's file type")
         load_rgb(path)
     except ImageError as err:
         log.warning("refused upload %s: %s", upload_name(path), err)
-        return str(err)
+        return _in_words(err, path)
     return None
 
 
@@ -146,7 +160,7 @@ def failure_text(failed: Failed, images: Sequence[str] = ()) -> str:
             "was not answered; try again in a minute (press ↻ on your message)."
         )
     if failed.kind == "too_large":
-        return f"This is too much for the model at once: {failed.reason}."
+        return f"This is too much for the model at once: {_sentence(failed.reason)}"
     if failed.kind == "bad_image":
         try:
             check_images(images)
@@ -154,13 +168,18 @@ def failure_text(failed: Failed, images: Sequence[str] = ()) -> str:
             return str(named)
         return "One of the pictures could not be read. Send it again as PNG or JPEG."
     if failed.kind == "bad_input":
-        return f"The request could not be answered: {failed.reason}."
+        return f"The request could not be answered: {_sentence(failed.reason)}"
     if failed.kind == "internal":
         return (
             "Something went wrong on the server while answering (the server log has the "
             "details). Try again, or clear the chat and start over."
         )
     return failed.reason  # not_ready, and the chat's own refusals: worded already
+
+
+def _sentence(reason: str) -> str:
+    """``reason`` ending in one full stop, whether or not it had one."""
+    return reason.rstrip().rstrip(".") + "."
 
 
 class Answers:

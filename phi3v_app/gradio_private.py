@@ -38,6 +38,9 @@ def quiet_malformed_requests(demo: gr.Blocks) -> None:
     parse = demo.preprocess_data
 
     async def preprocess_data(block_fn, inputs, state, explicit_call=False):
+        if reason := out_of_range(block_fn, inputs):
+            log.warning("refused request to %s: %s", block_fn.name, reason)
+            raise gr.Error(reason, print_exception=False)
         try:
             return await parse(block_fn, inputs, state, explicit_call)
         except gr.Error as err:  # Gradio's own check (a file type the input does not take)
@@ -54,3 +57,21 @@ def quiet_malformed_requests(demo: gr.Blocks) -> None:
             ) from None
 
     demo.preprocess_data = preprocess_data
+
+
+def out_of_range(block_fn, inputs) -> str | None:
+    """Which slider value of a request is out of its range, named as the API names it (the
+    handler's parameter): Gradio's own check says only "Value 0 is less than minimum value
+    1."; None when every slider value is in range (or not a number: Gradio says so)."""
+    try:
+        names = list(inspect.signature(block_fn.fn).parameters)
+    except (TypeError, ValueError):
+        names = []
+    for index, (component, value) in enumerate(zip(block_fn.inputs, inputs, strict=False)):
+        if not isinstance(component, gr.Slider) or isinstance(value, bool):
+            continue
+        if not isinstance(value, (int, float)) or component.minimum <= value <= component.maximum:
+            continue
+        name = names[index] if index < len(names) else component.label
+        return f"{name} must be from {component.minimum:g} to {component.maximum:g}, got {value:g}."
+    return None

@@ -149,16 +149,19 @@ class Handlers:
         line says so (a broken thumbnail would say nothing until the message was sent)."""
         message = message or {}
         files = file_paths(message.get("files"))
-        refused = [path for path in files if unreadable(path) is not None]
-        if not refused:
+        reasons = {path: reason for path in files if (reason := unreadable(path)) is not None}
+        if not reasons:
             return gr.skip(), gr.skip()
-        names = ", ".join(upload_name(path) for path in refused)
-        what = "is not a picture" if len(refused) == 1 else "are not pictures"
-        kept = [path for path in files if path not in refused]
+        names = ", ".join(upload_name(path) for path in reasons)
+        what = "is not a picture" if len(reasons) == 1 else "are not pictures"
+        why = f"it {next(iter(reasons.values()))}; " if len(reasons) == 1 else ""
+        kept = [path for path in files if path not in reasons]
         return (
             gr.MultimodalTextbox(value={"text": message.get("text") or "", "files": kept}),
             view.status_line(
-                "error", f"{names} {what}", "not attached: send pictures as PNG, JPEG, WebP or GIF"
+                "error",
+                f"{names} {what}",
+                f"{why}not attached: send pictures as PNG, JPEG, WebP or GIF",
             ),
         )
 

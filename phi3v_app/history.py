@@ -25,6 +25,9 @@ STOPPED = "phi3v-stopped"
 REFUSED_UPLOAD = "phi3v-refused-upload"  # a file that is not a picture; it was not kept
 MAX_IMAGES_PER_MESSAGE = 8
 MAX_IMAGES_PER_CONVERSATION = 16  # each image is up to ~2,000 prompt tokens at full detail
+# The longest answer a request may ask for, in the chat, /chat and the OpenAI API alike: one
+# caller cannot hold the model, which answers one request at a time, for much longer than others.
+MAX_NEW_TOKENS = 4096
 # Per uploaded file, in the chat (Gradio's max_file_size) and per image in the OpenAI API: 20 MiB,
 # room for a full-resolution phone photo as PNG.
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -130,8 +133,9 @@ def conversation(history: Sequence[dict]) -> tuple[list[dict[str, str]], list[st
 
 def check_limits(history: Sequence[dict]) -> None:
     """Raise :class:`HistoryError` when the last message or the conversation brings more images
-    than the server takes, or when one upload is referred to twice (only a forged history,
-    sent through the API, can do that)."""
+    than the server takes. A picture sent again (the same upload: Gradio keeps one file per
+    content) counts each time it was sent, as the model reads it each time; its features are
+    computed once (:mod:`phi3v.feature_cache`)."""
     turns = _turns(history)
     if not turns:
         return
@@ -147,14 +151,6 @@ def check_limits(history: Sequence[dict]) -> None:
             f"This conversation has {len(images)} images; the limit is "
             f"{MAX_IMAGES_PER_CONVERSATION}. Clear the chat to start a new one."
         )
-    seen: set[str] = set()
-    for path in images:
-        if path in seen:
-            raise HistoryError(
-                f"{upload_name(path)} appears more than once in the conversation; "
-                "send each picture once."
-            )
-        seen.add(path)
 
 
 # A zero-width space after "<|" keeps a typed "<|image_N|>" from being read as an image tag:

@@ -19,8 +19,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from phi3v import DEFAULT_MAX_NEW_TOKENS
-from phi3v_app.history import typed_text  # a typed <|image_N|> stays text, as in the chat
+from phi3v import DEFAULT_MAX_NEW_TOKENS, MAX_CROPS
+from phi3v_app.history import (  # a typed <|image_N|> stays text, as in the chat
+    MAX_NEW_TOKENS,
+    typed_text,
+)
 
 # OpenAI's defaults for the sampling fields a request leaves out.
 DEFAULT_TEMPERATURE = 1.0
@@ -121,12 +124,14 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
     return ChatRequest(
         messages=messages,
         images=images,
-        max_new_tokens=_integer(max_tokens, max_tokens_field, DEFAULT_MAX_NEW_TOKENS, minimum=1),
+        max_new_tokens=_integer(
+            max_tokens, max_tokens_field, DEFAULT_MAX_NEW_TOKENS, minimum=1, maximum=MAX_NEW_TOKENS
+        ),
         temperature=_temperature(body.get("temperature")),
         top_p=_top_p(body.get("top_p")),
         top_k=_integer(body.get("top_k"), "top_k", 0, minimum=0) or None,
         seed=_integer(body.get("seed"), "seed", None, minimum=0),
-        num_crops=_integer(body.get("num_crops"), "num_crops", None, minimum=1),
+        num_crops=_integer(body.get("num_crops"), "num_crops", None, minimum=1, maximum=MAX_CROPS),
         stop=_stop(body.get("stop")),
         stream=_flag(body.get("stream"), "stream"),
         include_usage=_flag(stream_options.get("include_usage"), "stream_options.include_usage"),
@@ -287,13 +292,13 @@ def _check_unsupported_values(body: Mapping) -> None:
         )
 
 
-def _integer(value: object, field: str, default, *, minimum: int):
+def _integer(value: object, field: str, default, *, minimum: int, maximum: int | None = None):
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise APIError(
-            400, f"`{field}` must be an integer of at least {minimum}, got {value!r}", param=field
-        )
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
+        wanted = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise APIError(400, f"`{field}` must be an integer {wanted}, got {value!r}", param=field)
     return value
 
 

@@ -34,6 +34,7 @@ from phi3v_app.chat import Answers
 from phi3v_app.chat_api import ChatAPI
 from phi3v_app.gradio_private import quiet_malformed_requests
 from phi3v_app.handlers import Handlers
+from phi3v_app.history import MAX_NEW_TOKENS
 from phi3v_app.loading import ModelLoader
 from phi3v_app.turns import ModelTurns
 
@@ -142,7 +143,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             with gr.Row():
                 max_new_tokens = gr.Slider(
                     1,
-                    4096,
+                    MAX_NEW_TOKENS,
                     value=DEFAULT_MAX_NEW_TOKENS,
                     step=1,
                     label="Max new tokens",

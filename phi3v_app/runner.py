@@ -235,9 +235,11 @@ class Answer:
 
     def _progress(self, ahead: int, turn_at: float | None) -> Event:
         stream = self._stream
-        if turn_at is None or stream is None:
+        if turn_at is None:
             return Queued(ahead)
         elapsed = time.monotonic() - turn_at
+        if stream is None:  # the turn is ours: the prompt and its pictures are being prepared
+            return Reading(Progress("preprocess"), elapsed, None)
         return Reading(stream.progress, elapsed, stream.estimated_first_token)
 
     def _usage(self) -> Usage:

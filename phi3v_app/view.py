@@ -97,6 +97,8 @@ def reading_status(progress: Progress, elapsed: float, estimate: float | None) -
     clock = _seconds(elapsed)
     if estimate is not None and estimate >= 2:
         clock += f" of about {duration(max(estimate, elapsed))}"
+    if progress.stage == "preprocess":
+        return status_line("busy", "Preparing your question…", clock)
     if progress.stage == "vision" and progress.total > 0:
         what = "the image" if progress.total == 1 else _count(progress.total, "image")
         return status_line("busy", f"Reading {what}…", clock)

@@ -29,7 +29,7 @@ import app
 from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
 from phi3v_app import cli, view
-from phi3v_app.chat import Answers, check_images, generation_options
+from phi3v_app.chat import Answers, check_images, failure_text, generation_options
 from phi3v_app.handlers import Handlers
 from phi3v_app.history import (
     ERROR_MARK,
@@ -45,6 +45,7 @@ from phi3v_app.history import (
     without_last_turn,
 )
 from phi3v_app.loading import ModelLoader, ModelStatus
+from phi3v_app.runner import Failed
 from phi3v_app.transcript import from_openai, to_markdown, to_openai
 from phi3v_app.turns import ModelTurns
 from tests.app_helpers import ask, first_launch, free_port, ready_loader, serve_demo, wait_until
@@ -158,13 +159,44 @@ def test_too_many_images_over_the_conversation_are_refused():
         check_limits(history[:-1])
 
 
-def test_a_forged_history_that_repeats_one_upload_is_refused_by_its_name():
+def test_a_picture_sent_again_is_taken_and_read_each_time_it_was_sent():
+    """Gradio keeps one file per content, so the same picture sent twice is the same path."""
     history = [user("One.", "/tmp/gradio/abc/cat.png"), bot("A cat."), user("Again?")]
-    history[-1] = user("Again?", "/tmp/gradio/abc/cat.png")
+    history[-1] = user("Again, with a dog?", "/tmp/gradio/abc/cat.png", "/tmp/gradio/d/dog.png")
+    check_limits(history)
+    messages, images = conversation(history)
+    assert images == ["/tmp/gradio/abc/cat.png"] * 2 + ["/tmp/gradio/d/dog.png"]
+    assert messages[-1]["content"].startswith("<|image_2|>\n<|image_3|>\n")
+
+
+def test_a_failure_reads_as_one_sentence_whatever_its_reason_ends_with():
+    for reason in ("send each picture once.", "send each picture once"):
+        text = failure_text(Failed("bad_input", reason))
+        assert text == "The request could not be answered: send each picture once."
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"", "is empty (0 bytes)"),
+        (None, "is damaged or cut short"),  # the first half of a real PNG
+        (b"%PDF-1.7", "is not a PNG, JPEG, WebP or GIF image"),
+    ],
+    ids=["empty", "damaged", "another-kind"],
+)
+def test_an_unreadable_upload_is_told_what_is_wrong_with_it(tmp_path, content, said):
+    upload = tmp_path / "holiday.png"
+    whole = SCENE.read_bytes()
+    upload.write_bytes(whole[: len(whole) // 2] if content is None else content)
     with pytest.raises(HistoryError) as refused:
-        check_limits(history)
-    assert "cat.png appears more than once" in str(refused.value)
-    assert "/tmp" not in str(refused.value)
+        check_images([str(upload)])
+    assert str(refused.value).startswith(f"holiday.png could not be read as a picture: it {said}")
+    assert str(tmp_path) not in str(refused.value) and "Pillow" not in str(refused.value)
+
+
+def test_while_the_pictures_are_prepared_the_status_says_so_not_waiting():
+    line = view.reading_status(Progress("preprocess"), 0.4, None)
+    assert "Preparing your question" in line and "Waiting" not in line
 
 
 def test_slider_values_become_stream_options_with_zero_and_one_meaning_off():
@@ -619,6 +651,27 @@ def test_a_damaged_picture_is_named_by_its_upload_name_and_the_next_call_works(
         assert leak not in message
     assert ask(client, "Then this one?", SCENE).result(timeout=ANSWER_TIMEOUT_S)
     assert "Traceback" not in capfd.readouterr().err  # bad input is logged in one line
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"num_crops": 0}, "num_crops must be from 1 to 16, got 0."),
+        ({"max_new_tokens": 5000}, "max_new_tokens must be from 1 to 4096, got 5000."),
+    ],
+)
+def test_a_chat_call_with_a_value_out_of_range_is_told_which_parameter(client, options, said):
+    call = {"text": "Hi", "images": [], "conversation_id": "", **options}
+    with pytest.raises(AppError, match=re.escape(said)):
+        client.submit(**call, api_name="/chat").result(timeout=ANSWER_TIMEOUT_S)
+    assert ask(client, "Still there?").result(timeout=ANSWER_TIMEOUT_S)
+
+
+def test_the_same_picture_twice_in_one_conversation_is_answered(client):
+    first = ask(client, "What is this?", SCENE, conversation_id="twice")
+    assert first.result(timeout=ANSWER_TIMEOUT_S)
+    again = ask(client, "And now?", SCENE, conversation_id="twice")
+    assert again.result(timeout=ANSWER_TIMEOUT_S)
 
 
 def test_a_refused_upload_is_logged_in_one_line(client, tmp_path, caplog):

@@ -186,6 +186,14 @@ def test_another_owner_decodes_the_same_picture_again(pipe, monkeypatch):
     assert len(decodes) == 1
 
 
+def test_a_picture_twice_in_one_prompt_is_read_by_the_vision_model_once(pipe, fresh, monkeypatch):
+    question = "<|image_1|>\n<|image_2|>\nAre these the same?"
+    vision_runs = count_vision_runs(pipe, monkeypatch)
+    answer = pipe.generate(question, [CHART, CHART], max_new_tokens=8, conversation="twice")
+    assert len(vision_runs) == 1
+    assert answer.token_ids == fresh.generate(question, [CHART, CHART], max_new_tokens=8).token_ids
+
+
 def test_a_pil_picture_is_decoded_each_time_but_its_features_are_kept(pipe, monkeypatch):
     picture = Image.open(CHART)
     ask(pipe, QUESTION, picture, owner="ada", conversation="first")

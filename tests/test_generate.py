@@ -436,16 +436,18 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_models_run(pipe,
 
     monkeypatch.setattr(pipe.sessions.vision, "run", fail)
     monkeypatch.setattr(pipe.sessions.embedding, "run", fail)
-    with pytest.raises(PromptError, match=r"the prompt is 131,072 tokens .* context is 131,072"):
+    with pytest.raises(PromptError, match=r"the prompt is 131,072 tokens; the model's context is"):
         pipe.stream(input_ids=[1] * 131072)
     with pytest.raises(PromptError, match=r"the prompt is [\d,]+ tokens"):
         pipe.stream("word " * 140_000)
 
 
-def test_a_prompt_over_the_servers_limit_is_refused_with_what_to_do(tiny_model_dir):
+def test_a_prompt_over_the_servers_limit_is_refused_with_what_to_do(tiny_model_dir, images):
     limited = Pipeline.load(tiny_model_dir, max_prompt_tokens=100)
-    with pytest.raises(LimitError, match=r"this server takes at most 100\. Use fewer or smaller"):
+    with pytest.raises(LimitError, match=r"at most 100\. Shorten the text or start a new"):
         limited.stream("word " * 200)
+    with pytest.raises(LimitError, match=r"\([\d,]+ of them for images\); .* Use fewer or"):
+        limited.stream("<|image_1|>\nWhat is this?", [images["landscape"]], num_crops=4)
     assert limited.generate("Hi", max_new_tokens=2).token_ids  # a short one is answered
 
 

@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from PIL import Image
 
 from phi3v import Pipeline
-from phi3v_app.history import typed_text
+from phi3v_app.history import MAX_NEW_TOKENS, typed_text
 from phi3v_app.openai_api import StopText, add_openai_routes
 from phi3v_app.turns import ModelTurns
 from tests.app_helpers import record_streams
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = "phi3v-tiny"
 PROMPT_LIMIT = 5000  # tokens: two images (~1,930 each at 16 crops) fit, "word " * 5000 does not
 SHORT = 24  # max_tokens of most questions
-ENDLESS = 20_000  # tokens the tiny model would take many seconds to write: time to cancel
+ENDLESS = MAX_NEW_TOKENS  # the longest answer a request may ask for: with each step slowed
+STEP_DELAY_S = 0.005  # ... by this, the tiny model takes 20 s to write it: time to cancel
 TIMEOUT_S = 60
 
 
@@ -367,6 +368,10 @@ def test_a_caller_that_leaves_mid_stream_cancels_the_generation_and_frees_the_tu
     pipe, monkeypatch
 ):
     streams = record_streams(pipe, monkeypatch)
+    step = pipe.sessions.embed_token
+    monkeypatch.setattr(
+        pipe.sessions, "embed_token", lambda *args: time.sleep(STEP_DELAY_S) or step(*args)
+    )
     with api_server(pipe, ModelTurns(max_waiting=0)) as (url, turns):
         api = client(url)
         question = [{"role": "user", "content": "Go on forever."}]
@@ -483,6 +488,9 @@ def test_a_prompt_over_the_servers_limit_is_a_400_context_length_exceeded(api, c
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"n": 2}, "n"),
         ({"seed": -1}, "seed"),
+        ({"max_tokens": 4097}, "max_tokens"),
+        ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
+        ({"extra_body": {"num_crops": 17}}, "num_crops"),
     ],
 )
 def test_a_bad_setting_is_a_400_naming_the_field(api, options, param):
