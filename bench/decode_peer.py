@@ -8,6 +8,8 @@ prompt (random token ids: decode time depends on lengths, not values), and then 
 ``--block`` decode steps of one, then of the other, ``--rounds`` times, the order swapped every
 round. Whatever the machine does reaches both alike. Both decode on the same int4 decoder with
 greedy search, so they must also produce the same tokens, which is checked step by step.
+onnxruntime-genai runs with as many threads as phi3v (``bench.py``'s genai-B: a copy of the
+folder's config asking for them; its own default takes half the cores).
 
 phi3v's steps are the engine's own (``Sessions.embed_token`` then ``KVCache.run`` on the int4
 decoder: what ``Pipeline.stream`` does per token, without the text decoding); onnxruntime-genai's
@@ -24,11 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from provenance import save
 from workers import stamp
+
+from bench import B_THREADS, make_config_b
 
 FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
 RUNTIMES = ("phi3v", "onnxruntime-genai")
@@ -48,7 +54,9 @@ def measure(model: str, length: int, block: int, rounds: int) -> dict:
     logits = pipe._prefill(cache, pipe.sessions.embed(ids[None], {}), RunState(started))
     prefill = {"phi3v": time.perf_counter() - started}
 
-    genai = og.Model(og.Config(model))
+    # onnxruntime-genai as bench.py's genai-B: threads = cores (its default takes half of them).
+    peer_folder = make_config_b(Path(model), Path(tempfile.mkdtemp(prefix="decode-peer-")))
+    genai = og.Model(og.Config(str(peer_folder)))
     params = og.GeneratorParams(genai)
     params.set_search_options(max_length=length + steps + 1, do_sample=False)
     generator = og.Generator(genai, params)
@@ -86,6 +94,7 @@ def measure(model: str, length: int, block: int, rounds: int) -> dict:
         "prefill_s": prefill,
         "step_ms": ms,
         "same_tokens": ours[:same] == theirs[:same],
+        "genai_threads": B_THREADS,
         "tokens_compared": same,
     }
 
@@ -132,7 +141,8 @@ def report(result: dict) -> str:
             f"A prompt of {result['length']:,} random ids on `{result['model']}`, then "
             f"{result['rounds']} rounds of {result['block']} greedy decode steps per runtime, "
             "the order swapped each round; a step's median leaves out the first step of each "
-            "block.",
+            f"block. onnxruntime-genai with {result['genai_threads']} intra-op threads (bench.py's "
+            "genai-B), phi3v with onnxruntime's default (one per core).",
             "",
             "| runtime | prefill s | decode ms per step (median) | median of each round, ms |",
             "|---|---|---|---|",

@@ -8,6 +8,9 @@
   sliders and an unnamed edit box.
 - A disabled control says why in its tooltip (its ``title``), from the page's state: an answer
   on its way (Stop is enabled), the model still loading or not available (the model box).
+- An empty chat shows its instructions and the first example from the top: Gradio scrolls the
+  chat to its end as it renders, which on a phone hid both. Until the visitor scrolls or touches
+  the page, an empty chat is kept at its top; a chat with messages is left to Gradio.
 - The example cards say how long their first words take on this machine: the server writes
   the texts into a hidden element (:func:`phi3v_app.view.example_times`), copied onto the cards
   here (Gradio's example cards cannot be re-rendered with new text).
@@ -118,12 +121,24 @@ function showExampleTimes() {
     if (line.textContent !== text) line.textContent = text;
   });
 }
+let visitorScrolled = false;
+for (const kind of ["wheel", "touchstart", "pointerdown", "keydown"])
+  document.addEventListener(kind, () => { visitorScrolled = true; }, {capture: true, passive: true});
+function keepEmptyChatAtTop() {
+  const chat = document.querySelector("#chat");
+  if (!chat) return;
+  if (chat.querySelector(".message-row")) { visitorScrolled = false; return; }  // for a Clear
+  if (visitorScrolled) return;
+  for (const box of chat.querySelectorAll("*"))
+    if (box.scrollTop > 0 && box.scrollHeight > box.clientHeight + 1) box.scrollTop = 0;
+}
 let updating = false;
 new MutationObserver(() => {
   if (updating) return;
   updating = true;
   requestAnimationFrame(() => {
-    nameControls(); explainControls(); showExampleTimes(); updating = false;
+    nameControls(); explainControls(); showExampleTimes(); keepEmptyChatAtTop();
+    updating = false;
   });
 }).observe(document.documentElement,
            {subtree: true, childList: true, characterData: true, attributes: true,

@@ -653,6 +653,19 @@ def test_the_layout_fits_the_screen(browser, live, viewport, name):
     page.close()
 
 
+def test_an_empty_chat_on_a_phone_opens_at_its_instructions_and_first_example(browser, live):
+    page = open_page(browser, live[0], PHONE, is_mobile=True, has_touch=True)
+    expect(prompt(page)).to_be_enabled()
+    first = page.locator("#chat button.example").first
+    expect(first).to_be_visible()
+    page.wait_for_timeout(1000)  # Gradio's own scrolling after its renders
+    chat = page.locator("#chat").bounding_box()
+    card = first.bounding_box()
+    assert card["y"] >= chat["y"] - 1, "the first example is not scrolled out above the chat"
+    assert card["y"] + card["height"] <= chat["y"] + chat["height"] + 1
+    page.close()
+
+
 # --- the model box -------------------------------------------------------------------------------
 
 
