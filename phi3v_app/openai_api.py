@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -149,7 +150,7 @@ async def _chat_completions(request: Request, settings: _Settings) -> Response:
     images = await run_in_threadpool(
         _load_images, chat.images, settings.allow_remote_images, settings.max_image_bytes
     )
-    events = _Events(settings.runner.start(_question(chat, images)), request)
+    events = _Events(settings.runner.start(_question(chat, images)), request, chat.image_params)
     try:
         first = await events.started()
     except _CallerGone:
@@ -293,9 +294,10 @@ class _CallerGone(Exception):
 class _Events:
     """One answer's events (:mod:`phi3v_app.runner`), awaited between looks at the caller."""
 
-    def __init__(self, answer: runner.Answer, request: Request):
+    def __init__(self, answer: runner.Answer, request: Request, image_params: tuple[str, ...]):
         self.answer = answer
         self.request = request
+        self.image_params = image_params  # where each image was, to name a bad one
         self._events = answer.events(tick=POLL_S)
 
     async def next(self) -> runner.Event:
@@ -311,15 +313,16 @@ class _Events:
         while isinstance(event := await self.next(), runner.Queued):
             pass
         if isinstance(event, runner.Failed):
-            raise _failure_error(event)
+            raise _failure_error(event, self.image_params)
         return event
 
     def cancel(self) -> None:
         self.answer.cancel()
 
 
-def _failure_error(failed: runner.Failed) -> APIError:
-    """A failed answer as OpenAI's error: 429 busy, 503 not ready, 400 bad input, 500 else."""
+def _failure_error(failed: runner.Failed, image_params: tuple[str, ...] = ()) -> APIError:
+    """A failed answer as OpenAI's error: 429 busy, 503 not ready, 400 bad input (naming the
+    image at fault from ``image_params``, where each image was), 500 else."""
     if failed.kind == "busy":
         return APIError(
             429,
@@ -331,13 +334,25 @@ def _failure_error(failed: runner.Failed) -> APIError:
         return _not_ready()
     if failed.kind == "too_large":
         return APIError(400, failed.reason, param="messages", code="context_length_exceeded")
-    if failed.kind in ("bad_image", "bad_input"):
+    if failed.kind == "bad_image":
+        return APIError(400, failed.reason, param=_bad_image_param(failed.reason, image_params))
+    if failed.kind == "bad_input":
         return APIError(400, failed.reason)
     return APIError(
         500,
         f"the generation failed ({failed.reason}); the server log has details",
         type="server_error",
     )
+
+
+def _bad_image_param(reason: str, image_params: tuple[str, ...]) -> str | None:
+    """Where the image an ImageError is about was: the engine says "image N of M: ..." when
+    there are several, nothing when there is one."""
+    if len(image_params) == 1:
+        return image_params[0]
+    found = re.match(r"image (\d+) of \d+: ", reason)
+    number = int(found[1]) if found else 0
+    return image_params[number - 1] if 0 < number <= len(image_params) else None
 
 
 def _not_ready() -> APIError:

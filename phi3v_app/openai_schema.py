@@ -80,6 +80,7 @@ class ChatRequest:
 
     messages: tuple[dict[str, str], ...]  # phi3v messages, images as <|image_N|> tags
     images: tuple[bytes | RemoteImage, ...]  # images[N-1] is <|image_N|>
+    image_params: tuple[str, ...] = ()  # where each image was in the request, for its errors
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float | None = None
@@ -113,7 +114,7 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
         if body.get(field):
             raise APIError(400, f"`{field}` is not supported by this server", param=field)
     _check_unsupported_values(body)
-    messages, images = _conversation(body.get("messages"), max_images, max_image_bytes)
+    messages, images, places = _conversation(body.get("messages"), max_images, max_image_bytes)
     max_tokens = body.get("max_completion_tokens")
     max_tokens_field = "max_completion_tokens"
     if max_tokens is None:
@@ -124,6 +125,7 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
     return ChatRequest(
         messages=messages,
         images=images,
+        image_params=places,
         max_new_tokens=_integer(
             max_tokens, max_tokens_field, DEFAULT_MAX_NEW_TOKENS, minimum=1, maximum=MAX_NEW_TOKENS
         ),
@@ -182,7 +184,8 @@ def too_large(where: str, max_bytes: int) -> APIError:
 
 def _conversation(
     messages: object, max_images: int, max_image_bytes: int
-) -> tuple[tuple[dict[str, str], ...], tuple[bytes | RemoteImage, ...]]:
+) -> tuple[tuple[dict[str, str], ...], tuple[bytes | RemoteImage, ...], tuple[str, ...]]:
+    """The messages as phi3v's, their images in order, and where each image was."""
     if not isinstance(messages, list) or not messages:
         raise APIError(
             400,
@@ -191,6 +194,7 @@ def _conversation(
         )
     converted: list[dict[str, str]] = []
     images: list[bytes | RemoteImage] = []
+    places: list[str] = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
@@ -204,8 +208,16 @@ def _conversation(
                 param=f"{where}.role",
             )
         content = _content(message.get("content"), role, where, images, max_images, max_image_bytes)
+        places += [f"{where}.content[{n}]" for n in _image_parts(message.get("content"), role)]
         converted.append({"role": ROLES[role], "content": content})
-    return tuple(converted), tuple(images)
+    return tuple(converted), tuple(images), tuple(places)
+
+
+def _image_parts(content: object, role: str) -> list[int]:
+    """The places of a (checked) message's image parts in its content list."""
+    if role != "user" or not isinstance(content, list):
+        return []
+    return [n for n, part in enumerate(content) if part.get("type") == "image_url"]
 
 
 def _content(

@@ -122,8 +122,9 @@ function showExampleTimes() {
   });
 }
 let visitorScrolled = false;
+const scrolled = () => { visitorScrolled = true; };
 for (const kind of ["wheel", "touchstart", "pointerdown", "keydown"])
-  document.addEventListener(kind, () => { visitorScrolled = true; }, {capture: true, passive: true});
+  document.addEventListener(kind, scrolled, {capture: true, passive: true});
 function keepEmptyChatAtTop() {
   const chat = document.querySelector("#chat");
   if (!chat) return;

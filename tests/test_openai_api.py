@@ -435,6 +435,24 @@ def test_a_bad_image_part_is_a_400_that_says_what_is_wrong(api, content, message
     assert_one_log_line_without_traceback(caplog, refused.body["message"])
 
 
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([text_part("What is it?"), image_part(b"just some text")], "messages[1].content[1]"),
+        (
+            [image_part(png("red")), text_part("and"), image_part(png("blue")[:40])],
+            "messages[1].content[2]",
+        ),
+    ],
+    ids=["the only image", "the second of two"],
+)
+def test_an_image_that_cannot_be_read_is_named_by_where_it_was(api, content, param):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+    refused = refusal(api, messages)
+    assert refused.status_code == 400
+    assert refused.body["param"] == param
+
+
 def assert_one_log_line_without_traceback(caplog, message: str) -> None:
     lines = [r for r in caplog.records if r.name == "phi3v.app.openai"]
     assert len(lines) == 1 and message in lines[0].getMessage()
