@@ -185,9 +185,11 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         timer = gr.Timer(1.0, active=start.phase not in ("ready", "failed"))
         examples_timer = gr.Timer(1.0, active=False)  # on at page load while they are timed
         with gr.Group(visible=False):  # the /chat endpoint's inputs and output
+            # A value makes the parameter optional in the API (view_api(), the clients):
+            # a one-off text question needs neither pictures nor a conversation id.
             api_text = gr.Textbox(label="text")
-            api_images = gr.File(label="images", file_count="multiple")  # checked in chat()
-            api_conversation = gr.Textbox(label="conversation_id")
+            api_images = gr.File(label="images", file_count="multiple", value=[])  # see chat()
+            api_conversation = gr.Textbox(label="conversation_id", value="")
             api_answer = gr.Textbox(label="answer")
             api_trigger = gr.Button("chat")
 

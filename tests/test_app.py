@@ -667,6 +667,17 @@ def test_a_chat_call_with_a_value_out_of_range_is_told_which_parameter(client, o
     assert ask(client, "Still there?").result(timeout=ANSWER_TIMEOUT_S)
 
 
+def test_a_one_off_text_question_needs_only_its_text(client):
+    parameters = {
+        p["parameter_name"]: p
+        for p in client.view_api(return_format="dict")["named_endpoints"]["/chat"]["parameters"]
+    }
+    assert not parameters["text"]["parameter_has_default"]
+    assert parameters["images"]["parameter_has_default"]
+    assert parameters["conversation_id"]["parameter_has_default"]
+    assert client.predict(text="Hello?", max_new_tokens=8, api_name="/chat")
+
+
 def test_the_same_picture_twice_in_one_conversation_is_answered(client):
     first = ask(client, "What is this?", SCENE, conversation_id="twice")
     assert first.result(timeout=ANSWER_TIMEOUT_S)
