@@ -29,7 +29,7 @@ from phi3v.image import (
     ProcessedImage,
     check_num_crops,
     describe_image,
-    preprocess_image,
+    preprocess_data,
     read_image,
     source_digest,
 )
@@ -278,11 +278,11 @@ class Pipeline:
         scope) holds its features, so nothing is decoded, else preprocessed now."""
         try:
             data = read_image(image)
-            source = source_digest(data, num_crops)
+            source, what = source_digest(data, num_crops), describe_image(image)
             known = self._features.recall(
-                scope, source, lambda: preprocess_image(data, num_crops).pixel_values
+                scope, source, lambda: preprocess_data(data, num_crops, what, source).pixel_values
             )
-            return known or preprocess_image(data, num_crops, what=describe_image(image))
+            return known or preprocess_data(data, num_crops, what, source)
         except ImageError as err:
             if count == 1:
                 raise

@@ -114,10 +114,10 @@ class FeatureCache:
         if not source:
             return None
         with self._lock:
-            for key in ((scope, source), (PUBLIC, source)):
-                image = self._sources.get(key) if key[0] is not None else None
-                if image is not None and (key[0], image) in self._entries:
-                    digest, num_crops, (height, width) = image
+            for where in (scope, PUBLIC):
+                key = self._sources.get((where, source)) if where is not None else None
+                if key is not None and (where, key) in self._entries:
+                    digest, num_crops, (height, width) = key
                     return ProcessedImage(
                         pixels,
                         (height, width),

@@ -118,18 +118,23 @@ def num_image_tokens(height: int, width: int) -> int:
     return (rows * cols + 1) * TOKENS_PER_TILE + 1 + (rows + 1) * TOKENS_PER_ROW
 
 
-def preprocess_image(
-    image: ImageInput, num_crops: int = MAX_CROPS, *, what: str | None = None
-) -> ProcessedImage:
+def preprocess_image(image: ImageInput, num_crops: int = MAX_CROPS) -> ProcessedImage:
     """Turn a path, raw bytes or PIL image into the vision model's inputs.
 
     ``num_crops`` (1..16) bounds the number of 336x336 tiles; fewer tiles mean fewer image
-    tokens and a faster, coarser answer. ``what`` names the image in error messages (default:
-    from ``image``). Raises :class:`ImageError` for anything unreadable.
+    tokens and a faster, coarser answer. Raises :class:`ImageError` for anything unreadable.
     """
     check_num_crops(num_crops)
     data = read_image(image)
-    rgb = hd_transform(load_rgb(data, what or describe_image(image)), num_crops)
+    return preprocess_data(data, num_crops, describe_image(image), source_digest(data, num_crops))
+
+
+def preprocess_data(
+    data: bytes | Image.Image, num_crops: int, what: str, source: bytes
+) -> ProcessedImage:
+    """:func:`preprocess_image` of what :func:`read_image` returned, for a caller that has its
+    :func:`source_digest` already (``source``); ``what`` names the image in error messages."""
+    rgb = hd_transform(load_rgb(data, what), num_crops)
     pixels = normalize(rgb)
     height, width = pixels.shape[1:]
     crops = split_crops(pixels)
@@ -143,7 +148,7 @@ def preprocess_image(
         (height, width),
         num_image_tokens(height, width),
         digest.digest(),
-        source=source_digest(data, num_crops),
+        source=source,
     )
 
 
