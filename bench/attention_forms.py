@@ -45,6 +45,7 @@ import attention_kernel
 import numpy as np
 import tables
 from provenance import RESULTS, commit, save
+from workers import MARK, parse_or_serve
 
 HEADS, HEAD = 32, 96  # Phi-3-mini: 32 query heads of 96, as many key/value heads
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
@@ -52,7 +53,6 @@ LAYERS = 32
 BLOCK = 256  # query rows per block of the block-causal forms
 FLASH_OFF = "ORT_GQA_DISABLE_FLASH_ATTENTION"
 TARGET_SHARE = 0.25  # issue 16: prefill attention <= 25 % of prefill time
-MARK = "RESULT "
 # A timed process is repeated (up to RETRIES times) when other processes kept more than this
 # share of the CPUs busy while it ran: with 2 threads on 2 cores, any such load distorts it.
 DISTURBED, RETRIES = 0.05, 4
@@ -448,10 +448,7 @@ def main() -> None:
         "--name", default="attention_forms", help="results file stem (default: %(default)s)"
     )
     parser.add_argument("--positions", type=int, default=POSITIONS, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(MARK + json.dumps(worker(**json.loads(args.worker))), flush=True)
+    if (args := parse_or_serve(parser, worker)) is None:
         return
     from phi3v import machine
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 from pathlib import Path
 
 from provenance import commit, save
-from workers import report_result, run_worker
+from workers import parse_or_serve, run_worker
 
 from phi3v import machine
 
@@ -51,10 +50,7 @@ def main() -> None:
     parser.add_argument(
         "--name", default="decode_check", help="results file stem (default: %(default)s)"
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        report_result(worker(**json.loads(args.worker)))
+    if (args := parse_or_serve(parser, worker)) is None:
         return
     started = os.getloadavg()
     runs = []

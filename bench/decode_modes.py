@@ -16,14 +16,13 @@ Writes ``bench/results/decode_modes.{json,md}`` (``--name``: another stem, for a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
 
 import tables
 from provenance import save
-from workers import alternate, report_result, stamp
+from workers import alternate, parse_or_serve, stamp
 
 PATHS = ("fused kernel", "GroupQueryAttention")
 QUESTION = "Describe the picture."
@@ -64,11 +63,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--name", default="decode_modes")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        return report_result(worker(spec["model"], spec["image"], spec["path"], spec["repeats"]))
+    if (args := parse_or_serve(parser, worker)) is None:
+        return
     if args.model is None:
         parser.error("--model is required")
     from bench import make_image

@@ -18,7 +18,6 @@ Writes ``bench/results/layered_prefill.{json,md}`` (``--name``: another stem, fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import tables
 from provenance import save
-from workers import alternate, report_result, stamp
+from workers import alternate, parse_or_serve, stamp
 
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 PATHS = ("fused kernel", "GroupQueryAttention")
@@ -100,11 +99,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--name", default="layered_prefill")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        return report_result(worker(spec["model"], spec["path"]))
+    if (args := parse_or_serve(parser, worker)) is None:
+        return
     if args.model is None:
         parser.error("--model is required")
     from phi3v import convert, load_config

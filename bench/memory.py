@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import resource
 from pathlib import Path
 
 import tables
 from provenance import save
-from workers import report_result, run_worker
+from workers import parse_or_serve, run_worker
 
 NEW_TOKENS = 4
 MIB = 1 << 20
@@ -63,11 +62,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--lengths", default="512,2048,8192,32768")
     parser.add_argument("--precision", default="exact", choices=("exact", "fast", "auto"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        report_result(worker(**spec))
+    if (args := parse_or_serve(parser, worker)) is None:
         return
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):

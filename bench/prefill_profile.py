@@ -29,7 +29,7 @@ from pathlib import Path
 
 import tables
 from provenance import commit, save
-from workers import report_result, run_worker
+from workers import parse_or_serve, run_worker
 
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 CROPS = 13  # the crops that photo's HD grid uses (1 global + 3 x 4)
@@ -181,10 +181,7 @@ def main() -> None:
         metavar="LABEL=DIR",
         help="a folder of copies made elsewhere (an earlier converter), timed as one more row",
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        report_result(worker(**json.loads(args.worker)))
+    if (args := parse_or_serve(parser, worker)) is None:
         return
     if not args.model:
         parser.error("--model is required")

@@ -6,11 +6,13 @@ run's caches and allocator state out of the next.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 MARK = "RESULT "
@@ -30,6 +32,20 @@ def run_worker(script: str | Path, spec: dict, *args: str) -> dict:
 def report_result(result: dict) -> None:
     """In the worker: hand ``result`` back to :func:`run_worker`."""
     print(MARK + json.dumps(result), flush=True)
+
+
+def parse_or_serve(
+    parser: argparse.ArgumentParser, worker: Callable[..., dict]
+) -> argparse.Namespace | None:
+    """Parse the command line, with the hidden ``--worker SPEC`` that :func:`run_worker` passes.
+    In a worker process: run ``worker(**spec)``, report its result and return None; else the
+    arguments."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        report_result(worker(**json.loads(args.worker)))
+        return None
+    return args
 
 
 def alternate(script: str | Path, specs: dict[str, dict], runs: int) -> dict[str, list[dict]]:
