@@ -207,23 +207,24 @@ def _conversation(
                 "assistant messages",
                 param=f"{where}.role",
             )
-        content = _content(message.get("content"), role, where, images, max_images, max_image_bytes)
-        places += [f"{where}.content[{n}]" for n in _image_parts(message.get("content"), role)]
+        content = _content(
+            message.get("content"), role, where, images, places, max_images, max_image_bytes
+        )
         converted.append({"role": ROLES[role], "content": content})
     return tuple(converted), tuple(images), tuple(places)
 
 
-def _image_parts(content: object, role: str) -> list[int]:
-    """The places of a (checked) message's image parts in its content list."""
-    if role != "user" or not isinstance(content, list):
-        return []
-    return [n for n, part in enumerate(content) if part.get("type") == "image_url"]
-
-
 def _content(
-    content: object, role: str, where: str, images: list, max_images: int, max_image_bytes: int
+    content: object,
+    role: str,
+    where: str,
+    images: list,
+    places: list[str],
+    max_images: int,
+    max_image_bytes: int,
 ) -> str:
-    """One message's content as phi3v text; its image parts are appended to ``images``."""
+    """One message's content as phi3v text; its image parts are appended to ``images``, and
+    where each was to ``places``."""
     if isinstance(content, str):
         return typed_text(content) if role == "user" else content
     if not isinstance(content, list):
@@ -251,6 +252,7 @@ def _content(
                     code="too_many_images",
                 )
             images.append(_image(part.get("image_url"), here, max_image_bytes))
+            places.append(here)
             pieces.append(f"<|image_{len(images)}|>")
         elif kind == "image_url":
             raise APIError(400, f"{here}: images go in user messages only", param=here)
