@@ -38,6 +38,9 @@ from phi3v_app.transcript import from_openai, to_markdown, to_openai
 
 log = logging.getLogger("phi3v.app")
 
+# The Parameters sliders, in the order the page lists them as the answer's inputs.
+PARAMETERS = ("max_new_tokens", "temperature", "top_p", "top_k", "num_crops")
+
 SAVED_CHATS = Path(tempfile.gettempdir()) / "phi3v-chats"  # downloads, and loaded pictures
 
 
@@ -59,6 +62,11 @@ def _saved_chat(text: str, suffix: str) -> str:
     return str(path)
 
 
+def _unanswered(history: list[dict]) -> bool:
+    """Whether the chat ends with a question that has no reply."""
+    return bool(history) and history[-1].get("role") == "user"
+
+
 def _skip(value):
     return gr.skip() if value is None else value
 
@@ -77,17 +85,19 @@ class Handlers:
 
     # --- the model box ---------------------------------------------------------------------
 
-    def refresh(self, request: gr.Request):
-        """The model box, the input's state, the crops default, the poll timer, Try again."""
+    def refresh(self, parameters, request: gr.Request):
+        """The model box, the input's state, the crops default (unless this browser chose its
+        own, ``parameters``), the poll timer, Try again."""
         status = self.loader.status()
         ready, failed = status.phase == "ready", status.phase == "failed"
         free = ready and not self.answers.pending(session_of(request))
+        chosen = isinstance(parameters, dict) and "num_crops" in parameters
         return (
             view.model_panel(status),
             gr.MultimodalTextbox(
                 interactive=free, placeholder=view.input_placeholder(status.phase)
             ),
-            gr.Slider(value=status.num_crops) if ready else gr.Slider(),
+            gr.Slider(value=status.num_crops) if ready and not chosen else gr.Slider(),
             gr.Timer(active=not (ready or failed)),
             gr.Button(visible=failed),
         )
@@ -121,12 +131,49 @@ class Handlers:
 
     @staticmethod
     def restore(saved, shown):
-        """The chat this browser had before a reload (none if the server dropped its pictures:
-        the conversation could not go on about them). A chat already going on is kept."""
+        """The chat this browser had before a reload: (chat, input, status line). None if the
+        server dropped its pictures (the conversation could not go on about them); a chat
+        already going on is kept. A question the reload cut off before its answer ended (the
+        chat is saved as each question is sent) goes back into the input, to send again."""
         if shown:
-            return gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         saved = [message for message in saved or [] if isinstance(message, dict)]
-        return saved if all(_files_exist(message) for message in saved) else []
+        if not all(_files_exist(message) for message in saved):
+            return [], gr.skip(), gr.skip()
+        if not _unanswered(saved):
+            return saved, gr.skip(), gr.skip()
+        answered = without_last_turn(saved)
+        asked = [message_parts(message["content"]) for message in saved[len(answered) :]]
+        question = {
+            "text": "\n".join(text for text, _ in asked if text),
+            "files": [path for _, files in asked for path in files],
+        }
+        return (
+            answered,
+            gr.MultimodalTextbox(value=question),
+            view.status_line(
+                "stopped",
+                "Not answered",
+                "the page was reloaded before the answer came: your question is back in the "
+                "box, send it again",
+            ),
+        )
+
+    @staticmethod
+    def restore_parameters(saved):
+        """The Parameters as this browser last set them (each one it never set as it is)."""
+        saved = saved if isinstance(saved, dict) else {}
+        return tuple(
+            gr.Slider(value=value)
+            if isinstance(value := saved.get(name), int | float) and not isinstance(value, bool)
+            else gr.skip()
+            for name in PARAMETERS
+        )
+
+    @staticmethod
+    def save_parameters(*values):
+        """The Parameters as set now, to keep in the browser."""
+        return dict(zip(PARAMETERS, values, strict=True))
 
     def send(self, history, message, request: gr.Request):
         history = list(history or [])

@@ -180,8 +180,10 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
             )
         gr.Markdown(API_NOTE, elem_id="api-note")
         # The chat survives a reload: kept in this browser (encrypted with a key of this
-        # server process), saved whenever an answer ends.
+        # server process), saved as each question is sent and whenever an answer ends.
         saved = gr.BrowserState([], storage_key="phi3v-chat")
+        # The Parameters this browser set, kept the same way (as each one is set).
+        saved_parameters = gr.BrowserState({}, storage_key="phi3v-parameters")
         timer = gr.Timer(1.0, active=start.phase not in ("ready", "failed"))
         examples_timer = gr.Timer(1.0, active=False)  # on at page load while they are timed
         with gr.Group(visible=False):  # the /chat endpoint's inputs and output
@@ -205,6 +207,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         ask = dict(fn=handlers.answer, inputs=[chatbot, *params], outputs=[chatbot, status])
 
         def then_answer(event):
+            event.then(lambda history: history, chatbot, saved, **control)  # the question
             answered = event.then(**ask, concurrency_limit=None, **private)
             settled = answered.then(handlers.settle, chatbot, [*controls, saved], **control)
             settled.then(handlers.export, chatbot, downloads, **control)
@@ -236,12 +239,15 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         )
 
         watched = [panel, chat_input, num_crops, timer, load_again]
-        timer.tick(handlers.refresh, None, watched, **control)
-        demo.load(handlers.refresh, None, watched, **control)
+        timer.tick(handlers.refresh, saved_parameters, watched, **control)
+        demo.load(handlers.refresh, saved_parameters, watched, **control)
         timed = [example_times, examples_timer]
         examples_timer.tick(handlers.example_times, None, timed, **control)
         demo.load(handlers.example_times, None, timed, **control)
-        demo.load(handlers.restore, [saved, chatbot], chatbot, **control)
+        demo.load(handlers.restore, [saved, chatbot], [chatbot, chat_input, status], **control)
+        demo.load(handlers.restore_parameters, saved_parameters, params, **control)
+        for slider in params:
+            slider.input(handlers.save_parameters, params, saved_parameters, **control)
         load_again.click(handlers.restart_loading, None, [panel, timer, load_again], **control)
 
         api_trigger.click(

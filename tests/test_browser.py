@@ -514,6 +514,37 @@ def test_the_chat_survives_a_reload(page):
     assert _squeezed(answer_text(page)) == _squeezed(answer)
 
 
+def test_a_reload_during_an_answer_gives_the_question_back(browser, live):
+    url, app = live
+    page = open_page(browser, url)
+    set_max_new_tokens(page, LONG)
+    ask(page, "Which month had the most rain?", CHART)
+    expect(page.locator("#chat [data-testid='bot']")).to_have_count(1)  # the answer streams
+    page.reload()
+    expect(status(page)).to_contain_text("Not answered")
+    expect(prompt(page)).to_have_value("Which month had the most rain?")
+    expect(page.locator("#chat-input img")).to_have_count(1)  # its picture, attached again
+    expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
+    wait_until(lambda: not app.turns.busy)  # the answer nobody watches any more was stopped
+    expect(prompt(page)).to_be_enabled()
+    prompt(page).press("Enter")
+    expect(page.locator("#chat [data-testid='user'] img")).to_have_count(1)
+    expect(status(page)).to_contain_text("Answering")
+    page.get_by_role("button", name="Stop").click()
+    expect(status(page)).to_contain_text("Stopped")
+    page.close()
+
+
+def test_the_parameters_survive_a_reload(page):
+    set_max_new_tokens(page, "77")
+    page.reload()
+    page.get_by_role("button", name="Parameters").click()
+    field = page.locator("input[aria-label='number input for Max new tokens']")
+    expect(field).to_have_value("77")
+    crops = page.locator("input[aria-label='number input for Image detail (crops)']")
+    expect(crops).not_to_have_value("")  # the model's own default, untouched
+
+
 def _squeezed(text: str) -> str:
     return "".join(text.split())
 
