@@ -11,6 +11,12 @@ greedy search, so they must also produce the same tokens, which is checked step 
 onnxruntime-genai runs with as many threads as phi3v (``bench.py``'s genai-B: a copy of the
 folder's config asking for them; its own default takes half the cores).
 
+The order in which the two load matters as well: in one process the runtime loaded first
+decoded 5-20 % slower than the other, whichever it was (five runs with phi3v first, then one
+with onnxruntime-genai first, which reversed the gap). So each of ``--processes`` rounds runs
+one process per load order, and the speed ratio is the geometric mean over all processes, an
+equal number with each runtime first.
+
 phi3v's steps are the engine's own (``Sessions.embed_token`` then ``KVCache.run`` on the int4
 decoder: what ``Pipeline.stream`` does per token, without the text decoding); onnxruntime-genai's
 are ``Generator.generate_next_token``. Both hold their weights and a KV cache for the prompt, so
@@ -18,12 +24,13 @@ the process needs about twice one runtime's memory (11 GB at 1,935 positions on 
 set).
 
     python bench/decode_peer.py --model /tmp/scale [--length 1935] [--block 8] [--rounds 8]
-        [--name decode_peer]
+        [--processes 2] [--name decode_peer]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from provenance import save
-from workers import stamp
+from workers import alternate, parse_or_serve, stamp
 
 from bench import B_THREADS, make_config_b
 
@@ -40,7 +47,9 @@ FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
 RUNTIMES = ("phi3v", "onnxruntime-genai")
 
 
-def measure(model: str, length: int, block: int, rounds: int) -> dict:
+def measure(model: str, length: int, block: int, rounds: int, first: str) -> dict:
+    """One process: both runtimes loaded (``first`` loads and reads the prompt first), then
+    their decode steps in alternating blocks."""
     import onnxruntime_genai as og
 
     from phi3v import Pipeline
@@ -48,23 +57,35 @@ def measure(model: str, length: int, block: int, rounds: int) -> dict:
 
     ids = np.random.default_rng(length).integers(1000, 30000, length)
     steps = block * rounds
-    pipe = Pipeline.load(model, precision="exact")
-    cache = pipe._new_cache(length + steps + 1)
-    started = time.perf_counter()
-    logits = pipe._prefill(cache, pipe.sessions.embed(ids[None], {}), RunState(started))
-    prefill = {"phi3v": time.perf_counter() - started}
+    prefill: dict[str, float] = {}
+    loaded: dict = {}
 
-    # onnxruntime-genai as bench.py's genai-B: threads = cores (its default takes half of them).
-    peer_folder = make_config_b(Path(model), Path(tempfile.mkdtemp(prefix="decode-peer-")))
-    genai = og.Model(og.Config(str(peer_folder)))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=length + steps + 1, do_sample=False)
-    generator = og.Generator(genai, params)
-    started = time.perf_counter()
-    generator.append_tokens(ids[None].astype(np.int32))
-    prefill["onnxruntime-genai"] = time.perf_counter() - started
+    def load_phi3v() -> None:
+        pipe = Pipeline.load(model, precision="exact")
+        cache = pipe._new_cache(length + steps + 1)
+        started = time.perf_counter()
+        logits = pipe._prefill(cache, pipe.sessions.embed(ids[None], {}), RunState(started))
+        prefill["phi3v"] = time.perf_counter() - started
+        loaded.update(pipe=pipe, cache=cache, logits=logits)
 
-    token = int(np.argmax(logits[: pipe.vocab_limit]))
+    def load_genai() -> None:
+        # onnxruntime-genai as bench.py's genai-B: threads = cores (its default takes half).
+        folder = make_config_b(Path(model), Path(tempfile.mkdtemp(prefix="decode-peer-")))
+        genai = og.Model(og.Config(str(folder)))
+        params = og.GeneratorParams(genai)
+        params.set_search_options(max_length=length + steps + 1, do_sample=False)
+        generator = og.Generator(genai, params)
+        started = time.perf_counter()
+        generator.append_tokens(ids[None].astype(np.int32))
+        prefill["onnxruntime-genai"] = time.perf_counter() - started
+        loaded.update(genai=genai, generator=generator)
+
+    loads = {"phi3v": load_phi3v, "onnxruntime-genai": load_genai}
+    for name in (first, *(n for n in RUNTIMES if n != first)):
+        loads[name]()
+    pipe, cache, generator = loaded["pipe"], loaded["cache"], loaded["generator"]
+
+    token = int(np.argmax(loaded["logits"][: pipe.vocab_limit]))
     ours = [token]
 
     def phi3v_step() -> None:
@@ -87,48 +108,80 @@ def measure(model: str, length: int, block: int, rounds: int) -> dict:
     theirs = generator.get_sequence(0)[length:].tolist()
     same = min(len(ours), len(theirs))
     return {
-        "model": model,
-        "length": length,
-        "block": block,
-        "rounds": rounds,
+        "first": first,
         "prefill_s": prefill,
         "step_ms": ms,
         "same_tokens": ours[:same] == theirs[:same],
-        "genai_threads": B_THREADS,
         "tokens_compared": same,
     }
 
 
-def summary(result: dict) -> dict:
-    """Per runtime: the median step over all rounds (the first block of each left out: the
-    first steps after a switch pay for the other runtime's evicted caches alike), the median
-    of each round; and phi3v's speed over onnxruntime-genai's (above 1: phi3v faster)."""
+def process_summary(process: dict) -> dict:
+    """One process: per runtime the median step over all rounds (the first step of each block
+    left out: the first steps after a switch pay for the other runtime's evicted caches alike)
+    and the median of each round; phi3v's speed over onnxruntime-genai's (above 1: phi3v
+    faster) and the rounds phi3v was faster in."""
     found = {}
-    for name, blocks in result["step_ms"].items():
+    for name, blocks in process["step_ms"].items():
         steps = [ms for times in blocks for ms in times[1:]]
         found[name] = {
             "median_ms": statistics.median(steps),
             "rounds_ms": [statistics.median(times) for times in blocks],
         }
-    ours, theirs = found["phi3v"]["median_ms"], found["onnxruntime-genai"]["median_ms"]
-    found["speed_ratio"] = theirs / ours
-    found["rounds_phi3v_faster"] = sum(
-        a < b
-        for a, b in zip(
-            found["phi3v"]["rounds_ms"], found["onnxruntime-genai"]["rounds_ms"], strict=True
-        )
-    )
+    ours, theirs = found["phi3v"], found["onnxruntime-genai"]
+    found["speed_ratio"] = theirs["median_ms"] / ours["median_ms"]
+    pairs = zip(ours["rounds_ms"], theirs["rounds_ms"], strict=True)
+    found["rounds_phi3v_faster"] = sum(a < b for a, b in pairs)
     return found
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(v) for v in values))
+
+
+def summary(result: dict) -> dict:
+    """Every process's summary; the speed ratio over all of them (a geometric mean, as many
+    processes with either runtime loaded first) and for each load order; each runtime's
+    median step (the median of the processes' medians); rounds won; tokens the same in all."""
+    each = [process_summary(process) for process in result["processes"]]
+    ratio = {
+        first: _geometric_mean(
+            [
+                s["speed_ratio"]
+                for s, p in zip(each, result["processes"], strict=True)
+                if p["first"] == first
+            ]
+        )
+        for first in RUNTIMES
+    }
+    return {
+        "processes": each,
+        "speed_ratio": _geometric_mean([s["speed_ratio"] for s in each]),
+        "speed_ratio_by_first": ratio,
+        **{
+            name: {"median_ms": statistics.median(s[name]["median_ms"] for s in each)}
+            for name in RUNTIMES
+        },
+        "rounds_phi3v_faster": sum(s["rounds_phi3v_faster"] for s in each),
+        "rounds": result["rounds"] * len(each),
+        "same_tokens": all(p["same_tokens"] for p in result["processes"]),
+        "tokens_compared": min(p["tokens_compared"] for p in result["processes"]),
+    }
 
 
 def report(result: dict) -> str:
     found = summary(result)
     rows = [
-        f"| {name} | {result['prefill_s'][name]:.1f} | {found[name]['median_ms']:.1f} | "
-        + ", ".join(f"{ms:.0f}" for ms in found[name]["rounds_ms"])
-        + " |"
-        for name in RUNTIMES
+        f"| {number} | {process['first']} | "
+        + " | ".join(
+            f"{process['prefill_s'][name]:.1f} | {each[name]['median_ms']:.1f}" for name in RUNTIMES
+        )
+        + f" | {each['speed_ratio']:.2f} | {each['rounds_phi3v_faster']} of {result['rounds']} |"
+        for number, (process, each) in enumerate(
+            zip(result["processes"], found["processes"], strict=True), 1
+        )
     ]
+    by_first = found["speed_ratio_by_first"]
     return "\n".join(
         [
             f"# Decode in one process: phi3v and onnxruntime-genai (`{result['name']}`)",
@@ -138,20 +191,25 @@ def report(result: dict) -> str:
             f"{' '.join(f'{x:.2f}' for x in result['load_before'])} -> "
             f"{' '.join(f'{x:.2f}' for x in result['load_after'])}",
             "",
-            f"A prompt of {result['length']:,} random ids on `{result['model']}`, then "
-            f"{result['rounds']} rounds of {result['block']} greedy decode steps per runtime, "
-            "the order swapped each round; a step's median leaves out the first step of each "
-            f"block. onnxruntime-genai with {result['genai_threads']} intra-op threads (bench.py's "
-            "genai-B), phi3v with onnxruntime's default (one per core).",
+            f"In each process, a prompt of {result['length']:,} random ids on "
+            f"`{result['model']}` read by both runtimes (the one named first loads and reads "
+            f"first), then {result['rounds']} rounds of {result['block']} greedy decode steps "
+            "per runtime, the order swapped each round; a step's median leaves out the first "
+            f"step of each block. onnxruntime-genai with {result['genai_threads']} intra-op "
+            "threads (bench.py's genai-B), phi3v with onnxruntime's default (one per core).",
             "",
-            "| runtime | prefill s | decode ms per step (median) | median of each round, ms |",
-            "|---|---|---|---|",
+            "| process | loaded first | phi3v prefill s | phi3v ms per step | "
+            "onnxruntime-genai prefill s | onnxruntime-genai ms per step | phi3v speed / "
+            "onnxruntime-genai's | rounds phi3v faster |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            f"phi3v's decode speed over onnxruntime-genai's: **{found['speed_ratio']:.2f}x**; "
-            f"phi3v faster in {found['rounds_phi3v_faster']} of {result['rounds']} rounds; the "
-            f"same tokens ({result['tokens_compared']} compared): "
-            f"**{'yes' if result['same_tokens'] else 'no'}**.",
+            f"phi3v's decode speed over onnxruntime-genai's, all processes: "
+            f"**{found['speed_ratio']:.2f}x** (geometric mean); "
+            + "; ".join(f"{by_first[name]:.2f}x with {name} loaded first" for name in RUNTIMES)
+            + f". phi3v faster in {found['rounds_phi3v_faster']} of {found['rounds']} rounds; "
+            f"the same tokens in every process ({found['tokens_compared']} compared): "
+            f"**{'yes' if found['same_tokens'] else 'no'}**.",
         ]
     )
 
@@ -162,15 +220,23 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=1935, help="prompt ids (a photo's)")
     parser.add_argument("--block", type=int, default=8, help="steps per turn")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=2, help="processes per load order")
     parser.add_argument("--name", default="decode_peer")
-    args = parser.parse_args()
+    args = parse_or_serve(parser, measure)
+    if args is None:
+        return
     load_before = os.getloadavg()
-    result = measure(args.model, args.length, args.block, args.rounds)
+    shape = dict(model=args.model, length=args.length, block=args.block, rounds=args.rounds)
+    specs = {f"{first} first": {**shape, "first": first} for first in RUNTIMES}
+    runs = alternate(__file__, specs, args.processes, "--model", args.model)
+    processes = [run for pair in zip(*runs.values(), strict=True) for run in pair]
     command = (
         f"python bench/decode_peer.py --model {args.model} --length {args.length} "
-        f"--block {args.block} --rounds {args.rounds} --name {args.name}"
+        f"--block {args.block} --rounds {args.rounds} --processes {args.processes} "
+        f"--name {args.name}"
     )
-    result.update(name=args.name, **stamp(command, FLAGS, load_before))
+    result = {**shape, "genai_threads": B_THREADS, "processes": processes, "name": args.name}
+    result.update(stamp(command, FLAGS, load_before))
     result["summary"] = summary(result)
     text = report(result)
     save(args.name, result, text)

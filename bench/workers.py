@@ -48,13 +48,16 @@ def parse_or_serve(
     return args
 
 
-def alternate(script: str | Path, specs: dict[str, dict], runs: int) -> dict[str, list[dict]]:
+def alternate(
+    script: str | Path, specs: dict[str, dict], runs: int, *args: str
+) -> dict[str, list[dict]]:
     """``runs`` rounds of one worker process per spec, the specs in turn within each round (so a
-    drift of the machine reaches them alike); each spec's results in run order, by name."""
+    drift of the machine reaches them alike); each spec's results in run order, by name.
+    ``args``: the script's own arguments that its parser requires in a worker too."""
     results: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(runs):
         for name, spec in specs.items():
-            results[name].append(run_worker(script, spec))
+            results[name].append(run_worker(script, spec, *args))
             print(name, results[name][-1], flush=True)
     return results
 
