@@ -36,7 +36,14 @@ from phi3v.image import (
 from phi3v.kv_cache import PREFILL_CHUNK, KVCache, bytes_per_position
 from phi3v.precision import EXACT, PrecisionChoice, open_sessions
 from phi3v.prefix_cache import LONG_ROPE_FROM, PrefixCache, position_keys, uses_long_rope
-from phi3v.prompt import END, END_OF_TEXT, build_input_ids, normalize_messages, tag_images
+from phi3v.prompt import (
+    END,
+    END_OF_TEXT,
+    build_input_ids,
+    continues_reply,
+    normalize_messages,
+    tag_images,
+)
 from phi3v.results import Generation, Progress, StopReason, Timings
 from phi3v.run_state import MeasuredSpeed, RunState
 from phi3v.sampling import Sampling
@@ -56,6 +63,9 @@ FAST_PREFILL_FROM = 8
 # conversations' caches may take together.
 PROMPT_MEMORY_SHARE = 0.5
 CACHE_MEMORY_SHARE = 0.25
+# Ids of a continued reply that the answer's text is decoded after (TextDeltas), enough for its
+# first token to keep the space before it.
+CONTEXT_IDS = 4
 DEFAULT_CONVERSATION = "default"  # the key of calls that name no conversation
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -69,6 +79,7 @@ class _Request:
     conversation: Hashable | None  # whose KV cache to continue and keep; None: a one-off
     scope: Hashable | None = None  # where image features are looked up and kept (feature_cache)
     share: bool = False  # keep the KV cache as a prefix for everyone (Pipeline.warm)
+    context: tuple[int, ...] = ()  # the last ids of a reply the answer continues (TextDeltas)
 
     @property
     def max_length(self) -> int:
@@ -269,7 +280,17 @@ class Pipeline:
             ids = self._check_input_ids(input_ids, counts)
         self._check_size(ids.shape[1], sum(counts))
         room = self.config.context_length - ids.shape[1]
-        return _Request(ids, processed, min(max_new_tokens, room), sampling, conversation, scope)
+        continued = messages is not None and continues_reply(messages) and messages[-1].content
+        context = tuple(int(i) for i in ids[0, -CONTEXT_IDS:]) if continued else ()
+        return _Request(
+            ids,
+            processed,
+            min(max_new_tokens, room),
+            sampling,
+            conversation,
+            scope,
+            context=context,
+        )
 
     def _image(
         self, image: ImageInput, num_crops: int, scope: Hashable | None, number: int, count: int
@@ -332,7 +353,7 @@ class Pipeline:
                 new_ids = request.input_ids[:, reused:]
                 embeds = self._read_images(new_ids, request.images, run, request.scope)
                 logits = prompt_logits = self._prefill(cache, embeds, run)
-            choose, deltas = request.sampling.sampler(), TextDeltas(self.tokenizer)
+            choose, deltas = request.sampling.sampler(), TextDeltas(self.tokenizer, request.context)
             reason: StopReason = "length"
             for produced in range(1, request.max_new_tokens + 1):
                 token = choose(logits[: self.vocab_limit])  # ids past the tokenizer have no text

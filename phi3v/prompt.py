@@ -1,9 +1,11 @@
 """From chat messages and images to ``input_ids`` with image placeholders.
 
 The Phi-3 chat template renders each message as ``<|role|>\\n{content}<|end|>\\n`` and ends with
-``<|assistant|>\\n``. Image tags ``<|image_N|>`` in user messages split the prompt into chunks;
-each chunk is tokenized on its own with a leading BOS (as the Hugging Face processor does,
-docs/ARCHITECTURE.md#the-prompt-ids), and each tag becomes ``num_image_tokens`` copies of ``-N``.
+``<|assistant|>\\n``; a conversation that ends with an assistant message asks for that message to
+be continued, so it is left open (no ``<|end|>``) and nothing follows it. Image tags
+``<|image_N|>`` in user messages split the prompt into chunks; each chunk is tokenized on its own
+with a leading BOS (as the Hugging Face processor does, docs/ARCHITECTURE.md#the-prompt-ids), and
+each tag becomes ``num_image_tokens`` copies of ``-N``.
 
 The template's own control tokens are inserted as ids. Text from a message is encoded with every
 added token treated as plain text, so a user who types ``<|end|>`` or ``<s>`` gets those
@@ -51,7 +53,8 @@ class _ImageTag:
 def normalize_messages(prompt: str | Sequence[Mapping[str, str]]) -> list[Message]:
     """A user string or a list of ``{"role", "content"}`` dicts -> validated messages.
 
-    Roles are system (first message only), user and assistant; the last message is the user's.
+        Roles are system (first message only), user and assistant. The last message is the user's
+    (to be answered) or the assistant's (to be continued, :func:`render`).
     """
     if isinstance(prompt, str):
         return [Message("user", prompt)]
@@ -74,9 +77,17 @@ def normalize_messages(prompt: str | Sequence[Mapping[str, str]]) -> list[Messag
                 f"them with <|image_N|> tags), got {type(content).__name__}"
             )
         messages.append(Message(role, content))
-    if messages[-1].role != "user":
-        raise PromptError(f"the last message must be the user's, not {messages[-1].role!r}")
+    if messages[-1].role == "system":
+        raise PromptError(
+            "the last message is the system's; end with a user message to answer, or an "
+            "assistant message to continue"
+        )
     return messages
+
+
+def continues_reply(messages: Sequence[Message]) -> bool:
+    """Whether the prompt asks to continue its last (assistant) message, not to answer."""
+    return messages[-1].role == "assistant"
 
 
 def tag_images(messages: list[Message], num_images: int) -> list[Message]:
@@ -91,9 +102,13 @@ def tag_images(messages: list[Message], num_images: int) -> list[Message]:
     if not numbers:
         if num_images == 0:
             return messages
+        users = [index for index, message in enumerate(messages) if message.role == "user"]
+        if not users:
+            raise PromptError("images go with a user message; the prompt has none")
         tags = "".join(f"<|image_{n}|>\n" for n in range(1, num_images + 1))
-        last = messages[-1]
-        return [*messages[:-1], Message(last.role, tags + last.content)]
+        last = users[-1]
+        tagged = Message("user", tags + messages[last].content)
+        return [*messages[:last], tagged, *messages[last + 1 :]]
     _check_tags(numbers, num_images)
     return messages
 
@@ -128,15 +143,19 @@ def _tag_list(numbers: list[int]) -> str:
 
 
 def render(messages: list[Message]) -> list[_Special | _Text | _ImageTag]:
-    """The chat template as a flat list of control tokens, text and image tags."""
+    """The chat template as a flat list of control tokens, text and image tags. A last assistant
+    message is left open, to be continued (vLLM's ``continue_final_message``): no ``<|end|>``
+    after it and no new ``<|assistant|>``."""
     parts: list[_Special | _Text | _ImageTag] = []
-    for message in messages:
+    for number, message in enumerate(messages, 1):
         parts.append(_Special(f"<|{message.role}|>"))
         parts.append(_Text("\n"))
         if message.role == "user":
             parts.extend(_split_tags(message.content))
         else:
             parts.append(_Text(message.content))
+        if number == len(messages) and continues_reply(messages):
+            return _merge_text(parts)
         parts += [_Special(END), _Text("\n")]
     parts += [_Special("<|assistant|>"), _Text("\n")]
     return _merge_text(parts)

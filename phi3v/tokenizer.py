@@ -77,11 +77,13 @@ class TextDeltas:
     it back while it ends in an incomplete character. The deltas add up to ``decode(all ids)``.
     """
 
-    def __init__(self, tokenizer: PromptTokenizer):
+    def __init__(self, tokenizer: PromptTokenizer, context: Sequence[int] = ()):
+        """``context``: ids the text goes on from (the end of a reply being continued), never
+        emitted; with them the first token keeps its leading space."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context)
         self._prefix = 0  # the window starts here
-        self._read = 0  # text up to here has been emitted
+        self._read = len(self.ids)  # text up to here has been emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -507,3 +507,23 @@ def test_num_crops_per_request_lowers_the_image_tokens(pipe, images):
     with pipe.stream("Hi", [images["tiny"]], num_crops=1, max_new_tokens=4) as few:
         assert few.input_ids.count(-1) == 313  # 1 tile: 2*144 + 1 + 2*12, see ARCHITECTURE.md
         assert len(few.result().token_ids) == 4
+
+
+def test_a_continued_reply_is_answered_with_the_text_that_goes_after_it(pipe):
+    """The answer to a conversation ending with an assistant message is what follows that
+    message: the text of the whole reply's ids, less the text it already had, also where the
+    first new token begins with a space (which an answer of its own would drop)."""
+    spaced = 0
+    for seed, opening in enumerate(("Well", "The picture shows", "It is", "Yes")):
+        messages = [
+            {"role": "user", "content": "Say something."},
+            {"role": "assistant", "content": opening},
+        ]
+        result = pipe.generate(messages, max_new_tokens=6, temperature=1.0, seed=seed)
+        assert result.input_ids[-1] != pipe.tokenizer.token_id("<|assistant|>")  # left open
+        tail = result.input_ids[-4:]
+        whole = pipe.tokenizer.decode(tail + result.token_ids)
+        assert result.text == whole[len(pipe.tokenizer.decode(tail)) :]
+        first = pipe.tokenizer.id_to_token(result.token_ids[0]) if result.token_ids else ""
+        spaced += bool(first and first.startswith("▁"))
+    assert spaced, "no answer began with a spaced token: the check above proved nothing"

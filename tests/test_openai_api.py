@@ -233,6 +233,25 @@ def test_a_conversation_refers_back_to_an_image_of_an_earlier_turn(api, pipe):
     assert_same_answer(response, generation)
 
 
+def test_a_conversation_ending_with_an_assistant_message_continues_it(api, pipe):
+    messages = [
+        {"role": "user", "content": [image_part(png("red")), text_part("What colour is it?")]},
+        {"role": "assistant", "content": "The colour is"},
+    ]
+    response = ask(api, messages)
+    generation = expected(
+        pipe,
+        [
+            {"role": "user", "content": "<|image_1|>\nWhat colour is it?"},
+            {"role": "assistant", "content": "The colour is"},
+        ],
+        [png("red")],
+    )
+    assert_same_answer(response, generation)
+    streamed, _ = ask_streaming(api, messages)
+    assert streamed == response.choices[0].message.content
+
+
 def test_streaming_gives_the_same_text_as_one_answer_and_as_the_pipeline(api, pipe):
     messages = [{"role": "user", "content": [image_part(png("red")), text_part("Describe it.")]}]
     whole = ask(api, messages)

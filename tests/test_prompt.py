@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from phi3v import PromptError
 from phi3v.prompt import PromptTokenizer, build_input_ids, normalize_messages, tag_images
+from phi3v.tokenizer import TextDeltas
 from tests.conftest import FIXTURES
 
 TOKENIZER_JSON = FIXTURES / "phi3v-tokenizer" / "tokenizer.json"
@@ -137,6 +138,36 @@ def test_assistant_history_loses_the_whitespace_rstrip_swallows(tokenizer, refer
 # --- text typed by a user never becomes a control token ---
 
 
+def test_a_last_assistant_message_is_left_open_to_be_continued(tokenizer, reference):
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "The colour is"},
+    ]
+    rendered = "<|user|>\nName a colour.<|end|>\n<|assistant|>\nThe colour is"
+    assert ids_for(tokenizer, messages) == reference_ids(reference, rendered, [])
+    # An empty one is the ordinary prompt for an answer.
+    empty = [messages[0], {"role": "assistant", "content": ""}]
+    assert ids_for(tokenizer, empty) == ids_for(tokenizer, messages[:1])
+
+
+def test_untagged_images_go_with_the_last_user_message_when_a_reply_is_continued(tokenizer):
+    messages = normalize_messages(
+        [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "It is"}]
+    )
+    assert tag_images(messages, 1)[0].content == "<|image_1|>\nWhat is it?"
+    with pytest.raises(PromptError, match="images go with a user message"):
+        tag_images(normalize_messages([{"role": "assistant", "content": "It is"}]), 1)
+
+
+def test_a_continued_reply_keeps_the_space_before_its_first_word(tokenizer):
+    ids = tokenizer.encode_text("The colour is blue")
+    context, continued = ids[:-1], ids[-1:]  # "▁blue"
+    deltas = TextDeltas(tokenizer, context)
+    assert "".join(deltas.push(i) for i in continued) + deltas.flush() == " blue"
+    fresh = TextDeltas(tokenizer)  # an answer's first word has no space before it
+    assert "".join(fresh.push(i) for i in continued) + fresh.flush() == "blue"
+
+
 @pytest.mark.parametrize(
     ("typed", "token_id"),
     [("<|end|>", 32007), ("<|assistant|>", 32001), ("<|system|>", 32006), ("<s>", 1),
@@ -208,8 +239,7 @@ def test_tags_count_over_the_whole_conversation():
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
           {"role": "user", "content": "c"}], "message 1: a system message may only come first"),
         ([{"role": "user", "content": ["x"]}], "message 0 content must be a string"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-         "the last message must be the user's"),
+        ([{"role": "system", "content": "a"}], "the last message is the system's"),
     ],
 )  # fmt: skip
 def test_malformed_messages_are_errors(prompt, message):
