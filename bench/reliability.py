@@ -170,7 +170,8 @@ with `gradio_client` and with plain HTTP requests.
   as KV cache (`Pipeline.load(max_prompt_tokens=)` sets it), and never more than the context;
   a longer prompt is refused before any model runs, with a message saying how to shorten it.
 - **Images:** 8 per message and 16 per conversation in the chat, 16 per request in the OpenAI
-  endpoint, 20 MB per upload; one upload referenced twice in a forged history is refused.
+  endpoint, 20 MB per upload; a picture sent again counts again (the model reads it again),
+  but its features are computed once.
 - **Memory per request is bounded by construction:** the KV cache takes pages only as positions
   are computed (`phi3v/kv_cache.py`), the prompt is processed in chunks of 512 positions, so
   logits never exceed `[512, vocab]` (64 MB) and the fast decoder makes the last position's

@@ -191,25 +191,21 @@ class Handlers:
         return history, *locked(), view.status_line("busy", "Sending…")
 
     @staticmethod
-    def check_upload(message):
+    def check_upload(message, status):
         """A file that is not a picture is taken out of the input as it arrives, and the status
-        line says so (a broken thumbnail would say nothing until the message was sent)."""
+        line says so (a broken thumbnail would say nothing until the message was sent). Once
+        the pictures in the input are all fine again, that line goes."""
         message = message or {}
         files = file_paths(message.get("files"))
         reasons = {path: reason for path in files if (reason := unreadable(path)) is not None}
         if not reasons:
-            return gr.skip(), gr.skip()
+            return gr.skip(), ("" if files and view.says_upload_refused(status) else gr.skip())
         names = ", ".join(upload_name(path) for path in reasons)
-        what = "is not a picture" if len(reasons) == 1 else "are not pictures"
-        why = f"it {next(iter(reasons.values()))}; " if len(reasons) == 1 else ""
+        reason = next(iter(reasons.values())) if len(reasons) == 1 else None
         kept = [path for path in files if path not in reasons]
         return (
             gr.MultimodalTextbox(value={"text": message.get("text") or "", "files": kept}),
-            view.status_line(
-                "error",
-                f"{names} {what}",
-                f"{why}not attached: send pictures as PNG, JPEG, WebP or GIF",
-            ),
+            view.refused_upload(names, len(reasons), reason),
         )
 
     def answer(

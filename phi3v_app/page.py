@@ -232,7 +232,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         stop_button.click(handlers.stop, None, stop_button, **control)
         chat_input.change(
             handlers.check_upload,
-            chat_input,
+            [chat_input, status],
             [chat_input, status],
             trigger_mode="always_last",  # typing sends changes too: only the latest is checked
             **control,

@@ -25,6 +25,10 @@ PRECISION_WORDS = {
 }
 
 
+# How a status line of refused files ends (refused_upload), which also marks it as one.
+NOT_ATTACHED = "not attached: send pictures as PNG, JPEG, WebP or GIF"
+
+
 def _count(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
@@ -73,6 +77,19 @@ def status_line(kind: str, headline: str, *details: str) -> str:
         f'<div class="status {kind}" role="status"><span class="icon" aria-hidden="true">'
         f"{icons[kind]}</span>" + " · ".join(parts) + "</div>"
     )
+
+
+def refused_upload(names: str, count: int, reason: str | None) -> str:
+    """Files taken out of the input as they arrived (not pictures): ``names``, ``count`` of
+    them, and the ``reason`` when there is one file."""
+    what = "is not a picture" if count == 1 else "are not pictures"
+    why = f"it {reason}; " if reason else ""
+    return status_line("error", f"{names} {what}", f"{why}{NOT_ATTACHED}")
+
+
+def says_upload_refused(status: object) -> bool:
+    """Whether the status line ``status`` (its HTML) is a :func:`refused_upload`."""
+    return isinstance(status, str) and html.escape(NOT_ATTACHED) in status
 
 
 def waiting_status(ahead: int) -> str:

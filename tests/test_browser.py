@@ -408,6 +408,9 @@ def test_a_damaged_picture_is_named_at_the_input_and_never_shown_broken(page, tm
         "images => images.every(image => image.complete && image.naturalWidth > 0)"
     ), "no broken picture on the page"
     expect(prompt(page)).to_be_enabled()
+    page.locator("#chat-input input[type=file]").set_input_files(str(CHART))  # a good one now
+    expect(page.locator("#chat-input img")).to_have_count(1)
+    expect(status(page)).not_to_contain_text("not a picture")  # the old complaint went
 
 
 def test_retry_after_a_refused_upload_asks_for_the_file_again(page, tmp_path):
