@@ -13,10 +13,12 @@ model only while no visitor holds or waits for it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ Phase = Literal["waiting", "downloading", "converting", "loading", "ready", "fai
 # How often the warm-up looks whether a visitor wants the model: the longest a visitor waits
 # behind it (plus the model call being aborted).
 WARM_POLL_SECONDS = 0.1
+WARM_STOP_SECONDS = 10.0  # at most this long at exit for an aborted model call to return
 Example = tuple[str, Sequence[str | Path]]  # a question and its pictures, as on a card
 
 
@@ -92,6 +95,7 @@ class ModelLoader:
         # ahead (None until timed, or when it could not be read).
         self.example_seconds: list[float | None] = []
         self._warming: threading.Thread | None = None
+        self._closing = threading.Event()  # set at exit: the examples' reading stops
 
     def start(self) -> ModelLoader:
         """Start (or, after a failure, restart) getting the model ready; returns at once."""
@@ -155,7 +159,16 @@ class ModelLoader:
             target=self._warm, args=(turns, list(examples)), name="phi3v-warm", daemon=True
         )
         self._warming.start()
+        _stop_at_exit(self)
         return self._warming
+
+    def stop_warming(self, timeout: float = WARM_STOP_SECONDS) -> None:
+        """Stop reading the examples ahead: the model call in progress is aborted. The process
+        calls it as it exits; a model call still running as the runtime's libraries unload ends
+        the process with an abort ("terminate called without an active exception")."""
+        self._closing.set()
+        if self._warming is not None:
+            self._warming.join(timeout)
 
     @property
     def warming_examples(self) -> bool:
@@ -171,11 +184,12 @@ class ModelLoader:
             (text, *conversation([user_message(text, [str(path) for path in pictures])]))
             for text, pictures in examples
         ]
+        closing = self._closing
         for text, messages, images in prompts:
-            _when_free(turns, text, pipe.warm, messages, images)
+            _when_free(turns, closing, text, pipe.warm, messages, images)
         for number, (text, messages, images) in enumerate(prompts):
             one_token = dict(max_new_tokens=1, remember=False)
-            timed = _when_free(turns, text, pipe.stream, messages, images, **one_token)
+            timed = _when_free(turns, closing, text, pipe.stream, messages, images, **one_token)
             if timed is not None:
                 self.example_seconds[number] = timed.timings.time_to_first_token
 
@@ -214,33 +228,48 @@ class ModelLoader:
         self._phase = "converting"
 
 
+def _stop_at_exit(loader: ModelLoader) -> None:
+    """Have the process stop ``loader``'s reading of the examples as it exits (it holds no
+    reference: a loader that is gone needs nothing)."""
+    stop = weakref.WeakMethod(loader.stop_warming)
+    atexit.register(lambda: (method := stop()) is not None and method())
+
+
 def _when_free(
-    turns: ModelTurns, text: str, start: Callable[..., Stream], *args, **options
+    turns: ModelTurns,
+    closing: threading.Event,
+    text: str,
+    start: Callable[..., Stream],
+    *args,
+    **options,
 ) -> Stream | None:
     """Run the stream ``start(*args, **options)`` makes for the example ``text`` to its end
     while nobody holds or waits for the model, again as often as a visitor comes first; None
-    when the example cannot be read (it is skipped, not retried)."""
-    while True:
-        while turns.busy:
+    when the example cannot be read (it is skipped, not retried) or ``closing`` is set."""
+    while not closing.is_set():
+        while turns.busy and not closing.is_set():
             time.sleep(WARM_POLL_SECONDS)
         try:
             with turns.turn():
+                if closing.is_set():
+                    return None
                 stream = start(*args, **options)
-                if _run_until_wanted(stream, turns):
+                if _run_until_wanted(stream, turns, closing):
                     return stream
         except QueueFull:
             pass
         except Exception as err:
             log.warning("example %r not prepared: %s", text, err)
             return None
+    return None
 
 
-def _run_until_wanted(stream: Stream, turns: ModelTurns) -> bool:
-    """Run ``stream`` to its end unless someone starts waiting for the model: then cancel it
-    (a model call in progress is aborted). True when it ran to its end."""
+def _run_until_wanted(stream: Stream, turns: ModelTurns, closing: threading.Event) -> bool:
+    """Run ``stream`` to its end unless someone starts waiting for the model or ``closing`` is
+    set: then cancel it (a model call in progress is aborted). True when it ran to its end."""
     done = threading.Event()
     watcher = threading.Thread(
-        target=_cancel_when_wanted, args=(stream, turns, done), name="phi3v-warm-watch"
+        target=_cancel_when_wanted, args=(stream, turns, closing, done), name="phi3v-warm-watch"
     )
     watcher.start()
     try:
@@ -251,8 +280,10 @@ def _run_until_wanted(stream: Stream, turns: ModelTurns) -> bool:
     return stream.stop_reason != "cancelled"
 
 
-def _cancel_when_wanted(stream: Stream, turns: ModelTurns, done: threading.Event) -> None:
+def _cancel_when_wanted(
+    stream: Stream, turns: ModelTurns, closing: threading.Event, done: threading.Event
+) -> None:
     while not done.wait(WARM_POLL_SECONDS):
-        if turns.waiting:
+        if turns.waiting or closing.is_set():
             stream.cancel()
             return

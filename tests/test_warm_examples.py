@@ -1,7 +1,10 @@
 """The app reads its example cards ahead of time, and never keeps a visitor waiting for that;
 then it times each card's first words on this machine."""
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from phi3v_app.chat import Answers, generation_options
 from phi3v_app.history import user_message
@@ -10,6 +13,7 @@ from phi3v_app.page import EXAMPLES, EXAMPLES_DIR
 from phi3v_app.turns import ModelTurns
 from tests.app_helpers import LOAD_TIMEOUT_S, ready_loader, wait_until
 
+REPO = Path(__file__).resolve().parent.parent
 CARDS = [(text, [str(EXAMPLES_DIR / name) for name in names]) for text, names in EXAMPLES]
 
 
@@ -106,3 +110,35 @@ def test_an_examples_time_is_that_of_a_real_first_token_from_its_warmed_prefix(
     (timed,) = streams  # asked once, as a click on the card asks it
     assert timed.reused_tokens == len(timed.input_ids)  # after the warm-up
     assert loader.example_seconds == [timed.timings.time_to_first_token]
+
+
+EXIT_WHILE_WARMING = """
+import sys, time
+from phi3v_app.loading import ModelLoader
+from phi3v_app.turns import ModelTurns
+from tests.test_warm_examples import CARDS
+
+loader = ModelLoader(sys.argv[1]).start()
+assert loader.wait(120), loader.status().error
+loader.warm_examples(ModelTurns(1), CARDS * 50)  # long enough to be mid-call at exit
+time.sleep(1.0)
+assert loader.warming_examples, "the examples were read before the exit: nothing was tried"
+print("exiting while the examples are read", flush=True)
+"""
+
+
+def test_the_process_exits_cleanly_while_the_examples_are_read(tiny_model_dir):
+    """A server stopped during start-up (Ctrl+C while the examples are read ahead) exits with
+    its own status. A model call still running as onnxruntime unloads aborts the process
+    ("terminate called without an active exception"), so the exit stops the reading first."""
+    for _ in range(3):  # each exit lands at another point of the reading
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_WHILE_WARMING, str(tiny_model_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert "exiting while" in done.stdout, done.stderr[-2000:]
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
