@@ -151,6 +151,7 @@ def fast_models(
     root = _cache_root(config.model_dir)
     target = root / f"fast-{key}"
     result = FastModels(target / sources["vision"].name, target / sources["decoder"].name)
+    _remove_abandoned_work(root)
     if _complete(target):
         return result
     root.mkdir(parents=True, exist_ok=True)
@@ -176,6 +177,27 @@ def fast_models(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _remove_abandoned_work(root: Path) -> None:
+    """Delete the work folders (``tmp-<key>-<pid>``) of conversions whose process is gone: a
+    process killed or stopped at exit mid-way (its conversion runs in a daemon thread in the
+    app) never ran its own clean-up, and each such folder holds up to the copies' gigabytes.
+    A conversion another live process is making is left alone."""
+    for work in root.glob("tmp-*"):
+        pid = work.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 # --- the rewrite ------------------------------------------------------------------------------

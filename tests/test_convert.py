@@ -106,6 +106,23 @@ def test_an_interrupted_conversion_leaves_nothing_that_is_used(model, monkeypatc
     assert Pipeline.load(model, precision="fast").precision == "fast"
 
 
+def test_the_work_of_a_conversion_whose_process_died_is_removed(model):
+    """A process stopped mid-conversion leaves its work folder (its clean-up never ran); the
+    next conversion removes it, and leaves the work of a conversion still running."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    root = model / convert.CACHE_FOLDER
+    abandoned = root / f"tmp-0123456789abcdef-{int(gone.stdout)}"
+    running = root / f"tmp-0123456789abcdef-{os.getppid()}"  # a live process's
+    for work in (abandoned, running):
+        work.mkdir(parents=True)
+        (work / "part.onnx.data").write_bytes(b"half a copy")
+    convert.fast_models(load_config(model))
+    assert not abandoned.exists()
+    assert (running / "part.onnx.data").exists()
+    shutil.rmtree(running)
+
+
 def test_a_copy_with_a_truncated_file_is_rebuilt(model):
     first = convert.fast_models(Pipeline.load(model, precision="exact").config)
     data = first.decoder.with_name(first.decoder.name + ".data")
