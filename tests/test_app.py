@@ -20,6 +20,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import requests
 from gradio_client import Client
@@ -881,3 +882,22 @@ def test_retry_with_no_question_to_retry_says_so_in_the_status_line(tiny_model_d
     handlers = Handlers(Answers(ModelLoader(tiny_model_dir), ModelTurns(1)))
     chat, _, _, status = handlers.retry([bot("Hello.")], None)
     assert "Nothing to retry" in status
+
+
+def test_a_reloaded_chat_gives_back_a_question_left_without_an_answer(tmp_path):
+    """What the page's load does with the chat this browser saved: the answered part comes back;
+    questions after the last answer (a loaded chat may hold two in a row) go back into the
+    input, their texts joined and their pictures attached."""
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    for picture in (first, second):
+        shutil.copyfile(CHART, picture)
+    answered = [user("Hi"), bot("Hello.")]
+    saved = [*answered, user("Look:", str(first)), user("and this", str(second))]
+    chat, box, status = Handlers.restore(saved, [])
+    assert chat == answered
+    assert box.value["text"] == "Look:\nand this"
+    assert [file["orig_name"] for file in box.value["files"]] == ["first.png", "second.png"]
+    assert "Not answered" in status
+    assert Handlers.restore(answered, [])[0] == answered  # nothing unanswered: as it was
+    skipped = Handlers.restore(saved, [user("A chat already going on")])
+    assert all(update == gr.skip() for update in skipped)
