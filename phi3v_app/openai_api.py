@@ -24,7 +24,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import requests
 from fastapi import FastAPI, Request
@@ -461,12 +461,13 @@ async def _texts(
     try:
         while True:
             if isinstance(event, runner.Delta):
-                answer.usage = event.usage
-                if text := cut.push(event.text):
-                    yield text
-                if cut.stopped:
-                    answer.finish_reason = "stop"
-                    return
+                for piece, tokens in event.pieces:  # the tokens up to where a stop is found
+                    answer.usage = replace(event.usage, completion_tokens=tokens)
+                    if text := cut.push(piece):
+                        yield text
+                    if cut.stopped:
+                        answer.finish_reason = "stop"
+                        return
             elif isinstance(event, (runner.Finished, runner.Stopped)):
                 answer.usage = event.usage
                 if tail := cut.flush():

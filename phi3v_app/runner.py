@@ -72,11 +72,16 @@ class Reading:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of the answer (possibly several tokens' worth), with the counts so far."""
+    """New text of the answer (possibly several tokens' worth), with the counts so far.
+
+    ``pieces`` are the parts of ``text`` as the model gave them, each with the number of answer
+    tokens generated once it was there (so a stop sequence found in the middle of a Delta is
+    counted up to its own token, not to the Delta's last)."""
 
     text: str
     usage: Usage
     timings: Timings
+    pieces: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,14 @@ _TURN = object()  # the worker's note: the model's turn has come
 _END = object()  # ... the stream has ended
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """The worker's text as the stream gave it, and the answer's tokens so far with it."""
+
+    text: str
+    tokens: int
+
+
 class Answer:
     """One answer in progress: read :meth:`events`, :meth:`cancel` from any thread."""
 
@@ -182,10 +195,13 @@ class Answer:
                 yield item
             elif item is _TURN:
                 turn_at = time.monotonic()
-            elif isinstance(item, str):
-                text = item + self._more_text(until=last_delta + every)
+            elif isinstance(item, _Piece):
+                pieces = (item, *self._more_text(until=last_delta + every))
                 last_delta = time.monotonic()
-                yield Delta(text, self._usage(), self._stream.timings)
+                text = "".join(piece.text for piece in pieces)
+                usage = Usage(len(self._stream.input_ids), pieces[-1].tokens)
+                counted = tuple((piece.text, piece.tokens) for piece in pieces)
+                yield Delta(text, usage, self._stream.timings, counted)
             else:
                 yield self._end(item)
                 return
@@ -206,8 +222,8 @@ class Answer:
                 if self.stop.is_set():
                     self._stream.cancel()
                 try:
-                    for delta in self._stream:
-                        self._arrived.put(delta)
+                    for delta in self._stream:  # counted here: the stream is ahead later
+                        self._arrived.put(_Piece(delta, len(self._stream.token_ids)))
                 finally:
                     self._stream.close()  # frees or keeps its KV cache before the next turn
             self._arrived.put(_END)
@@ -219,18 +235,18 @@ class Answer:
 
     # --- reading what the worker handed over --------------------------------------------------
 
-    def _more_text(self, until: float) -> str:
+    def _more_text(self, until: float) -> list[_Piece]:
         """Text that arrives before time ``until`` (stops early at a non-text item)."""
-        more = ""
+        more: list[_Piece] = []
         while (wait := until - time.monotonic()) > 0:
             try:
                 item = self._arrived.get(timeout=wait)
             except queue.Empty:
                 break
-            if not isinstance(item, str):
+            if not isinstance(item, _Piece):
                 self._arrived.put(item)  # nothing else is queued behind an end
                 break
-            more += item
+            more.append(item)
         return more
 
     def _progress(self, ahead: int, turn_at: float | None) -> Event:

@@ -301,6 +301,27 @@ def test_a_stop_sequence_cuts_the_text_before_it(api, pipe):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
+def test_an_answer_cut_at_a_stop_sequence_counts_its_tokens_up_to_the_stop(api, pipe):
+    """completion_tokens counts the tokens up to the one that completes the stop sequence,
+    never those the model went on to make while the text was being read."""
+    question = [{"role": "user", "content": "Tell me a story."}]
+    full = expected(pipe, question, max_new_tokens=60)
+    stop = full.text[12:15]
+    needed = next(
+        count
+        for count in range(1, len(full.token_ids) + 1)
+        if stop in pipe.tokenizer.decode(full.token_ids[:count])
+    )
+    assert needed < len(full.token_ids), "the stop is in the last token: this proves nothing"
+    for _ in range(3):  # the model runs ahead of the reader by a varying number of tokens
+        response = ask(api, question, max_tokens=60, stop=stop)
+        assert response.usage.completion_tokens == needed
+        _, chunks = ask_streaming(
+            api, question, max_tokens=60, stop=stop, stream_options={"include_usage": True}
+        )
+        assert chunks[-1].usage.completion_tokens == needed
+
+
 def test_stop_text_holds_back_what_may_begin_a_stop_sequence():
     text = StopText(["END", "xyz"])
     assert text.push("abcE") == "abc"
