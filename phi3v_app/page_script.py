@@ -81,6 +81,16 @@ function explainControls() {
       "#chat-input textarea, #chat-input button, #chat .message-buttons button"))
     explain(control, why);
 }
+// A button's name as Gradio gave it; a picture in a message (a button around its image, with
+// no name of its own) is named by its file.
+function ownName(button) {
+  const own = button.getAttribute("aria-label") || button.innerText.trim();
+  const image = button.querySelector("img");
+  if (own || !image) return own;
+  const src = image.getAttribute("src") || "";
+  const file = image.alt || decodeURIComponent(src.split(/[/=]/).pop());
+  return file ? `Picture ${file}` : "Picture";
+}
 function nameControls() {
   const send = document.querySelector("#chat-input button[aria-label='Submit']");
   if (send) rename(send, "Send");
@@ -100,9 +110,9 @@ function nameControls() {
     if (!where) continue;
     for (const box of part.querySelectorAll("textarea")) rename(box, `Edit ${where}`);
     for (const button of part.querySelectorAll("button")) {
-      button.dataset.phi3vName ??= button.getAttribute("aria-label") || button.innerText.trim();
+      button.dataset.phi3vName ??= ownName(button);
       const base = button.dataset.phi3vName;
-      rename(button, `${RENAMED[base] || base} (${where})`);
+      if (base) rename(button, `${RENAMED[base] || base} (${where})`);
     }
   }
 }
