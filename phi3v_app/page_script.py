@@ -131,6 +131,24 @@ function showExampleTimes() {
     if (line.textContent !== text) line.textContent = text;
   });
 }
+// Keyboard use: when the focused control goes away (a question's Undo, Retry) or is locked
+// (the input while an answer comes), focus would fall to the page; it goes back to the input
+// as soon as that can be typed in. Not after a touch or a click: on a phone that would open
+// the keyboard over the answer.
+let lastFocused = null, byKeyboard = false, focusLost = false;
+document.addEventListener("focusin", (event) => { lastFocused = event.target; }, true);
+document.addEventListener("keydown", () => { byKeyboard = true; }, true);
+document.addEventListener("pointerdown", () => { byKeyboard = false; }, true);
+function keepKeyboardFocus() {
+  const box = document.querySelector("#chat-input textarea");
+  const active = document.activeElement;
+  if (!box || (active && active !== document.body)) { focusLost = false; return; }
+  if (lastFocused && (!lastFocused.isConnected || lastFocused.disabled)) focusLost = true;
+  if (focusLost && byKeyboard && !box.disabled) {
+    focusLost = false;
+    box.focus({preventScroll: true});
+  }
+}
 let visitorScrolled = false;
 const scrolled = () => { visitorScrolled = true; };
 for (const kind of ["wheel", "touchstart", "pointerdown", "keydown"])
@@ -149,6 +167,7 @@ new MutationObserver(() => {
   updating = true;
   requestAnimationFrame(() => {
     nameControls(); explainControls(); showExampleTimes(); keepEmptyChatAtTop();
+    keepKeyboardFocus();
     updating = false;
   });
 }).observe(document.documentElement,

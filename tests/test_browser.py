@@ -628,6 +628,7 @@ def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page):
     page.keyboard.press("Enter")
     expect(status(page)).to_contain_text("Stopped")
     expect(prompt(page)).to_be_enabled()
+    expect(prompt(page)).to_be_focused()  # Stop was locked under the focus: back to the input
     tab_to(page, "Retry (answer 1)")
     page.keyboard.press("Enter")
     expect(status(page)).to_contain_text("Answering")
@@ -649,6 +650,7 @@ def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page):
     page.keyboard.press("Enter")
     expect(prompt(page)).to_have_value("A short one.")
     expect(page.locator("#chat [data-testid='user']")).to_have_count(0)
+    expect(prompt(page)).to_be_focused()  # the question to edit, where Undo was
 
 
 # --- layouts -------------------------------------------------------------------------------------
