@@ -67,6 +67,17 @@ def _unanswered(history: list[dict]) -> bool:
     return bool(history) and history[-1].get("role") == "user"
 
 
+def _check_loaded_pictures(history: list[dict]) -> None:
+    """Raise :class:`HistoryError` for a picture of a loaded chat that cannot be read, named by
+    its message (its file name is the server's own, never seen by the visitor)."""
+    for number, message in enumerate(history, 1):
+        for path in message_parts(message["content"])[1]:
+            if (reason := unreadable(path)) is not None:
+                raise HistoryError(
+                    f"The picture in message {number} of the file could not be read: it {reason}."
+                )
+
+
 def _skip(value):
     return gr.skip() if value is None else value
 
@@ -329,7 +340,7 @@ class Handlers:
         try:
             messages = json.loads(Path(str(upload)).read_text(encoding="utf-8"))
             history = from_openai(messages, pictures)
-            check_images([path for m in history for path in message_parts(m["content"])[1]])
+            _check_loaded_pictures(history)
         except (ValueError, OSError, HistoryError) as err:
             log.warning("refused a saved chat: %s", err)
             what = str(err) if isinstance(err, HistoryError) else "it is not a saved chat (JSON)"

@@ -6,10 +6,12 @@ or as Markdown, to read.
     from_openai(messages, folder) -> chat history, the pictures written into ``folder``
     to_markdown(history)          -> "### You\n\n![name](data:image/png;base64,...)\n\n..."
 
-Pictures travel inline as ``data:`` URLs, so each file stands alone (the JSON one can be sent as
-it is to ``/v1/chat/completions``; the Markdown one shows its pictures in any viewer that shows
-``data:`` images). Turns the model did not answer (an error, a stop before the first word) are
-left out of both, as the model never saw them.
+Pictures travel inline as ``data:`` URLs, so each file stands alone (the JSON one is the
+``messages`` list of a ``/v1/chat/completions`` request, to which the next question is added: a
+list that ends with the assistant's message asks for that message to be continued; the Markdown
+one shows its pictures in any viewer that shows ``data:`` images). Turns the model did not
+answer (an error, a stop before the first word) are left out of both, as the model never saw
+them.
 """
 
 from __future__ import annotations
@@ -82,7 +84,10 @@ def _answered(history: Sequence[dict]) -> list[tuple[str, str, list[str]]]:
 
 def from_openai(messages: object, folder: Path) -> list[dict]:
     """OpenAI chat messages (as :func:`to_openai` writes them) -> chat history; the pictures are
-    written into ``folder``. Raises :class:`HistoryError` saying what is wrong with the file."""
+    written into ``folder``; a whole request body (``{"messages": [...], ...}``) is read too.
+    Raises :class:`HistoryError` saying what is wrong with the file."""
+    if isinstance(messages, dict) and isinstance(messages.get("messages"), list):
+        messages = messages["messages"]
     if not isinstance(messages, list):
         raise HistoryError("This file is not a saved chat: it must hold a list of messages.")
     history: list[dict] = []

@@ -836,6 +836,8 @@ def test_a_saved_chat_loads_back_as_the_same_conversation(tmp_path):
     messages, images = conversation(loaded)
     assert messages == conversation(history)[0]
     assert Path(images[0]).read_bytes() == CHART.read_bytes()
+    request = {"model": "phi-3-vision-cpu", "messages": to_openai(history), "stream": True}
+    assert conversation(from_openai(request, tmp_path))[0] == messages  # a request body too
 
 
 @pytest.mark.parametrize(
@@ -901,3 +903,26 @@ def test_a_reloaded_chat_gives_back_a_question_left_without_an_answer(tmp_path):
     assert Handlers.restore(answered, [])[0] == answered  # nothing unanswered: as it was
     skipped = Handlers.restore(saved, [user("A chat already going on")])
     assert all(update == gr.skip() for update in skipped)
+
+
+def test_a_saved_chat_with_a_damaged_picture_names_its_message_not_a_server_file(
+    tiny_model_dir, tmp_path
+):
+    handlers = Handlers(Answers(ModelLoader(tiny_model_dir), ModelTurns(1)))
+    good = "data:image/png;base64," + base64.b64encode(CHART.read_bytes()).decode()
+    saved = tmp_path / "chat.json"
+    saved.write_text(
+        json.dumps(
+            [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": good}}]},
+                {"role": "assistant", "content": "A chart."},
+                {"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ]},
+            ]
+        )
+    )  # fmt: skip
+    chat, status = handlers.load(str(saved), None)
+    assert chat == gr.skip()
+    assert "The picture in message 3 of the file could not be read" in status
+    assert "picture-" not in status  # the name the server gave the file it wrote
