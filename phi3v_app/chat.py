@@ -152,15 +152,20 @@ def _unreadable(path: str, mtime_ns: int, size: int) -> str | None:
     return None
 
 
-def failure_text(failed: Failed, images: Sequence[str] = ()) -> str:
-    """A failed answer, worded for the person in the chat (``images``: the conversation's)."""
+def failure_text(failed: Failed, images: Sequence[str] = (), *, on_page: bool = True) -> str:
+    """A failed answer, worded for the person in the chat (``images``: the conversation's), or
+    for a caller of the ``/chat`` API (``on_page=False``: no buttons to press there)."""
     if failed.kind == "busy":
+        retry = " (press ↻ on your message)" if on_page else ""
         return (
             "The server is busy: too many questions are waiting for the model. Your message "
-            "was not answered; try again in a minute (press ↻ on your message)."
+            f"was not answered; try again in a minute{retry}."
         )
     if failed.kind == "too_large":
-        return f"This is too much for the model at once: {_sentence(failed.reason)}"
+        reason = failed.reason
+        if on_page:  # the package names its parameter; the page has a slider for it
+            reason = reason.replace("num_crops", "Image detail (in Parameters)")
+        return f"This is too much for the model at once: {_sentence(reason)}"
     if failed.kind == "bad_image":
         try:
             check_images(images)
@@ -170,9 +175,10 @@ def failure_text(failed: Failed, images: Sequence[str] = ()) -> str:
     if failed.kind == "bad_input":
         return f"The request could not be answered: {_sentence(failed.reason)}"
     if failed.kind == "internal":
+        start_over = "clear the chat" if on_page else "use a new conversation_id"
         return (
             "Something went wrong on the server while answering (the server log has the "
-            "details). Try again, or clear the chat and start over."
+            f"details). Try again, or {start_over} and start over."
         )
     return failed.reason  # not_ready, and the chat's own refusals: worded already
 

@@ -19,7 +19,13 @@ import gradio as gr
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS
 from phi3v_app.chat import EMPTY_ANSWER, Answers, check_images, failure_text, generation_options
-from phi3v_app.history import HistoryError, assistant_message, conversation, user_message
+from phi3v_app.history import (
+    HistoryError,
+    assistant_message,
+    check_limits,
+    conversation,
+    user_message,
+)
 from phi3v_app.runner import Delta, Failed, Finished
 
 API_CONVERSATIONS = 64  # conversations the /chat endpoint remembers (least recently used go)
@@ -68,6 +74,10 @@ class ChatAPI:
         key = conversation_id or uuid.uuid4().hex
         previous = self.histories.get(key, []) if conversation_id else []
         history = [*previous, user_message((text or "").strip(), files)]
+        try:  # as the chat checks it, worded for a caller of the API
+            check_limits(history, start_over="Use a new conversation_id to start a new one")
+        except HistoryError as err:
+            raise gr.Error(str(err), print_exception=False) from None
         session = ("api", key)
         ticket = self.answers.begin(session)
         events = self.answers.events(ticket, history, options, session, bool(conversation_id))
@@ -79,7 +89,7 @@ class ChatAPI:
                     yield reply
                 elif isinstance(event, Failed):
                     _, paths = conversation(history)
-                    raise gr.Error(failure_text(event, paths), print_exception=False)
+                    raise gr.Error(failure_text(event, paths, on_page=False), print_exception=False)
                 elif isinstance(event, Finished) and not reply:
                     yield EMPTY_ANSWER
                 elif isinstance(event, Finished) and conversation_id:

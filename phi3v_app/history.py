@@ -131,11 +131,14 @@ def conversation(history: Sequence[dict]) -> tuple[list[dict[str, str]], list[st
     return messages, images
 
 
-def check_limits(history: Sequence[dict]) -> None:
+def check_limits(
+    history: Sequence[dict], start_over: str = "Clear the chat to start a new one"
+) -> None:
     """Raise :class:`HistoryError` when the last message or the conversation brings more images
     than the server takes. A picture sent again (the same upload: Gradio keeps one file per
     content) counts each time it was sent, as the model reads it each time; its features are
-    computed once (:mod:`phi3v.feature_cache`)."""
+    computed once (:mod:`phi3v.feature_cache`). ``start_over`` says how to begin a new
+    conversation where the caller is (the chat's button, the API's ``conversation_id``)."""
     turns = _turns(history)
     if not turns:
         return
@@ -149,7 +152,7 @@ def check_limits(history: Sequence[dict]) -> None:
     if len(images) > MAX_IMAGES_PER_CONVERSATION:
         raise HistoryError(
             f"This conversation has {len(images)} images; the limit is "
-            f"{MAX_IMAGES_PER_CONVERSATION}. Clear the chat to start a new one."
+            f"{MAX_IMAGES_PER_CONVERSATION}. {start_over}."
         )
 
 

@@ -654,6 +654,27 @@ def test_a_damaged_picture_is_named_by_its_upload_name_and_the_next_call_works(
     assert "Traceback" not in capfd.readouterr().err  # bad input is logged in one line
 
 
+def test_a_chat_call_over_the_conversations_picture_limit_is_told_to_use_a_new_id(client):
+    for _ in range(2):  # 8 pictures each: 16, the limit
+        eight = ask(client, "And these?", *[CHART] * 8, max_new_tokens=1, conversation_id="full")
+        eight.result(timeout=ANSWER_TIMEOUT_S)
+    with pytest.raises(AppError) as refused:
+        ask(client, "One more?", CHART, conversation_id="full").result(timeout=ANSWER_TIMEOUT_S)
+    assert "Use a new conversation_id to start a new one." in str(refused.value)
+    assert "Clear the chat" not in str(refused.value)  # a button the caller does not have
+
+
+def test_failures_told_to_an_api_caller_name_no_button_of_the_page():
+    for kind in ("busy", "internal"):
+        on_page = failure_text(Failed(kind, "x"))
+        by_api = failure_text(Failed(kind, "x"), on_page=False)
+        assert ("↻" in on_page or "clear the chat" in on_page) and on_page != by_api
+        assert "↻" not in by_api and "clear the chat" not in by_api
+    too_large = Failed("too_large", "Use fewer images, lower num_crops or a shorter conversation")
+    assert "lower Image detail (in Parameters)" in failure_text(too_large)
+    assert "lower num_crops" in failure_text(too_large, on_page=False)
+
+
 @pytest.mark.parametrize(
     ("options", "said"),
     [
