@@ -74,8 +74,9 @@ class ChatAPI:
         key = conversation_id or uuid.uuid4().hex
         previous = self.histories.get(key, []) if conversation_id else []
         history = [*previous, user_message((text or "").strip(), files)]
-        try:  # as the chat checks it, worded for a caller of the API
+        try:  # as the chat checks them, worded for a caller of the API
             check_limits(history, start_over="Use a new conversation_id to start a new one")
+            self._check_ready()
         except HistoryError as err:
             raise gr.Error(str(err), print_exception=False) from None
         session = ("api", key)
@@ -94,6 +95,17 @@ class ChatAPI:
                     yield EMPTY_ANSWER
                 elif isinstance(event, Finished) and conversation_id:
                     self._remember(key, [*history, assistant_message(reply)])
+
+    def _check_ready(self) -> None:
+        status = self.answers.loader.status()
+        if status.phase == "failed":
+            raise HistoryError(f"The model could not be loaded: {status.error}")
+        if status.phase != "ready":
+            doing = {"downloading": "downloading", "converting": "making its fast copies"}
+            raise HistoryError(
+                f"The model is still {doing.get(status.phase, 'loading')}; try again in a minute "
+                "(the web page shows its progress)."
+            )
 
     def _remember(self, key: str, history: list[dict]) -> None:
         self.histories[key] = history

@@ -31,6 +31,7 @@ from phi3v import Progress, Timings
 from phi3v.download import DEFAULT_MODEL, DownloadProgress, is_complete
 from phi3v_app import cli, view
 from phi3v_app.chat import Answers, check_images, failure_text, generation_options
+from phi3v_app.chat_api import ChatAPI
 from phi3v_app.handlers import Handlers
 from phi3v_app.history import (
     ERROR_MARK,
@@ -662,6 +663,13 @@ def test_a_chat_call_over_the_conversations_picture_limit_is_told_to_use_a_new_i
         ask(client, "One more?", CHART, conversation_id="full").result(timeout=ANSWER_TIMEOUT_S)
     assert "Use a new conversation_id to start a new one." in str(refused.value)
     assert "Clear the chat" not in str(refused.value)  # a button the caller does not have
+
+
+def test_a_chat_call_before_the_model_is_ready_is_told_to_try_again(tiny_model_dir):
+    api = ChatAPI(Answers(ModelLoader(tiny_model_dir), ModelTurns(1)))  # never started
+    with pytest.raises(gr.Error, match="still loading; try again in a minute") as refused:
+        next(api.chat("Hello?", []))
+    assert "box at the top" not in str(refused.value)  # the page's words
 
 
 def test_failures_told_to_an_api_caller_name_no_button_of_the_page():
