@@ -199,7 +199,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
 
         private = dict(api_visibility="private", show_progress="hidden")
         control = dict(queue=False, **private)
-        params = [max_new_tokens, temperature, top_p, top_k, num_crops]
+        params = [max_new_tokens, temperature, top_p, top_k, num_crops]  # handlers.PARAMETERS
         controls = [chat_input, stop_button]
         started_answer = [chatbot, *controls, status]
         downloads = [download, download_md]
