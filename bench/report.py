@@ -280,7 +280,7 @@ def first_answer_targets(runs: list[dict]) -> str:
         ratio = peer["summary"]["speed_ratio"]
         lines.append(
             f"| decode speed at {peer['length']:,} positions, both in one process, phi3v / "
-            f"onnxruntime-genai | {peer['cpu']} (`{peer['name']}.md`) | {ratio:.2f} | >= 1.00 | "
+            f"onnxruntime-genai | {peer['cpu']} (`{peer['name']}.md`) | {ratio:.3f} | >= 1.00 | "
             f"{'yes' if ratio >= 1.0 else '**no**'} |"
         )
     return "\n".join(lines)
