@@ -133,8 +133,8 @@ function showExampleTimes() {
 }
 // Keyboard use: when the focused control goes away (a question's Undo, Retry) or is locked
 // (the input while an answer comes), focus would fall to the page; it goes back to the input
-// as soon as that can be typed in. Not after a touch or a click: on a phone that would open
-// the keyboard over the answer.
+// as soon as that can be typed in. (Edit focuses its own box: focus is not lost there.) Not
+// after a touch or a click: on a phone that would open the keyboard over the answer.
 let lastFocused = null, byKeyboard = false, focusLost = false;
 document.addEventListener("focusin", (event) => { lastFocused = event.target; }, true);
 document.addEventListener("keydown", () => { byKeyboard = true; }, true);
