@@ -53,7 +53,7 @@ class _ImageTag:
 def normalize_messages(prompt: str | Sequence[Mapping[str, str]]) -> list[Message]:
     """A user string or a list of ``{"role", "content"}`` dicts -> validated messages.
 
-        Roles are system (first message only), user and assistant. The last message is the user's
+    Roles are system (first message only), user and assistant. The last message is the user's
     (to be answered) or the assistant's (to be continued, :func:`render`).
     """
     if isinstance(prompt, str):

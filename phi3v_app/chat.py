@@ -249,10 +249,12 @@ class Answers:
         options: dict[str, Any],
         conversation_key: Hashable | None = None,
         remember: bool = True,
+        on_page: bool = True,
     ) -> Iterator[Event]:
         """The runner's events answering the last user message of ``history``; nothing when
         there is none. ``conversation_key`` scopes the engine's KV-cache reuse, so one visitor's
-        cached prompt never speeds up (and so never reveals itself to) another."""
+        cached prompt never speeds up (and so never reveals itself to) another. A refusal is
+        worded for the page, or (``on_page=False``) for a caller of the ``/chat`` API."""
         try:
             if ticket.stop.is_set():
                 yield Stopped(Usage(), Timings())
@@ -260,7 +262,7 @@ class Answers:
             messages, images = conversation(history)
             if not messages or messages[-1]["role"] != "user":
                 return
-            if (refused := self._refusal(history)) is not None:
+            if (refused := self._refusal(history, on_page)) is not None:
                 yield refused
                 return
             ticket.answer = self.runner.start(
@@ -271,14 +273,24 @@ class Answers:
             ticket.cancel()  # a no-op after a normal end; stops the worker if we were closed
             self._end(ticket)
 
-    def _refusal(self, history: Sequence[dict]) -> Failed | None:
+    def _refusal(self, history: Sequence[dict], on_page: bool) -> Failed | None:
         if self.loader.pipeline is None:
-            phase = self.loader.status().phase
-            reason = {"downloading": "is still downloading", "failed": "could not be loaded"}
-            text = f"The model {reason.get(phase, 'is still loading')}; see the box at the top."
-            return Failed("not_ready", text)
+            status = self.loader.status()
+            reason = {
+                "downloading": "is still downloading",
+                "converting": "is still making its fast copies",
+                "failed": "could not be loaded",
+            }.get(status.phase, "is still loading")
+            if on_page:
+                advice = "see the box at the top"
+            elif status.phase == "failed":
+                advice = status.error or "the server log says why"
+            else:
+                advice = "try again in a minute (the web page shows its progress)"
+            return Failed("not_ready", f"The model {reason}; {advice}.")
+        start_over = "Clear the chat" if on_page else "Use a new conversation_id"
         try:
-            check_limits(history)
+            check_limits(history, start_over=f"{start_over} to start a new one")
         except HistoryError as err:
             log.warning("refused request: %s", err)
             return Failed("bad_input", str(err))

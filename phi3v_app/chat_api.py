@@ -19,13 +19,7 @@ import gradio as gr
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS
 from phi3v_app.chat import EMPTY_ANSWER, Answers, check_images, failure_text, generation_options
-from phi3v_app.history import (
-    HistoryError,
-    assistant_message,
-    check_limits,
-    conversation,
-    user_message,
-)
+from phi3v_app.history import HistoryError, assistant_message, conversation, user_message
 from phi3v_app.runner import Delta, Failed, Finished
 
 API_CONVERSATIONS = 64  # conversations the /chat endpoint remembers (least recently used go)
@@ -74,14 +68,11 @@ class ChatAPI:
         key = conversation_id or uuid.uuid4().hex
         previous = self.histories.get(key, []) if conversation_id else []
         history = [*previous, user_message((text or "").strip(), files)]
-        try:  # as the chat checks them, worded for a caller of the API
-            check_limits(history, start_over="Use a new conversation_id to start a new one")
-            self._check_ready()
-        except HistoryError as err:
-            raise gr.Error(str(err), print_exception=False) from None
         session = ("api", key)
         ticket = self.answers.begin(session)
-        events = self.answers.events(ticket, history, options, session, bool(conversation_id))
+        events = self.answers.events(
+            ticket, history, options, session, bool(conversation_id), on_page=False
+        )
         reply = ""
         with closing(events):  # job.cancel() closes this generator, and so the answer
             for event in events:
@@ -95,17 +86,6 @@ class ChatAPI:
                     yield EMPTY_ANSWER
                 elif isinstance(event, Finished) and conversation_id:
                     self._remember(key, [*history, assistant_message(reply)])
-
-    def _check_ready(self) -> None:
-        status = self.answers.loader.status()
-        if status.phase == "failed":
-            raise HistoryError(f"The model could not be loaded: {status.error}")
-        if status.phase != "ready":
-            doing = {"downloading": "downloading", "converting": "making its fast copies"}
-            raise HistoryError(
-                f"The model is still {doing.get(status.phase, 'loading')}; try again in a minute "
-                "(the web page shows its progress)."
-            )
 
     def _remember(self, key: str, history: list[dict]) -> None:
         self.histories[key] = history
