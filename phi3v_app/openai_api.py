@@ -461,9 +461,9 @@ async def _texts(
     try:
         while True:
             if isinstance(event, runner.Delta):
-                for piece, tokens in event.pieces:  # the tokens up to where a stop is found
-                    answer.usage = replace(event.usage, completion_tokens=tokens)
-                    if text := cut.push(piece):
+                for piece in event.pieces:  # the tokens up to where a stop is found
+                    answer.usage = replace(event.usage, completion_tokens=piece.tokens)
+                    if text := cut.push(piece.text):
                         yield text
                     if cut.stopped:
                         answer.finish_reason = "stop"

@@ -71,6 +71,14 @@ class Reading:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Text as the stream gave it, and the number of answer tokens generated with it."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
 class Delta:
     """New text of the answer (possibly several tokens' worth), with the counts so far.
 
@@ -81,7 +89,7 @@ class Delta:
     text: str
     usage: Usage
     timings: Timings
-    pieces: tuple[tuple[str, int], ...] = ()
+    pieces: tuple[Piece, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,14 +153,6 @@ _TURN = object()  # the worker's note: the model's turn has come
 _END = object()  # ... the stream has ended
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """The worker's text as the stream gave it, and the answer's tokens so far with it."""
-
-    text: str
-    tokens: int
-
-
 class Answer:
     """One answer in progress: read :meth:`events`, :meth:`cancel` from any thread."""
 
@@ -195,13 +195,12 @@ class Answer:
                 yield item
             elif item is _TURN:
                 turn_at = time.monotonic()
-            elif isinstance(item, _Piece):
+            elif isinstance(item, Piece):
                 pieces = (item, *self._more_text(until=last_delta + every))
                 last_delta = time.monotonic()
                 text = "".join(piece.text for piece in pieces)
                 usage = Usage(len(self._stream.input_ids), pieces[-1].tokens)
-                counted = tuple((piece.text, piece.tokens) for piece in pieces)
-                yield Delta(text, usage, self._stream.timings, counted)
+                yield Delta(text, usage, self._stream.timings, pieces)
             else:
                 yield self._end(item)
                 return
@@ -223,7 +222,7 @@ class Answer:
                     self._stream.cancel()
                 try:
                     for delta in self._stream:  # counted here: the stream is ahead later
-                        self._arrived.put(_Piece(delta, len(self._stream.token_ids)))
+                        self._arrived.put(Piece(delta, len(self._stream.token_ids)))
                 finally:
                     self._stream.close()  # frees or keeps its KV cache before the next turn
             self._arrived.put(_END)
@@ -235,15 +234,15 @@ class Answer:
 
     # --- reading what the worker handed over --------------------------------------------------
 
-    def _more_text(self, until: float) -> list[_Piece]:
+    def _more_text(self, until: float) -> list[Piece]:
         """Text that arrives before time ``until`` (stops early at a non-text item)."""
-        more: list[_Piece] = []
+        more: list[Piece] = []
         while (wait := until - time.monotonic()) > 0:
             try:
                 item = self._arrived.get(timeout=wait)
             except queue.Empty:
                 break
-            if not isinstance(item, _Piece):
+            if not isinstance(item, Piece):
                 self._arrived.put(item)  # nothing else is queued behind an end
                 break
             more.append(item)
