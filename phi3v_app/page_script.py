@@ -5,7 +5,11 @@
   one gets a toast): the status line says so instead, until the server writes it next.
 - Every control gets a unique name a screen reader can say: Gradio's are the same for every
   message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
-  sliders and an unnamed edit box.
+  sliders and an unnamed edit box. A picture in a message, a button with no name, is named by
+  its file.
+- Keyboard use keeps its place: when Stop, Undo or Retry locks or removes the focused control,
+  focus returns to the input once it can be typed in (not after a touch: a phone's keyboard
+  would cover the answer).
 - A disabled control says why in its tooltip (its ``title``), from the page's state: an answer
   on its way (Stop is enabled), the model still loading or not available (the model box).
 - An empty chat shows its instructions and the first example from the top: Gradio scrolls the
