@@ -813,7 +813,58 @@ def vnni_section() -> str:
             else ": attention and the small operators could carry it only if nearly all of "
             "them went."
         )
+        + floor_note("VNNI only", genai, wanted)
     )
+
+
+def floor_note(kind: str, genai: float, wanted: float) -> str:
+    """What ``bench/floor.py`` found on a CPU of ``kind`` ("AMX", "VNNI only"): the least time
+    the first answer can take there against the target ``wanted`` (seconds) and onnxruntime-genai's
+    ``genai``; empty without such a results file."""
+    for path in sorted(RESULTS.glob("floor*.json")):
+        found = json.loads(path.read_text())
+        flags = set(found["flags"])
+        if ("AMX" if "amx_int8" in flags else "VNNI only") == kind:
+            break
+    else:
+        return ""
+    least, work = found["floor"], found["work"]
+    seconds = least["seconds"]
+    gemms = seconds["integer GEMMs"]
+    gemm = [part.get("MatMulIntegerToFloat", {}) for part in (work["vision"], work["prefill"])]
+    measured_gemm = sum(entry.get("s", 0.0) for entry in gemm)
+    gemm_macs = sum(entry.get("macs", 0.0) for entry in gemm)
+    rotations = seconds["fp32 GEMMs (the rotations)"]
+    attention = seconds["prefill attention, causal part"] + seconds["vision attention"]
+    text = (
+        f"\n\n**The floor on this CPU** (`bench/results/{path.stem}.md`, {found['date'][:10]}, "
+        f"phi3v {found['commit']}): each instruction's peak measured from registers "
+        f"(`bench/peak.c`: {least['int8'][0]} {least['int8'][1] / 1e9:,.0f} G multiply-adds per "
+        f"second on {found['threads']} threads, {least['fp32'][0]} {least['fp32'][1] / 1e9:,.0f} "
+        f"G), and the photo's work counted by onnxruntime's profiler in the fast copies. The "
+        f"integer GEMMs are {gemm_macs / 1e12:.1f} T multiply-adds: {gemms:.1f} s at the peak, "
+        f"against {measured_gemm:.1f} s measured ({gemms / measured_gemm:.0%} of the peak "
+        "already). Attention's causal part at the fp32 "
+        f"peak is {attention:.1f} s more, the rotations {rotations:.1f} s. "
+        f"With every other operator free, the first answer cannot take less than "
+        f"**{least['total']:.1f} s = {least['total'] / genai:.2f}x** onnxruntime-genai's"
+    )
+    if least["total_bf16_attention"]:
+        text += (
+            f" ({least['total_bf16_attention']:.1f} s = "
+            f"{least['total_bf16_attention'] / genai:.2f}x with attention in bf16 at "
+            f"{least['bf16'][0]}'s peak)"
+        )
+    text += f", against the target's {wanted:.1f} s. " + (
+        "So the target is out of reach on this kind of CPU for any implementation of these "
+        "numerics: it would need "
+        f"{least['total'] / wanted:.0%} of every instruction's peak with nothing else left. "
+        "The work is fixed by the model at 16 crops and the copies' numerics (the vision "
+        "copy's remainder weights included), so no faster code can reach it here."
+        if least["total"] > 0.8 * wanted
+        else "The target leaves room above the floor."
+    )
+    return text
 
 
 def fast_paths(run: dict) -> dict[str, str]:
