@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tables
 from provenance import save
-from workers import alternate, parse_or_serve, stamp
+from workers import alternate, fast_copies_of, parse_or_serve, stamp
 
 PATHS = ("fused kernel", "GroupQueryAttention")
 QUESTION = "Describe the picture."
@@ -65,15 +65,11 @@ def main() -> None:
     parser.add_argument("--name", default="decode_modes")
     if (args := parse_or_serve(parser, worker)) is None:
         return
-    if args.model is None:
-        parser.error("--model is required")
+    model = str(fast_copies_of(parser, args.model))
     from bench import make_image
-    from phi3v import convert, load_config
 
-    convert.fast_models(load_config(args.model))  # made once, untimed
     image = args.image or make_image(Path("/tmp/phi3v-bench-photo.png"))
     load_before = os.getloadavg()
-    model = str(args.model.resolve())
     specs = {
         path: {"model": model, "image": str(image), "path": path, "repeats": args.repeats}
         for path in PATHS

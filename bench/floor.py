@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from provenance import save
-from workers import parse_or_serve, run_worker, stamp
+from workers import fast_copies_of, parse_or_serve, run_worker, stamp
 
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 CROPS = 13  # the crops its HD grid uses
@@ -260,15 +260,13 @@ def main() -> None:
     )
     if (args := parse_or_serve(parser, worker)) is None:
         return
-    if args.model is None:
-        parser.error("--model is required")
-    from phi3v import convert, load_config, machine
+    model = fast_copies_of(parser, args.model)
+    from phi3v import machine
 
-    convert.fast_models(load_config(args.model))  # made once, untimed
     load_before = os.getloadavg()
     threads = machine.physical_cores()
     found = run_worker(__file__, {"part": "peaks", "threads": threads})
-    measured = run_worker(__file__, {"part": "work", "model": str(args.model.resolve())})
+    measured = run_worker(__file__, {"part": "work", "model": str(model)})
     peer = args.peer or ("scale-amx" if machine.has_amx() else "scale")
     command = f"python bench/floor.py --model {args.model} --name {args.name}"
     result = {

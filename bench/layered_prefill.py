@@ -25,7 +25,7 @@ from pathlib import Path
 
 import tables
 from provenance import save
-from workers import alternate, parse_or_serve, stamp
+from workers import alternate, fast_copies_of, parse_or_serve, stamp
 
 POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
 PATHS = ("fused kernel", "GroupQueryAttention")
@@ -101,13 +101,10 @@ def main() -> None:
     parser.add_argument("--name", default="layered_prefill")
     if (args := parse_or_serve(parser, worker)) is None:
         return
-    if args.model is None:
-        parser.error("--model is required")
-    from phi3v import convert, load_config
+    model = fast_copies_of(parser, args.model)
 
-    convert.fast_models(load_config(args.model))  # made once, untimed
     load_before = os.getloadavg()
-    specs = {path: {"model": str(args.model.resolve()), "path": path} for path in PATHS}
+    specs = {path: {"model": str(model), "path": path} for path in PATHS}
     runs = alternate(__file__, specs, args.runs)
     command = f"python bench/layered_prefill.py --model {args.model} --runs {args.runs}"
     result = {

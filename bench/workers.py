@@ -48,6 +48,17 @@ def parse_or_serve(
     return args
 
 
+def fast_copies_of(parser: argparse.ArgumentParser, model: Path | None) -> Path:
+    """The ``--model`` folder, resolved, with its fast copies made (once, before anything is
+    timed); a usage error when the option is missing."""
+    if model is None:
+        parser.error("--model is required")
+    from phi3v import convert, load_config
+
+    convert.fast_models(load_config(model))
+    return model.resolve()
+
+
 def alternate(
     script: str | Path, specs: dict[str, dict], runs: int, *args: str
 ) -> dict[str, list[dict]]:
