@@ -20,6 +20,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # Upper bound on input size: larger images are refused before decoding (a decompression bomb,
 # or a photo far beyond what 16 crops of 336 can show). 64 MP is a 9000x7000 photo.
 MAX_PIXELS = 64_000_000
+DOWNSCALE = "downscale it first"  # the advice that ends a refusal for too many pixels
 # Upper bound on an image file's size, checked before it is read: 64 MP of 16-bit RGBA,
 # uncompressed, is 512 MB; anything larger is not an image this can use.
 MAX_FILE_BYTES = 512 * 2**20
@@ -162,6 +164,8 @@ def read_image(image: ImageInput) -> bytes | Image.Image:
         data = bytes(image)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise ImageError(f"image file {path} is a folder; give the path of an image file")
         if not path.is_file():
             raise ImageError(f"image file {path} does not exist")
         if (size := path.stat().st_size) > MAX_FILE_BYTES:
@@ -289,7 +293,13 @@ def _open(data: bytes | Image.Image, what: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{what} is too large to decode safely ({err})") from err
+        # Pillow refuses before it reads the size for us; its message has the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        count = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageError(
+            f"{what} has {count}, more than the limit of {MAX_PIXELS:,}; {DOWNSCALE} (16 crops "
+            "of 336 pixels cannot show more)"
+        ) from err
     except UnidentifiedImageError as err:
         raise ImageError(
             f"{what} is not an image Pillow can read (PNG, JPEG, WebP, GIF, ...)"
@@ -307,7 +317,7 @@ def _check_pixels(image: Image.Image, what: str) -> None:
     if width * height > MAX_PIXELS:
         raise ImageError(
             f"{what} has {width}x{height} = {width * height:,} pixels, more than the limit of "
-            f"{MAX_PIXELS:,}; downscale it first (16 crops of 336 pixels cannot show more)"
+            f"{MAX_PIXELS:,}; {DOWNSCALE} (16 crops of 336 pixels cannot show more)"
         )
 
 
@@ -315,7 +325,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         image.load()
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode.startswith("I;16"):  # 16-bit greyscale, as a 16-bit PNG opens
+        # Its high byte, as onnxruntime-genai's decoder keeps it (rounding v / 257 instead
+        # would give other pixel values, and a near-black picture would not stay near black).
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    elif image.mode in ("I", "F"):
         image = Image.fromarray(_to_uint8(np.asarray(image)))
     if image.mode == "P" or image.mode == "PA":
         image = image.convert("RGBA")
@@ -327,7 +341,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """16/32-bit greyscale or float data -> uint8, by the range its type implies."""
+    """32-bit integer or float greyscale (no file format the reference reads) -> uint8, by the
+    range the values imply: 0-1 or 0-255 for floats, 0-255 or 0-65535 for integers."""
     if values.dtype.kind == "f":
         top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
         return np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)

@@ -118,6 +118,18 @@ def test_pixel_values_are_bit_identical_to_onnxruntime_genai(genai_model, images
     assert ours.num_image_tokens == int(inputs["num_image_tokens"].as_numpy().reshape(-1)[0])
 
 
+@pytest.mark.oracle
+def test_sixteen_bit_greyscale_pixel_values_are_bit_identical(genai_model, tmp_path):
+    """A 16-bit PNG (Pillow: mode I;16) through every level from black to white."""
+    levels = np.arange(300 * 400, dtype=np.uint64) * 65535 // (300 * 400 - 1)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels.astype(np.uint16).reshape(300, 400)).save(path)
+    processor = genai_model.create_multimodal_processor()
+    inputs = processor(IMAGE_PROMPT, images=og.Images.open(str(path)))
+    ours = preprocess_image(path)
+    np.testing.assert_array_equal(ours.pixel_values, inputs["pixel_values"].as_numpy()[0])
+
+
 # --- layouts and KV-cache modes agree with each other ---
 
 

@@ -1,6 +1,7 @@
 """Image preprocessing: the HD transform, normalisation, crops, and every input kind and error."""
 
 import io
+import re
 import struct
 import zlib
 
@@ -132,6 +133,21 @@ def test_greyscale_alpha_and_palette_transparency_are_composited_on_white(mode):
     )
 
 
+def test_sixteen_bit_greyscale_keeps_its_high_byte_so_dark_stays_dark():
+    """As onnxruntime-genai decodes a 16-bit PNG (its oracle test: test_generate.py). A picture
+    whose values all sit below 256 is near black, not an 8-bit picture."""
+
+    def grey(value: int) -> np.ndarray:
+        image = Image.fromarray(np.full((64, 64), value, dtype=np.uint16))
+        return preprocess_image(png_bytes(image)).pixel_values
+
+    black, darker, dark = grey(0), grey(200), grey(300)
+    np.testing.assert_array_equal(darker, black)  # 200 >> 8 == 0
+    assert (dark > darker).all()  # 300 >> 8 == 1: brighter, never darker
+    one = Image.new("RGB", (64, 64), (1, 1, 1))
+    np.testing.assert_array_equal(dark, preprocess_image(one).pixel_values)
+
+
 def test_sixteen_bit_greyscale_is_scaled_to_eight_bits():
     half = np.full((100, 200), 32896, dtype=np.uint16)  # 128 * 257: mid grey
     image = Image.fromarray(half)  # uint16 -> mode I;16
@@ -192,22 +208,39 @@ def test_truncated_image_is_reported_as_corrupt():
         preprocess_image(data[: len(data) // 2])
 
 
-def test_too_many_pixels_are_refused_before_decoding():
-    # A PNG header claiming 9000 x 8000 = 72 MP (under Pillow's own bomb limit), almost no data.
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` RGB pixels and holds almost no data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return (
             struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
         )
 
-    header = struct.pack(">IIBBBBB", 9000, 8000, 8, 2, 0, 0, 0)
-    data = (
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + chunk(b"IEND", b"")
     )
-    with pytest.raises(ImageError, match=f"more than the limit of {MAX_PIXELS:,}"):
-        preprocess_image(data)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "count"),
+    [
+        (9000, 8000, "9000x8000 = 72,000,000"),  # under Pillow's own bomb limit: ours refuses
+        (30000, 30000, "900,000,000"),  # beyond it: Pillow refuses before the size is read
+    ],
+)
+def test_too_many_pixels_are_refused_before_decoding_with_advice(width, height, count):
+    expected = f"has {count} pixels, more than the limit of {MAX_PIXELS:,}; downscale it first"
+    with pytest.raises(ImageError, match=re.escape(expected)):
+        preprocess_image(png_header_only(width, height))
+
+
+def test_a_folder_is_not_an_image_file(tmp_path):
+    with pytest.raises(ImageError, match="is a folder; give the path of an image file"):
+        preprocess_image(tmp_path)
 
 
 def test_an_empty_file_is_named(tmp_path):
