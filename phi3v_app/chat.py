@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS, ImageError, Timings
-from phi3v.image import describe_image, load_rgb
+from phi3v.image import DOWNSCALE, describe_image, load_rgb
 from phi3v_app import view
 from phi3v_app.history import (
     HistoryError,
@@ -109,6 +109,8 @@ def check_images(paths: Sequence[str]) -> None:
         if (reason := unreadable(path)) is None:
             continue
         where = f" (image {number} of {len(paths)} in this message)" if len(paths) > 1 else ""
+        if too_large(reason):
+            raise HistoryError(f"{upload_name(path)}{where} is too large: it {reason}.")
         raise HistoryError(
             f"{upload_name(path)}{where} could not be read as a picture: it {reason}. Send it "
             "again as a PNG or JPEG file."
@@ -135,9 +137,17 @@ def _in_words(error: ImageError, path: str) -> str:
         return "is empty (0 bytes)"
     if reason.startswith("is corrupt or truncated"):
         return "is damaged or cut short"
-    if reason.startswith(("has ", "is too large")):  # pixel and size limits: worded already
-        return reason.split(" (", 1)[0].split("; ", 1)[0]
+    if reason.startswith(("has ", "is ")) and DOWNSCALE in reason:  # too many pixels: worded
+        return reason.split(" (", 1)[0]  # already, with its advice; no library's parentheses
+    if reason.startswith("is ") and "more than the limit" in reason:  # too many bytes
+        return reason.split("; ", 1)[0]
     return "is not a PNG, JPEG, WebP or GIF image"
+
+
+def too_large(reason: str) -> bool:
+    """Whether an :func:`unreadable` reason is a picture's size, not its format: the advice is
+    then to make it smaller, not to send another kind of file."""
+    return DOWNSCALE in reason or "more than the limit" in reason
 
 
 @functools.lru_cache(maxsize=256)  # an upload is checked as it arrives and again when sent

@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from phi3v_app import view
-from phi3v_app.chat import Answers, check_images, generation_options, unreadable
+from phi3v_app.chat import Answers, check_images, generation_options, too_large, unreadable
 from phi3v_app.chat_api import file_paths
 from phi3v_app.history import (
     REFUSED_UPLOAD,
@@ -216,7 +216,7 @@ class Handlers:
         kept = [path for path in files if path not in reasons]
         return (
             gr.MultimodalTextbox(value={"text": message.get("text") or "", "files": kept}),
-            view.refused_upload(names, len(reasons), reason),
+            view.refused_upload(names, len(reasons), reason, bool(reason) and too_large(reason)),
         )
 
     def answer(

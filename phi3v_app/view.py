@@ -26,7 +26,8 @@ PRECISION_WORDS = {
 
 
 # How a status line of refused files ends (refused_upload), which also marks it as one.
-NOT_ATTACHED = "not attached: send pictures as PNG, JPEG, WebP or GIF"
+NOT_ATTACHED = "not attached"
+FILE_TYPES = "send pictures as PNG, JPEG, WebP or GIF"
 
 
 def _count(n: int, word: str) -> str:
@@ -79,12 +80,15 @@ def status_line(kind: str, headline: str, *details: str) -> str:
     )
 
 
-def refused_upload(names: str, count: int, reason: str | None) -> str:
-    """Files taken out of the input as they arrived (not pictures): ``names``, ``count`` of
-    them, and the ``reason`` when there is one file."""
+def refused_upload(names: str, count: int, reason: str | None, too_large: bool = False) -> str:
+    """Files taken out of the input as they arrived: ``names``, ``count`` of them, and the
+    ``reason`` when there is one file; ``too_large``: a picture with more pixels than the model
+    can use (its reason says what to do), not a file of another kind."""
+    if too_large:
+        return status_line("error", f"{names} is too large", f"it {reason}", NOT_ATTACHED)
     what = "is not a picture" if count == 1 else "are not pictures"
     why = f"it {reason}; " if reason else ""
-    return status_line("error", f"{names} {what}", f"{why}{NOT_ATTACHED}")
+    return status_line("error", f"{names} {what}", f"{why}{NOT_ATTACHED}: {FILE_TYPES}")
 
 
 def says_upload_refused(status: object) -> bool:

@@ -196,6 +196,24 @@ def test_an_unreadable_upload_is_told_what_is_wrong_with_it(tmp_path, content, s
     assert str(tmp_path) not in str(refused.value) and "Pillow" not in str(refused.value)
 
 
+def test_a_picture_with_too_many_pixels_is_told_to_shrink_not_to_change_format(tmp_path):
+    """30000 x 30000 pixels: beyond Pillow's own limit, so it refuses before reading the size."""
+    from tests.test_image import png_header_only
+
+    upload = tmp_path / "panorama.png"
+    upload.write_bytes(png_header_only(30000, 30000))
+    with pytest.raises(HistoryError) as refused:
+        check_images([str(upload)])
+    told = str(refused.value)
+    assert told.startswith("panorama.png is too large: it has 900,000,000 pixels")
+    assert "downscale it first" in told and "PNG or JPEG" not in told and "Pillow" not in told
+    # The same file attached on the page: taken out of the input, and the line says why.
+    _, line = Handlers.check_upload({"text": "Look", "files": [str(upload)]}, "")
+    assert "panorama.png is too large" in line and "downscale it first" in line
+    assert "not a picture" not in line and "PNG, JPEG" not in line
+    assert view.says_upload_refused(line)
+
+
 def test_while_the_pictures_are_prepared_the_status_says_so_not_waiting():
     line = view.reading_status(Progress("preprocess"), 0.4, None)
     assert "Preparing your question" in line and "Waiting" not in line
