@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
@@ -18,11 +19,20 @@ from phi3v.precision import PRECISIONS
 from phi3v.results import Progress
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one the help does not already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m phi3v",
         description="Ask Phi-3 Vision about images, on the CPU with onnxruntime.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -145,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Phi3VError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly. Standard output now leads nowhere,
+        # so that Python's own flush at exit does not fail on it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -99,6 +99,11 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     :class:`ConfigError` when the config is malformed or of neither known layout.
     """
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise ModelFolderError(
+            f"{model_dir} is a file; pass the model folder that holds it "
+            f"({model_dir.parent}) or another that holds genai_config.json"
+        )
     if not model_dir.is_dir():
         raise ModelFolderError(
             f"model folder {model_dir} does not exist: run `python download_models.py` "

@@ -71,6 +71,8 @@ def test_sampling_options_are_passed_through(tiny_model_dir):
     [
         (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
         (["--image", "/nonexistent.png"], "image file /nonexistent.png does not exist"),
+        (["--image", "FOLDER"], "is a folder; give the path of an image file"),
+        (["--model", "CONFIG"], "genai_config.json is a file; pass the model folder that holds"),
         (["--temperature", "-1"], "temperature must be a number from 0 to 100"),
         (["--num-crops", "99"], "num_crops must be an integer from 1 to 16"),
         (["--prompt", "<|image_2|> what?", "--image", "IMAGE"], "without gaps"),
@@ -78,8 +80,13 @@ def test_sampling_options_are_passed_through(tiny_model_dir):
 )
 def test_errors_are_one_line_without_traceback(tiny_model_dir, picture, args, message):
     base = {"--model": str(tiny_model_dir), "--prompt": "Hi"}
+    paths = {
+        "IMAGE": picture,
+        "FOLDER": picture.parent,
+        "CONFIG": tiny_model_dir / "genai_config.json",
+    }
     for flag, value in zip(args[::2], args[1::2], strict=True):
-        base[flag] = str(picture) if value == "IMAGE" else value
+        base[flag] = str(paths.get(value, value))
     done = run_cli(*[item for pair in base.items() for item in pair])
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
@@ -92,6 +99,25 @@ def test_help_documents_every_option():
     for option in ("--model", "--image", "--prompt", "--max-new-tokens", "--temperature",
                    "--top-k", "--top-p", "--seed", "--num-crops", "--json"):  # fmt: skip
         assert option in done.stdout
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert "(default: 512)" in text  # a real default is shown ...
+    for empty in ("(default: None)", "(default: [])", "(default: False)"):  # ... nothing else
+        assert empty not in text
+    assert text.count("(default: one per physical core)") == 1
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(tiny_model_dir):
+    """``python -m phi3v ... | head -c 20``: the pipe closes while the answer streams."""
+    command = [sys.executable, "-m", "phi3v", "--model", str(tiny_model_dir), "--prompt", "Hi",
+               "--max-new-tokens", "2000"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                          env=env) as cli:  # fmt: skip
+        assert cli.stdout.read(20)
+        cli.stdout.close()  # as head does once it has its bytes
+        errors = cli.stderr.read().decode()
+        assert cli.wait(timeout=120) == 1
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors
 
 
 def test_check_says_which_precision_runs_and_the_self_check(tiny_int4_model_dir):
