@@ -196,7 +196,7 @@ class Pipeline:
         top_p: float | None = None,
         seed: int | None = None,
         input_ids: Sequence[int] | None = None,
-        num_crops: int | None = None,
+        num_crops: int | Sequence[int | None] | None = None,
         conversation: Hashable | None = None,
         remember: bool = True,
         owner: Hashable | None = None,
@@ -207,12 +207,12 @@ class Pipeline:
         file paths, bytes or PIL images, referred to as ``<|image_N|>`` (added in order when the
         prompt has no tags). ``input_ids``, when given, replaces the tokenized prompt; its
         placeholders ``-N`` refer to ``images[N-1]``. ``num_crops`` (1..16) trades image detail for
-        speed. A KV cache is reused only by a later call with the same ``conversation`` (calls
-        without one share a default); ``remember=False`` neither continues nor keeps one (a
-        one-off question, such as an anonymous API call's). An image's vision features are
-        kept for later calls of the same ``owner`` (a visitor, who may hold several
-        conversations; without one, of the same conversation) and never seen by another
-        (:mod:`phi3v.feature_cache`). Any call reuses what :meth:`warm` prepared. Bad input
+        speed: one count for every image, or one per image (None: the model's). A KV cache is
+        reused only by a later call with the same ``conversation`` (calls without one share a
+        default); ``remember=False`` neither continues nor keeps one (a one-off question, such
+        as an anonymous API call's). An image's vision features are kept for later calls of the
+        same ``owner`` (a visitor, who may hold several conversations; without one, of the same
+        conversation) and never seen by another (:mod:`phi3v.feature_cache`). Any call reuses what :meth:`warm` prepared. Bad input
         raises a :class:`~phi3v.errors.Phi3VError` here, before any model runs.
         """
         started = time.perf_counter()
@@ -239,7 +239,7 @@ class Pipeline:
         images: Sequence[ImageInput] = (),
         *,
         input_ids: Sequence[int] | None = None,
-        num_crops: int | None = None,
+        num_crops: int | Sequence[int | None] | None = None,
     ) -> Stream:
         """Read an example's images and prompt ahead of time, for every caller.
 
@@ -268,10 +268,10 @@ class Pipeline:
         messages = None
         if input_ids is None:  # check the tags before spending time on the images
             messages = tag_images(normalize_messages(prompt), len(images))
-        crops = self.config.num_crops if num_crops is None else num_crops
-        check_num_crops(crops)
+        crops = self._crops(num_crops, len(images))
         processed = tuple(
-            self._image(image, crops, scope, n, len(images)) for n, image in enumerate(images, 1)
+            self._image(image, count, scope, n, len(images))
+            for n, (image, count) in enumerate(zip(images, crops, strict=True), 1)
         )
         counts = [image.num_image_tokens for image in processed]
         if messages is not None:
@@ -291,6 +291,24 @@ class Pipeline:
             scope,
             context=context,
         )
+
+    def _crops(self, num_crops: int | Sequence[int | None] | None, images: int) -> list[int]:
+        """Each image's crop count: ``num_crops`` for all, or its own entry (None: the model's)."""
+        if num_crops is None or isinstance(num_crops, (int, float, str, bytes)):
+            counts = [num_crops] * images
+        elif isinstance(num_crops, Sequence) and len(num_crops) == images:
+            counts = list(num_crops)
+        else:
+            is_list = isinstance(num_crops, Sequence)
+            given = f"a list of {len(num_crops)}" if is_list else repr(num_crops)
+            raise ImageError(
+                f"num_crops must be one integer from 1 to 16 or a list of one per image "
+                f"({images}), got {given}"
+            )
+        counts = [self.config.num_crops if count is None else count for count in counts]
+        for count in counts:
+            check_num_crops(count)
+        return counts
 
     def _image(
         self, image: ImageInput, num_crops: int, scope: Hashable | None, number: int, count: int

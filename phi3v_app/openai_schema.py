@@ -17,7 +17,7 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS, MAX_CROPS
 from phi3v_app.history import (  # a typed <|image_N|> stays text, as in the chat
@@ -30,6 +30,11 @@ DEFAULT_TEMPERATURE = 1.0
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
 MAX_STOP_SEQUENCES = 4  # as OpenAI: `stop` holds at most 4 strings
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# An image part's `detail`. OpenAI reads a "low" image at low resolution, at a fixed small cost;
+# here that is one crop (313 positions for a 4:3 photo, against 1,921 at 16 crops). "high" and
+# "auto" read it at `num_crops` (default: the model's).
+DETAILS = ("auto", "low", "high")
+LOW_DETAIL_CROPS = 1
 # Request fields whose meaning this server cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("tools", "functions", "audio", "prediction")
 
@@ -81,6 +86,7 @@ class ChatRequest:
     messages: tuple[dict[str, str], ...]  # phi3v messages, images as <|image_N|> tags
     images: tuple[bytes | RemoteImage, ...]  # images[N-1] is <|image_N|>
     image_params: tuple[str, ...] = ()  # where each image was in the request, for its errors
+    image_details: tuple[str, ...] = ()  # each image's `detail`: "auto", "low" or "high"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float | None = None
@@ -101,8 +107,15 @@ class ChatRequest:
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
-            "num_crops": self.num_crops,
+            "num_crops": self.crops(),
         }
+
+    def crops(self) -> int | list[int | None] | None:
+        """The crops to read the images at: ``num_crops`` (None: the model's), but one crop
+        for an image whose ``detail`` is "low" (OpenAI's low-resolution reading)."""
+        if "low" not in self.image_details:
+            return self.num_crops
+        return [LOW_DETAIL_CROPS if d == "low" else self.num_crops for d in self.image_details]
 
 
 def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> ChatRequest:
@@ -110,11 +123,11 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
     inline image over ``max_image_bytes``) saying which field is wrong and what to send."""
     if not isinstance(body, Mapping):
         raise APIError(400, "the request body must be a JSON object with a `messages` list")
-    for field in UNSUPPORTED:
-        if body.get(field):
-            raise APIError(400, f"`{field}` is not supported by this server", param=field)
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise APIError(400, f"`{name}` is not supported by this server", param=name)
     _check_unsupported_values(body)
-    messages, images, places = _conversation(body.get("messages"), max_images, max_image_bytes)
+    messages, found = _conversation(body.get("messages"), max_images, max_image_bytes)
     max_tokens = body.get("max_completion_tokens")
     max_tokens_field = "max_completion_tokens"
     if max_tokens is None:
@@ -124,8 +137,9 @@ def parse_request(body: object, *, max_images: int, max_image_bytes: int) -> Cha
         raise APIError(400, "`stream_options` must be an object", param="stream_options")
     return ChatRequest(
         messages=messages,
-        images=images,
-        image_params=places,
+        images=tuple(found.images),
+        image_params=tuple(found.places),
+        image_details=tuple(found.details),
         max_new_tokens=_integer(
             max_tokens, max_tokens_field, DEFAULT_MAX_NEW_TOKENS, minimum=1, maximum=MAX_NEW_TOKENS
         ),
@@ -182,10 +196,19 @@ def too_large(where: str, max_bytes: int) -> APIError:
 # --- messages -----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Images:
+    """A request's images in order, where each was, and the ``detail`` each asked for."""
+
+    images: list[bytes | RemoteImage] = field(default_factory=list)
+    places: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+
+
 def _conversation(
     messages: object, max_images: int, max_image_bytes: int
-) -> tuple[tuple[dict[str, str], ...], tuple[bytes | RemoteImage, ...], tuple[str, ...]]:
-    """The messages as phi3v's, their images in order, and where each image was."""
+) -> tuple[tuple[dict[str, str], ...], _Images]:
+    """The messages as phi3v's, and their images."""
     if not isinstance(messages, list) or not messages:
         raise APIError(
             400,
@@ -193,8 +216,7 @@ def _conversation(
             param="messages",
         )
     converted: list[dict[str, str]] = []
-    images: list[bytes | RemoteImage] = []
-    places: list[str] = []
+    found = _Images()
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
@@ -207,24 +229,20 @@ def _conversation(
                 "assistant messages",
                 param=f"{where}.role",
             )
-        content = _content(
-            message.get("content"), role, where, images, places, max_images, max_image_bytes
-        )
+        content = _content(message.get("content"), role, where, found, max_images, max_image_bytes)
         converted.append({"role": ROLES[role], "content": content})
-    return tuple(converted), tuple(images), tuple(places)
+    return tuple(converted), found
 
 
 def _content(
     content: object,
     role: str,
     where: str,
-    images: list,
-    places: list[str],
+    found: _Images,
     max_images: int,
     max_image_bytes: int,
 ) -> str:
-    """One message's content as phi3v text; its image parts are appended to ``images``, and
-    where each was to ``places``."""
+    """One message's content as phi3v text; its image parts are added to ``found``."""
     if isinstance(content, str):
         return typed_text(content) if role == "user" else content
     if not isinstance(content, list):
@@ -243,7 +261,7 @@ def _content(
         if kind == "text" and isinstance(part.get("text"), str):
             pieces.append(typed_text(part["text"]) if role == "user" else part["text"])
         elif kind == "image_url" and role == "user":
-            if len(images) == max_images:
+            if len(found.images) == max_images:
                 raise APIError(
                     400,
                     f"{here}: the conversation has more than {max_images} images, the most this "
@@ -251,9 +269,10 @@ def _content(
                     param=here,
                     code="too_many_images",
                 )
-            images.append(_image(part.get("image_url"), here, max_image_bytes))
-            places.append(here)
-            pieces.append(f"<|image_{len(images)}|>")
+            found.images.append(_image(part.get("image_url"), here, max_image_bytes))
+            found.places.append(here)
+            found.details.append(_detail(part.get("image_url"), here))
+            pieces.append(f"<|image_{len(found.images)}|>")
         elif kind == "image_url":
             raise APIError(400, f"{here}: images go in user messages only", param=here)
         else:
@@ -265,6 +284,20 @@ def _content(
             )
     # Images and text in the order given, one per line (as the chat writes an image then text).
     return "\n".join(pieces)
+
+
+def _detail(image_url: object, where: str) -> str:
+    """An image part's ``detail``: "auto" (the default), "low" or "high"."""
+    detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
+    if detail is None:
+        return "auto"
+    if detail not in DETAILS:
+        raise APIError(
+            400,
+            f'{where}.image_url.detail must be "auto", "low" or "high", got {detail!r}',
+            param=f"{where}.image_url.detail",
+        )
+    return detail
 
 
 def _image(image_url: object, where: str, max_bytes: int) -> bytes | RemoteImage:

@@ -521,6 +521,19 @@ def test_num_crops_per_request_lowers_the_image_tokens(pipe, images):
         assert len(few.result().token_ids) == 4
 
 
+def test_num_crops_may_be_given_per_image(pipe, images):
+    pictures = [images["landscape"], images["landscape"], images["tiny"]]
+    with pipe.stream("Hi", pictures, num_crops=[1, None, 4], max_new_tokens=1) as each:
+        counts = [each.input_ids.count(-n) for n in (1, 2, 3)]
+    assert counts[0] == 313 and counts[1] == 1921  # None: the model's 16
+    with pipe.stream("Hi", [images["tiny"]], num_crops=4, max_new_tokens=1) as alone:
+        assert counts[2] == alone.input_ids.count(-1)
+    with pytest.raises(ImageError, match=r"one per image \(3\), got a list of 2"):
+        pipe.stream("Hi", pictures, num_crops=[1, 2])
+    with pytest.raises(ImageError, match="from 1 to 16, got 0"):
+        pipe.stream("Hi", pictures, num_crops=[1, 0, 2])
+
+
 def test_a_continued_reply_is_answered_with_the_text_that_goes_after_it(pipe):
     """The answer to a conversation ending with an assistant message is what follows that
     message: the text of the whole reply's ids, less the text it already had, also where the

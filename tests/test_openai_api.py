@@ -207,6 +207,32 @@ def test_two_images_are_tagged_in_the_order_given(api, pipe):
     assert_same_answer(response, generation)
 
 
+def test_an_image_asked_for_at_low_detail_is_read_at_one_crop(api, pipe):
+    """OpenAI's `detail`, per image: "low" is one crop (a few hundred positions, not ~2,000),
+    "high" and "auto" the usual crops."""
+    red, blue = png("red", (300, 400)), png("blue", (300, 400))
+    low = image_part(red)
+    low["image_url"]["detail"] = "low"
+    high = image_part(blue)
+    high["image_url"]["detail"] = "high"
+    response = ask(api, [{"role": "user", "content": [low, high, text_part("Compare")]}])
+    prompt = [{"role": "user", "content": "<|image_1|>\n<|image_2|>\nCompare"}]
+    generation = pipe.generate(
+        prompt, [red, blue], num_crops=[1, None], max_new_tokens=SHORT, temperature=0
+    )
+    assert_same_answer(response, generation)
+    assert generation.input_ids.count(-1) < generation.input_ids.count(-2) // 4
+
+
+def test_an_unknown_detail_is_a_400_naming_the_field(api):
+    part = image_part(png("red"))
+    part["image_url"]["detail"] = "ultra"
+    refused = refusal(api, [{"role": "user", "content": [part, text_part("Hi")]}])
+    assert refused.status_code == 400
+    assert refused.body["param"] == "messages[0].content[0].image_url.detail"
+    assert '"auto", "low" or "high"' in refused.body["message"]
+
+
 def test_a_conversation_refers_back_to_an_image_of_an_earlier_turn(api, pipe):
     green, yellow = png("green"), png("yellow")
     messages = [
