@@ -78,7 +78,8 @@ def add_openai_routes(
     max_images: int = MAX_IMAGES,
     max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> None:
-    """Serve ``POST /v1/chat/completions`` and ``GET /v1/models`` on ``app``.
+    """Serve ``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /v1/models/{id}`` on
+    ``app``; any other ``/v1`` request gets a 404 or 405 in OpenAI's error shape.
 
     ``pipeline()`` gives the loaded model, or None while it is still downloading or loading
     (requests then get 503). ``turns`` is the one-at-a-time turn the chat takes too. With
@@ -101,11 +102,7 @@ def add_openai_routes(
         except APIError as err:
             return _error_response(request, err)
 
-    async def models(request: Request) -> Response:
-        try:
-            _check_key(request, settings.api_key)
-        except APIError as err:
-            return _error_response(request, err)
+    def served_model() -> dict:
         model = {
             "id": settings.model_name,
             "object": "model",
@@ -119,12 +116,56 @@ def add_openai_routes(
             model["phi3v"]["self_check"] = check
             if choice.precision == "fast":  # what computes the prompt's attention, and why
                 model["phi3v"]["prompt_attention"] = pipe.sessions.prefill_attention
-        return JSONResponse({"object": "list", "data": [model]})
+        return model
+
+    async def models(request: Request) -> Response:
+        try:
+            _check_key(request, settings.api_key)
+        except APIError as err:
+            return _error_response(request, err)
+        return JSONResponse({"object": "list", "data": [served_model()]})
+
+    async def model(request: Request, model_id: str) -> Response:
+        """One model by id, as OpenAI's ``GET /v1/models/{model}``: the served one, or a 404."""
+        try:
+            _check_key(request, settings.api_key)
+            _check_model(model_id, settings.model_name)
+        except APIError as err:
+            return _error_response(request, err)
+        return JSONResponse(served_model())
+
+    async def elsewhere(request: Request, rest: str) -> Response:
+        """Any other ``/v1`` path or method: OpenAI's error shape, saying what this server has."""
+        path = f"/v1/{rest}"
+        allowed = {"/v1/chat/completions": "POST", "/v1/models": "GET"}.get(path.rstrip("/"))
+        if allowed is None and path.startswith("/v1/models/"):
+            allowed = "GET"
+        if allowed:
+            err = APIError(
+                405,
+                f"{request.method} is not allowed on {path}; use {allowed}",
+                code="method_not_allowed",
+            )
+        else:
+            err = APIError(
+                404,
+                f"{path} is not an endpoint of this server; it serves POST /v1/chat/completions "
+                "and GET /v1/models",
+                code="not_found",
+            )
+        return _error_response(request, err)
 
     app.add_api_route(
         "/v1/chat/completions", chat_completions, methods=["POST"], include_in_schema=False
     )
     app.add_api_route("/v1/models", models, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"], include_in_schema=False)
+    app.add_api_route(
+        "/v1/{rest:path}",
+        elsewhere,
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+        include_in_schema=False,
+    )
 
 
 def _error_response(request: Request, err: APIError) -> JSONResponse:

@@ -402,6 +402,30 @@ def test_a_model_that_is_not_served_is_a_404_model_not_found(api):
     assert f"this server runs `{MODEL}`" in refused.value.body["message"]
 
 
+def test_the_served_model_is_found_by_its_id_and_another_is_a_404(api):
+    found = api.models.retrieve(MODEL)
+    assert found.id == MODEL and found.phi3v["precision"] == "exact"
+    with pytest.raises(openai.NotFoundError) as refused:
+        api.models.retrieve("gpt-4o")
+    assert refused.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "said"),
+    [
+        ("GET", "/v1/chat/completions", 405, "use POST"),
+        ("POST", "/v1/models", 405, "use GET"),
+        ("POST", "/v1/completions", 404, "serves POST /v1/chat/completions and GET /v1/models"),
+        ("GET", "/v1/embeddings", 404, "/v1/embeddings is not an endpoint of this server"),
+    ],
+)
+def test_other_v1_requests_get_openais_error_shape(server, method, path, status, said):
+    answer = requests.request(method, server[0] + path, json={}, timeout=30)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert said in error["message"] and error["type"] == "invalid_request_error"
+
+
 # --- the turn: one generation at a time, shared with the chat -------------------------------------
 
 
