@@ -181,7 +181,7 @@ def build_demo(handlers: Handlers, api: ChatAPI) -> gr.Blocks:
         gr.Markdown(API_NOTE, elem_id="api-note")
         # The chat survives a reload: kept in this browser (encrypted with a key of this
         # server process), saved as each question is sent and whenever an answer ends.
-        saved = gr.BrowserState([], storage_key="phi3v-chat")
+        saved = gr.BrowserState([], storage_key="phi3v-chat")  # kept per tab: page_script
         # The Parameters this browser set, kept the same way (as each one is set).
         saved_parameters = gr.BrowserState({}, storage_key="phi3v-parameters")
         timer = gr.Timer(1.0, active=start.phase not in ("ready", "failed"))

@@ -1,5 +1,13 @@
 """The page's own script (``demo.launch(head=HEAD)``): what Gradio's components do not do.
 
+- Each tab keeps its own chat through a reload. Gradio's ``BrowserState`` keeps one value per
+  key in ``localStorage``, which every tab of a browser shares: two tabs overwrote each other's
+  saved chat, and a reload showed the other tab's. The chat's key (``phi3v-chat``) is read and
+  written per tab instead, under ``phi3v-chat:<tab>``, the tab's id kept in ``sessionStorage``
+  (a reload keeps it, another tab has its own). A new tab opens the chat saved last, if the
+  tab that saved it has closed (each open tab notes every 2 s that it is open); else it starts
+  empty. A duplicated tab starts with a copy of its original's chat. The chats of the 20 tabs
+  that saved last are kept.
 - Esc stops the answer (as in other chat apps); the Stop button does the work.
 - A pasted file that is not a picture would vanish without a word (Gradio drops it; a dropped
   one gets a toast): the status line says so instead, until the server writes it next.
@@ -25,6 +33,59 @@ and writes only what changed, so it never triggers itself.
 
 HEAD = """
 <script>
+// Before Gradio reads its BrowserState: the chat's key, per tab (see the module's docstring).
+(() => {
+  if (window.phi3vChatPerTab) return;  // Gradio may apply the head twice
+  window.phi3vChatPerTab = true;
+  const KEY = "phi3v-chat", SAVED = "phi3v-chat-saved", SEEN = "phi3v-tab-seen:";
+  const KEPT = 20, BEAT_MS = 2000, GONE_MS = 6000;
+  const storage = Storage.prototype;
+  const get = storage.getItem, set = storage.setItem, remove = storage.removeItem;
+  const local = (method, ...args) => method.call(localStorage, ...args);
+  const isOpen = (id) => Date.now() - Number(local(get, SEEN + id) || 0) < GONE_MS;
+  const savedTimes = () => {
+    try { return JSON.parse(local(get, SAVED)) || {}; } catch (error) { return {}; }
+  };
+  for (let n = localStorage.length - 1; n >= 0; n--) {  // tabs that ended without a word
+    const key = localStorage.key(n);
+    if (key?.startsWith(SEEN) && !isOpen(key.slice(SEEN.length))) local(remove, key);
+  }
+  let tab = sessionStorage.getItem("phi3v-tab");
+  let copied = null;  // a duplicated tab (same id, its original still open) starts with a copy
+  if (tab && isOpen(tab)) {
+    copied = local(get, `${KEY}:${tab}`);
+    tab = null;
+  }
+  if (!tab) {
+    tab = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+    sessionStorage.setItem("phi3v-tab", tab);
+  }
+  const beat = () => local(set, SEEN + tab, String(Date.now()));
+  beat();
+  setInterval(beat, BEAT_MS);
+  addEventListener("pagehide", () => local(remove, SEEN + tab));  // closed, or reloading
+  storage.getItem = function (key) {
+    if (this !== localStorage || key !== KEY) return get.call(this, key);
+    const own = get.call(this, `${KEY}:${tab}`);
+    if (own !== null || copied !== null) return own ?? copied;
+    // A new tab: the chat saved last, unless the tab that saved it is still open.
+    const times = savedTimes();
+    const last = Object.keys(times).sort((a, b) => times[b] - times[a])[0];
+    return last && !isOpen(last) ? get.call(this, KEY) : null;
+  };
+  storage.setItem = function (key, value) {
+    if (this !== localStorage || key !== KEY) return set.call(this, key, value);
+    set.call(this, `${KEY}:${tab}`, value);
+    set.call(this, KEY, value);  // the chat saved last, for a new tab once this one closes
+    const times = savedTimes();
+    times[tab] = Date.now();
+    for (const old of Object.keys(times).sort((a, b) => times[b] - times[a]).slice(KEPT)) {
+      remove.call(this, `${KEY}:${old}`);
+      delete times[old];
+    }
+    set.call(this, SAVED, JSON.stringify(times));
+  };
+})();
 document.addEventListener("keydown", (event) => {
   if (event.key !== "Escape") return;
   const stop = document.querySelector("#stop");

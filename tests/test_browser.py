@@ -517,6 +517,55 @@ def test_the_chat_survives_a_reload(page):
     assert _squeezed(answer_text(page)) == _squeezed(answer)
 
 
+def test_two_tabs_keep_their_own_chats_and_a_new_tab_takes_over_a_closed_ones(browser, live):
+    """One browser (one context: the same storage), two tabs with a question each."""
+    context = browser.new_context(viewport=DESKTOP)
+    context.set_default_timeout(TIMEOUT_MS)
+
+    def new_tab():
+        tab = context.new_page()
+        tab.goto(live[0])
+        expect(prompt(tab)).to_be_enabled()
+        return tab
+
+    def ask_and_wait(tab, question: str) -> None:
+        ask(tab, question)
+        expect(status(tab)).to_contain_text("Done")
+        expect(prompt(tab)).to_be_enabled()  # the answer's event is over: the chat was saved
+
+    def questions(tab):
+        return tab.locator("#chat [data-testid='user']")
+
+    tabs = []
+    for question in ("Alpha, in the first tab?", "Beta, in the second tab?"):
+        tabs.append(new_tab())
+        expect(questions(tabs[-1])).to_have_count(0)  # the other tab, open, keeps its chat
+        set_max_new_tokens(tabs[-1], "4")
+        ask_and_wait(tabs[-1], question)
+    for tab, question in zip(tabs, ("Alpha", "Beta"), strict=True):
+        tab.reload()
+        expect(questions(tab)).to_have_count(1)
+        expect(questions(tab)).to_contain_text(question)
+    tabs[1].locator("#chat").get_by_role("button", name="Clear").click()
+    expect(questions(tabs[1])).to_have_count(0)
+    tabs[0].reload()  # the other tab's Clear is not this tab's
+    expect(questions(tabs[0])).to_contain_text("Alpha")
+    # The first tab saves last, then closes: a new tab takes its chat over.
+    ask_and_wait(tabs[0], "Gamma, still in the first tab?")
+    seen = "phi3v-tab-seen:" + tabs[0].evaluate("sessionStorage.getItem('phi3v-tab')")
+    tabs[0].close()
+    wait_until(
+        lambda: (
+            tabs[1].evaluate(f"Date.now() - Number(localStorage.getItem('{seen}') || 0)") > 6000
+        ),
+        timeout=30,
+    )
+    third = new_tab()
+    expect(questions(third)).to_have_count(2)
+    expect(questions(third).last).to_contain_text("Gamma")
+    context.close()
+
+
 def test_a_reload_during_an_answer_gives_the_question_back(browser, live):
     url, app = live
     page = open_page(browser, url)
