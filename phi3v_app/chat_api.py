@@ -20,7 +20,7 @@ import gradio as gr
 from phi3v import DEFAULT_MAX_NEW_TOKENS
 from phi3v_app.chat import EMPTY_ANSWER, Answers, check_images, failure_text, generation_options
 from phi3v_app.history import HistoryError, assistant_message, conversation, user_message
-from phi3v_app.runner import Delta, Failed, Finished
+from phi3v_app.runner import Delta, Failed, Finished, Stopped
 
 API_CONVERSATIONS = 64  # conversations the /chat endpoint remembers (least recently used go)
 
@@ -82,6 +82,8 @@ class ChatAPI:
                 elif isinstance(event, Failed):
                     _, paths = conversation(history)
                     raise gr.Error(failure_text(event, paths, on_page=False), print_exception=False)
+                elif isinstance(event, Stopped):
+                    raise gr.Error(_stopped_text(event, ticket.superseded), print_exception=False)
                 elif isinstance(event, Finished) and not reply:
                     yield EMPTY_ANSWER
                 elif isinstance(event, Finished) and conversation_id:
@@ -95,3 +97,18 @@ class ChatAPI:
             gone, _ = self.histories.popitem(last=False)
             if pipeline is not None:
                 pipeline.forget(("api", gone))
+
+
+def _stopped_text(stopped: Stopped, superseded: bool) -> str:
+    """Why a /chat answer ended before its end, for its caller: the text streamed so far is
+    incomplete, and the conversation does not keep this turn."""
+    tokens = stopped.usage.completion_tokens
+    why = (
+        "a newer call with the same conversation_id took over"
+        if superseded
+        else "the server stopped it"
+    )
+    return (
+        f"This answer was stopped after {tokens} token{'s' if tokens != 1 else ''}: {why}. "
+        "The text so far is incomplete, and the conversation does not keep this question."
+    )

@@ -648,6 +648,15 @@ def test_only_a_call_with_a_conversation_id_keeps_a_kv_cache(client, loader, mon
     assert remembered == [False, True]
 
 
+def test_a_call_cut_off_by_a_newer_one_of_its_conversation_says_so(client):
+    first = ask(client, "Write a long story.", max_new_tokens=LONG, conversation_id="race")
+    wait_until(lambda: first.outputs(), timeout=60)
+    second = ask(client, "Never mind: a short one.", conversation_id="race")
+    with pytest.raises(AppError, match="a newer call with the same conversation_id took over"):
+        first.result(timeout=ANSWER_TIMEOUT_S)
+    assert second.result(timeout=ANSWER_TIMEOUT_S)
+
+
 def test_a_cancelled_call_stops_and_the_model_is_free_again(client, live):
     turns = live[1].turns
     job = ask(client, "Write a long story.", max_new_tokens=LONG)
