@@ -295,7 +295,8 @@ class Pipeline:
     def _crops(self, num_crops: int | Sequence[int | None] | None, images: int) -> list[int]:
         """Each image's crop count: ``num_crops`` for all, or its own entry (None: the model's)."""
         if num_crops is None or isinstance(num_crops, (int, float, str, bytes)):
-            counts = [num_crops] * images
+            check_num_crops(self.config.num_crops if num_crops is None else num_crops)
+            counts = [num_crops] * images  # checked also where there is no image
         elif isinstance(num_crops, Sequence) and len(num_crops) == images:
             counts = list(num_crops)
         else:
