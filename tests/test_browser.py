@@ -563,6 +563,22 @@ def test_two_tabs_keep_their_own_chats_and_a_new_tab_takes_over_a_closed_ones(br
     third = new_tab()
     expect(questions(third)).to_have_count(2)
     expect(questions(third).last).to_contain_text("Gamma")
+    # A tab opened from this one (window.open: it gets a copy of this tab's sessionStorage, as
+    # a duplicated tab does) starts with a copy of the chat and then goes its own way.
+    with context.expect_page() as opened:
+        third.evaluate("window.open(location.href)")
+    copy = opened.value
+    copy.set_default_timeout(TIMEOUT_MS)
+    expect(prompt(copy)).to_be_enabled()
+    expect(questions(copy)).to_have_count(2)
+    assert copy.evaluate("sessionStorage.getItem('phi3v-tab')") != third.evaluate(
+        "sessionStorage.getItem('phi3v-tab')"
+    )
+    ask_and_wait(copy, "Delta, in the copy?")
+    third.reload()
+    expect(questions(third)).to_have_count(2)  # the copy's question is the copy's alone
+    copy.reload()
+    expect(questions(copy)).to_have_count(3)
     context.close()
 
 
