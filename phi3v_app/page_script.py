@@ -10,7 +10,9 @@
   that saved last are kept.
 - Esc stops the answer (as in other chat apps); the Stop button does the work.
 - A pasted file that is not a picture would vanish without a word (Gradio drops it; a dropped
-  one gets a toast): the status line says so instead, until the server writes it next.
+  one gets a toast): the status line says so instead, until the server writes it next. So does
+  a file over the upload limit, which Gradio refuses with a pop-up only, leaving the line as it
+  was.
 - Every control gets a unique name a screen reader can say: Gradio's are the same for every
   message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
   sliders and an unnamed edit box. A picture in a message, a button with no name, is named by
@@ -31,7 +33,9 @@ All of it runs again whenever Gradio re-renders (a MutationObserver, once per fr
 and writes only what changed, so it never triggers itself.
 """
 
-HEAD = """
+from phi3v_app.history import MAX_UPLOAD_BYTES
+
+_HEAD = """
 <script>
 // Before Gradio reads its BrowserState: the chat's key, per tab (see the module's docstring).
 (() => {
@@ -109,6 +113,23 @@ function showStatus(kind, text) {
   });
   gone.observe(line, {subtree: true, childList: true, characterData: true});
 }
+// A file over the upload limit never reaches the server: Gradio refuses it with a pop-up, and
+// the status line would go on showing what it said before (a complaint about another file).
+function refuseTooLarge(files) {
+  const big = [...(files || [])].filter((file) => file.size > UPLOAD_LIMIT)
+    .map((file) => file.name);
+  if (!big.length) return;
+  const what = big.length > 1 ? "are larger" : "is larger";
+  showStatus("error", `⚠ Not attached: ${big.join(", ")} ${what} than ` +
+                      `${UPLOAD_LIMIT / 1048576} MB, the most a picture may be; ` +
+                      "downscale it first.");
+}
+document.addEventListener("change", (event) => {
+  if (event.target.matches?.("#chat-input input[type=file]")) refuseTooLarge(event.target.files);
+}, true);
+document.addEventListener("drop", (event) => {
+  if (event.target.closest?.("#chat-input")) refuseTooLarge(event.dataTransfer?.files);
+}, true);
 document.addEventListener("paste", (event) => {
   if (!event.target.closest || !event.target.closest("#chat-input")) return;
   const refused = [...(event.clipboardData?.files || [])]
@@ -240,3 +261,4 @@ new MutationObserver(() => {
             attributeFilter: ["aria-label", "disabled", "class", "data-times"]});
 </script>
 """
+HEAD = _HEAD.replace("UPLOAD_LIMIT", str(MAX_UPLOAD_BYTES))  # the app's max_file_size

@@ -447,6 +447,20 @@ def test_a_file_that_is_not_a_picture_is_refused_at_the_input_before_sending(pag
     expect(page.locator("#chat [data-testid='user']")).to_have_count(0)  # nothing was sent
 
 
+def test_a_file_over_the_upload_limit_replaces_an_older_complaint(page, tmp_path):
+    """Gradio refuses it in the browser with a pop-up; the line must not keep the last one."""
+    fake = tmp_path / "notes.png"
+    fake.write_text("a text file renamed as a picture")
+    page.locator("#chat-input input[type=file]").set_input_files([str(fake)])
+    expect(status(page)).to_contain_text("notes.png is not a picture")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG" + bytes(21 * 2**20))
+    page.locator("#chat-input input[type=file]").set_input_files([str(huge)])
+    expect(status(page)).to_contain_text("huge.png is larger than 20 MB")
+    expect(status(page).get_by_text("notes.png is not a picture")).to_be_hidden()
+    expect(page.locator("#chat-input img")).to_have_count(0)
+
+
 def paste_text_file(page) -> None:
     """Paste a file "notes.txt" (text, not a picture) into the message box."""
     prompt(page).evaluate(
