@@ -1,0 +1,192 @@
+"""Decode on a KV cache the fused kernel wrote against one GroupQueryAttention wrote, in one
+process (issue 16: why the kernel is not the default yet).
+
+Processes that ran the fused kernel's prefill decoded slowly more often than those that ran
+GroupQueryAttention's (``docs/PERFORMANCE.md``, the VNNI section), and one process per path
+compares the VM's per-process decode modes as much as the paths. Here one process holds both
+prompt decoders (the fast copy in stages with the kernel, and whole) and the int4 decoder; each
+prompt decoder reads the same prompt (random embeddings of a photo's length, in the engine's
+chunks) into a KV cache of its own, and then the int4 decoder takes turns on the two caches:
+``--block`` greedy steps on one, then on the other, ``--rounds`` times, the order swapped every
+round. Whatever the process or the machine does reaches both caches alike; what differs is only
+who wrote the cache, and how (the kernel writes a chunk's keys and values on its own threads,
+GroupQueryAttention on onnxruntime's). Half the processes prefill the kernel's cache first.
+
+    python bench/kernel_cache.py --model /tmp/scale [--block 8] [--rounds 8] [--processes 2]
+        [--name kernel_cache]
+
+About 14 GB: both prompt decoders, the int4 decoder and two caches of 1,935 positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from provenance import save
+from workers import alternate, fast_copies_of, parse_or_serve, stamp
+
+FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
+PATHS = ("fused kernel", "GroupQueryAttention")
+LENGTH = 1935  # a 1344x1008 photo's prompt at 16 crops
+
+
+def measure(model: str, block: int, rounds: int, first: str) -> dict:
+    """One process: both caches prefilled (``first``'s first), then alternating decode blocks."""
+    os.environ["PHI3V_FUSED_ATTENTION"] = "1"
+    from phi3v import Pipeline, convert
+    from phi3v.kv_cache import PREFILL_CHUNK, KVCache
+    from phi3v.sessions import open_session
+
+    pipe = Pipeline.load(model, precision="fast")
+    sessions, config = pipe.sessions, pipe.config
+    if not sessions.prefill_attention.startswith("fused"):
+        raise RuntimeError(f"the fused kernel does not run here: {sessions.prefill_attention}")
+    whole = open_session(convert.fast_models(config).decoder, sessions.options)
+    writers = {"fused kernel": sessions.prefill_decoder, "GroupQueryAttention": whole}
+    rng = np.random.default_rng(LENGTH)
+    embeds = rng.standard_normal((1, LENGTH, config.decoder.hidden_size), np.float32) * 0.02
+    steps = block * rounds
+    caches, tokens, prefill = {}, {}, {}
+    for path in (first, *(p for p in PATHS if p != first)):
+        cache = KVCache(config.decoder, LENGTH + steps + 1, True, config.vocab_size)
+        started = time.perf_counter()
+        for start in range(0, LENGTH, PREFILL_CHUNK):
+            chunk = np.ascontiguousarray(embeds[:, start : start + PREFILL_CHUNK])
+            logits = cache.run(writers[path], chunk)
+        prefill[path] = time.perf_counter() - started
+        caches[path], tokens[path] = cache, [int(np.argmax(logits[: pipe.vocab_limit]))]
+
+    def step(path: str) -> None:
+        logits = caches[path].run(sessions.decoder, sessions.embed_token(tokens[path][-1]))
+        tokens[path].append(int(np.argmax(logits[: pipe.vocab_limit])))
+
+    ms: dict[str, list[list[float]]] = {path: [] for path in PATHS}
+    for number in range(rounds):
+        for path in PATHS if number % 2 == 0 else PATHS[::-1]:
+            times = []
+            for _ in range(block):
+                started = time.perf_counter()
+                step(path)
+                times.append(1000 * (time.perf_counter() - started))
+            ms[path].append(times)
+        print(number, {path: round(statistics.median(ms[path][-1]), 1) for path in PATHS})
+    return {"first": first, "prefill_s": prefill, "step_ms": ms}
+
+
+def process_summary(process: dict) -> dict:
+    """Per cache the median step (the first of each block left out: it pays for the other
+    cache's evicted lines) and each round's median; the kernel cache's decode speed over the
+    other's (below 1: the kernel's cache decodes slower) and the rounds it was faster in."""
+    found = {}
+    for path, blocks in process["step_ms"].items():
+        found[path] = {
+            "median_ms": statistics.median(ms for times in blocks for ms in times[1:]),
+            "rounds_ms": [statistics.median(times) for times in blocks],
+        }
+    kernel, gqa = (found[path] for path in PATHS)
+    found["speed_ratio"] = gqa["median_ms"] / kernel["median_ms"]
+    pairs = zip(kernel["rounds_ms"], gqa["rounds_ms"], strict=True)
+    found["rounds_kernel_faster"] = sum(a < b for a, b in pairs)
+    return found
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(v) for v in values))
+
+
+def summary(result: dict) -> dict:
+    each = [process_summary(process) for process in result["processes"]]
+    firsts = [process["first"] for process in result["processes"]]
+    return {
+        "processes": each,
+        "speed_ratio": _geometric_mean([s["speed_ratio"] for s in each]),
+        "speed_ratio_by_first": {
+            path: _geometric_mean(
+                [s["speed_ratio"] for s, f in zip(each, firsts, strict=True) if f == path]
+            )
+            for path in PATHS
+            if path in firsts
+        },
+        "rounds_kernel_faster": sum(s["rounds_kernel_faster"] for s in each),
+        "rounds": result["rounds"] * len(each),
+    }
+
+
+def report(result: dict) -> str:
+    found = summary(result)
+    rows = [
+        f"| {number} | {process['first']} | "
+        + " | ".join(
+            f"{process['prefill_s'][path]:.1f} | {each[path]['median_ms']:.1f}" for path in PATHS
+        )
+        + f" | {each['speed_ratio']:.3f} | {each['rounds_kernel_faster']} of {result['rounds']} |"
+        for number, (process, each) in enumerate(
+            zip(result["processes"], found["processes"], strict=True), 1
+        )
+    ]
+    by_first = "; ".join(
+        f"{ratio:.3f}x with the {path} cache prefilled first"
+        for path, ratio in found["speed_ratio_by_first"].items()
+    )
+    return "\n".join(
+        [
+            "# Decode on the fused kernel's KV cache and on GroupQueryAttention's, in one process",
+            "",
+            f"{result['date']}; phi3v {result['commit']}; {result['cpu']} "
+            f"(`{', '.join(result['flags'])}`); `{result['command']}`; load average "
+            f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}.",
+            "",
+            f"Per process: {LENGTH:,} positions of random embeddings prefilled into two caches, "
+            f"one by the fast copy in stages with the fused kernel, one by the whole copy with "
+            f"GroupQueryAttention; then {result['rounds']} rounds of {result['block']} greedy "
+            "int4 decode steps on each cache, the order swapped each round; a block's first step "
+            "is left out of its median.",
+            "",
+            "| process | prefilled first | kernel prefill s | kernel cache ms per step | "
+            "GQA prefill s | GQA cache ms per step | kernel cache speed / GQA cache's | "
+            "rounds the kernel cache was faster |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Decode speed on the kernel's cache over GroupQueryAttention's, all processes: "
+            f"**{found['speed_ratio']:.3f}x** (geometric mean; {by_first}); the kernel's cache "
+            f"faster in {found['rounds_kernel_faster']} of {found['rounds']} rounds.",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a real-size set (python -m phi3v.testing)")
+    parser.add_argument("--block", type=int, default=8, help="steps per turn")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=2, help="processes per prefill order")
+    parser.add_argument("--name", default="kernel_cache")
+    if (args := parse_or_serve(parser, measure)) is None:
+        return
+    model = str(fast_copies_of(parser, args.model))
+    load_before = os.getloadavg()
+    shape = {"model": model, "block": args.block, "rounds": args.rounds}
+    specs = {f"{path} first": {**shape, "first": path} for path in PATHS}
+    runs = alternate(__file__, specs, args.processes)
+    processes = [run for pair in zip(*runs.values(), strict=True) for run in pair]
+    command = (
+        f"python bench/kernel_cache.py --model {args.model} --block {args.block} "
+        f"--rounds {args.rounds} --processes {args.processes} --name {args.name}"
+    )
+    result = {**shape, "processes": processes}
+    result.update(stamp(command, FLAGS, load_before))
+    result["summary"] = summary(result)
+    text = report(result)
+    save(args.name, result, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
