@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import decode_modes
+import kernel_cache
 import tables
 from studies import (
     attention_section,
@@ -904,6 +905,7 @@ def kernel_effect(run: dict, estimate: float, ab: list[dict], modes: dict | None
         f"{run['runs']})."
         + "".join(kernel_ab_note(one) for one in ab)
         + decode_modes_note(modes, run)
+        + kernel_cache_note()
         + slow_tally([run, *ab], modes)
     )
 
@@ -973,6 +975,31 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
         "spinning threads, and the int4 decoder's memory-mapped scales going out of memory "
         "during the prefill (onnxruntime packs them at load and never reads the mapping "
         "again)."
+    )
+
+
+def kernel_cache_note() -> str:
+    """Decode on the kernel's cache and on GroupQueryAttention's in one process
+    (``bench/kernel_cache.py``), where there is a results file."""
+    path = RESULTS / "kernel_cache-vnni.json"
+    if not path.exists():
+        return ""
+    result = json.loads(path.read_text())
+    found = kernel_cache.summary(result)
+    each = found["processes"]
+    per_process = ", ".join(f"{s['speed_ratio']:.3f}" for s in each)
+    modes = ", ".join(f"{s['fused kernel']['median_ms']:.0f}" for s in each)
+    return (
+        f" `bench/results/kernel_cache-vnni.md` ({result['date'][:10]}, phi3v "
+        f"{result['commit']}) put both in one process: the same prompt prefilled into two "
+        "caches, one by the kernel and one by GroupQueryAttention, then the int4 decoder in "
+        f"turns of {result['block']} steps on each: the kernel's cache decoded at "
+        f"**{found['speed_ratio']:.3f}x** the other's speed over {len(each)} processes "
+        f"({per_process} per process), faster in {found['rounds_kernel_faster']} of "
+        f"{found['rounds']} rounds, while the processes themselves ran at {modes} ms per step. "
+        "So the cache the kernel writes decodes as fast as GroupQueryAttention's; what the "
+        "tally below counts is which mode a process falls into, and these processes, which "
+        "held the stages too, were mostly fast."
     )
 
 
