@@ -30,16 +30,15 @@ set).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import blocks
 import numpy as np
-from provenance import save
-from workers import alternate, parse_or_serve, stamp
+from workers import parse_or_serve
 
 from bench import B_THREADS, make_config_b
 
@@ -116,53 +115,22 @@ def measure(model: str, length: int, block: int, rounds: int, first: str) -> dic
     }
 
 
-def process_summary(process: dict) -> dict:
-    """One process: per runtime the median step over all rounds (the first step of each block
-    left out: the first steps after a switch pay for the other runtime's evicted caches alike)
-    and the median of each round; phi3v's speed over onnxruntime-genai's (above 1: phi3v
-    faster) and the rounds phi3v was faster in."""
-    found = {}
-    for name, blocks in process["step_ms"].items():
-        steps = [ms for times in blocks for ms in times[1:]]
-        found[name] = {
-            "median_ms": statistics.median(steps),
-            "rounds_ms": [statistics.median(times) for times in blocks],
-        }
-    ours, theirs = found["phi3v"], found["onnxruntime-genai"]
-    found["speed_ratio"] = theirs["median_ms"] / ours["median_ms"]
-    pairs = zip(ours["rounds_ms"], theirs["rounds_ms"], strict=True)
-    found["rounds_phi3v_faster"] = sum(a < b for a, b in pairs)
-    return found
-
-
-def _geometric_mean(values: list[float]) -> float:
-    return math.exp(statistics.mean(math.log(v) for v in values))
-
-
 def summary(result: dict) -> dict:
-    """Every process's summary; the speed ratio over all of them (a geometric mean, as many
-    processes with either runtime loaded first) and for each load order; each runtime's
-    median step (the median of the processes' medians); rounds won; tokens the same in all."""
-    each = [process_summary(process) for process in result["processes"]]
-    ratio = {
-        first: _geometric_mean(
-            [
-                s["speed_ratio"]
-                for s, p in zip(each, result["processes"], strict=True)
-                if p["first"] == first
-            ]
-        )
-        for first in RUNTIMES
-    }
+    """Every process's summary (:func:`blocks.block_summary`, phi3v against onnxruntime-genai);
+    the speed ratio over all of them (a geometric mean, as many processes with either runtime
+    loaded first) and for each load order; each runtime's median step (the median of the
+    processes' medians); rounds won; tokens the same in all."""
+    each = [blocks.block_summary(p["step_ms"], *RUNTIMES) for p in result["processes"]]
+    firsts = [process["first"] for process in result["processes"]]
     return {
         "processes": each,
-        "speed_ratio": _geometric_mean([s["speed_ratio"] for s in each]),
-        "speed_ratio_by_first": ratio,
+        "speed_ratio": blocks.geometric_mean([s["speed_ratio"] for s in each]),
+        "speed_ratio_by_first": blocks.ratio_by_first(each, firsts, RUNTIMES),
         **{
             name: {"median_ms": statistics.median(s[name]["median_ms"] for s in each)}
             for name in RUNTIMES
         },
-        "rounds_phi3v_faster": sum(s["rounds_phi3v_faster"] for s in each),
+        "rounds_phi3v_faster": sum(s["rounds_faster"] for s in each),
         "rounds": result["rounds"] * len(each),
         "same_tokens": all(p["same_tokens"] for p in result["processes"]),
         "tokens_compared": min(p["tokens_compared"] for p in result["processes"]),
@@ -171,16 +139,7 @@ def summary(result: dict) -> dict:
 
 def report(result: dict) -> str:
     found = summary(result)
-    rows = [
-        f"| {number} | {process['first']} | "
-        + " | ".join(
-            f"{process['prefill_s'][name]:.1f} | {each[name]['median_ms']:.1f}" for name in RUNTIMES
-        )
-        + f" | {each['speed_ratio']:.2f} | {each['rounds_phi3v_faster']} of {result['rounds']} |"
-        for number, (process, each) in enumerate(
-            zip(result["processes"], found["processes"], strict=True), 1
-        )
-    ]
+    rows = blocks.process_rows(result, found, RUNTIMES, digits=2)
     by_first = found["speed_ratio_by_first"]
     return "\n".join(
         [
@@ -218,29 +177,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder (the real-size set)")
     parser.add_argument("--length", type=int, default=1935, help="prompt ids (a photo's)")
-    parser.add_argument("--block", type=int, default=8, help="steps per turn")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--processes", type=int, default=2, help="processes per load order")
-    parser.add_argument("--name", default="decode_peer")
+    blocks.add_options(parser, "decode_peer", "load order")
     args = parse_or_serve(parser, measure)
     if args is None:
         return
     load_before = os.getloadavg()
     shape = dict(model=args.model, length=args.length, block=args.block, rounds=args.rounds)
     specs = {f"{first} first": {**shape, "first": first} for first in RUNTIMES}
-    runs = alternate(__file__, specs, args.processes, "--model", args.model)
-    processes = [run for pair in zip(*runs.values(), strict=True) for run in pair]
+    processes = blocks.in_turn(__file__, specs, args.processes, "--model", args.model)
     command = (
         f"python bench/decode_peer.py --model {args.model} --length {args.length} "
         f"--block {args.block} --rounds {args.rounds} --processes {args.processes} "
         f"--name {args.name}"
     )
     result = {**shape, "genai_threads": B_THREADS, "processes": processes, "name": args.name}
-    result.update(stamp(command, FLAGS, load_before))
-    result["summary"] = summary(result)
-    text = report(result)
-    save(args.name, result, text)
-    print(text)
+    blocks.finish(result, args.name, command, FLAGS, load_before, summary, report)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,14 @@ About 14 GB: both prompt decoders, the int4 decoder and two caches of 1,935 posi
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import time
 from pathlib import Path
 
+import blocks
 import numpy as np
-from provenance import save
-from workers import alternate, fast_copies_of, parse_or_serve, stamp
+from workers import fast_copies_of, parse_or_serve
 
 FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
 PATHS = ("fused kernel", "GroupQueryAttention")
@@ -79,57 +78,24 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
     return {"first": first, "prefill_s": prefill, "step_ms": ms}
 
 
-def process_summary(process: dict) -> dict:
-    """Per cache the median step (the first of each block left out: it pays for the other
-    cache's evicted lines) and each round's median; the kernel cache's decode speed over the
-    other's (below 1: the kernel's cache decodes slower) and the rounds it was faster in."""
-    found = {}
-    for path, blocks in process["step_ms"].items():
-        found[path] = {
-            "median_ms": statistics.median(ms for times in blocks for ms in times[1:]),
-            "rounds_ms": [statistics.median(times) for times in blocks],
-        }
-    kernel, gqa = (found[path] for path in PATHS)
-    found["speed_ratio"] = gqa["median_ms"] / kernel["median_ms"]
-    pairs = zip(kernel["rounds_ms"], gqa["rounds_ms"], strict=True)
-    found["rounds_kernel_faster"] = sum(a < b for a, b in pairs)
-    return found
-
-
-def _geometric_mean(values: list[float]) -> float:
-    return math.exp(statistics.mean(math.log(v) for v in values))
-
-
 def summary(result: dict) -> dict:
-    each = [process_summary(process) for process in result["processes"]]
+    """Every process's summary (:func:`blocks.block_summary`, the kernel's cache against
+    GroupQueryAttention's: below 1, the kernel's decodes slower), the geometric mean of their
+    ratios over all processes and by which cache was prefilled first, and the rounds won."""
+    each = [blocks.block_summary(p["step_ms"], *PATHS) for p in result["processes"]]
     firsts = [process["first"] for process in result["processes"]]
     return {
         "processes": each,
-        "speed_ratio": _geometric_mean([s["speed_ratio"] for s in each]),
-        "speed_ratio_by_first": {
-            path: _geometric_mean(
-                [s["speed_ratio"] for s, f in zip(each, firsts, strict=True) if f == path]
-            )
-            for path in PATHS
-            if path in firsts
-        },
-        "rounds_kernel_faster": sum(s["rounds_kernel_faster"] for s in each),
+        "speed_ratio": blocks.geometric_mean([s["speed_ratio"] for s in each]),
+        "speed_ratio_by_first": blocks.ratio_by_first(each, firsts, PATHS),
+        "rounds_kernel_faster": sum(s["rounds_faster"] for s in each),
         "rounds": result["rounds"] * len(each),
     }
 
 
 def report(result: dict) -> str:
     found = summary(result)
-    rows = [
-        f"| {number} | {process['first']} | "
-        + " | ".join(
-            f"{process['prefill_s'][path]:.1f} | {each[path]['median_ms']:.1f}" for path in PATHS
-        )
-        + f" | {each['speed_ratio']:.3f} | {each['rounds_kernel_faster']} of {result['rounds']} |"
-        for number, (process, each) in enumerate(
-            zip(result["processes"], found["processes"], strict=True), 1
-        )
-    ]
+    rows = blocks.process_rows(result, found, PATHS, digits=3)
     by_first = "; ".join(
         f"{ratio:.3f}x with the {path} cache prefilled first"
         for path, ratio in found["speed_ratio_by_first"].items()
@@ -164,28 +130,20 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a real-size set (python -m phi3v.testing)")
-    parser.add_argument("--block", type=int, default=8, help="steps per turn")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--processes", type=int, default=2, help="processes per prefill order")
-    parser.add_argument("--name", default="kernel_cache")
+    blocks.add_options(parser, "kernel_cache", "prefill order")
     if (args := parse_or_serve(parser, measure)) is None:
         return
     model = str(fast_copies_of(parser, args.model))
     load_before = os.getloadavg()
     shape = {"model": model, "block": args.block, "rounds": args.rounds}
     specs = {f"{path} first": {**shape, "first": path} for path in PATHS}
-    runs = alternate(__file__, specs, args.processes)
-    processes = [run for pair in zip(*runs.values(), strict=True) for run in pair]
+    processes = blocks.in_turn(__file__, specs, args.processes)
     command = (
         f"python bench/kernel_cache.py --model {args.model} --block {args.block} "
         f"--rounds {args.rounds} --processes {args.processes} --name {args.name}"
     )
     result = {**shape, "processes": processes}
-    result.update(stamp(command, FLAGS, load_before))
-    result["summary"] = summary(result)
-    text = report(result)
-    save(args.name, result, text)
-    print(text)
+    blocks.finish(result, args.name, command, FLAGS, load_before, summary, report)
 
 
 if __name__ == "__main__":

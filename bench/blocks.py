@@ -1,0 +1,99 @@
+"""Two things timed in one process in alternating blocks of steps (``decode_peer.py``,
+``kernel_cache.py``): each side's median step, the speed ratio, and the rounds each side won.
+
+A process on these 2-vCPU VMs decodes in a fast or a slow mode, so two things are compared
+inside one process, in turns, rather than one process each; and over several processes by the
+geometric mean of their ratios, as many with either side first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from provenance import save
+from workers import alternate, stamp
+
+
+def block_summary(step_ms: dict[str, list[list[float]]], side: str, other: str) -> dict:
+    """Per side the median step over all its blocks (the first step of each block left out: it
+    pays for the other side's evicted caches) and each block's median; ``side``'s speed over
+    ``other``'s (above 1: ``side`` is faster) and the rounds ``side`` was faster in."""
+    found: dict = {}
+    for name, blocks in step_ms.items():
+        found[name] = {
+            "median_ms": statistics.median(ms for times in blocks for ms in times[1:]),
+            "rounds_ms": [statistics.median(times) for times in blocks],
+        }
+    ours, theirs = found[side], found[other]
+    found["speed_ratio"] = theirs["median_ms"] / ours["median_ms"]
+    pairs = zip(ours["rounds_ms"], theirs["rounds_ms"], strict=True)
+    found["rounds_faster"] = sum(a < b for a, b in pairs)
+    return found
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(v) for v in values))
+
+
+def ratio_by_first(each: list[dict], firsts: list[str], names: tuple[str, ...]) -> dict:
+    """The geometric mean of the processes' speed ratios for each side that came first."""
+    return {
+        name: geometric_mean(
+            [found["speed_ratio"] for found, f in zip(each, firsts, strict=True) if f == name]
+        )
+        for name in names
+        if name in firsts
+    }
+
+
+def process_rows(result: dict, found: dict, names: tuple[str, ...], digits: int = 2) -> list[str]:
+    """One Markdown table row per process: its number, which side came first, each side's
+    prefill seconds and median step, the speed ratio and the rounds won."""
+    return [
+        f"| {number} | {process['first']} | "
+        + " | ".join(
+            f"{process['prefill_s'][name]:.1f} | {each[name]['median_ms']:.1f}" for name in names
+        )
+        + f" | {each['speed_ratio']:.{digits}f} | {each['rounds_faster']} of {result['rounds']} |"
+        for number, (process, each) in enumerate(
+            zip(result["processes"], found["processes"], strict=True), 1
+        )
+    ]
+
+
+def add_options(parser: argparse.ArgumentParser, name: str, processes: str) -> None:
+    """The options of a script timed in blocks: steps per turn, rounds, processes per order
+    (``processes``: what the order is) and the results file's stem (default ``name``)."""
+    parser.add_argument("--block", type=int, default=8, help="steps per turn")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--processes", type=int, default=2, help=f"processes per {processes}")
+    parser.add_argument("--name", default=name)
+
+
+def in_turn(script: str | Path, specs: dict[str, dict], processes: int, *args: str) -> list[dict]:
+    """``processes`` rounds of one process per spec (:func:`workers.alternate`), as one list
+    in the order they ran."""
+    runs = alternate(script, specs, processes, *args)
+    return [run for pair in zip(*runs.values(), strict=True) for run in pair]
+
+
+def finish(
+    result: dict,
+    name: str,
+    command: str,
+    flags: set[str],
+    load_before: tuple[float, ...],
+    summary: Callable[[dict], dict],
+    report: Callable[[dict], str],
+) -> None:
+    """Stamp ``result`` (:func:`workers.stamp`), add its ``summary``, and save it with its
+    ``report`` as ``results/<name>.{json,md}``; print the report."""
+    result.update(stamp(command, flags, load_before))
+    result["summary"] = summary(result)
+    text = report(result)
+    save(name, result, text)
+    print(text)
