@@ -11,11 +11,31 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from provenance import save
 from workers import alternate, stamp
+
+
+def take_turns(
+    steps: dict[str, Callable[[], object]], block: int, rounds: int
+) -> dict[str, list[list[float]]]:
+    """``rounds`` rounds of ``block`` calls of each step, in the order given, reversed every
+    other round: each call's milliseconds, by step and block."""
+    names = list(steps)
+    ms: dict[str, list[list[float]]] = {name: [] for name in names}
+    for number in range(rounds):
+        for name in names if number % 2 == 0 else names[::-1]:
+            times = []
+            for _ in range(block):
+                started = time.perf_counter()
+                steps[name]()
+                times.append(1000 * (time.perf_counter() - started))
+            ms[name].append(times)
+        print(number, {name: round(statistics.median(ms[name][-1]), 1) for name in names})
+    return ms
 
 
 def block_summary(step_ms: dict[str, list[list[float]]], side: str, other: str) -> dict:

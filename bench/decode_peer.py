@@ -94,16 +94,7 @@ def measure(model: str, length: int, block: int, rounds: int, first: str) -> dic
         ours.append(token)
 
     step = {"phi3v": phi3v_step, "onnxruntime-genai": generator.generate_next_token}
-    ms: dict[str, list[list[float]]] = {name: [] for name in RUNTIMES}
-    for number in range(rounds):
-        for name in RUNTIMES if number % 2 == 0 else RUNTIMES[::-1]:
-            times = []
-            for _ in range(block):
-                started = time.perf_counter()
-                step[name]()
-                times.append(1000 * (time.perf_counter() - started))
-            ms[name].append(times)
-        print(number, {name: round(statistics.median(ms[name][-1]), 1) for name in RUNTIMES})
+    ms = blocks.take_turns(step, block, rounds)
     theirs = generator.get_sequence(0)[length:].tolist()
     same = min(len(ours), len(theirs))
     return {

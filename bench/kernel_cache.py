@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import blocks
@@ -65,16 +65,7 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
         logits = caches[path].run(sessions.decoder, sessions.embed_token(tokens[path][-1]))
         tokens[path].append(int(np.argmax(logits[: pipe.vocab_limit])))
 
-    ms: dict[str, list[list[float]]] = {path: [] for path in PATHS}
-    for number in range(rounds):
-        for path in PATHS if number % 2 == 0 else PATHS[::-1]:
-            times = []
-            for _ in range(block):
-                started = time.perf_counter()
-                step(path)
-                times.append(1000 * (time.perf_counter() - started))
-            ms[path].append(times)
-        print(number, {path: round(statistics.median(ms[path][-1]), 1) for path in PATHS})
+    ms = blocks.take_turns({path: partial(step, path) for path in PATHS}, block, rounds)
     return {"first": first, "prefill_s": prefill, "step_ms": ms}
 
 
