@@ -697,7 +697,18 @@ def tab_to(page, name: str, limit: int = 120) -> None:
     raise AssertionError(f"Tab never reached {name!r}")
 
 
-def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page):
+def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page, monkeypatch):
+    # Tabbing to Stop takes the browser a second or two; the tiny model writes LONG tokens in
+    # about as long on a fast machine. Each decode step takes 5 ms more here, so an answer
+    # still runs when Stop is reached (the test stops every one it starts).
+    real_run = KVCache.run
+
+    def slow_step(cache, session, embeds, run_options=None):
+        if embeds.shape[1] == 1:
+            time.sleep(0.005)
+        return real_run(cache, session, embeds, run_options)
+
+    monkeypatch.setattr(KVCache, "run", slow_step)
     set_max_new_tokens(page, LONG)
     tab_to(page, "Ask about your pictures")
     page.keyboard.type("Tell me a long story.")
