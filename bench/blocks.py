@@ -19,6 +19,25 @@ from provenance import save
 from workers import alternate, stamp
 
 
+def prefill(pipe, decoder, embeds, room: int):
+    """A new KV cache for ``pipe``'s model with ``room`` positions after ``embeds`` [1, S,
+    hidden], which ``decoder`` (a session, or the copy in stages) reads into it in the engine's
+    chunks: the cache, the last position's logits and the seconds it took."""
+    import numpy as np
+
+    from phi3v.kv_cache import PREFILL_CHUNK, KVCache
+
+    config = pipe.config
+    length = embeds.shape[1]
+    cache = KVCache(
+        config.decoder, length + room, config.past_present_share_buffer, config.vocab_size
+    )
+    started = time.perf_counter()
+    for start in range(0, length, PREFILL_CHUNK):
+        logits = cache.run(decoder, np.ascontiguousarray(embeds[:, start : start + PREFILL_CHUNK]))
+    return cache, logits, time.perf_counter() - started
+
+
 def take_turns(
     steps: dict[str, Callable[[], object]], block: int, rounds: int
 ) -> dict[str, list[list[float]]]:

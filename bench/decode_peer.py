@@ -52,7 +52,6 @@ def measure(model: str, length: int, block: int, rounds: int, first: str) -> dic
     import onnxruntime_genai as og
 
     from phi3v import Pipeline
-    from phi3v.run_state import RunState
 
     ids = np.random.default_rng(length).integers(1000, 30000, length)
     steps = block * rounds
@@ -61,10 +60,9 @@ def measure(model: str, length: int, block: int, rounds: int, first: str) -> dic
 
     def load_phi3v() -> None:
         pipe = Pipeline.load(model, precision="exact")
-        cache = pipe._new_cache(length + steps + 1)
-        started = time.perf_counter()
-        logits = pipe._prefill(cache, pipe.sessions.embed(ids[None], {}), RunState(started))
-        prefill["phi3v"] = time.perf_counter() - started
+        embeds = pipe.sessions.embed(ids[None], {})
+        decoder = pipe.sessions.prefill_decoder  # in exact, the decoder itself
+        cache, logits, prefill["phi3v"] = blocks.prefill(pipe, decoder, embeds, steps + 1)
         loaded.update(pipe=pipe, cache=cache, logits=logits)
 
     def load_genai() -> None:

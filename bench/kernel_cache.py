@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from functools import partial
 from pathlib import Path
 
@@ -39,7 +38,6 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
     """One process: both caches prefilled (``first``'s first), then alternating decode blocks."""
     os.environ["PHI3V_FUSED_ATTENTION"] = "1"
     from phi3v import Pipeline, convert
-    from phi3v.kv_cache import PREFILL_CHUNK, KVCache
     from phi3v.sessions import open_session
 
     pipe = Pipeline.load(model, precision="fast")
@@ -53,12 +51,7 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
     steps = block * rounds
     caches, tokens, prefill = {}, {}, {}
     for path in (first, *(p for p in PATHS if p != first)):
-        cache = KVCache(config.decoder, LENGTH + steps + 1, True, config.vocab_size)
-        started = time.perf_counter()
-        for start in range(0, LENGTH, PREFILL_CHUNK):
-            chunk = np.ascontiguousarray(embeds[:, start : start + PREFILL_CHUNK])
-            logits = cache.run(writers[path], chunk)
-        prefill[path] = time.perf_counter() - started
+        cache, logits, prefill[path] = blocks.prefill(pipe, writers[path], embeds, steps + 1)
         caches[path], tokens[path] = cache, [int(np.argmax(logits[: pipe.vocab_limit]))]
 
     def step(path: str) -> None:
