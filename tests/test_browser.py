@@ -91,6 +91,21 @@ def open_page(browser, url: str, viewport=DESKTOP, clock=False, **options):
 
 
 @pytest.fixture
+def slow_decode(monkeypatch):
+    """Each decode step takes 5 ms more (the server runs in this process). The tiny model writes
+    LONG tokens in about 2 s on a fast machine, which a test that watches or stops an answer
+    can lose the race with; at this pace an answer streams for as long as it needs."""
+    real_run = KVCache.run
+
+    def slow_step(cache, session, embeds, run_options=None):
+        if embeds.shape[1] == 1:
+            time.sleep(0.005)
+        return real_run(cache, session, embeds, run_options)
+
+    monkeypatch.setattr(KVCache, "run", slow_step)
+
+
+@pytest.fixture
 def page(browser, live):
     page = open_page(browser, live[0])
     expect(page.locator("#chat-input textarea")).to_be_enabled()  # the model is loaded
@@ -228,8 +243,8 @@ def watch_controls_until_done(page) -> int:
     return answering
 
 
-def test_retry_keeps_stop_enabled_and_the_input_locked_until_the_new_answer_ends(page):
-    set_max_new_tokens(page, LONG)
+def test_retry_keeps_stop_enabled_and_the_input_locked_until_the_new_answer_ends(page, slow_decode):
+    set_max_new_tokens(page, "1000")  # about 5 s at slow_decode's pace, sampled every 50 ms
     ask(page, "Tell me a long story.")
     assert watch_controls_until_done(page) > 0, "the answer was seen streaming"
     first = answer_text(page)
@@ -697,18 +712,9 @@ def tab_to(page, name: str, limit: int = 120) -> None:
     raise AssertionError(f"Tab never reached {name!r}")
 
 
-def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page, monkeypatch):
-    # Tabbing to Stop takes the browser a second or two; the tiny model writes LONG tokens in
-    # about as long on a fast machine. Each decode step takes 5 ms more here, so an answer
-    # still runs when Stop is reached (the test stops every one it starts).
-    real_run = KVCache.run
-
-    def slow_step(cache, session, embeds, run_options=None):
-        if embeds.shape[1] == 1:
-            time.sleep(0.005)
-        return real_run(cache, session, embeds, run_options)
-
-    monkeypatch.setattr(KVCache, "run", slow_step)
+def test_a_keyboard_alone_sends_stops_retries_edits_and_undoes(page, slow_decode):
+    # Tabbing to Stop takes the browser a second or two: with slow_decode an answer still runs
+    # when Stop is reached (the test stops every one it starts).
     set_max_new_tokens(page, LONG)
     tab_to(page, "Ask about your pictures")
     page.keyboard.type("Tell me a long story.")
