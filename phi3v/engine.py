@@ -212,8 +212,9 @@ class Pipeline:
         default); ``remember=False`` neither continues nor keeps one (a one-off question, such
         as an anonymous API call's). An image's vision features are kept for later calls of the
         same ``owner`` (a visitor, who may hold several conversations; without one, of the same
-        conversation) and never seen by another (:mod:`phi3v.feature_cache`). Any call reuses what :meth:`warm` prepared. Bad input
-        raises a :class:`~phi3v.errors.Phi3VError` here, before any model runs.
+        conversation) and never seen by another (:mod:`phi3v.feature_cache`). Any call reuses
+        what :meth:`warm` prepared. Bad input raises a :class:`~phi3v.errors.Phi3VError` here,
+        before any model runs.
         """
         started = time.perf_counter()
         _check_max_new_tokens(max_new_tokens)
@@ -294,19 +295,16 @@ class Pipeline:
 
     def _crops(self, num_crops: int | Sequence[int | None] | None, images: int) -> list[int]:
         """Each image's crop count: ``num_crops`` for all, or its own entry (None: the model's)."""
-        if num_crops is None or isinstance(num_crops, (int, float, str, bytes)):
-            check_num_crops(self.config.num_crops if num_crops is None else num_crops)
-            counts = [num_crops] * images  # checked also where there is no image
-        elif isinstance(num_crops, Sequence) and len(num_crops) == images:
-            counts = list(num_crops)
-        else:
-            is_list = isinstance(num_crops, Sequence)
-            given = f"a list of {len(num_crops)}" if is_list else repr(num_crops)
+        if not isinstance(num_crops, Sequence) or isinstance(num_crops, (str, bytes)):
+            count = self.config.num_crops if num_crops is None else num_crops
+            check_num_crops(count)  # also where there is no image
+            return [count] * images
+        if len(num_crops) != images:
             raise ImageError(
                 f"num_crops must be one integer from 1 to 16 or a list of one per image "
-                f"({images}), got {given}"
+                f"({images}), got a list of {len(num_crops)}"
             )
-        counts = [self.config.num_crops if count is None else count for count in counts]
+        counts = [self.config.num_crops if count is None else count for count in num_crops]
         for count in counts:
             check_num_crops(count)
         return counts
