@@ -137,17 +137,15 @@ def _in_words(error: ImageError, path: str) -> str:
         return "is empty (0 bytes)"
     if reason.startswith("is corrupt or truncated"):
         return "is damaged or cut short"
-    if reason.startswith(("has ", "is ")) and DOWNSCALE in reason:  # too many pixels: worded
-        return reason.split(" (", 1)[0]  # already, with its advice; no library's parentheses
-    if reason.startswith("is ") and "more than the limit" in reason:  # too many bytes
-        return reason.split("; ", 1)[0]
+    if too_large(reason):  # worded already: for pixels with its advice, for bytes without
+        return reason.split(" (", 1)[0] if DOWNSCALE in reason else reason.split("; ", 1)[0]
     return "is not a PNG, JPEG, WebP or GIF image"
 
 
 def too_large(reason: str) -> bool:
     """Whether an :func:`unreadable` reason is a picture's size, not its format: the advice is
     then to make it smaller, not to send another kind of file."""
-    return DOWNSCALE in reason or "more than the limit" in reason
+    return "more than the limit" in reason  # phi3v.image's pixel and file-size refusals
 
 
 @functools.lru_cache(maxsize=256)  # an upload is checked as it arrives and again when sent
