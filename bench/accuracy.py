@@ -47,6 +47,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import native
 import numpy as np
 import onnxruntime as ort
 import paired
@@ -379,10 +380,7 @@ def _layer_model(folder: Path) -> Path:
 
 def _speed_without_amx(args) -> dict:
     """The same measurement in a child process that the kernel refuses AMX tile state."""
-    launcher = Path(tempfile.mkdtemp()) / "noamx"
-    source = Path(__file__).with_name("noamx.c")
-    subprocess.run(["gcc", "-O2", "-o", str(launcher), str(source)], check=True)
-    command = [str(launcher), sys.executable, __file__, "--speed-only", "--repeats"]
+    command = [native.noamx_launcher(), sys.executable, __file__, "--speed-only", "--repeats"]
     command += [str(args.repeats), "--weights", args.weights, "--variants", *args.variants]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

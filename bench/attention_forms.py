@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import attention_kernel
+import native
 import numpy as np
 import tables
 from provenance import RESULTS, commit, save
@@ -337,13 +338,6 @@ def measure(paths: dict, rounds: int, repeats: int, positions: int, launcher: li
     }
 
 
-def noamx_launcher() -> list[str]:
-    target = Path(tempfile.mkdtemp()) / "noamx"
-    source = Path(__file__).with_name("noamx.c")
-    subprocess.run(["gcc", "-O2", "-o", str(target), str(source)], check=True)
-    return [str(target)]
-
-
 # --- the work each form does, and the target -----------------------------------------------------
 
 
@@ -483,7 +477,7 @@ def main() -> None:
         speed = report["speed"] = {}
         speed["this CPU"] = measure(paths, args.rounds, args.repeats, positions, [])
         if machine.has_amx():
-            launcher = noamx_launcher()
+            launcher = [native.noamx_launcher()]
             speed["AMX refused (VNNI only)"] = measure(
                 paths, args.rounds, args.repeats, positions, launcher
             )

@@ -31,12 +31,12 @@ import argparse
 import ctypes
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import native
 from provenance import save
 from workers import fast_copies_of, parse_or_serve, run_worker, stamp
 
@@ -60,12 +60,8 @@ GEMMS = ("MatMulIntegerToFloat", "MatMul")  # products whose work the profile's 
 
 
 def build() -> Path:
-    """``peak.c`` compiled into a scratch folder."""
-    target = Path(tempfile.mkdtemp(prefix="phi3v-peak-")) / "peak.so"
-    source = Path(__file__).with_name("peak.c")
-    command = ["gcc", "-O2", "-fopenmp", "-shared", "-fPIC", "-o", str(target), str(source)]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    return target
+    """``peak.c`` compiled into a scratch folder, as a library."""
+    return native.build("peak.c", "peak.so", "-fopenmp", "-shared", "-fPIC")
 
 
 def peaks(threads: int, seconds: float = 0.3, calls: int = 5) -> dict[str, dict]:

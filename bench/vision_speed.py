@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import native
 import numpy as np
 import onnxruntime as ort
 import tables
@@ -183,10 +184,7 @@ def timing(spec: dict) -> dict:
 
 def _without_amx(spec: dict) -> dict:
     """The same timing in a child process that the kernel refuses AMX tile state."""
-    launcher = Path(tempfile.mkdtemp()) / "noamx"
-    source = Path(__file__).with_name("noamx.c")
-    subprocess.run(["gcc", "-O2", "-o", str(launcher), str(source)], check=True)
-    command = [str(launcher), sys.executable, __file__, "--worker", json.dumps(spec)]
+    command = [native.noamx_launcher(), sys.executable, __file__, "--worker", json.dumps(spec)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.split("RESULT ", 1)[1])
 
