@@ -31,17 +31,14 @@ import argparse
 import ctypes
 import json
 import os
-import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import native
+import prefill_profile
 from provenance import save
 from workers import fast_copies_of, parse_or_serve, run_worker, stamp
 
-POSITIONS = 1935  # a 1344x1008 photo at 16 crops and its question
-CROPS = 13  # the crops its HD grid uses
 FLAGS = {"amx_int8", "amx_tile", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"}
 # (function in peak.c, the flags it needs, what it is); the int8 ones in the order onnxruntime's
 # u8s8 GEMM prefers them, so the first this CPU has is the one its integer GEMMs run on.
@@ -56,7 +53,6 @@ FP32 = (
     ("fp32_fma256", {"avx2", "fma"}, "AVX2 FMA"),
 )
 BF16 = (("bf16_dot512", {"avx512_bf16"}, "AVX-512 BF16 vdpbf16ps"),)
-GEMMS = ("MatMulIntegerToFloat", "MatMul")  # products whose work the profile's shapes give
 
 
 def build() -> Path:
@@ -104,92 +100,29 @@ def best(found: dict[str, dict], group: tuple) -> tuple[str, float] | None:
 
 
 def work(model: str) -> dict:
-    """The photo through the fast copies, profiled: seconds and multiply-adds by operator."""
-    import numpy as np
-    import onnxruntime as ort
-
+    """The photo through the fast copies (``prefill_profile.photo``, in the engine's chunks),
+    profiled: seconds and multiply-adds by operator, and attention's work by count."""
     from phi3v import convert, load_config
-    from phi3v.kv_cache import PREFILL_CHUNK, KVCache
+    from phi3v.kv_cache import PREFILL_CHUNK
 
     config = load_config(model)
     copies = convert.fast_models(config)
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "floor")
-    vision = ort.InferenceSession(str(copies.vision), options)
-    decoder = ort.InferenceSession(str(copies.decoder), options)
-    rng = np.random.default_rng(0)
-    pixels = rng.standard_normal((1, CROPS, 3, 336, 336), np.float32)
-    feeds = {
-        config.vision.pixel_values: pixels,
-        config.vision.image_sizes: np.array([[1008, 1344]], np.int64),
-    }
-    started = time.perf_counter()
-    vision.run(None, feeds)
-    vision_seconds = time.perf_counter() - started
-    embeds = rng.standard_normal((1, POSITIONS, config.decoder.hidden_size), np.float32) * 0.02
-    cache = KVCache(config.decoder, POSITIONS, True, config.vocab_size)
-    chunks = [(s, min(s + PREFILL_CHUNK, POSITIONS)) for s in range(0, POSITIONS, PREFILL_CHUNK)]
-    started = time.perf_counter()
-    for start, end in chunks:
-        cache.run(decoder, np.ascontiguousarray(embeds[:, start:end]))
-    prefill_seconds = time.perf_counter() - started
-    cache.close()
-    decoder_config = config.decoder
-    width = decoder_config.num_attention_heads * decoder_config.head_size
-    layers = decoder_config.num_hidden_layers
+    ran = prefill_profile.photo(model, copies.vision, copies.decoder, PREFILL_CHUNK, True)
+    positions = prefill_profile.POSITIONS
+    chunks = [(s, min(s + PREFILL_CHUNK, positions)) for s in range(0, positions, PREFILL_CHUNK)]
+    decoder = config.decoder
+    width = decoder.num_attention_heads * decoder.head_size
+    layers = decoder.num_hidden_layers
     # Q·Kᵀ and P·V: per query, (keys it is scored against) x width, twice.
     computed = sum(2 * (end - start) * end * width for start, end in chunks) * layers
-    causal = sum(2 * (p + 1) * width for p in range(POSITIONS)) * layers
+    causal = sum(2 * (p + 1) * width for p in range(positions)) * layers
     return {
-        "vision_s": vision_seconds,
-        "prefill_s": prefill_seconds,
-        "vision": operators(vision.end_profiling()),
-        "prefill": operators(decoder.end_profiling()),
+        "vision_s": ran["vision"],
+        "prefill_s": ran["prefill"],
+        "vision": prefill_profile.operators(ran["vision_trace"]),
+        "prefill": prefill_profile.operators(ran["prefill_trace"]),
         "attention": {"computed": computed, "causal": causal, "layers": layers, "width": width},
     }
-
-
-def operators(trace: str) -> dict[str, dict[str, float]]:
-    """Per operator type in an onnxruntime profile: seconds, and multiply-adds where
-    :func:`multiply_adds` can tell them."""
-    totals: dict[str, dict[str, float]] = defaultdict(lambda: {"s": 0.0, "macs": 0.0})
-    for event in json.loads(Path(trace).read_text()):
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        args = event["args"]
-        entry = totals[args["op_name"]]
-        entry["s"] += event["dur"] / 1e6
-        entry["macs"] += multiply_adds(args["op_name"], args)
-    return dict(sorted(totals.items(), key=lambda item: -item[1]["s"]))
-
-
-def multiply_adds(op: str, args: dict) -> float:
-    """The multiply-adds of one profiled node, from the shapes the profiler recorded: a MatMul
-    (float or integer) whose weight is an initializer lists its activation [..., K] and its
-    output [..., N]; MultiHeadAttention (no mask) its query [B, S, width], scored against S keys.
-    0 for any other operator."""
-
-    def shape(entries: list[dict], index: int) -> list[int]:
-        return list(entries[index].values())[0]
-
-    inputs, outputs = args.get("input_type_shape") or [], args.get("output_type_shape") or []
-    if op in GEMMS and inputs and outputs:
-        rows_by_k = shape(inputs, 0)
-        if op == "MatMul" and len(inputs) > 1:  # both operands computed: not a weight's GEMM
-            return 0.0
-        return float(_product(rows_by_k) * shape(outputs, 0)[-1])
-    if op == "MultiHeadAttention" and inputs:
-        batch, length, width = shape(inputs, 0)
-        return float(2 * batch * length * length * width)
-    return 0.0
-
-
-def _product(numbers: list[int]) -> int:
-    total = 1
-    for number in numbers:
-        total *= number
-    return total
 
 
 def floor(result: dict) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -48,25 +49,45 @@ CONFIGS = (
 
 
 def worker(model: str, numerics: str, chunk: int, profile: bool, before: dict[str, str]) -> dict:
+    from phi3v import load_config
+
+    label = numerics.removeprefix(BEFORE)
+    copies = Path(before[label]) if numerics.startswith(BEFORE) else Path(model) / COPIES / numerics
+    config = load_config(model)
+    vision, decoder = copies / config.vision.filename, copies / config.decoder.filename
+    ran = photo(model, vision, decoder, chunk, profile)
+    result = {"vision": ran["vision"], "prefill": ran["prefill"]}
+    if profile:
+        for part in ("vision", "prefill"):
+            found = operators(ran[f"{part}_trace"])
+            result[f"{part}_ops"] = {op: entry["s"] for op, entry in found.items()}
+    return result
+
+
+def photo(model: str, vision_path: Path, decoder_path: Path, chunk: int, profile: bool) -> dict:
+    """The photo through a vision copy and a decoder copy of ``model``'s: the 13 crops, then
+    POSITIONS positions of random embeddings (timing depends on shapes, not values) in chunks of
+    ``chunk``, each attending to those before it through the KV cache. The seconds of each
+    (``vision``, ``prefill``) and, with ``profile``, each session's onnxruntime profile
+    (``vision_trace``, ``prefill_trace``)."""
     import numpy as np
     import onnxruntime as ort
 
     from phi3v import load_config
     from phi3v.kv_cache import KVCache
 
-    label = numerics.removeprefix(BEFORE)
-    copies = Path(before[label]) if numerics.startswith(BEFORE) else Path(model) / COPIES / numerics
     config = load_config(model)
     options = ort.SessionOptions()
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "fast")
-    vision = ort.InferenceSession(str(copies / config.vision.filename), options)
-    decoder = ort.InferenceSession(str(copies / config.decoder.filename), options)
+    vision = ort.InferenceSession(str(vision_path), options)
+    decoder = ort.InferenceSession(str(decoder_path), options)
     rng = np.random.default_rng(0)
-    pixels = rng.standard_normal((1, CROPS, 3, 336, 336), np.float32)
-    feeds = {config.vision.pixel_values: pixels, config.vision.image_sizes: [[1008, 1344]]}
-    feeds[config.vision.image_sizes] = np.array(feeds[config.vision.image_sizes], np.int64)
+    feeds = {
+        config.vision.pixel_values: rng.standard_normal((1, CROPS, 3, 336, 336), np.float32),
+        config.vision.image_sizes: np.array([[1008, 1344]], np.int64),
+    }
     started = time.perf_counter()
     vision.run(None, feeds)
     vision_seconds = time.perf_counter() - started
@@ -80,18 +101,45 @@ def worker(model: str, numerics: str, chunk: int, profile: bool, before: dict[st
     cache.close()
     result = {"vision": vision_seconds, "prefill": prefill_seconds}
     if profile:
-        result["vision_ops"] = _op_seconds(vision.end_profiling())
-        result["prefill_ops"] = _op_seconds(decoder.end_profiling())
+        result.update(vision_trace=vision.end_profiling(), prefill_trace=decoder.end_profiling())
     return result
 
 
-def _op_seconds(trace: str) -> dict[str, float]:
-    """Seconds per operator type in an onnxruntime profile (its node events)."""
-    totals: dict[str, float] = defaultdict(float)
+GEMMS = ("MatMulIntegerToFloat", "MatMul")  # products whose work the profile's shapes give
+
+
+def operators(trace: str) -> dict[str, dict[str, float]]:
+    """Per operator type in an onnxruntime profile (its node events), the most time first:
+    seconds, and multiply-adds where :func:`multiply_adds` can tell them."""
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: {"s": 0.0, "macs": 0.0})
     for event in json.loads(Path(trace).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            totals[event["args"]["op_name"]] += event["dur"] / 1e6
-    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        args = event["args"]
+        entry = totals[args["op_name"]]
+        entry["s"] += event["dur"] / 1e6
+        entry["macs"] += multiply_adds(args["op_name"], args)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]["s"]))
+
+
+def multiply_adds(op: str, args: dict) -> float:
+    """The multiply-adds of one profiled node, from the shapes the profiler recorded: a MatMul
+    (float or integer) whose weight is an initializer lists its activation [..., K] and its
+    output [..., N]; MultiHeadAttention (no mask) its query [B, S, width], scored against S keys.
+    0 for any other operator."""
+
+    def shape(entries: list[dict], index: int) -> list[int]:
+        return list(entries[index].values())[0]
+
+    inputs, outputs = args.get("input_type_shape") or [], args.get("output_type_shape") or []
+    if op in GEMMS and inputs and outputs:
+        if op == "MatMul" and len(inputs) > 1:  # both operands computed: not a weight's GEMM
+            return 0.0
+        return float(math.prod(shape(inputs, 0)) * shape(outputs, 0)[-1])
+    if op == "MultiHeadAttention" and inputs:
+        batch, length, width = shape(inputs, 0)
+        return float(2 * batch * length * length * width)
+    return 0.0
 
 
 def make_copies(model: str) -> None:

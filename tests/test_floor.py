@@ -1,5 +1,5 @@
-"""bench/floor.py: the multiply-adds it reads from onnxruntime's profiles, its peaks' counting,
-and the floor it derives from them."""
+"""bench/floor.py: the multiply-adds it reads from onnxruntime's profiles (through
+prefill_profile.operators), its peaks' counting, and the floor it derives from them."""
 
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def test_the_products_work_is_read_from_the_profile(tmp_path):
         "rotated_t": rng.standard_normal((N, M)).astype(np.float32),
         "q": rng.standard_normal((BATCH, LENGTH, WIDTH)).astype(np.float32),
     }
-    with bench_modules("floor") as (floor,):
-        ops = floor.operators(profiled(tmp_path, graph, feeds))
+    with bench_modules("prefill_profile") as (prefill_profile,):
+        ops = prefill_profile.operators(profiled(tmp_path, graph, feeds))
     assert ops["MatMulIntegerToFloat"]["macs"] == M * K * N
     assert ops["MatMul"]["macs"] == M * N * N  # the weight's product only
     assert ops["MultiHeadAttention"]["macs"] == 2 * BATCH * LENGTH * LENGTH * WIDTH
