@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -17,6 +18,10 @@ from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
 from phi3v.errors import Phi3VError
 from phi3v.precision import PRECISIONS
 from phi3v.results import Progress
+
+# As the web page and the OpenAI-compatible API (OpenAI's own range); the library's ``Sampling``
+# takes up to 100, but a user of the program should meet one range wherever they set it.
+MAX_TEMPERATURE = 2.0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -26,6 +31,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, []) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def temperature(text: str) -> float:
+    """``--temperature``'s text -> its number, from 0 to MAX_TEMPERATURE; argparse names the
+    option and the value in its error line if it is anything else."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_TEMPERATURE:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to {MAX_TEMPERATURE:g}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--temperature",
-        type=float,
+        type=temperature,
         default=0.0,
-        help="0 is greedy decoding; higher samples more freely",
+        help=f"0 to {MAX_TEMPERATURE:g}: 0 is greedy decoding; higher samples more freely",
     )
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")

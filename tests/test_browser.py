@@ -476,6 +476,29 @@ def test_a_file_over_the_upload_limit_replaces_an_older_complaint(page, tmp_path
     expect(page.locator("#chat-input img")).to_have_count(0)
 
 
+def drop_file(page, name: str, size: int) -> bool:
+    """Drag a picture file ``name`` of ``size`` bytes onto the question box and drop it there;
+    return whether the page took the drop (cancelled the browser's own handling of it)."""
+    return prompt(page).evaluate(
+        """(box, [name, size]) => {
+          const files = new DataTransfer();
+          files.items.add(new File([new Uint8Array(size)], name, {type: "image/png"}));
+          const send = (kind) => box.dispatchEvent(
+            new DragEvent(kind, {dataTransfer: files, bubbles: true, cancelable: true}));
+          send("dragenter");
+          send("dragover");
+          return !send("drop");
+        }""",
+        [name, size],
+    )
+
+
+def test_a_dropped_file_over_the_upload_limit_is_named_as_a_chosen_one_is(page):
+    assert drop_file(page, "huge.png", 21 * 2**20), "the chat's input took the drop"
+    expect(status(page)).to_contain_text("huge.png is larger than 20 MB")
+    expect(page.locator("#chat-input img")).to_have_count(0)
+
+
 def paste_text_file(page) -> None:
     """Paste a file "notes.txt" (text, not a picture) into the message box."""
     prompt(page).evaluate(

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from phi3v.cli import build_parser
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,7 +75,6 @@ def test_sampling_options_are_passed_through(tiny_model_dir):
         (["--image", "/nonexistent.png"], "image file /nonexistent.png does not exist"),
         (["--image", "FOLDER"], "is a folder; give the path of an image file"),
         (["--model", "CONFIG"], "genai_config.json is a file; pass the model folder that holds"),
-        (["--temperature", "-1"], "temperature must be a number from 0 to 100"),
         (["--num-crops", "99"], "num_crops must be an integer from 1 to 16"),
         (["--prompt", "<|image_2|> what?", "--image", "IMAGE"], "without gaps"),
     ],
@@ -94,6 +95,22 @@ def test_errors_are_one_line_without_traceback(tiny_model_dir, picture, args, me
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
+@pytest.mark.parametrize("value", ["-1", "2.5", "100", "nan", "warm"])
+def test_a_temperature_outside_0_to_2_is_refused_as_on_the_web_page_and_the_api(value):
+    """The library's ``Sampling`` takes up to 100; the program takes OpenAI's range, 0 to 2."""
+    done = run_cli("--model", "unused", "--prompt", "Hi", "--temperature", value)
+    assert done.returncode == 2  # argparse's, before any model is loaded
+    assert "Traceback" not in done.stderr
+    refusal = f"error: argument --temperature: {value!r} is not a number from 0 to 2"
+    assert done.stderr.strip().splitlines()[-1] == f"python -m phi3v: {refusal}"
+
+
+@pytest.mark.parametrize("value", ["0", "0.7", "2"])
+def test_a_temperature_from_0_to_2_is_taken(value):
+    args = build_parser().parse_args(["--model", "unused", "--temperature", value])
+    assert args.temperature == float(value)
+
+
 def test_help_documents_every_option():
     done = run_cli("--help")
     for option in ("--model", "--image", "--prompt", "--max-new-tokens", "--temperature",
@@ -104,6 +121,7 @@ def test_help_documents_every_option():
     for empty in ("(default: None)", "(default: [])", "(default: False)"):  # ... nothing else
         assert empty not in text
     assert text.count("(default: one per physical core)") == 1
+    assert "--temperature TEMPERATURE 0 to 2: 0 is greedy decoding" in text
 
 
 def test_a_reader_that_stops_early_ends_it_quietly(tiny_model_dir):
