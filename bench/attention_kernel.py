@@ -25,6 +25,7 @@ import numpy as np
 from phi3v.attention import (
     AMX_BF16,
     AMX_ROWS,
+    BF16,
     FP32,
     KEYS,
     KernelUnavailable,
@@ -36,14 +37,14 @@ from phi3v.attention import (
 
 __all__ = ["KernelUnavailable", "amx_ready", "attention", "library", "pairs", "tile"]
 
-VARIANTS = {"fp32": FP32, "amx": AMX_BF16}
+VARIANTS = {"fp32": FP32, "amx": AMX_BF16, "bf16": BF16}
 THREADS = 2  # as the timed onnxruntime sessions: the machine's two cores
 
 
 def tile(variant: str) -> tuple[int, int]:
     """Query rows x keys per tile of the causal triangle that ``variant`` runs on this CPU: fp32
     takes blocks of 32 rows with AVX-512 and of 16 with AVX2 (the C code chooses), AMX of 16."""
-    if variant == "amx":
+    if variant in ("amx", "bf16"):
         return AMX_ROWS, KEYS
     return kernel(THREADS).rows, KEYS
 
@@ -58,7 +59,7 @@ def attention(
     cache = [np.zeros((kv_heads, positions, head), np.float32) for _ in range(2)]
     pitch = -(-positions // KEYS) * KEYS
     packed = [aligned((kv_heads, pitch, head), np.uint16) for _ in range(2)]  # bf16 K, V^T
-    addresses = [x.ctypes.data for x in packed] if variant == "amx" else [None, None]
+    addresses = [x.ctypes.data for x in packed] if variant != "fp32" else [None, None]
     out = np.empty((positions, heads * head), np.float32)
     for start in range(0, positions, chunk):
         end = min(start + chunk, positions)

@@ -16,8 +16,12 @@ it takes AVX-512 where the CPU has it, else AVX2 and FMA. Where it cannot be bui
 compiler, another architecture, a CPU without AVX2) :func:`kernel` raises
 :class:`KernelUnavailable` with the reason, and the prefill keeps GroupQueryAttention.
 
-The kernel's second variant (AMX bf16 tiles, 2x faster again on a Xeon) is measured in
-``bench/`` and not used here yet: it keeps bf16 copies of the whole cache across chunks.
+Two numerics (:class:`CausalAttention`): ``fp32``, the arithmetic above, and ``bf16``, which
+rounds Q, K, V and the weights to bf16 and accumulates in fp32, as attention on a GPU does: on
+AMX tiles where the CPU has them, else on AVX-512 BF16 dot products (AMD Zen 4, Intel Cooper Lake
+and later), twice the fp32 FMA's multiply-adds per instruction. On the trained decoder proxy,
+bf16 attention moves the fast copy's distance from truth by a few per cent
+(``bench/results/attention_fidelity.md``); it is chosen with ``PHI3V_FUSED_ATTENTION=bf16``.
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ import platform
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 SOURCE = Path(__file__).with_name("kernels") / "attention.c"
-FP32, AMX_BF16 = 0, 1  # the C file's enum variant
+FP32, AMX_BF16, BF16 = 0, 1, 2  # the C file's enum variant
 KEYS = 64  # keys per tile of the causal triangle (the C file's KEYS)
 AMX_ROWS = 16  # query rows per tile of the AMX variant (the C file's AMX_ROWS)
 # The C file's status codes.
@@ -44,11 +47,13 @@ ERRORS = {
     -1: "shape not supported (head must be 16 (fp32 only), 32, 64 or 96; heads a multiple of "
     "kv_heads)",
     -2: "AMX bf16 is not available (the CPU lacks it, or Linux refused the tile state)",
-    -3: "the CPU lacks AVX-512 (with bf16 conversions), which the AMX variant needs",
+    -3: "the CPU lacks AVX-512 with bf16 (avx512_bf16), which the bf16 variants need",
     -4: "out of memory",
     -5: "the CPU lacks AVX2 and FMA (or the OS their registers), which the fp32 variant needs",
 }
-NO_AVX2 = -5
+NO_AVX512, NO_AVX2 = -3, -5
+NUMERICS = ("fp32", "bf16")  # what CausalAttention computes in
+HEADS = {"fp32": (16, 32, 64, 96), "bf16": (32, 64, 96)}  # the head sizes each takes (the C file)
 _BUILD_LOCK = threading.Lock()
 
 
@@ -92,9 +97,12 @@ def library() -> ctypes.CDLL:
     lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8 + [ctypes.c_void_p] * 2
     lib.causal_attention.restype = ctypes.c_int
     lib.attention_amx_ready.restype = ctypes.c_int
+    lib.attention_bf16_ready.restype = ctypes.c_int
     lib.attention_fp32_rows.restype = ctypes.c_int
     lib.store_chunk.argtypes = [floats] * 4 + [ctypes.c_int] * 6
     lib.store_chunk.restype = ctypes.c_int
+    lib.pack_cache.argtypes = [floats] * 2 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 2
+    lib.pack_cache.restype = ctypes.c_int
     return lib
 
 
@@ -125,17 +133,55 @@ def amx_ready() -> bool:
     return bool(library().attention_amx_ready())
 
 
-@dataclass(frozen=True)
 class CausalAttention:
-    """The kernel's fp32 variant, ready to run: ``rows`` query rows per block on this CPU (32
-    with AVX-512, 16 with AVX2), the heads shared among ``threads`` threads."""
+    """The kernel, ready to run with ``numerics``:
 
-    rows: int
-    threads: int
+    * ``fp32``: the arithmetic of onnxruntime's GroupQueryAttention, in blocks of ``rows`` query
+      rows (32 with AVX-512, 16 with AVX2);
+    * ``bf16``: Q, K, V and the softmax's weights rounded to bf16, the products accumulated in
+      fp32, the softmax in fp32; on AMX tiles where the CPU has them and Linux grants their
+      state, else on AVX-512 BF16 dot products (``vdpbf16ps``).
+
+    The heads are shared among ``threads`` threads. The bf16 variants read bf16 copies of the
+    cache's keys and values (the values transposed by 32 keys); one pair of copies, sized for the
+    longest cache seen, is reused by every layer and chunk, and refilled from the cache on each
+    call (0.1-0.3 of a layer's attention time, against 780 MB for a photo's prompt to keep each
+    layer's copies from chunk to chunk).
+    """
+
+    def __init__(self, numerics: str, threads: int):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
+        lib = library()
+        self.numerics, self.threads = numerics, threads
+        if numerics == "fp32":
+            self.rows = lib.attention_fp32_rows()
+            if self.rows == 0:
+                raise KernelUnavailable(ERRORS[NO_AVX2])
+            self.variant = FP32
+        else:
+            if not lib.attention_bf16_ready():
+                raise KernelUnavailable(ERRORS[NO_AVX512])
+            self.rows = AMX_ROWS
+            self.variant = AMX_BF16 if lib.attention_amx_ready() else BF16
+        self._packed: list[np.ndarray] = []  # bf16 K and V^T, [kv_heads, pitch, head] each
+        self._lock = threading.Lock()
+
+    def check(self, head: int) -> None:
+        """Raise :class:`KernelUnavailable` unless these numerics take heads of ``head`` dims."""
+        if head not in HEADS[self.numerics]:
+            sizes = ", ".join(map(str, HEADS[self.numerics]))
+            raise KernelUnavailable(
+                f"the kernel's {self.numerics} numerics take heads of {sizes} dims, not {head}"
+            )
 
     @property
     def name(self) -> str:
         """What runs, for a status line: e.g. ``fused causal fp32 (AVX-512)``."""
+        if self.variant == AMX_BF16:
+            return "fused causal bf16 (AMX)"
+        if self.variant == BF16:
+            return "fused causal bf16 (AVX-512)"
         return f"fused causal fp32 ({'AVX-512' if self.rows == 32 else 'AVX2'})"
 
     def __call__(
@@ -151,11 +197,34 @@ class CausalAttention:
         cache's keys and values [kv_heads, capacity, head] (which hold them already) up to each
         query's own position; the result into ``out`` [rows, heads * head]."""
         kv_heads, capacity, head = keys.shape
-        status = library().causal_attention(
-            q, keys, values, out, q.shape[0], start, capacity, heads, kv_heads, head, FP32,
-            self.threads, None, None,
-        )  # fmt: skip
-        check_status(status)
+        lib = library()
+        if self.variant == FP32:
+            status = lib.causal_attention(
+                q, keys, values, out, q.shape[0], start, capacity, heads, kv_heads, head, FP32,
+                self.threads, None, None,
+            )  # fmt: skip
+            check_status(status)
+            return
+        with self._lock:  # one pair of copies: one call at a time
+            packed_k, packed_vt = self._copies(kv_heads, capacity, head)
+            status = lib.pack_cache(
+                keys, values, 0, start, capacity, kv_heads, head, self.threads,
+                packed_k.ctypes.data, packed_vt.ctypes.data,
+            )  # fmt: skip
+            check_status(status)
+            status = lib.causal_attention(
+                q, keys, values, out, q.shape[0], start, capacity, heads, kv_heads, head,
+                self.variant, self.threads, packed_k.ctypes.data, packed_vt.ctypes.data,
+            )  # fmt: skip
+            check_status(status)
+
+    def _copies(self, kv_heads: int, capacity: int, head: int) -> list[np.ndarray]:
+        """The bf16 copies for a cache of this shape: the kept pair, or a larger one."""
+        pitch = -(-capacity // KEYS) * KEYS
+        shape = (kv_heads, pitch, head)
+        if not self._packed or self._packed[0].size < np.prod(shape):
+            self._packed = [aligned(int(np.prod(shape)), np.uint16) for _ in range(2)]
+        return [x[: int(np.prod(shape))].reshape(shape) for x in self._packed]
 
     def store(
         self, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int
@@ -170,9 +239,16 @@ class CausalAttention:
         check_status(status)
 
 
-def kernel(threads: int) -> CausalAttention:
-    """The kernel on this machine with ``threads`` threads, or :class:`KernelUnavailable`."""
-    rows = library().attention_fp32_rows()
-    if rows == 0:
-        raise KernelUnavailable(ERRORS[NO_AVX2])
-    return CausalAttention(rows=rows, threads=threads)
+def aligned(size: int, dtype) -> np.ndarray:
+    """An uninitialized 1-D array of ``size`` elements starting on a 64-byte boundary: a tile or
+    vector row that crossed two cache lines would cost two reads (numpy promises 16 bytes)."""
+    nbytes = size * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + nbytes].view(dtype)
+
+
+def kernel(threads: int, numerics: str = "fp32") -> CausalAttention:
+    """The kernel on this machine with ``threads`` threads and ``numerics`` (``fp32`` or
+    ``bf16``), or :class:`KernelUnavailable` with the reason it cannot run here."""
+    return CausalAttention(numerics, threads)

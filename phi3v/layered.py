@@ -337,6 +337,8 @@ class LayeredDecoder:
         from phi3v.sessions import open_session  # sessions imports this module
 
         self.plan = Plan.from_json(json.loads(plan_path(decoder).read_text()))
+        for layer in self.plan.layers:
+            attention.check(layer.head)
         self.attention = attention
         _share_one_arena()
         self.sessions = [

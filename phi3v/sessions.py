@@ -12,13 +12,14 @@ The vision model reads one image per call in both layouts.
 
 With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
 prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
-steps, and both decoders write the same KV cache. With ``PHI3V_FUSED_ATTENTION=1`` (opt-in) the
-prompt decoder runs in layers with our fused causal attention kernel between them
-(:mod:`phi3v.layered`) where the kernel can be built and run here; by default it runs whole, with
-onnxruntime's GroupQueryAttention. The kernel saves about 2.5 s of a photo's first answer on a
-2-core EPYC with the same accuracy on the trained proxy, but the processes that ran it decoded
-slowly (about 150 instead of 110 ms per token) more often than those that did not, for a
-reason not found yet (``docs/PERFORMANCE.md``), so it is not the default.
+steps, and both decoders write the same KV cache. With ``PHI3V_FUSED_ATTENTION=1`` (opt-in; or
+``fp32``, or ``bf16`` for the kernel's bf16 numerics) the prompt decoder runs in layers with our
+fused causal attention kernel between them (:mod:`phi3v.layered`) where the kernel can be built
+and run here; by default it runs whole, with onnxruntime's GroupQueryAttention. The kernel saves
+about 2.5 s of a photo's first answer on a 2-core EPYC with the same accuracy on the trained
+proxy, but the processes that ran it decoded slowly (about 150 instead of 110 ms per token) more
+often than those that did not, for a reason not found yet (``docs/PERFORMANCE.md``), so it is not
+the default.
 """
 
 from __future__ import annotations
@@ -33,11 +34,17 @@ import onnxruntime as ort
 
 from phi3v import attention, machine
 from phi3v.config import ModelConfig
-from phi3v.errors import ModelFolderError, PromptError, first_line
+from phi3v.errors import ModelFolderError, PrecisionError, PromptError, first_line
 from phi3v.image import ProcessedImage
 from phi3v.layered import LayeredDecoder, NotLayerable, plan_path
 
 FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # "1": the prompt decoder runs in layers (opt-in)
+# its values: the kernel's numerics, or None for GroupQueryAttention
+FUSED_ATTENTION_VALUES = {
+    **dict.fromkeys(("", "0", "false", "no", "off"), None),
+    **dict.fromkeys(("1", "true", "yes", "on", "fp32"), "fp32"),
+    "bf16": "bf16",
+}
 GQA = "GroupQueryAttention (onnxruntime)"
 
 
@@ -57,8 +64,9 @@ class Sessions:
     ``decoder`` runs the token-by-token steps; ``prefill_decoder`` processes prompts (the same
     session unless a fast copy is given). ``vision_path`` / ``prefill_path`` replace the model
     folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`),
-    run in layers with the fused attention kernel where it can (``fused_attention``: None =
-    as ``PHI3V_FUSED_ATTENTION`` says, off unless it is ``1``). ``prefill_attention`` says what
+    run in layers with the fused attention kernel where it can (``fused_attention``: False for
+    GroupQueryAttention, True or ``"fp32"`` for the kernel in fp32, ``"bf16"`` in bf16; None =
+    as ``PHI3V_FUSED_ATTENTION`` says, off by default). ``prefill_attention`` says what
     computes the prompt's attention, and why, for a status line.
     """
 
@@ -70,7 +78,7 @@ class Sessions:
         *,
         vision_path: Path | None = None,
         prefill_path: Path | None = None,
-        fused_attention: bool | None = None,
+        fused_attention: bool | str | None = None,
     ):
         self.config = config
         self.options = SessionSettings(num_threads, tuple(providers or ["CPUExecutionProvider"]))
@@ -218,19 +226,34 @@ def open_session(
         ) from err
 
 
+def fused_attention_numerics(fused: bool | str | None) -> str | None:
+    """The fused kernel's numerics that ``fused`` asks for (None: GroupQueryAttention); None
+    reads ``PHI3V_FUSED_ATTENTION``. Raises :class:`PrecisionError` for a value it does not know."""
+    if fused is None:
+        fused = os.environ.get(FUSED_ATTENTION_ENV, "")
+    if isinstance(fused, bool):
+        return "fp32" if fused else None
+    choice = fused.strip().lower()
+    if choice not in FUSED_ATTENTION_VALUES:
+        raise PrecisionError(
+            f"{FUSED_ATTENTION_ENV}={fused!r} is not a choice: use 1 (or fp32) for the fused "
+            "kernel, bf16 for it in bf16, or 0 for onnxruntime's GroupQueryAttention"
+        )
+    return FUSED_ATTENTION_VALUES[choice]
+
+
 def _prompt_decoder(
-    path: Path, settings: SessionSettings, fused: bool | None
+    path: Path, settings: SessionSettings, fused: bool | str | None
 ) -> tuple[ort.InferenceSession | LayeredDecoder, str]:
     """The prompt decoder copy at ``path``: in layers with the fused attention kernel where the
     copy has its stages and the kernel runs here, else whole; and what computes its attention."""
-    if fused is None:
-        fused = os.environ.get(FUSED_ATTENTION_ENV, "0").strip() in ("1", "true", "yes")
-    if not fused:
+    numerics = fused_attention_numerics(fused)
+    if numerics is None:
         return open_session(path, settings), f"{GQA}: the fused kernel is opt-in"
     if not plan_path(path).exists():
         return open_session(path, settings), f"{GQA}: the copy has no stages for the kernel"
     try:
-        kernel = attention.kernel(settings.num_threads or machine.physical_cores())
+        kernel = attention.kernel(settings.num_threads or machine.physical_cores(), numerics)
         return LayeredDecoder(path, settings, kernel), kernel.name
     except (attention.KernelUnavailable, NotLayerable) as error:
         return open_session(path, settings), f"{GQA}: {first_line(error)}"

@@ -2,11 +2,12 @@
 attention, as a float64 numpy reference computes it, chunk by chunk as the prefill runs it.
 
 Tolerances (inputs standard normal, outputs of order 0.1-1): fp32 accumulates in fp32 and its
-exp2 is good to 1e-8, so 2e-6 relative (Frobenius) and 1e-5 largest absolute; AMX rounds Q, K, V
-and the weights to bf16 (8 significant bits, 2^-9 = 2e-3 relative each), so 1e-2 relative and
-5e-2 absolute. Skipped without a C compiler or without AVX2 and FMA (fp32 runs on AVX-512
-where the CPU has it, else on AVX2: these tests check whichever this CPU runs); the AMX tests
-also need AVX-512 and AMX tiles.
+exp2 is good to 1e-8, so 2e-6 relative (Frobenius) and 1e-5 largest absolute; the bf16 variants
+(AMX tiles, or AVX-512 BF16 dot products) round Q, K, V and the weights to bf16 (8 significant
+bits, 2^-9 = 2e-3 relative each), so 1e-2 relative and 5e-2 absolute (measured: 3e-3 and 1e-2).
+Skipped without a C compiler or without AVX2 and FMA (fp32 runs on AVX-512 where the CPU has
+it, else on AVX2: these tests check whichever this CPU runs); the bf16 tests also need AVX-512
+with bf16, the AMX tests AMX tiles.
 """
 
 import importlib.util
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from phi3v import attention as phi3v_attention
 from phi3v.machine import cpu_flags
 
 SOURCE = Path(__file__).resolve().parent.parent / "bench" / "attention_kernel.py"
-TOLERANCE = {"fp32": (2e-6, 1e-5), "amx": (1e-2, 5e-2)}  # relative, largest absolute
+TOLERANCE = {"fp32": (2e-6, 1e-5), "amx": (1e-2, 5e-2), "bf16": (1e-2, 5e-2)}  # relative, max
 # positions, heads, kv_heads, head, chunk: partial query and key blocks, chunk edges inside
 # blocks, shared key/value heads, every head size the kernel takes; blocks of 13 rows end inside
 # the AVX2 path's groups of rows (6, 6, then 4)
@@ -55,6 +57,8 @@ def kernel():
 def variant_or_skip(kernel, variant: str) -> str:
     if variant == "amx" and not kernel.amx_ready():
         pytest.skip("no AVX-512 and AMX bf16 tiles on this CPU (or Linux refused their state)")
+    if variant == "bf16" and not kernel.library().attention_bf16_ready():
+        pytest.skip("no AVX-512 with bf16 dot products (avx512_bf16) on this CPU")
     return variant
 
 
@@ -80,11 +84,11 @@ def causal_attention(q, k, v, head: int) -> np.ndarray:
     return out.reshape(1, positions, -1)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "amx"])
+@pytest.mark.parametrize("variant", ["fp32", "amx", "bf16"])
 @pytest.mark.parametrize(("positions", "heads", "kv_heads", "head", "chunk"), SHAPES)
 def test_equals_causal_attention(kernel, variant, positions, heads, kv_heads, head, chunk):
     q, k, v = inputs(positions, heads, kv_heads, head)
-    if head == 16 and variant_or_skip(kernel, variant) == "amx":
+    if head == 16 and variant_or_skip(kernel, variant) != "fp32":
         with pytest.raises(kernel.KernelUnavailable, match="shape not supported"):
             kernel.attention(q, k, v, head, variant, chunk)
         return
@@ -95,7 +99,7 @@ def test_equals_causal_attention(kernel, variant, positions, heads, kv_heads, he
     assert np.abs(out - exact).max() < absolute
 
 
-@pytest.mark.parametrize("variant", ["fp32", "amx"])
+@pytest.mark.parametrize("variant", ["fp32", "amx", "bf16"])
 def test_the_first_position_sees_only_the_first_value(kernel, variant):
     q, k, v = inputs(40, 2, 2, 64)
     out = kernel.attention(q, k, v, 64, variant_or_skip(kernel, variant), chunk=16)
@@ -110,7 +114,7 @@ def test_an_unsupported_head_size_is_refused_with_the_reason(kernel):
 def test_fp32_blocks_are_32_rows_with_avx512_and_16_with_avx2(kernel):
     avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512_bf16"} <= cpu_flags()
     assert kernel.tile("fp32") == ((32, 64) if avx512 else (16, 64))
-    assert kernel.tile("amx") == (16, 64)
+    assert kernel.tile("amx") == kernel.tile("bf16") == (16, 64)
 
 
 def test_pairs_count_the_tiles_of_the_triangle(kernel):
@@ -119,4 +123,47 @@ def test_pairs_count_the_tiles_of_the_triangle(kernel):
     # see whole blocks of 64 keys
     fp32 = {32: 32 * 32 + 8 * 40, 16: 16 * 16 + 16 * 32 + 8 * 40}
     assert kernel.pairs(40, 512, "fp32") == fp32[kernel.tile("fp32")[0]]
-    assert kernel.pairs(40, 512, "amx") == 40 * 64
+    assert kernel.pairs(40, 512, "amx") == kernel.pairs(40, 512, "bf16") == 40 * 64
+
+
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_the_products_calls_through_a_kv_cache_are_causal_attention(kernel, numerics):
+    """phi3v.attention as the layered prefill calls it: for each chunk, layer after layer, the
+    chunk's keys and values stored into the layer's cache (longer than the prompt, its unused
+    positions NaN: nothing may read them), then the chunk's queries attended. In bf16 the one
+    pair of copies it keeps is refilled from each layer's cache on every call, and grows with
+    the cache: a second, longer cache follows on the same kernel."""
+    try:
+        run = phi3v_attention.kernel(2, numerics)
+    except phi3v_attention.KernelUnavailable as error:
+        pytest.skip(str(error))
+    positions, heads, kv_heads, head = 300, 4, 2, 64
+    layers = [inputs(positions + n, heads, kv_heads, head) for n in range(2)]
+    layers = [[x[:, :positions] for x in layer] for layer in layers]
+    relative, absolute = TOLERANCE[numerics]
+    for capacity in (320, 1000):
+        caches = [
+            [np.full((kv_heads, capacity, head), np.nan, np.float32) for _ in range(2)]
+            for _ in layers
+        ]
+        outs = [np.empty((positions, heads * head), np.float32) for _ in layers]
+        for start in range(0, positions, 96):
+            end = min(start + 96, positions)
+            for (q, k, v), (keys, values), out in zip(layers, caches, outs, strict=True):
+                run.store(k[0, start:end], v[0, start:end], keys, values, start)
+                rows = np.ascontiguousarray(q[0, start:end])
+                run(rows, keys, values, out[start:end], start, heads)
+        for (q, k, v), out in zip(layers, outs, strict=True):
+            exact = causal_attention(q, k, v, head)[0]
+            assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < relative
+            assert np.abs(out - exact).max() < absolute
+
+
+def test_bf16_takes_heads_of_32_64_or_96_dims(kernel):
+    try:
+        run = phi3v_attention.kernel(2, "bf16")
+    except phi3v_attention.KernelUnavailable as error:
+        pytest.skip(str(error))
+    run.check(96)
+    with pytest.raises(phi3v_attention.KernelUnavailable, match="take heads of 32, 64, 96 dims"):
+        run.check(16)

@@ -32,6 +32,8 @@
  *   variant 1, AMX bf16: blocks of 16 query rows x 64 keys. S^T = K . Q^T and O^T = V^T . P^T on
  *     the tiles (_tile_dpbf16ps, fp32 accumulation); the softmax in fp32 AVX-512 between them.
  *     It needs AVX-512 and AMX; it has no AVX2 path.
+ *   variant 2, bf16 on AVX-512: variant 1's arithmetic, layouts and blocks, each tile product
+ *     done in registers by vdpbf16ps (AVX-512 BF16), for CPUs with it and without AMX.
  *
  * Each function carries its instruction set (VEC, TILES, YMM: gcc's target attribute), so the
  * library loads on any x86-64 and the checks below decide what runs.
@@ -49,7 +51,7 @@
 #include <unistd.h>
 
 enum status { OK = 0, BAD_SHAPE = -1, NO_AMX = -2, NO_AVX512 = -3, NO_MEMORY = -4, NO_AVX2 = -5 };
-enum variant { FP32 = 0, AMX_BF16 = 1 };
+enum variant { FP32 = 0, AMX_BF16 = 1, BF16 = 2 };
 
 #define LOG2E 1.4426950408889634
 #define LN2 0.6931471805599453
@@ -102,6 +104,9 @@ int attention_fp32_rows(void) {
     if (has_avx512()) return FP32_ROWS;
     return has_avx2() ? AVX2_ROWS : 0;
 }
+
+/* 1 when the bf16 variant on AVX-512 can run (AVX-512 with its bf16 dot products), else 0. */
+int attention_bf16_ready(void) { return has_avx512(); }
 
 /* 1 when the CPU has AMX bf16 tiles and Linux granted this process their state, else 0. */
 int attention_amx_ready(void) {
@@ -521,7 +526,7 @@ VEC INLINE void transpose16(__m512i r[16], __m512i stage[4][2]) {
  * each group of 32 keys, so that the 16 dims x 32 keys of a tile are 1 KB in one piece);
  * positions after `end` up to the next block of KEYS are zeros (a later chunk fills them).
  * Each key is converted once, by the chunk that brings it. */
-TILES static void pack_chunk(const float *k, const float *v, int start, int end, int head,
+VEC static void pack_chunk(const float *k, const float *v, int start, int end, int head,
                              uint16_t *kb, uint16_t *vt, __m512i stage[4][2]) {
     const int stop = (end + KEYS - 1) / KEYS * KEYS;
     for (int j = start; j < stop; j++) {
@@ -550,10 +555,41 @@ TILES static void pack_chunk(const float *k, const float *v, int start, int end,
         }
 }
 
+/* The block's n (<= 16) query rows q[i][..] (rows `stride` floats apart), times `factor`, in
+ * bf16 pairs of dims: qp[s][r][2i + e] = q[i][32 s + 2 r + e] * factor, the B layout of one tile
+ * per 32 dims. As 32-bit pairs, each row's 16 pairs of a slice are scattered down a column; the
+ * rows after n are zeros. */
+VEC INLINE void pack_queries(const float *q, int stride, int n, int head, float factor,
+                             uint16_t *qp) {
+    const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(16));
+    const __m512 f = _mm512_set1_ps(factor);
+    if (n < 16) memset(qp, 0, 2 * 16 * head);
+    for (int i = 0; i < n; i++)
+        for (int s = 0; s < head / 32; s++) {
+            const float *row = q + (size_t)i * stride + 32 * s;
+            __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + 16), f),
+                                                 _mm512_mul_ps(_mm512_loadu_ps(row), f));
+            _mm512_i32scatter_epi32((uint32_t *)qp + 256 * s + i, down, (__m512i)pairs, 4);
+        }
+}
+
+/* out[row i][d] = ot[d][i] / l[i] for the block's n rows: 16 dims at a time, transposed back. */
+VEC INLINE void write_rows(const float *ot, __m512 l, float *out, int stride, int n, int head,
+                           __m512i stage[4][2]) {
+    const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
+    for (int d0 = 0; d0 < head; d0 += 16) {
+        __m512i r[16];
+        for (int d = 0; d < 16; d++)
+            r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(ot + 16 * (d0 + d)), inverse));
+        transpose16(r, stage);
+        for (int i = 0; i < n; i++) _mm512_storeu_si512(out + (size_t)i * stride + d0, r[i]);
+    }
+}
+
 /* The weights 2^(score - m) of the 64 keys of st[key][16 queries] in bf16, in pairs of keys:
  * pp[c][r] = (p[32c + 2r][n], p[32c + 2r + 1][n]), n = 0..15, the B layout of two tiles; returns
  * the sum of the rounded weights (what the tiles multiply). */
-TILES INLINE __m512 weights_bf16(const float *st, __m512 m, uint16_t *pp) {
+VEC INLINE __m512 weights_bf16(const float *st, __m512 m, uint16_t *pp) {
     const __m512i order = interleave();
     __m512 sum = _mm512_setzero_ps();
     for (int r = 0; r < KEYS / 2; r++) {
@@ -595,18 +631,7 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
         int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
         int base = start + r0, last = base + n - 1;
-        /* queries in pairs of dims: qp[s][r][2i + e] = q[row i][32 s + 2 r + e]; as 32-bit
-         * pairs, each row's 16 pairs of a slice are scattered down a column */
-        const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(16));
-        const __m512 f = _mm512_set1_ps(factor);
-        if (n < AMX_ROWS) memset(w->qp, 0, 2 * 3 * 16 * 32);
-        for (int i = 0; i < n; i++)
-            for (int s = 0; s < slices; s++) {
-                const float *row = q + (size_t)(r0 + i) * stride + 32 * s;
-                __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + 16), f),
-                                                     _mm512_mul_ps(_mm512_loadu_ps(row), f));
-                _mm512_i32scatter_epi32((uint32_t *)w->qp + 256 * s + i, down, (__m512i)pairs, 4);
-            }
+        pack_queries(q + (size_t)r0 * stride, stride, n, head, factor, w->qp);
         prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
         memset(w->ot, 0, sizeof(float) * 16 * head);
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
@@ -664,16 +689,81 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
                 if (g > 2) _tile_stored(2, o + 512, 64);
             }
         }
-        /* out[row i][d] = ot[d][i] / l[i]: 16 dims at a time, transposed back into rows */
-        const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
-        for (int d0 = 0; d0 < head; d0 += 16) {
-            __m512i r[16];
-            for (int d = 0; d < 16; d++)
-                r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(w->ot + 16 * (d0 + d)), inverse));
-            transpose16(r, w->stage);
-            for (int i = 0; i < n; i++)
-                _mm512_storeu_si512(out + (size_t)(r0 + i) * stride + d0, r[i]);
+        write_rows(w->ot, l, out + (size_t)r0 * stride, stride, n, head, w->stage);
+    }
+}
+
+/* --- bf16 on AVX-512 ------------------------------------------------------------------------ */
+/*
+ * The AMX variant's arithmetic, layouts and blocks (16 query rows x 64 keys), with each tile
+ * product done in vector registers by vdpbf16ps (AVX-512 BF16: 16 fp32 lanes, each += the dot
+ * product of a pair of bf16), for CPUs that have it without AMX (AMD Zen 4 and later, Intel Cooper
+ * Lake). A tile product C[16][16] += A[16][32] . B[32][16] in pairs is, for each row m of C, 16
+ * dot products of B's rows (a vector of 16 pairs each) with A's pair (m, 2r..2r+1) broadcast:
+ * 16 independent accumulators, B's row loaded once for all 16 of them, A's pairs straight from
+ * memory (an embedded broadcast). Twice the multiply-adds per instruction of the fp32 FMA.
+ */
+
+/* A's pair of bf16 at p, as a 32-bit element in every lane. */
+VEC INLINE __m512bh pair_everywhere(const uint16_t *p) {
+    uint32_t both;
+    memcpy(&both, p, sizeof both);
+    return (__m512bh)_mm512_set1_epi32((int)both);
+}
+
+/* S^T[16 keys][16 queries] = K[16 keys][head] . Q^T: kb the keys' bf16 rows, qp the block's
+ * queries in pairs of dims (pack_queries); into st[key][16]. */
+VEC INLINE void scores_bf16(const uint16_t *qp, const uint16_t *kb, int head, float *st) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+    for (int r = 0; r < head / 2; r++) { /* dims 2r, 2r + 1: qp's slices are consecutive */
+        __m512bh qr = (__m512bh)_mm512_load_si512(qp + 32 * r);
+        for (int j = 0; j < 16; j++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], qr, pair_everywhere(kb + (size_t)j * head + 2 * r));
+    }
+    for (int j = 0; j < 16; j++) _mm512_store_ps(st + 16 * j, acc[j]);
+}
+
+/* O^T[16 dims][16 queries] = O^T * scale + V^T[16 dims][64 keys] . P[64 keys][16 queries]: ot
+ * the 16 dims' accumulators, vt the block's values transposed by 32 keys from its first dim, pp
+ * the weights in pairs of keys (weights_bf16). */
+VEC INLINE void values_bf16(float *ot, const uint16_t *vt, const uint16_t *pp, int head,
+                            __m512 scale) {
+    __m512 acc[16];
+    for (int d = 0; d < 16; d++) acc[d] = _mm512_mul_ps(_mm512_load_ps(ot + 16 * d), scale);
+    for (int r = 0; r < KEYS / 2; r++) { /* pair r of keys: group r / 16 of 32 keys, its pair r % 16 */
+        const uint16_t *column = vt + (size_t)(r / 16) * 32 * head + 2 * (r % 16);
+        __m512bh pr = (__m512bh)_mm512_load_si512(pp + 32 * r);
+        for (int d = 0; d < 16; d++)
+            acc[d] = _mm512_dpbf16_ps(acc[d], pr, pair_everywhere(column + 32 * d));
+    }
+    for (int d = 0; d < 16; d++) _mm512_store_ps(ot + 16 * d, acc[d]);
+}
+
+/* One head, as head_amx (the same arguments, scratch and numerics) on vdpbf16ps. */
+VEC static void head_bf16(const float *q, float *out, int stride, int rows, int start, int head,
+                          amx_scratch *w) {
+    const float factor = (float)(LOG2E / sqrt((double)head));
+    for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
+        int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+        int base = start + r0, last = base + n - 1;
+        pack_queries(q + (size_t)r0 * stride, stride, n, head, factor, w->qp);
+        prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
+        memset(w->ot, 0, sizeof(float) * 16 * head);
+        __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
+        for (int key0 = 0; key0 <= last; key0 += KEYS) {
+            int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
+            /* only the groups of 16 keys that hold a visible key; the rest are masked below */
+            for (int j = 0; j < nk; j += 16)
+                scores_bf16(w->qp, w->k + (size_t)(key0 + j) * head, head, w->st + 16 * j);
+            for (int j = nk; j < KEYS; j++) _mm512_store_ps(w->st + 16 * j, _mm512_set1_ps(-INFINITY));
+            __m512 scale = block_maximum(w->st, 16, KEYS, key0, base, &m);
+            l = _mm512_fmadd_ps(l, scale, weights_bf16(w->st, m, w->pp));
+            for (int d0 = 0; d0 < head; d0 += 16)
+                values_bf16(w->ot + 16 * d0, w->vt + (size_t)key0 * head + 32 * d0, w->pp, head,
+                            scale);
         }
+        write_rows(w->ot, l, out + (size_t)r0 * stride, stride, n, head, w->stage);
     }
 }
 
@@ -714,22 +804,22 @@ TILES static void configure_tiles(void) {
 
 TILES static void release_tiles(void) { _tile_release(); }
 
-/* The AMX variant also takes the caller's bf16 copies of the cache, kept from chunk to chunk
- * (each chunk adds its keys): packed_k [kv_heads][pitch][head] and packed_vt
- * [kv_heads][pitch / 32][head][32], pitch = capacity rounded up to 64. The fp32 variant ignores
- * them. */
+/* The bf16 variants also take the caller's bf16 copies of the cache, kept from chunk to chunk
+ * (each chunk adds its keys; pack_cache fills in earlier positions where the caller keeps none):
+ * packed_k [kv_heads][pitch][head] and packed_vt [kv_heads][pitch / 32][head][32], pitch =
+ * capacity rounded up to 64. The fp32 variant ignores them. */
 int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
                      int start, int capacity, int heads, int kv_heads, int head, int variant,
                      int threads, uint16_t *packed_k, uint16_t *packed_vt) {
     /* head 16 (the tiny test models') only in fp32: the AMX variant works in slices of 32 dims */
     const int head_ok = head == 32 || head == 64 || head == 96 || (head == 16 && variant == FP32);
-    if (!head_ok || rows <= 0 || start < 0 || kv_heads <= 0 ||
-        heads % kv_heads != 0 || start + rows > capacity || (variant != FP32 && variant != AMX_BF16) ||
-        (variant == AMX_BF16 && (!packed_k || !packed_vt)))
+    if (!head_ok || rows <= 0 || start < 0 || kv_heads <= 0 || heads % kv_heads != 0 ||
+        start + rows > capacity || (variant != FP32 && variant != AMX_BF16 && variant != BF16) ||
+        (variant != FP32 && (!packed_k || !packed_vt)))
         return BAD_SHAPE;
     const int fp32_rows = attention_fp32_rows(); /* FP32_ROWS: the AVX-512 path */
     if (variant == FP32 && fp32_rows == 0) return NO_AVX2;
-    if (variant == AMX_BF16 && !has_avx512()) return NO_AVX512;
+    if (variant != FP32 && !has_avx512()) return NO_AVX512;
     if (variant == AMX_BF16 && !attention_amx_ready()) return NO_AMX;
     const int end = start + rows, group = heads / kv_heads, stride = heads * head;
     const int pitch = (capacity + KEYS - 1) / KEYS * KEYS;
@@ -753,7 +843,7 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
             a.pp = take(2 * 2 * 16 * 32);
             a.ot = take(sizeof(float) * head * 16);
             transpose_indices(a.stage);
-            configure_tiles(); /* the tile configuration is per thread */
+            if (variant == AMX_BF16) configure_tiles(); /* the tile configuration is per thread */
         }
         if (!ready) {
 #pragma omp atomic write
@@ -782,8 +872,12 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
                 pack_chunk(k + at, v + at, start, end, head, packed_k + packed, packed_vt + packed,
                            a.stage);
                 prefetch_packed(&a, start, head);
-                for (int h = g * group; h < (g + 1) * group; h++)
-                    head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
+                for (int h = g * group; h < (g + 1) * group; h++) {
+                    if (variant == AMX_BF16)
+                        head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
+                    else
+                        head_bf16(q + h * head, out + h * head, stride, rows, start, head, &a);
+                }
             }
         }
         if (variant == AMX_BF16 && ready) release_tiles();
@@ -808,6 +902,31 @@ int store_chunk(const float *k_rows, const float *v_rows, float *k, float *v, in
         float *target = (slot < kv_heads ? k : v) + ((size_t)g * capacity + start) * head;
         for (int i = 0; i < count; i++)
             memcpy(target + (size_t)i * head, source + (size_t)i * row, sizeof(float) * head);
+    }
+    return OK;
+}
+
+/* Positions [start, end) of the cache k, v [kv_heads][capacity][head] into the bf16 copies the
+ * bf16 variants read (laid out as causal_attention says), for a caller that keeps no copies from
+ * chunk to chunk: it packs the earlier chunks' positions [0, start) before each call, which then
+ * adds its own. Each key/value head on one of `threads` threads; needs AVX-512 (with bf16). */
+int pack_cache(const float *k, const float *v, int start, int end, int capacity, int kv_heads,
+               int head, int threads, uint16_t *packed_k, uint16_t *packed_vt) {
+    if (start < 0 || end < start || end > capacity || kv_heads <= 0 || head % 32 != 0 || head <= 0)
+        return BAD_SHAPE;
+    if (!has_avx512()) return NO_AVX512;
+    if (end == start) return OK;
+    const int pitch = (capacity + KEYS - 1) / KEYS * KEYS;
+#pragma omp parallel num_threads(threads)
+    {
+        __m512i stage[4][2];
+        transpose_indices(stage);
+#pragma omp for schedule(static)
+        for (int g = 0; g < kv_heads; g++) {
+            const size_t at = (size_t)g * capacity * head, packed = (size_t)g * pitch * head;
+            pack_chunk(k + at, v + at, start, end, head, packed_k + packed, packed_vt + packed,
+                       stage);
+        }
     }
     return OK;
 }
