@@ -23,16 +23,18 @@ The forms:
 * ``fp32``: the emulation with no rounding. It must agree with GroupQueryAttention to rounding:
   the check that the emulation computes attention as GroupQueryAttention does.
 * ``bf16``: Q (already scaled by 1/sqrt(head)), K, V and the softmax weights P rounded to
-  bfloat16, products summed in fp32: the kernel's (``phi3v/kernels/attention.c``) AMX variant.
+  bfloat16, products summed in fp32: the kernel's (``phi3v/kernels/attention.c``) bf16 variants,
+  on AMX tiles or AVX-512 BF16 dot products.
 * ``int8 QK``: Q and K int8, one scale per query row and per key; P and V in bfloat16.
 * ``int8 QK, K smoothed``: the same after subtracting the keys' mean per channel (exact under the
   softmax, as SageAttention does).
 * ``int8 QK and PV``: smoothed int8 Q·Kᵀ, then P as uint8 with one scale per query row and V
   int8 with one scale per channel.
 
-Beside the emulations, the fast copy as the product runs it (``fused kernel fp32``): cut in
-stages with our kernel computing attention between them (:mod:`phi3v.layered`), its own
-summation order included. Left out, with the reason, where the kernel cannot run.
+Beside the emulations, the fast copy as the product runs it with the kernel (``fused kernel
+fp32``, and ``fused kernel bf16`` where the CPU has bf16): cut in stages with our kernel computing
+attention between them (:mod:`phi3v.layered`), its own summation order included. Left out, with
+the reason, where the kernel cannot run.
 
     python bench/attention_fidelity.py     # -> bench/results/attention_fidelity.{json,md}
 """
@@ -68,7 +70,11 @@ BASE = "GroupQueryAttention"  # the fast copy as it ships
 # Path names: a form emulated in the fast copy, or in truth's decoder (fp32 activations).
 FAST, ALONE = "fast copy:", "fp32 activations:"
 NOISE = f"{FAST} fp32"  # the fast copy with exact fp32 attention: the paired base of its forms
-KERNEL = "fused kernel fp32 (the product)"  # the copy in stages, phi3v/layered.py
+# the copy in stages, phi3v/layered.py: the kernel's numerics -> the path's name
+KERNELS = {
+    "fp32": "fused kernel fp32 (the product)",
+    "bf16": "fused kernel bf16 (the product, PHI3V_FUSED_ATTENTION=bf16)",
+}
 # form -> (how Q and K are rounded, how P and V are rounded)
 FORMS = {
     "fp32": ("fp32", "fp32"),
@@ -122,12 +128,13 @@ def fidelity(folder: Path, forms: list[str], answer_tokens: int) -> dict:
         paths[f"{FAST} {name}"] = _prefill_on(exact, emulate(fast, name, *FORMS[name]))
     not_run = {}
     write_stages(fast, config.decoder)
-    try:
-        kernel = attention.kernel(exact.options.num_threads or machine.physical_cores())
-        layered = LayeredDecoder(fast, exact.options, kernel)
-        paths[f"{FAST} {KERNEL}"] = accuracy._with_decoders(exact, exact.decoder, layered)
-    except attention.KernelUnavailable as error:
-        not_run[KERNEL] = str(error)
+    threads = exact.options.num_threads or machine.physical_cores()
+    for numerics, name in KERNELS.items():
+        try:
+            layered = LayeredDecoder(fast, exact.options, attention.kernel(threads, numerics))
+            paths[f"{FAST} {name}"] = accuracy._with_decoders(exact, exact.decoder, layered)
+        except attention.KernelUnavailable as error:
+            not_run[name] = str(error)
     for name in forms:  # in truth's decoder: the attention numerics alone
         emulated = emulate(source, name, *FORMS[name])
         emulated = open_session(emulated, exact.options, fp32_activations=True)
@@ -399,23 +406,26 @@ copy computing attention in fp32 by the same emulation:
 
 
 def kernel_line(result: dict) -> str:
-    """What the product's kernel path does against GroupQueryAttention in the same copy, or why
-    it did not run."""
-    not_run = result.get("not_run", {}).get(KERNEL)
-    if not_run:
-        return f"\n\nNot run: {KERNEL}: {not_run}."
-    against = result["tune"]["against"][BASE].get(f"{FAST} {KERNEL}")
-    if not against:
-        return ""
-    low, high = against["kl_ratio"]["interval"]
-    t_low, t_high = against["top1_difference"]["interval"]
-    return (
-        f"\n\nThe product's path, the copy in stages with our fused kernel (`{KERNEL}`), paired "
-        f"with {BASE} in the same copy: KL to truth {against['kl_ratio']['value']:.2f}x "
-        f"[{low:.2f}, {high:.2f}], top-1 {against['top1_difference']['value']:+.1f} points "
-        f"[{t_low:+.1f}, {t_high:+.1f}], {against['same_as_exact']['value']:.1%} the same top-1: "
-        "the same noise floor as the emulation's."
-    )
+    """What the product's kernel paths do against GroupQueryAttention in the same copy, or why
+    they did not run."""
+    lines = []
+    for name in KERNELS.values():
+        not_run = result.get("not_run", {}).get(name)
+        if not_run:
+            lines.append(f"Not run: {name}: {not_run}.")
+            continue
+        against = result["tune"]["against"][BASE].get(f"{FAST} {name}")
+        if not against:
+            continue
+        low, high = against["kl_ratio"]["interval"]
+        t_low, t_high = against["top1_difference"]["interval"]
+        lines.append(
+            f"The copy in stages with our fused kernel (`{name}`), paired with {BASE} in the "
+            f"same copy: KL to truth {against['kl_ratio']['value']:.2f}x [{low:.2f}, {high:.2f}], "
+            f"top-1 {against['top1_difference']['value']:+.1f} points [{t_low:+.1f}, "
+            f"{t_high:+.1f}], {against['same_as_exact']['value']:.1%} the same top-1."
+        )
+    return "".join(f"\n\n{line}" for line in lines)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ One layer of the real model's attention (32 heads of 96, 32 key/value heads) ove
 decoder runs it (chunks of ``PREFILL_CHUNK``, with and without its tiled path), MultiHeadAttention
 without a mask (not causal: its rate only), block-causal forms in plain ONNX ops (fp32, the
 products alone, SageAttention-style int8 Q·Kᵀ, int8 Q·Kᵀ and P·V), and our own fused causal
-kernel (``phi3v/kernels/attention.c``, fp32 on AVX-512 or else AVX2, and AMX bf16, in the
-same chunks as GQA).
+kernel (``phi3v/kernels/attention.c``, fp32 on AVX-512 or else AVX2, bf16 on AMX tiles and bf16
+on AVX-512 BF16 dot products, in the same chunks as GQA).
 
 * **Speed**: each form in its own process (threads = 2), forms alternated over ``--rounds``,
   ``--repeats`` runs each after a warm-up; median over all. A process during which other
@@ -74,8 +74,10 @@ FORMS = {
     "int8 QK and PV, 256": ("int8 qk pv", BLOCK, {}),
     "fused causal fp32 (our kernel)": ("kernel fp32", 0, {}),
     "fused causal AMX bf16 (our kernel)": ("kernel amx", 0, {}),
+    "fused causal bf16, AVX-512 (our kernel)": ("kernel bf16", 0, {}),
 }
-KERNELS = {"kernel fp32": "fp32", "kernel amx": "amx"}  # kind -> attention_kernel's variant
+# kind -> attention_kernel's variant
+KERNELS = {"kernel fp32": "fp32", "kernel amx": "amx", "kernel bf16": "bf16"}
 
 
 def chunk_size() -> int:

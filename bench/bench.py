@@ -54,16 +54,20 @@ PROMPTS = {
 }
 IMAGE_SIZE = (1344, 1008)  # 4 x 3 tiles of 336: 12 crops, 1921 image tokens
 CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
+CONFIGS += ("phi3v-fast-kernel-bf16",)
 # phi3v configs and their precision. phi3v-fast runs as a user's default does; phi3v-fast-gqa
-# with PHI3V_FUSED_ATTENTION=0 (the prompt copy whole, GroupQueryAttention) and phi3v-fast-kernel
-# with it =1 (the copy in layers with the fused attention kernel, phi3v/layered.py).
+# with PHI3V_FUSED_ATTENTION=0 (the prompt copy whole, GroupQueryAttention), phi3v-fast-kernel
+# with it =1 (the copy in layers with the fused attention kernel, phi3v/layered.py) and
+# phi3v-fast-kernel-bf16 with it =bf16 (the kernel in bf16).
 PRECISION = {
     "phi3v": "exact",
     "phi3v-fast": "fast",
     "phi3v-fast-gqa": "fast",
     "phi3v-fast-kernel": "fast",
+    "phi3v-fast-kernel-bf16": "fast",
 }
-FUSED = {"phi3v-fast-gqa": "0", "phi3v-fast-kernel": "1"}  # PHI3V_FUSED_ATTENTION, else unset
+# PHI3V_FUSED_ATTENTION, else unset
+FUSED = {"phi3v-fast-gqa": "0", "phi3v-fast-kernel": "1", "phi3v-fast-kernel-bf16": "bf16"}
 B_THREADS = 2  # genai-B: the machine's cores (genai's default uses half the hardware threads)
 BUSY_SHARE = 0.15  # others using more than this share of all cores makes a run "busy"
 MAX_ATTEMPTS = 3
@@ -628,9 +632,10 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
             "phi3v-fast": model,
             "phi3v-fast-gqa": model,
             "phi3v-fast-kernel": model,
+            "phi3v-fast-kernel-bf16": model,
         }
         fast_setup = None
-        if {"phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel"} & set(configs):
+        if set(PRECISION).difference({"phi3v"}) & set(configs):
             # The copies are made and checked once per folder, before any timed run.
             # In a child: a worker forked from a parent that had held the copies would inherit
             # its resident size in ru_maxrss (Linux keeps the high-water mark across exec).

@@ -49,6 +49,7 @@ ROWS = (  # (case, metric, title, unit, digits)
     ("text", "peak_rss_mib", "text: peak RSS", "MiB", 0),
 )
 CONFIGS = ("genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
+CONFIGS += ("phi3v-fast-kernel-bf16",)
 README_CONFIGS = CONFIGS[:3]  # the README compares the two precisions with the peer only
 TITLES = {
     "genai-B": "onnxruntime-genai, 2 threads",
@@ -56,6 +57,7 @@ TITLES = {
     "phi3v-fast": "phi3v fast",
     "phi3v-fast-gqa": "phi3v fast, GroupQueryAttention (`PHI3V_FUSED_ATTENTION=0`)",
     "phi3v-fast-kernel": "phi3v fast, fused attention kernel (`PHI3V_FUSED_ATTENTION=1`)",
+    "phi3v-fast-kernel-bf16": "phi3v fast, the kernel in bf16 (`PHI3V_FUSED_ATTENTION=bf16`)",
 }
 
 

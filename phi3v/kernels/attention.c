@@ -713,7 +713,7 @@ VEC INLINE __m512bh pair_everywhere(const uint16_t *p) {
 
 /* S^T[16 keys][16 queries] = K[16 keys][head] . Q^T: kb the keys' bf16 rows, qp the block's
  * queries in pairs of dims (pack_queries); into st[key][16]. */
-VEC INLINE void scores_bf16(const uint16_t *qp, const uint16_t *kb, int head, float *st) {
+VEC INLINE void scores_bf16(const uint16_t *qp, const uint16_t *kb, const int head, float *st) {
     __m512 acc[16];
     for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
     for (int r = 0; r < head / 2; r++) { /* dims 2r, 2r + 1: qp's slices are consecutive */
@@ -727,7 +727,7 @@ VEC INLINE void scores_bf16(const uint16_t *qp, const uint16_t *kb, int head, fl
 /* O^T[16 dims][16 queries] = O^T * scale + V^T[16 dims][64 keys] . P[64 keys][16 queries]: ot
  * the 16 dims' accumulators, vt the block's values transposed by 32 keys from its first dim, pp
  * the weights in pairs of keys (weights_bf16). */
-VEC INLINE void values_bf16(float *ot, const uint16_t *vt, const uint16_t *pp, int head,
+VEC INLINE void values_bf16(float *ot, const uint16_t *vt, const uint16_t *pp, const int head,
                             __m512 scale) {
     __m512 acc[16];
     for (int d = 0; d < 16; d++) acc[d] = _mm512_mul_ps(_mm512_load_ps(ot + 16 * d), scale);
@@ -740,9 +740,11 @@ VEC INLINE void values_bf16(float *ot, const uint16_t *vt, const uint16_t *pp, i
     for (int d = 0; d < 16; d++) _mm512_store_ps(ot + 16 * d, acc[d]);
 }
 
-/* One head, as head_amx (the same arguments, scratch and numerics) on vdpbf16ps. */
-VEC static void head_bf16(const float *q, float *out, int stride, int rows, int start, int head,
-                          amx_scratch *w) {
+/* One head, as head_amx (the same arguments, scratch and numerics) on vdpbf16ps; `head` a
+ * constant in each copy (head_bf16), so that the broadcasts' addresses are one base register
+ * and constant offsets. */
+VEC INLINE void head_bf16_of(const float *q, float *out, int stride, int rows, int start,
+                             amx_scratch *w, const int head) {
     const float factor = (float)(LOG2E / sqrt((double)head));
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
         int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
@@ -765,6 +767,13 @@ VEC static void head_bf16(const float *q, float *out, int stride, int rows, int 
         }
         write_rows(w->ot, l, out + (size_t)r0 * stride, stride, n, head, w->stage);
     }
+}
+
+VEC static void head_bf16(const float *q, float *out, int stride, int rows, int start, int head,
+                          amx_scratch *w) {
+    if (head == 32) head_bf16_of(q, out, stride, rows, start, w, 32);
+    else if (head == 64) head_bf16_of(q, out, stride, rows, start, w, 64);
+    else head_bf16_of(q, out, stride, rows, start, w, 96);
 }
 
 /* --- the entry point ------------------------------------------------------------------------ */
