@@ -54,20 +54,23 @@ PROMPTS = {
 }
 IMAGE_SIZE = (1344, 1008)  # 4 x 3 tiles of 336: 12 crops, 1921 image tokens
 CONFIGS = ("genai-A", "genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
-CONFIGS += ("phi3v-fast-kernel-bf16",)
+CONFIGS += ("phi3v-fast-kernel-bf16", "phi3v-fast-4k")
 # phi3v configs and their precision. phi3v-fast runs as a user's default does; phi3v-fast-gqa
 # with PHI3V_FUSED_ATTENTION=0 (the prompt copy whole, GroupQueryAttention), phi3v-fast-kernel
 # with it =1 (the copy in layers with the fused attention kernel, phi3v/layered.py) and
-# phi3v-fast-kernel-bf16 with it =bf16 (the kernel in bf16).
+# phi3v-fast-kernel-bf16 with it =bf16 (the kernel in bf16). phi3v-fast-4k is fast with
+# PHI3V_HUGE_PAGES=0: the weights left on the 4 KB pages onnxruntime allocated them on.
 PRECISION = {
     "phi3v": "exact",
     "phi3v-fast": "fast",
     "phi3v-fast-gqa": "fast",
     "phi3v-fast-kernel": "fast",
     "phi3v-fast-kernel-bf16": "fast",
+    "phi3v-fast-4k": "fast",
 }
 # PHI3V_FUSED_ATTENTION, else unset
 FUSED = {"phi3v-fast-gqa": "0", "phi3v-fast-kernel": "1", "phi3v-fast-kernel-bf16": "bf16"}
+PAGES = {"phi3v-fast-4k": "0"}  # PHI3V_HUGE_PAGES, else unset
 B_THREADS = 2  # genai-B: the machine's cores (genai's default uses half the hardware threads)
 BUSY_SHARE = 0.15  # others using more than this share of all cores makes a run "busy"
 MAX_ATTEMPTS = 3
@@ -131,6 +134,7 @@ def phi3v_run(
     pipe = Pipeline.load(model_dir, precision=precision)
     load = time.perf_counter() - started
     attention = pipe.sessions.prefill_attention
+    pages = pipe.sessions.huge_pages
     rss_loaded = _rss_mib()
 
     result = pipe.generate(
@@ -158,6 +162,8 @@ def phi3v_run(
         "token_ids": result.token_ids,
         "stop_reason": result.stop_reason,
         "prefill_attention": attention,
+        "memory_pages": pages.describe(),
+        "huge_pages_s": pages.seconds,
         "phi3v_source": phi3v_source_digest(),
     }
 
@@ -172,10 +178,11 @@ def phi3v_source_digest() -> str:
 
 
 def worker_main(spec: dict) -> None:
-    if spec.get("fused_attention") is not None:
-        os.environ["PHI3V_FUSED_ATTENTION"] = spec["fused_attention"]
-    else:
-        os.environ.pop("PHI3V_FUSED_ATTENTION", None)
+    for name, key in (("PHI3V_FUSED_ATTENTION", "fused_attention"), ("PHI3V_HUGE_PAGES", "pages")):
+        if spec.get(key) is not None:
+            os.environ[name] = spec[key]
+        else:
+            os.environ.pop(name, None)
     if spec["runtime"] == "genai":
         result = genai_run(spec["model"], spec["case"], spec["image"])
     else:
@@ -314,6 +321,7 @@ def timed_run(config: str, model: Path, case: str, image: Path | None, ids: list
         "runtime": "phi3v" if config in PRECISION else "genai",
         "precision": PRECISION.get(config),
         "fused_attention": FUSED.get(config),
+        "pages": PAGES.get(config),
         "model": str(model),
         "case": case,
         "image": str(image) if image else None,
@@ -633,6 +641,7 @@ def run_benchmark(model: Path, runs: int, cases: list[str], name: str, configs: 
             "phi3v-fast-gqa": model,
             "phi3v-fast-kernel": model,
             "phi3v-fast-kernel-bf16": model,
+            "phi3v-fast-4k": model,
         }
         fast_setup = None
         if set(PRECISION).difference({"phi3v"}) & set(configs):

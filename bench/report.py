@@ -49,7 +49,7 @@ ROWS = (  # (case, metric, title, unit, digits)
     ("text", "peak_rss_mib", "text: peak RSS", "MiB", 0),
 )
 CONFIGS = ("genai-B", "phi3v", "phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")
-CONFIGS += ("phi3v-fast-kernel-bf16",)
+CONFIGS += ("phi3v-fast-kernel-bf16", "phi3v-fast-4k")
 README_CONFIGS = CONFIGS[:3]  # the README compares the two precisions with the peer only
 TITLES = {
     "genai-B": "onnxruntime-genai, 2 threads",
@@ -58,6 +58,7 @@ TITLES = {
     "phi3v-fast-gqa": "phi3v fast, GroupQueryAttention (`PHI3V_FUSED_ATTENTION=0`)",
     "phi3v-fast-kernel": "phi3v fast, fused attention kernel (`PHI3V_FUSED_ATTENTION=1`)",
     "phi3v-fast-kernel-bf16": "phi3v fast, the kernel in bf16 (`PHI3V_FUSED_ATTENTION=bf16`)",
+    "phi3v-fast-4k": "phi3v fast, weights on 4 KB pages (`PHI3V_HUGE_PAGES=0`)",
 }
 
 
@@ -528,6 +529,7 @@ def optional_sections() -> str:
 
 
 KERNEL_FP32 = "fused causal fp32 (our kernel)"  # attention_forms.py's name for it
+KERNEL_BF16 = "fused causal bf16, AVX-512 (our kernel)"  # and for the kernel in bf16
 VISION_TARGET = 1.5  # issue 15: the fast vision copy's error at most 1.5x exact's
 NO_VNNI = "no-vnni"  # the stem of the runs on a CPU without VNNI (bench/accuracy.py --name)
 
@@ -780,6 +782,10 @@ def vnni_section() -> str:
 
     ms = {n: e["median_ms"] for n, e in forms["speed"]["this CPU"].items() if e["median_ms"]}
     gqa, kernel, int8 = ms["GroupQueryAttention"], ms[KERNEL_FP32], ms["int8 QK and PV, 256"]
+    bf16 = ms.get(KERNEL_BF16)
+    bf16_layer = (
+        f"; the kernel in bf16 on AVX-512 BF16 {bf16:.0f} ms ({gqa / bf16:.2f}x)" if bf16 else ""
+    )
     layers = forms["shape"]["layers"]
     wanted = 0.30 * genai
     gemm = prefill_ops.get("MatMulIntegerToFloat", 0) + vision_ops.get("MatMulIntegerToFloat", 0)
@@ -802,7 +808,8 @@ def vnni_section() -> str:
         f"* Prefill operators (default numerics, chunks of 512, profiled): {shares(prefill_ops)}.\n"
         f"* Vision operators (13 crops): {shares(vision_ops)}.\n"
         f"* One layer's prefill attention: GroupQueryAttention {gqa:.0f} ms; our fused causal fp32 "
-        f"kernel (AVX-512) {kernel:.0f} ms ({gqa / kernel:.2f}x its speed); int8 Q·Kᵀ and P·V "
+        f"kernel (AVX-512) {kernel:.0f} ms ({gqa / kernel:.2f}x its speed){bf16_layer}; "
+        "int8 Q·Kᵀ and P·V "
         f"on the VNNI GEMM {int8:.0f} ms ({gqa / int8:.2f}x), which the trained proxy rejects "
         "(the section on prefill attention numerics above).\n\n"
         + kernel_effect(run, layers * (gqa - kernel) / 1000, ab, modes)
@@ -870,6 +877,9 @@ def floor_note(kind: str, genai: float, wanted: float) -> str:
     return text
 
 
+FAST_PATHS = ("phi3v-fast", "phi3v-fast-gqa", "phi3v-fast-kernel")  # the kernel's fp32 A/B
+
+
 def fast_paths(run: dict) -> dict[str, str]:
     """``run``'s fast configs by what computed the prompt's attention, as each run recorded it:
     "kernel" (the layered copy with the fused kernel) or "gqa" (the whole copy)."""
@@ -877,7 +887,7 @@ def fast_paths(run: dict) -> dict[str, str]:
     for entry in run["raw_runs"]:
         attempts = entry["attempts"]
         attention = attempts[-1].get("prefill_attention") if attempts else None
-        if entry["config"].startswith("phi3v-fast") and attention:
+        if entry["config"] in FAST_PATHS and attention:
             found.setdefault("kernel" if attention.startswith("fused") else "gqa", entry["config"])
     return found
 
@@ -905,10 +915,27 @@ def kernel_effect(run: dict, estimate: float, ab: list[dict], modes: dict | None
         f"{without:.1f} s ({fast / genai:.2f}x and {without / genai:.2f}x onnxruntime-genai's); "
         f"decode after it {decode:.0f} ms per token against {decode_gqa:.0f} ms (medians of "
         f"{run['runs']})."
+        + bf16_note(run, prefill_gqa, genai)
         + "".join(kernel_ab_note(one) for one in ab)
         + decode_modes_note(modes, run)
         + kernel_cache_note()
         + slow_tally([run, *ab], modes)
+    )
+
+
+def bf16_note(run: dict, prefill_gqa: float, genai: float) -> str:
+    """The kernel in bf16 (``phi3v-fast-kernel-bf16``) in ``run``, where it ran."""
+    if "phi3v-fast-kernel-bf16" not in run["summary"].get("image", {}):
+        return ""
+    ttft, prefill, decode = (
+        median(run, "image", "phi3v-fast-kernel-bf16", m)
+        for m in ("ttft_s", "prefill_s", "decode_ms")
+    )
+    return (
+        f" With the kernel in bf16 (`PHI3V_FUSED_ATTENTION=bf16`, the same run): prefill "
+        f"{prefill:.1f} s ({prefill_gqa - prefill:.1f} s less than GroupQueryAttention), first "
+        f"answer {ttft:.1f} s ({ttft / genai:.2f}x onnxruntime-genai's), decode {decode:.0f} ms "
+        "per token."
     )
 
 

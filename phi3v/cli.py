@@ -130,11 +130,13 @@ def _print_precision(pipe: Pipeline, as_json: bool) -> None:
         report = {"precision": choice.precision, "reason": choice.reason, "self_check": check}
         if attention:
             report["prompt_attention"] = attention
+        report["memory_pages"] = pipe.sessions.huge_pages.describe()
         print(json.dumps(report))
         return
     print(f"precision: {choice.precision} ({choice.reason})")
     if attention:
         print(f"prompt attention: {attention}")
+    print(f"memory pages: {pipe.sessions.huge_pages.describe()}")
 
 
 def main(argv: list[str] | None = None) -> int:

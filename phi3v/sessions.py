@@ -35,6 +35,7 @@ import onnxruntime as ort
 from phi3v import attention, machine
 from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, PrecisionError, PromptError, first_line
+from phi3v.huge_pages import HugePages
 from phi3v.image import ProcessedImage
 from phi3v.layered import LayeredDecoder, NotLayerable, plan_path
 
@@ -88,6 +89,8 @@ class Sessions:
         self.decoder = open_session(config.path(config.decoder.filename), self.options)
         self.prefill_decoder: ort.InferenceSession | LayeredDecoder = self.decoder
         self.prefill_attention = GQA
+        # what Pipeline.load did with the weights' pages, once every session is open
+        self.huge_pages = HugePages(reason="not asked (Pipeline.load moves them)")
         if prefill_path:
             self.prefill_decoder, self.prefill_attention = _prompt_decoder(
                 prefill_path, self.options, fused_attention

@@ -146,8 +146,11 @@ def test_check_says_which_precision_runs_and_the_self_check(tiny_int4_model_dir)
     assert report["self_check"]["passed"] is True
     assert 0 <= report["self_check"]["fast"]["top1"] <= 1
     assert report["prompt_attention"].startswith(("fused causal fp32", "GroupQueryAttention"))
+    assert report["memory_pages"].startswith(("weights on 4 KB pages: ", "0.")), report
     plain = run_cli("--model", str(tiny_int4_model_dir), "--precision", "exact", "--check")
-    assert plain.stdout.strip() == "precision: exact (asked for)"
+    lines = plain.stdout.splitlines()
+    assert lines[0] == "precision: exact (asked for)"
+    assert lines[1].startswith("memory pages: ") and len(lines) == 2
 
 
 def test_a_prompt_is_required_unless_checking(tiny_model_dir):

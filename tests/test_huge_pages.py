@@ -1,0 +1,127 @@
+"""phi3v/huge_pages.py: which mappings move onto 2 MB pages, and that moving them changes no byte.
+
+The live tests need Linux 6.1 or later (``MADV_COLLAPSE``) and skip elsewhere, with the reason
+the module gives.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phi3v import huge_pages
+from phi3v.huge_pages import HUGE, Mapping, candidates, collapse, mappings
+
+MB = 1 << 20
+
+SMAPS = """\
+55d0c0000000-55d0c0800000 rw-p 00000000 00:00 0                          [heap]
+Size:               8192 kB
+Rss:                8000 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000a00000 rw-p 00000000 00:00 0
+Size:              10240 kB
+Rss:               10240 kB
+AnonHugePages:      4096 kB
+7f0000a00000-7f0001400000 r--p 00000000 fd:01 1234                       /tmp/model.onnx.data
+Size:              10240 kB
+Rss:               10240 kB
+AnonHugePages:         0 kB
+7f0001400000-7f0001e00000 rw-s 00000000 00:01 77              /memfd:phi3v-kv-cache (deleted)
+Size:              10240 kB
+Rss:               10240 kB
+AnonHugePages:         0 kB
+7f0001e00000-7f0002800000 rw-p 00000000 00:00 0
+Size:              10240 kB
+Rss:                2048 kB
+AnonHugePages:         0 kB
+7f0002900000-7f0002b00000 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                2048 kB
+AnonHugePages:         0 kB
+"""
+
+
+def test_smaps_gives_each_mappings_range_residency_and_kind():
+    found = mappings(SMAPS)
+    assert [(m.start, m.end) for m in found][:2] == [
+        (0x55D0C0000000, 0x55D0C0800000),
+        (0x7F0000000000, 0x7F0000A00000),
+    ]
+    assert found[0] == Mapping(0x55D0C0000000, 0x55D0C0800000, 8000 * 1024, 0, True)
+    assert found[1].huge == 4096 * 1024
+    # a file (the model's data) and a shared memory file (the KV cache) are not anonymous
+    assert [m.anonymous_private_writable for m in found] == [True, True, False, False, True, True]
+
+
+def test_only_resident_anonymous_mappings_are_chosen_in_whole_huge_pages():
+    # the heap (98 % resident) and the second mapping (resident, part on huge pages already);
+    # not the files, not the sparse mapping (20 % resident: it would grow), not the last one,
+    # whose 2 MB straddle a 2 MB boundary
+    assert candidates(mappings(SMAPS)) == [(0x55D0C0000000, 8 * MB), (0x7F0000000000, 10 * MB)]
+
+
+def test_a_span_is_rounded_inwards_to_whole_huge_pages():
+    mapping = Mapping(HUGE + 4096, 4 * HUGE - 4096, 0, 0, True)
+    assert mapping.span() == (2 * HUGE, 3 * HUGE)
+
+
+def written_memory(size: int) -> mmap.mmap:
+    """Anonymous memory on 4 KB pages (nothing asked for huge ones), every page written."""
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    values = np.frombuffer(memory, np.uint8)
+    values[:] = np.arange(size, dtype=np.uint64).astype(np.uint8) ^ 0x5A
+    return memory
+
+
+def huge_bytes_in(memory: mmap.mmap) -> int:
+    start = np.frombuffer(memory, np.uint8).ctypes.data
+    for mapping in mappings(Path("/proc/self/smaps").read_text()):
+        if mapping.start <= start < mapping.end:
+            return mapping.huge
+    raise AssertionError("the mapping is not in smaps")
+
+
+def test_collapse_moves_written_memory_onto_huge_pages_and_keeps_every_byte(monkeypatch):
+    monkeypatch.delenv(huge_pages.HUGE_PAGES_ENV, raising=False)
+    memory = written_memory(32 * MB)
+    before = bytes(memory)
+    assert huge_bytes_in(memory) == 0
+    done = collapse()
+    if done.reason:
+        pytest.skip(done.reason)
+    assert huge_bytes_in(memory) >= 28 * MB  # all but the unaligned ends
+    assert done.collapsed >= 28 * MB
+    assert bytes(memory) == before
+    assert "GB of weights on 2 MB pages" in done.describe()
+
+
+@pytest.mark.parametrize("value", ["0", "off", " no "])
+def test_the_setting_turns_it_off(monkeypatch, value):
+    monkeypatch.setenv(huge_pages.HUGE_PAGES_ENV, value)
+    memory = written_memory(8 * MB)
+    done = collapse()
+    assert done.collapsed == 0
+    assert done.reason == "turned off by PHI3V_HUGE_PAGES"
+    assert huge_bytes_in(memory) == 0
+    assert done.describe().startswith("weights on 4 KB pages: ")
+
+
+def test_loading_a_model_moves_its_weights_and_answers_the_same(tiny_int4_model_dir, monkeypatch):
+    from phi3v import Pipeline
+
+    question = "Describe the history of computing machines in a few words."
+    monkeypatch.setenv(huge_pages.HUGE_PAGES_ENV, "0")
+    small = Pipeline.load(tiny_int4_model_dir, precision="exact")
+    assert small.sessions.huge_pages.reason == "turned off by PHI3V_HUGE_PAGES"
+    expected = small.generate(question, max_new_tokens=16).token_ids
+    monkeypatch.delenv(huge_pages.HUGE_PAGES_ENV)
+    pipe = Pipeline.load(tiny_int4_model_dir, precision="exact")
+    if pipe.sessions.huge_pages.reason:
+        pytest.skip(pipe.sessions.huge_pages.reason)
+    assert pipe.sessions.huge_pages.collapsed > 0
+    assert pipe.generate(question, max_new_tokens=16).token_ids == expected
