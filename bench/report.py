@@ -478,11 +478,15 @@ def optional_sections() -> str:
                 json.loads(fidelity.read_text()) if fidelity.exists() else None,
             ),
         ]
-    for layered in sorted(RESULTS.glob("layered_prefill*.md")):  # bench/layered_prefill.py
-        title, body = layered.read_text().split("\n", 1)
+    # bench/layered_prefill.py and bench/huge_pages.py: their reports, each as a section
+    for found in [
+        *sorted(RESULTS.glob("layered_prefill*.md")),
+        *sorted(RESULTS.glob("huge_pages*.md")),
+    ]:
+        title, body = found.read_text().split("\n", 1)
         parts += [
             title.replace("# ", "## ", 1),
-            f"From `bench/results/{layered.name}`. " + body.strip(),
+            f"From `bench/results/{found.name}`. " + body.strip(),
         ]
     attention_numerics = fidelity.with_suffix(".md")
     if attention_numerics.exists():  # bench/attention_fidelity.py: its report, as a section

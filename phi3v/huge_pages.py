@@ -15,8 +15,11 @@ numbers are the same bytes on other pages, so nothing computed changes. Mappings
 unwritten (arenas with room, the KV caches' reserved positions) are left alone: a huge page is
 resident as a whole, so collapsing them would add memory.
 
-``PHI3V_HUGE_PAGES=0`` turns it off. Where the kernel lacks ``MADV_COLLAPSE`` or the machine is
-not Linux, nothing is done and :attr:`HugePages.reason` says why.
+It costs seconds at load (every resident weight is copied), paid once per process and won back
+over a few hundred generated tokens, so ``Pipeline.load`` does it by default (a server, the app)
+and the one-question CLI does not. ``PHI3V_HUGE_PAGES=1`` or ``0`` decides for both. Where the
+kernel lacks ``MADV_COLLAPSE`` or the machine is not Linux, nothing is done and
+:attr:`HugePages.reason` says why.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-HUGE_PAGES_ENV = "PHI3V_HUGE_PAGES"  # "0": leave the weights on the pages they have
+HUGE_PAGES_ENV = "PHI3V_HUGE_PAGES"  # "1" / "0": move the weights or not, whoever loads them
+OFF = ("0", "false", "no", "off")
+NOT_ASKED = f"not asked for (huge_pages=False, or {HUGE_PAGES_ENV}=0)"
 HUGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 kernels
 MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1
 MIN_RESIDENT = 0.9  # collapse a mapping only when this share of it is written already
@@ -72,10 +77,11 @@ class Mapping:
         return -(-self.start // HUGE) * HUGE, self.end // HUGE * HUGE
 
 
-def wanted() -> bool:
-    """Whether ``PHI3V_HUGE_PAGES`` allows it (on unless ``0``, ``false``, ``no`` or ``off``)."""
-    value = os.environ.get(HUGE_PAGES_ENV, "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
+def wanted(default: bool) -> bool:
+    """Whether to move the weights: as ``PHI3V_HUGE_PAGES`` says (off for ``0``, ``false``,
+    ``no`` or ``off``, on for anything else), ``default`` where it is unset or empty."""
+    value = os.environ.get(HUGE_PAGES_ENV, "").strip().lower()
+    return default if not value else value not in OFF
 
 
 def mappings(smaps: str) -> list[Mapping]:
@@ -128,8 +134,6 @@ def collapse() -> HugePages:
     """Move this process's resident weights onto 2 MB pages (see the module's text)."""
     if not sys.platform.startswith("linux"):
         return HugePages(reason="only Linux has transparent huge pages")
-    if not wanted():
-        return HugePages(reason=f"turned off by {HUGE_PAGES_ENV}")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int

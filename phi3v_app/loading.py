@@ -208,7 +208,12 @@ class ModelLoader:
             self._load_seconds = time.perf_counter() - started
             self.pipeline = pipeline
             self._phase = "ready"
-            log.info("model ready in %s precision (%.1f s)", pipeline.precision, self._load_seconds)
+            log.info(
+                "model ready in %s precision (%.1f s; %s)",
+                pipeline.precision,
+                self._load_seconds,
+                pipeline.sessions.huge_pages.describe(),
+            )
         except Phi3VError as err:
             self._fail(str(err))
         except Exception as err:  # the page must stay up and say what happened
