@@ -1,14 +1,18 @@
-"""Decode with the weights on 2 MB pages against 4 KB pages (``phi3v/huge_pages.py``).
+"""Decode with the int4 decoder's weights on 2 MB pages against 4 KB pages, in one process
+(``phi3v/huge_pages.py``).
 
-On a real-size set, one process per run, the two settings alternated (``PHI3V_HUGE_PAGES`` unset
-and ``0``): ``Pipeline.load`` in ``--precision`` (exact by default: decode runs on the int4
-decoder in either precision), a prompt of ``--positions`` random embeddings into a KV cache,
-then ``--steps`` greedy int4 decode steps, each timed; per process the median step (the first
-left out), the load time (the move to 2 MB pages included), what the move did, and the bytes of
-the process on huge pages at the end (``AnonHugePages`` of /proc/self/smaps_rollup).
+One process per run on these 2-vCPU VMs decodes in a fast or a slow mode (``decode_peer.py``),
+which swamps a difference between processes. So each process holds two int4 decoders:
+``Pipeline.load`` (exact) with its weights moved onto 2 MB pages, then a second session of the
+same decoder opened afterwards, whose weights stay on the 4 KB pages they were allocated on.
+Each decoder reads the same prompt (``--positions`` random embeddings) into a KV cache of its
+own, then they take turns: ``--block`` greedy steps on one, then on the other, ``--rounds``
+times, the order swapped every round. Whatever the process or the machine does reaches both
+alike. The decoder on 2 MB pages is always the one loaded first, which in ``decode_peer.py``
+decoded slower whichever it was: a bias against it, if any.
 
-    python bench/huge_pages.py --model /tmp/scale [--runs 4] [--positions 256] [--steps 64]
-        [--precision exact] [--name huge_pages]
+    python bench/huge_pages.py --model /tmp/scale [--block 8] [--rounds 8] [--processes 2]
+        [--positions 256] [--name huge_pages]
 
 Writes ``bench/results/huge_pages.{json,md}`` (``--name``: another stem, for another CPU).
 """
@@ -17,130 +21,130 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import blocks
-import tables
-from provenance import save
-from workers import alternate, parse_or_serve, stamp
+import numpy as np
+from workers import parse_or_serve
 
-# setting -> PHI3V_HUGE_PAGES (None: unset, the product's default)
-SETTINGS = {"2 MB pages (the default)": None, "4 KB pages (PHI3V_HUGE_PAGES=0)": "0"}
-FLAGS = {"avx2", "avx512f", "avx512_vnni", "amx_tile"}
+FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
+SIDES = ("2 MB pages", "4 KB pages")
 
 
-def worker(model: str, pages: str | None, precision: str, positions: int, steps: int) -> dict:
-    import numpy as np
-
-    if pages is None:
-        os.environ.pop("PHI3V_HUGE_PAGES", None)
-    else:
-        os.environ["PHI3V_HUGE_PAGES"] = pages
+def measure(model: str, block: int, rounds: int, positions: int) -> dict:
+    """One process: both decoders, their caches prefilled, then alternating decode blocks."""
     from phi3v import Pipeline
+    from phi3v.sessions import open_session
 
-    started = time.perf_counter()
-    pipe = Pipeline.load(model, precision=precision)
-    load_s = time.perf_counter() - started
-    sessions, config = pipe.sessions, pipe.config
+    pipe = Pipeline.load(model, precision="exact", huge_pages=True)
+    moved = pipe.sessions.huge_pages
+    if moved.reason:
+        raise RuntimeError(f"the weights were not moved: {moved.reason}")
+    config = pipe.config
+    small = open_session(config.path(config.decoder.filename), pipe.sessions.options)
+    decoders = dict(zip(SIDES, (pipe.sessions.decoder, small), strict=True))
     rng = np.random.default_rng(positions)
     embeds = rng.standard_normal((1, positions, config.decoder.hidden_size), np.float32) * 0.02
-    cache, logits, prefill_s = blocks.prefill(pipe, sessions.decoder, embeds, steps + 1)
-    token = int(np.argmax(logits[: pipe.vocab_limit]))
-    step_ms = []
-    for _ in range(steps):
-        begun = time.perf_counter()
-        logits = cache.run(sessions.decoder, sessions.embed_token(token))
-        step_ms.append(1000 * (time.perf_counter() - begun))
-        token = int(np.argmax(logits[: pipe.vocab_limit]))
+    caches, tokens, prefill = {}, {}, {}
+    for side, decoder in decoders.items():
+        cache, logits, prefill[side] = blocks.prefill(pipe, decoder, embeds, block * rounds + 1)
+        caches[side], tokens[side] = cache, [int(np.argmax(logits[: pipe.vocab_limit]))]
+
+    def step(side: str) -> None:
+        logits = caches[side].run(decoders[side], pipe.sessions.embed_token(tokens[side][-1]))
+        tokens[side].append(int(np.argmax(logits[: pipe.vocab_limit])))
+
+    ms = blocks.take_turns({side: partial(step, side) for side in SIDES}, block, rounds)
+    same = tokens[SIDES[0]] == tokens[SIDES[1]]
     return {
-        "load_s": load_s,
-        "moved": sessions.huge_pages.describe(),
-        "move_s": sessions.huge_pages.seconds,
-        "prefill_s": prefill_s,
-        "step_ms": step_ms,
-        "median_ms": statistics.median(step_ms[1:]),
-        "huge_mib": huge_kib() / 1024,
+        "first": SIDES[0],
+        "prefill_s": prefill,
+        "step_ms": ms,
+        "moved": moved.describe(),
+        "move_s": moved.seconds,
+        "huge_gb": huge_kib() / 2**20,
+        "same_tokens": same,
     }
 
 
 def huge_kib() -> int:
-    """This process's anonymous memory on huge pages, in KiB."""
+    """This process's anonymous memory on huge pages, in KiB (/proc/self/smaps_rollup)."""
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1])
     return 0
 
 
+def summary(result: dict) -> dict:
+    """Every process's summary (:func:`blocks.block_summary`: above 1, 2 MB pages decode
+    faster), the geometric mean of their ratios, and the rounds won."""
+    each = [blocks.block_summary(p["step_ms"], *SIDES) for p in result["processes"]]
+    return {
+        "processes": each,
+        "speed_ratio": blocks.geometric_mean([s["speed_ratio"] for s in each]),
+        "rounds_huge_faster": sum(s["rounds_faster"] for s in each),
+        "rounds": result["rounds"] * len(each),
+    }
+
+
+def report(result: dict) -> str:
+    found = summary(result)
+    rows = blocks.process_rows(result, found, SIDES, digits=3)
+    processes = result["processes"]
+    moved = "; ".join(p["moved"] for p in processes)
+    same = all(p["same_tokens"] for p in processes)
+    return "\n".join(
+        [
+            "# Decode on 2 MB pages and on 4 KB pages, in one process",
+            "",
+            f"{result['date']}; phi3v {result['commit']}; {result['cpu']} "
+            f"(`{', '.join(result['flags'])}`); `{result['command']}`; load average "
+            f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}.",
+            "",
+            f"Per process: the int4 decoder twice, its weights moved onto 2 MB pages after "
+            f"`Pipeline.load` and left on 4 KB pages in a second session; {result['positions']} "
+            f"positions of random embeddings prefilled by each into its own cache, then "
+            f"{result['rounds']} rounds of {result['block']} greedy steps on each, the order "
+            "swapped each round; a block's first step is left out of its median. What the move "
+            f"did: {moved}.",
+            "",
+            "| process | loaded first | 2 MB: prefill s | 2 MB: ms per step | 4 KB: prefill s | "
+            "4 KB: ms per step | speed on 2 MB / on 4 KB | rounds faster on 2 MB |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Decode speed on 2 MB pages over 4 KB pages, all processes: "
+            f"**{found['speed_ratio']:.3f}x** (geometric mean); faster on 2 MB pages in "
+            f"{found['rounds_huge_faster']} of {found['rounds']} rounds. The same tokens on both: "
+            f"{'yes' if same else '**no**'}.",
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--model", type=Path, help="a real-size set (python -m phi3v.testing)")
     parser.add_argument("--positions", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--precision", default="exact", choices=("exact", "fast"))
-    parser.add_argument("--name", default="huge_pages")
-    if (args := parse_or_serve(parser, worker)) is None:
+    blocks.add_options(parser, "huge_pages", "run")
+    if (args := parse_or_serve(parser, measure)) is None:
         return
     if args.model is None:
         parser.error("--model is required")
     load_before = os.getloadavg()
-    shared = {
+    spec = {
         "model": str(args.model.resolve()),
-        "precision": args.precision,
+        "block": args.block,
+        "rounds": args.rounds,
         "positions": args.positions,
-        "steps": args.steps,
     }
-    specs = {name: {**shared, "pages": pages} for name, pages in SETTINGS.items()}
-    runs = alternate(__file__, specs, args.runs)
+    processes = blocks.in_turn(__file__, {"run": spec}, args.processes)
     command = (
-        f"python bench/huge_pages.py --model {args.model} --runs {args.runs} --positions "
-        f"{args.positions} --steps {args.steps} --precision {args.precision}"
+        f"python bench/huge_pages.py --model {args.model} --block {args.block} --rounds "
+        f"{args.rounds} --processes {args.processes} --positions {args.positions}"
     )
-    result = {**stamp(command, FLAGS, load_before), **shared, "runs": runs}
-    save(args.name, result, report(result))
-    print(report(result))
-
-
-def report(result: dict) -> str:
-    runs = result["runs"]
-    rows = []
-    for name, found in runs.items():
-        rows.append(
-            [
-                name,
-                ", ".join(f"{run['median_ms']:.0f}" for run in found),
-                f"{statistics.median(run['median_ms'] for run in found):.1f}",
-                f"{statistics.median(run['load_s'] for run in found):.1f}",
-                f"{statistics.median(run['huge_mib'] for run in found) / 1024:.2f}",
-                found[0]["moved"],
-            ]
-        )
-    header = [
-        "weights on",
-        "decode ms per step, per process in run order",
-        "median",
-        "load s (median)",
-        "GB on huge pages at the end",
-        "what the move did (first process)",
-    ]
-    huge, small = (statistics.median(run["median_ms"] for run in found) for found in runs.values())
-    return f"""# Decode with the weights on 2 MB pages and on 4 KB pages
-
-{result["date"]}; phi3v {result["commit"]}; {result["cpu"]} (`{", ".join(result["flags"])}`);
-`{result["command"]}`; {len(next(iter(runs.values())))} processes per setting, alternated; load
-average {result["load_before"][0]:.2f} -> {result["load_after"][0]:.2f}.
-
-Per process: `Pipeline.load` ({result["precision"]}), {result["positions"]} positions of random
-embeddings into a KV cache, then {result["steps"]} greedy int4 decode steps; the median step
-without the first.
-
-{tables._table(header, rows)}
-
-On 2 MB pages decode ran at **{small / huge:.2f}x** the speed on 4 KB pages (median of the
-processes' medians: {huge:.1f} against {small:.1f} ms per step). The numbers computed are the
-same: only the pages holding them moved."""
+    result = {**spec, "processes": processes}
+    blocks.finish(result, args.name, command, FLAGS, load_before, summary, report)
 
 
 if __name__ == "__main__":

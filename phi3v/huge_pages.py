@@ -10,7 +10,9 @@ weights stay on 4 KB ones.
 After the sessions are loaded, :func:`collapse` asks Linux to move every large, already
 resident, private anonymous mapping of the process (onnxruntime's weights, above all) onto
 2 MB pages: ``madvise(MADV_COLLAPSE)`` (Linux 6.1 and later), which copies the pages in place
-synchronously and works whatever ``/sys/kernel/mm/transparent_hugepage/enabled`` says. The
+synchronously and works whatever ``/sys/kernel/mm/transparent_hugepage/enabled`` says. One
+mapping after another: a collapse holds the process's memory map, so threads would only wait on
+each other. The
 numbers are the same bytes on other pages, so nothing computed changes. Mappings that are mostly
 unwritten (arenas with room, the KV caches' reserved positions) are left alone: a huge page is
 resident as a whole, so collapsing them would add memory.
@@ -29,7 +31,6 @@ import errno
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,6 @@ NOT_ASKED = f"not asked for (huge_pages=False, or {HUGE_PAGES_ENV}=0)"
 HUGE = 2 << 20  # a transparent huge page on x86-64 and most arm64 kernels
 MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1
 MIN_RESIDENT = 0.9  # collapse a mapping only when this share of it is written already
-THREADS = 2  # the copies run in the kernel; two mappings at once halve the wait on 2 cores
 
 
 @dataclass(frozen=True)
@@ -140,14 +140,10 @@ def collapse() -> HugePages:
     started = time.perf_counter()
     regions = candidates(mappings(Path("/proc/self/smaps").read_text()))
 
-    def one(region: tuple[int, int]) -> tuple[int, int]:  # (bytes, errno)
-        address, length = region
-        if libc.madvise(address, length, MADV_COLLAPSE) == 0:
-            return length, 0
-        return length, ctypes.get_errno()
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(one, regions))
+    results = []  # (bytes, errno) per mapping
+    for address, length in regions:
+        done = libc.madvise(address, length, MADV_COLLAPSE) == 0
+        results.append((length, 0 if done else ctypes.get_errno()))
     if results and all(code == errno.EINVAL for _, code in results):
         return HugePages(reason="this kernel has no MADV_COLLAPSE (Linux 6.1 or later has)")
     return HugePages(
