@@ -59,7 +59,8 @@ CONFIGS += ("phi3v-fast-kernel-bf16", "phi3v-fast-4k")
 # with PHI3V_FUSED_ATTENTION=0 (the prompt copy whole, GroupQueryAttention), phi3v-fast-kernel
 # with it =1 (the copy in layers with the fused attention kernel, phi3v/layered.py) and
 # phi3v-fast-kernel-bf16 with it =bf16 (the kernel in bf16). phi3v-fast-4k is fast with
-# PHI3V_HUGE_PAGES=0: the weights left on the 4 KB pages onnxruntime allocated them on.
+# PHI3V_HUGE_PAGES=0: the weights left on the 4 KB pages onnxruntime allocated them on; the
+# others move them onto 2 MB pages (=1), as the app does.
 PRECISION = {
     "phi3v": "exact",
     "phi3v-fast": "fast",
@@ -70,7 +71,8 @@ PRECISION = {
 }
 # PHI3V_FUSED_ATTENTION, else unset
 FUSED = {"phi3v-fast-gqa": "0", "phi3v-fast-kernel": "1", "phi3v-fast-kernel-bf16": "bf16"}
-PAGES = {"phi3v-fast-4k": "0"}  # PHI3V_HUGE_PAGES, else unset
+# PHI3V_HUGE_PAGES: the phi3v configs run as the app does, weights on 2 MB pages, but one
+PAGES = {config: "0" if config == "phi3v-fast-4k" else "1" for config in PRECISION}
 B_THREADS = 2  # genai-B: the machine's cores (genai's default uses half the hardware threads)
 BUSY_SHARE = 0.15  # others using more than this share of all cores makes a run "busy"
 MAX_ATTEMPTS = 3

@@ -95,7 +95,28 @@ def speed_table(scale: dict, shown: tuple[str, ...] = CONFIGS) -> str:
             stages.append(f"{TITLES[config]}: vision {vision:.1f} s, prefill {prefill:.1f} s")
     if stages:
         lines += ["", "Where the photo's first token goes: " + "; ".join(stages) + "."]
+    if pages := pages_note(scale, configs):
+        lines += ["", pages]
     return "\n".join(lines)
+
+
+def pages_note(scale: dict, configs: list[str]) -> str:
+    """Which of ``scale``'s phi3v columns ran with the weights on 2 MB pages (as each run
+    recorded it: the app's setting, ``phi3v/huge_pages.py``); empty for runs from before."""
+    moved = {}
+    for entry in scale["raw_runs"]:
+        attempts = entry["attempts"]
+        if entry["config"] in configs and attempts and "memory_pages" in attempts[-1]:
+            pages = attempts[-1]["memory_pages"]
+            moved[entry["config"]] = not pages.startswith("weights on 4 KB pages")
+    if not moved:
+        return ""
+    huge = [TITLES[c] for c in configs if moved.get(c)]
+    return (
+        f"Memory pages: {', '.join(huge) or 'none'} ran with the weights moved onto 2 MB pages "
+        "after loading, as the app runs (`PHI3V_HUGE_PAGES=1`; `Pipeline.load` and the CLI "
+        "leave them on 4 KB pages unless asked); the others on 4 KB pages."
+    )
 
 
 def source_line(scale: dict) -> str:

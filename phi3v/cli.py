@@ -16,7 +16,6 @@ import sys
 
 from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
 from phi3v.errors import Phi3VError
-from phi3v.huge_pages import wanted as huge_pages_wanted
 from phi3v.precision import PRECISIONS
 from phi3v.results import Progress
 
@@ -159,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.threads,
             precision=args.precision,
             progress=_show_progress,
-            # one question per process: the move to 2 MB pages would cost more than it saves
-            huge_pages=huge_pages_wanted(default=False),
         )
         if args.check:
             _print_precision(pipe, args.json)

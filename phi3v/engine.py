@@ -150,8 +150,9 @@ class Pipeline:
         vision features kept for later requests (default 256 MiB, 0 keeps none; see
         :mod:`phi3v.feature_cache`). Raises ModelFolderError / ConfigError for a bad folder,
         PrecisionError for a bad precision. With ``huge_pages`` (None: as ``PHI3V_HUGE_PAGES``
-        says, on by default) the loaded weights are then moved onto 2 MB pages on Linux: seconds
-        at load for faster decoding (:mod:`phi3v.huge_pages`).
+        says, off by default) the loaded weights are then moved onto 2 MB pages on Linux:
+        seconds at load for a few per cent faster decoding (:mod:`phi3v.huge_pages`); the app
+        does it.
         """
         config = load_config(model_dir)
         tokenizer = PromptTokenizer(config.path(TOKENIZER))
@@ -166,7 +167,7 @@ class Pipeline:
         # every session's weights are packed now: onto 2 MB pages with them (bit for bit the
         # same numbers; decode reads every weight once per token)
         if huge_pages is None:
-            huge_pages = huge_pages_wanted(default=True)
+            huge_pages = huge_pages_wanted(default=False)
         sessions.huge_pages = move_to_huge_pages() if huge_pages else HugePages(reason=NOT_ASKED)
         return cls(
             config,

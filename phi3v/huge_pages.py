@@ -17,10 +17,12 @@ numbers are the same bytes on other pages, so nothing computed changes. Mappings
 unwritten (arenas with room, the KV caches' reserved positions) are left alone: a huge page is
 resident as a whole, so collapsing them would add memory.
 
-It costs seconds at load (every resident weight is copied), paid once per process and won back
-over a few hundred generated tokens, so ``Pipeline.load`` does it by default (a server, the app)
-and the one-question CLI does not. ``PHI3V_HUGE_PAGES=1`` or ``0`` decides for both. Where the
-kernel lacks ``MADV_COLLAPSE`` or the machine is not Linux, nothing is done and
+It costs seconds at load (every resident weight is copied: 5-8 s for the real model's 3 GB on a
+2-core EPYC, ``bench/results/huge_pages.md``) and buys a few per cent of decode speed (1.05x
+there, measured inside one process against a second decoder left on 4 KB pages), so it pays off
+in a server that answers for hours: the app asks for it, ``Pipeline.load`` and the CLI do not
+unless told (``huge_pages=True``). ``PHI3V_HUGE_PAGES=1`` or ``0`` decides for all of them.
+Where the kernel lacks ``MADV_COLLAPSE`` or the machine is not Linux, nothing is done and
 :attr:`HugePages.reason` says why.
 """
 

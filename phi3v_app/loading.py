@@ -32,6 +32,7 @@ from phi3v.download import (
     is_complete,
     model_folder,
 )
+from phi3v.huge_pages import wanted as huge_pages_wanted
 from phi3v_app.history import conversation, user_message
 from phi3v_app.turns import ModelTurns, QueueFull
 
@@ -203,7 +204,11 @@ class ModelLoader:
             log.info("loading the model from %s (precision %s)", self.folder, self.precision)
             started = time.perf_counter()
             pipeline = Pipeline.load(
-                self.folder, precision=self.precision, progress=self._on_conversion
+                self.folder,
+                precision=self.precision,
+                progress=self._on_conversion,
+                # a server answers for hours: seconds at start-up for faster decoding
+                huge_pages=huge_pages_wanted(default=True),
             )
             self._load_seconds = time.perf_counter() - started
             self.pipeline = pipeline
