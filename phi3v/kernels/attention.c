@@ -586,6 +586,18 @@ VEC INLINE void write_rows(const float *ot, __m512 l, float *out, int stride, in
     }
 }
 
+/* The start of a block of query rows in either bf16 variant: the block's queries packed (its
+ * scratch's qp), the next block's asked for, its output accumulators cleared; returns how many
+ * rows it has (AMX_ROWS, or fewer at the end). */
+VEC INLINE int begin_rows(const float *q, int stride, int rows, int r0, int head, float factor,
+                          amx_scratch *w) {
+    const int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
+    pack_queries(q + (size_t)r0 * stride, stride, n, head, factor, w->qp);
+    prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
+    memset(w->ot, 0, sizeof(float) * 16 * head);
+    return n;
+}
+
 /* The weights 2^(score - m) of the 64 keys of st[key][16 queries] in bf16, in pairs of keys:
  * pp[c][r] = (p[32c + 2r][n], p[32c + 2r + 1][n]), n = 0..15, the B layout of two tiles; returns
  * the sum of the rounded weights (what the tiles multiply). */
@@ -629,11 +641,8 @@ TILES static void head_amx(const float *q, float *out, int stride, int rows, int
     const float factor = (float)(LOG2E / sqrt((double)head));
     const int slices = head / 32;
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
-        int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
-        int base = start + r0, last = base + n - 1;
-        pack_queries(q + (size_t)r0 * stride, stride, n, head, factor, w->qp);
-        prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
-        memset(w->ot, 0, sizeof(float) * 16 * head);
+        const int n = begin_rows(q, stride, rows, r0, head, factor, w);
+        const int base = start + r0, last = base + n - 1; /* the block's first and last position */
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
         for (int key0 = 0; key0 <= last; key0 += KEYS) {
             const uint16_t *kb = w->k + (size_t)key0 * head;
@@ -747,11 +756,8 @@ VEC INLINE void head_bf16_of(const float *q, float *out, int stride, int rows, i
                              amx_scratch *w, const int head) {
     const float factor = (float)(LOG2E / sqrt((double)head));
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
-        int n = rows - r0 < AMX_ROWS ? rows - r0 : AMX_ROWS;
-        int base = start + r0, last = base + n - 1;
-        pack_queries(q + (size_t)r0 * stride, stride, n, head, factor, w->qp);
-        prefetch_rows(q + (size_t)(r0 + AMX_ROWS) * stride, stride, rows - r0 - AMX_ROWS, head);
-        memset(w->ot, 0, sizeof(float) * 16 * head);
+        const int n = begin_rows(q, stride, rows, r0, head, factor, w);
+        const int base = start + r0, last = base + n - 1; /* the block's first and last position */
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
         for (int key0 = 0; key0 <= last; key0 += KEYS) {
             int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
