@@ -18,10 +18,10 @@ from phi3v.engine import DEFAULT_MAX_NEW_TOKENS, Pipeline
 from phi3v.errors import Phi3VError
 from phi3v.precision import PRECISIONS
 from phi3v.results import Progress
+from phi3v.sampling import OFFERED_MAX_TEMPERATURE
 
 # As the web page and the OpenAI-compatible API (OpenAI's own range); the library's ``Sampling``
 # takes up to 100, but a user of the program should meet one range wherever they set it.
-MAX_TEMPERATURE = 2.0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,14 +34,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def temperature(text: str) -> float:
-    """``--temperature``'s text -> its number, from 0 to MAX_TEMPERATURE; argparse names the
+    """``--temperature``'s text -> its number, from 0 to OFFERED_MAX_TEMPERATURE; argparse names the
     option and the value in its error line if it is anything else."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= MAX_TEMPERATURE:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to {MAX_TEMPERATURE:g}")
+    if not 0 <= value <= OFFERED_MAX_TEMPERATURE:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number from 0 to {OFFERED_MAX_TEMPERATURE:g}"
+        )
     return value
 
 
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=temperature,
         default=0.0,
-        help=f"0 to {MAX_TEMPERATURE:g}: 0 is greedy decoding; higher samples more freely",
+        help=f"0 to {OFFERED_MAX_TEMPERATURE:g}: 0 is greedy decoding; higher samples more freely",
     )
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")

@@ -9,6 +9,9 @@ import numpy.random  # noqa: F401 - imported here, not at the first token (~40 m
 
 from phi3v.errors import PromptError
 
+# The range the app, its APIs and the CLI offer, as OpenAI's API does; the package takes up to 100.
+OFFERED_MAX_TEMPERATURE = 2.0
+
 
 @dataclass(frozen=True)
 class Sampling:

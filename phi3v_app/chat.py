@@ -32,6 +32,7 @@ from typing import Any
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS, ImageError, Timings
 from phi3v.image import DOWNSCALE, describe_image, load_rgb
+from phi3v.sampling import OFFERED_MAX_TEMPERATURE
 from phi3v_app import view
 from phi3v_app.history import (
     HistoryError,
@@ -91,7 +92,11 @@ def generation_options(
     top_k: float | None,
     num_crops: float | None,
 ) -> dict:
-    """Slider values -> ``Pipeline.stream`` keyword arguments (0 / 1 mean "off" for top-k / -p)."""
+    """Slider values -> ``Pipeline.stream`` keyword arguments (0 / 1 mean "off" for top-k / -p).
+    A temperature outside the page's range (``/chat`` takes any number) is a ValueError."""
+    if temperature is not None and not 0 <= temperature <= OFFERED_MAX_TEMPERATURE:
+        highest = f"{OFFERED_MAX_TEMPERATURE:g}"
+        raise ValueError(f"temperature must be a number from 0 to {highest}, got {temperature!r}")
     return {
         "max_new_tokens": int(max_new_tokens or DEFAULT_MAX_NEW_TOKENS),
         "temperature": float(temperature or 0.0),

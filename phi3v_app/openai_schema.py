@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from phi3v import DEFAULT_MAX_NEW_TOKENS, MAX_CROPS
+from phi3v.sampling import OFFERED_MAX_TEMPERATURE
 from phi3v_app.history import (  # a typed <|image_N|> stays text, as in the chat
     MAX_NEW_TOKENS,
     typed_text,
@@ -27,7 +28,6 @@ from phi3v_app.history import (  # a typed <|image_N|> stays text, as in the cha
 
 # OpenAI's defaults for the sampling fields a request leaves out.
 DEFAULT_TEMPERATURE = 1.0
-MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
 MAX_STOP_SEQUENCES = 4  # as OpenAI: `stop` holds at most 4 strings
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # An image part's `detail`. OpenAI reads a "low" image at low resolution, at a fixed small cost;
@@ -353,10 +353,10 @@ def _temperature(value: object) -> float:
     if value is None:
         return DEFAULT_TEMPERATURE
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not 0 <= value <= MAX_TEMPERATURE:
+    if not number or not 0 <= value <= OFFERED_MAX_TEMPERATURE:
         raise APIError(
             400,
-            f"`temperature` must be a number from 0 to {MAX_TEMPERATURE:g}, got {value!r}",
+            f"`temperature` must be a number from 0 to {OFFERED_MAX_TEMPERATURE:g}, got {value!r}",
             param="temperature",
         )
     return float(value)

@@ -236,6 +236,16 @@ def test_slider_values_become_stream_options_with_zero_and_one_meaning_off():
     }
 
 
+@pytest.mark.parametrize("temperature", [2.5, 100.0, -0.1])
+def test_a_temperature_outside_the_pages_range_is_refused_as_the_openai_api_refuses_it(
+    temperature,
+):
+    # the page's slider stops at 2; /chat takes any number and must say so, not sample at 100
+    with pytest.raises(ValueError, match=rf"from 0 to 2, got {temperature}"):
+        generation_options(100, temperature, 1.0, 0, None)
+    assert generation_options(100, 2.0, 1.0, 0, None)["temperature"] == 2.0
+
+
 # --- what the page says --------------------------------------------------------------------------
 
 
