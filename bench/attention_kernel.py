@@ -29,6 +29,7 @@ from phi3v.attention import (
     FP32,
     KEYS,
     KernelUnavailable,
+    aligned,
     amx_ready,
     check_status,
     kernel,
@@ -58,7 +59,8 @@ def attention(
     positions, heads, kv_heads = q.shape[1], q.shape[2] // head, k.shape[2] // head
     cache = [np.zeros((kv_heads, positions, head), np.float32) for _ in range(2)]
     pitch = -(-positions // KEYS) * KEYS
-    packed = [aligned((kv_heads, pitch, head), np.uint16) for _ in range(2)]  # bf16 K, V^T
+    # bf16 K and V^T, 64-byte aligned as the product's
+    packed = [aligned(kv_heads * pitch * head, np.uint16) for _ in range(2)]
     addresses = [x.ctypes.data for x in packed] if variant != "fp32" else [None, None]
     out = np.empty((positions, heads * head), np.float32)
     for start in range(0, positions, chunk):
@@ -73,15 +75,6 @@ def attention(
         )  # fmt: skip
         check_status(status)
     return out[None]
-
-
-def aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialized array whose data starts on a 64-byte boundary: a tile row that crossed
-    two cache lines would cost two reads (numpy only promises 16 bytes)."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(size + 64, np.uint8)
-    skip = -raw.ctypes.data % 64
-    return raw[skip : skip + size].view(dtype).reshape(shape)
 
 
 def pairs(positions: int, chunk: int, variant: str) -> int:

@@ -221,10 +221,10 @@ class CausalAttention:
     def _copies(self, kv_heads: int, capacity: int, head: int) -> list[np.ndarray]:
         """The bf16 copies for a cache of this shape: the kept pair, or a larger one."""
         pitch = -(-capacity // KEYS) * KEYS
-        shape = (kv_heads, pitch, head)
-        if not self._packed or self._packed[0].size < np.prod(shape):
-            self._packed = [aligned(int(np.prod(shape)), np.uint16) for _ in range(2)]
-        return [x[: int(np.prod(shape))].reshape(shape) for x in self._packed]
+        size = kv_heads * pitch * head
+        if not self._packed or self._packed[0].size < size:
+            self._packed = [aligned(size, np.uint16) for _ in range(2)]
+        return [x[:size].reshape(kv_heads, pitch, head) for x in self._packed]
 
     def store(
         self, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int

@@ -20,9 +20,6 @@ from phi3v.precision import PRECISIONS
 from phi3v.results import Progress
 from phi3v.sampling import OFFERED_MAX_TEMPERATURE
 
-# As the web page and the OpenAI-compatible API (OpenAI's own range); the library's ``Sampling``
-# takes up to 100, but a user of the program should meet one range wherever they set it.
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default where it has one the help does not already name."""
