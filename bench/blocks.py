@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -78,6 +79,21 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(statistics.mean(math.log(v) for v in values))
 
 
+def summarize(result: dict, names: tuple[str, str], won: str) -> dict:
+    """Every process's :func:`block_summary` (``names[0]``'s speed over ``names[1]``'s), the
+    geometric mean of their ratios over all processes and by the side that came first, the
+    rounds ``names[0]`` was faster in (under ``won``) and the rounds in all."""
+    each = [block_summary(process["step_ms"], *names) for process in result["processes"]]
+    firsts = [process["first"] for process in result["processes"]]
+    return {
+        "processes": each,
+        "speed_ratio": geometric_mean([found["speed_ratio"] for found in each]),
+        "speed_ratio_by_first": ratio_by_first(each, firsts, names),
+        won: sum(found["rounds_faster"] for found in each),
+        "rounds": result["rounds"] * len(each),
+    }
+
+
 def ratio_by_first(each: list[dict], firsts: list[str], names: tuple[str, ...]) -> dict:
     """The geometric mean of the processes' speed ratios for each side that came first."""
     return {
@@ -113,26 +129,27 @@ def add_options(parser: argparse.ArgumentParser, name: str, processes: str) -> N
     parser.add_argument("--name", default=name)
 
 
-def in_turn(script: str | Path, specs: dict[str, dict], processes: int, *args: str) -> list[dict]:
-    """``processes`` rounds of one process per spec (:func:`workers.alternate`), as one list
-    in the order they ran."""
-    runs = alternate(script, specs, processes, *args)
-    return [run for pair in zip(*runs.values(), strict=True) for run in pair]
-
-
-def finish(
-    result: dict,
-    name: str,
+def run_in_turn(
+    script: str | Path,
+    specs: dict[str, dict],
+    args: argparse.Namespace,
+    fields: dict,
     command: str,
     flags: set[str],
-    load_before: tuple[float, ...],
     summary: Callable[[dict], dict],
     report: Callable[[dict], str],
+    *worker_args: str,
 ) -> None:
-    """Stamp ``result`` (:func:`workers.stamp`), add its ``summary``, and save it with its
-    ``report`` as ``results/<name>.{json,md}``; print the report."""
+    """``args.processes`` rounds of one process per spec (:func:`workers.alternate`; the
+    script's own required ``worker_args`` passed on), then their results file
+    ``results/<args.name>.{json,md}``: ``fields``, the processes in the order they ran, the
+    stamp (:func:`workers.stamp`), the ``summary``; the ``report`` printed too."""
+    load_before = os.getloadavg()
+    runs = alternate(script, specs, args.processes, *worker_args)
+    in_order = [run for turn in zip(*runs.values(), strict=True) for run in turn]
+    result = {**fields, "processes": in_order}
     result.update(stamp(command, flags, load_before))
     result["summary"] = summary(result)
     text = report(result)
-    save(name, result, text)
+    save(args.name, result, text)
     print(text)

@@ -30,7 +30,6 @@ set).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -109,18 +108,14 @@ def summary(result: dict) -> dict:
     the speed ratio over all of them (a geometric mean, as many processes with either runtime
     loaded first) and for each load order; each runtime's median step (the median of the
     processes' medians); rounds won; tokens the same in all."""
-    each = [blocks.block_summary(p["step_ms"], *RUNTIMES) for p in result["processes"]]
-    firsts = [process["first"] for process in result["processes"]]
+    found = blocks.summarize(result, RUNTIMES, "rounds_phi3v_faster")
+    each = found["processes"]
     return {
-        "processes": each,
-        "speed_ratio": blocks.geometric_mean([s["speed_ratio"] for s in each]),
-        "speed_ratio_by_first": blocks.ratio_by_first(each, firsts, RUNTIMES),
+        **found,
         **{
             name: {"median_ms": statistics.median(s[name]["median_ms"] for s in each)}
             for name in RUNTIMES
         },
-        "rounds_phi3v_faster": sum(s["rounds_faster"] for s in each),
-        "rounds": result["rounds"] * len(each),
         "same_tokens": all(p["same_tokens"] for p in result["processes"]),
         "tokens_compared": min(p["tokens_compared"] for p in result["processes"]),
     }
@@ -170,17 +165,17 @@ def main() -> None:
     args = parse_or_serve(parser, measure)
     if args is None:
         return
-    load_before = os.getloadavg()
     shape = dict(model=args.model, length=args.length, block=args.block, rounds=args.rounds)
     specs = {f"{first} first": {**shape, "first": first} for first in RUNTIMES}
-    processes = blocks.in_turn(__file__, specs, args.processes, "--model", args.model)
     command = (
         f"python bench/decode_peer.py --model {args.model} --length {args.length} "
         f"--block {args.block} --rounds {args.rounds} --processes {args.processes} "
         f"--name {args.name}"
     )
-    result = {**shape, "genai_threads": B_THREADS, "processes": processes, "name": args.name}
-    blocks.finish(result, args.name, command, FLAGS, load_before, summary, report)
+    fields = {**shape, "genai_threads": B_THREADS, "name": args.name}
+    blocks.run_in_turn(
+        __file__, specs, args, fields, command, FLAGS, summary, report, "--model", args.model
+    )
 
 
 if __name__ == "__main__":

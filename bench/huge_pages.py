@@ -20,7 +20,6 @@ Writes ``bench/results/huge_pages.{json,md}`` (``--name``: another stem, for ano
 from __future__ import annotations
 
 import argparse
-import os
 from functools import partial
 from pathlib import Path
 
@@ -79,13 +78,7 @@ def huge_kib() -> int:
 def summary(result: dict) -> dict:
     """Every process's summary (:func:`blocks.block_summary`: above 1, 2 MB pages decode
     faster), the geometric mean of their ratios, and the rounds won."""
-    each = [blocks.block_summary(p["step_ms"], *SIDES) for p in result["processes"]]
-    return {
-        "processes": each,
-        "speed_ratio": blocks.geometric_mean([s["speed_ratio"] for s in each]),
-        "rounds_huge_faster": sum(s["rounds_faster"] for s in each),
-        "rounds": result["rounds"] * len(each),
-    }
+    return blocks.summarize(result, SIDES, "rounds_huge_faster")
 
 
 def report(result: dict) -> str:
@@ -131,20 +124,17 @@ def main() -> None:
         return
     if args.model is None:
         parser.error("--model is required")
-    load_before = os.getloadavg()
     spec = {
         "model": str(args.model.resolve()),
         "block": args.block,
         "rounds": args.rounds,
         "positions": args.positions,
     }
-    processes = blocks.in_turn(__file__, {"run": spec}, args.processes)
     command = (
         f"python bench/huge_pages.py --model {args.model} --block {args.block} --rounds "
         f"{args.rounds} --processes {args.processes} --positions {args.positions}"
     )
-    result = {**spec, "processes": processes}
-    blocks.finish(result, args.name, command, FLAGS, load_before, summary, report)
+    blocks.run_in_turn(__file__, {"run": spec}, args, spec, command, FLAGS, summary, report)
 
 
 if __name__ == "__main__":

@@ -66,15 +66,7 @@ def summary(result: dict) -> dict:
     """Every process's summary (:func:`blocks.block_summary`, the kernel's cache against
     GroupQueryAttention's: below 1, the kernel's decodes slower), the geometric mean of their
     ratios over all processes and by which cache was prefilled first, and the rounds won."""
-    each = [blocks.block_summary(p["step_ms"], *PATHS) for p in result["processes"]]
-    firsts = [process["first"] for process in result["processes"]]
-    return {
-        "processes": each,
-        "speed_ratio": blocks.geometric_mean([s["speed_ratio"] for s in each]),
-        "speed_ratio_by_first": blocks.ratio_by_first(each, firsts, PATHS),
-        "rounds_kernel_faster": sum(s["rounds_faster"] for s in each),
-        "rounds": result["rounds"] * len(each),
-    }
+    return blocks.summarize(result, PATHS, "rounds_kernel_faster")
 
 
 def report(result: dict) -> str:
@@ -118,16 +110,13 @@ def main() -> None:
     if (args := parse_or_serve(parser, measure)) is None:
         return
     model = str(fast_copies_of(parser, args.model))
-    load_before = os.getloadavg()
     shape = {"model": model, "block": args.block, "rounds": args.rounds}
     specs = {f"{path} first": {**shape, "first": path} for path in PATHS}
-    processes = blocks.in_turn(__file__, specs, args.processes)
     command = (
         f"python bench/kernel_cache.py --model {args.model} --block {args.block} "
         f"--rounds {args.rounds} --processes {args.processes} --name {args.name}"
     )
-    result = {**shape, "processes": processes}
-    blocks.finish(result, args.name, command, FLAGS, load_before, summary, report)
+    blocks.run_in_turn(__file__, specs, args, shape, command, FLAGS, summary, report)
 
 
 if __name__ == "__main__":
