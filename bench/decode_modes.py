@@ -9,6 +9,10 @@ asks the same question again ``--repeats`` times in that conversation: the promp
 are reused (no vision, no prefill), so those runs are decode alone, on the same KV cache.
 
     python bench/decode_modes.py --model /tmp/scale [--runs 3] [--repeats 4] [--name N]
+        [--paths "fused kernel,GroupQueryAttention"] [--huge-pages]
+
+``--paths``: which prompt attentions, of ``PATHS``; ``--huge-pages``: the weights moved onto
+2 MB pages after loading, as the app runs (``PHI3V_HUGE_PAGES=1``).
 
 Writes ``bench/results/decode_modes.{json,md}`` (``--name``: another stem, for another CPU).
 """
@@ -24,19 +28,21 @@ import tables
 from provenance import save
 from workers import alternate, fast_copies_of, parse_or_serve, stamp
 
-PATHS = ("fused kernel", "GroupQueryAttention")
+# each prompt attention, and the PHI3V_FUSED_ATTENTION value that asks for it
+PATHS = {"fused kernel": "1", "fused kernel in bf16": "bf16", "GroupQueryAttention": "0"}
+DEFAULT_PATHS = "fused kernel,GroupQueryAttention"
 QUESTION = "Describe the picture."
 NEW_TOKENS = 32
-FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
+FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
 
 
-def worker(model: str, image: str, path: str, repeats: int) -> dict:
-    os.environ["PHI3V_FUSED_ATTENTION"] = "1" if path == "fused kernel" else "0"
+def worker(model: str, image: str, path: str, repeats: int, huge_pages: bool = False) -> dict:
+    os.environ["PHI3V_FUSED_ATTENTION"] = PATHS[path]
     from phi3v import Pipeline
 
-    pipe = Pipeline.load(model, precision="fast")
+    pipe = Pipeline.load(model, precision="fast", huge_pages=huge_pages)
     attention = pipe.sessions.prefill_attention
-    if (path == "fused kernel") != attention.startswith("fused"):
+    if (PATHS[path] != "0") != attention.startswith("fused"):
         raise RuntimeError(f"asked for {path}, got {attention}")
 
     def ask() -> tuple[float, float, int]:
@@ -63,25 +69,41 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--name", default="decode_modes")
+    parser.add_argument("--paths", default=DEFAULT_PATHS, help=f"of: {', '.join(PATHS)}")
+    parser.add_argument("--huge-pages", action="store_true", help="as the app runs")
     if (args := parse_or_serve(parser, worker)) is None:
         return
     model = str(fast_copies_of(parser, args.model))
     from bench import make_image
 
     image = args.image or make_image(Path("/tmp/phi3v-bench-photo.png"))
+    paths = [path.strip() for path in args.paths.split(",")]
+    if unknown := [path for path in paths if path not in PATHS]:
+        parser.error(f"--paths: {', '.join(unknown)} not of: {', '.join(PATHS)}")
     load_before = os.getloadavg()
     specs = {
-        path: {"model": model, "image": str(image), "path": path, "repeats": args.repeats}
-        for path in PATHS
+        path: {
+            "model": model,
+            "image": str(image),
+            "path": path,
+            "repeats": args.repeats,
+            "huge_pages": args.huge_pages,
+        }
+        for path in paths
     }
     runs = alternate(__file__, specs, args.runs)
     command = (
         f"python bench/decode_modes.py --model {args.model} --runs {args.runs} "
         f"--repeats {args.repeats}"
     )
+    if args.paths != DEFAULT_PATHS:
+        command += f' --paths "{args.paths}"'
+    if args.huge_pages:
+        command += " --huge-pages"
     result = {
         **stamp(command, FLAGS, load_before),
         "new_tokens": NEW_TOKENS,
+        "huge_pages": args.huge_pages,
         "runs": runs,
     }
     save(args.name, result, report(result))
@@ -121,12 +143,14 @@ def report(result: dict) -> str:
         "decode asked again in the same process, ms/token (median per process)",
         "median",
     ]
-    processes = len(result["runs"][PATHS[0]])
+    processes = len(next(iter(result["runs"].values())))
+    pages = " The weights on 2 MB pages, as the app runs." if result.get("huge_pages") else ""
+    load = f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}"
     return f"""# Decode after the fast prefill, with and without the fused attention kernel
 
 {result["date"]}; phi3v {result["commit"]}; {result["cpu"]} (`{", ".join(result["flags"])}`);
 `{result["command"]}`; {processes} processes per path, alternated, {result["new_tokens"]} new
-tokens per answer; load average {result["load_before"][0]:.2f} -> {result["load_after"][0]:.2f}.
+tokens per answer; load average {load}.{pages}
 
 {tables._table(header, rows)}
 
