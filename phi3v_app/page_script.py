@@ -12,7 +12,7 @@
 - A pasted file that is not a picture would vanish without a word (Gradio drops it; a dropped
   one gets a toast): the status line says so instead, until the server writes it next. So does
   a file over the upload limit, which Gradio refuses with a pop-up only, leaving the line as it
-  was.
+  was; the pictures chosen with it, which Gradio refuses too, are named as well.
 - Every control gets a unique name a screen reader can say: Gradio's are the same for every
   message ("Copy message", "Edit"), twice "Submit" while editing, five "Reset to default value"
   sliders and an unnamed edit box. A picture in a message, a button with no name, is named by
@@ -115,14 +115,20 @@ function showStatus(kind, text) {
 }
 // A file over the upload limit never reaches the server: Gradio refuses it with a pop-up, and
 // the status line would go on showing what it said before (a complaint about another file).
+// Gradio refuses the pictures chosen or dropped with it too, so the line names them as well.
+// While the input is locked Gradio takes no file at all, and the line keeps its own news.
 function refuseTooLarge(files) {
-  const big = [...(files || [])].filter((file) => file.size > UPLOAD_LIMIT)
-    .map((file) => file.name);
-  if (!big.length) return;
+  const all = [...(files || [])];
+  const big = all.filter((file) => file.size > UPLOAD_LIMIT).map((file) => file.name);
+  if (!big.length || document.querySelector("#chat-input textarea")?.disabled) return;
+  const others = all.filter((file) => file.size <= UPLOAD_LIMIT).map((file) => file.name);
   const what = big.length > 1 ? "are larger" : "is larger";
-  showStatus("error", `⚠ Not attached: ${big.join(", ")} ${what} than ` +
-                      `${UPLOAD_LIMIT / 1048576} MB, the most a picture may be; ` +
-                      "downscale it first.");
+  let text = `⚠ Not attached: ${big.join(", ")} ${what} than ` +
+             `${UPLOAD_LIMIT / 1048576} MB, the most a picture may be; downscale it first.`;
+  if (others.length)
+    text += ` Not attached with it either: ${others.join(", ")}; attach ` +
+            `${others.length > 1 ? "them" : "it"} again.`;
+  showStatus("error", text);
 }
 document.addEventListener("change", (event) => {
   if (event.target.matches?.("#chat-input input[type=file]")) refuseTooLarge(event.target.files);

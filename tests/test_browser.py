@@ -476,9 +476,11 @@ def test_a_file_over_the_upload_limit_replaces_an_older_complaint(page, tmp_path
     expect(page.locator("#chat-input img")).to_have_count(0)
 
 
-def drop_file(page, name: str, size: int) -> bool:
+def drop_file(page, name: str, size: int) -> dict:
     """Drag a picture file ``name`` of ``size`` bytes onto the question box and drop it there;
-    return whether the page took the drop (cancelled the browser's own handling of it)."""
+    return whether the page took the drop (cancelled the browser's own handling of it:
+    ``taken``) and whether the status line showed a note of the page's own right after it
+    (``noted``: checked in the same task, before Gradio can write the line again)."""
     return prompt(page).evaluate(
         """(box, [name, size]) => {
           const files = new DataTransfer();
@@ -487,16 +489,36 @@ def drop_file(page, name: str, size: int) -> bool:
             new DragEvent(kind, {dataTransfer: files, bubbles: true, cancelable: true}));
           send("dragenter");
           send("dragover");
-          return !send("drop");
+          const taken = !send("drop");
+          return {taken, noted: document.querySelector("#status .page-note") !== null};
         }""",
         [name, size],
     )
 
 
 def test_a_dropped_file_over_the_upload_limit_is_named_as_a_chosen_one_is(page):
-    assert drop_file(page, "huge.png", 21 * 2**20), "the chat's input took the drop"
+    assert drop_file(page, "huge.png", 21 * 2**20)["taken"], "the chat's input took the drop"
     expect(status(page)).to_contain_text("huge.png is larger than 20 MB")
     expect(page.locator("#chat-input img")).to_have_count(0)
+
+
+def test_pictures_chosen_with_one_over_the_limit_are_named_as_not_attached_too(page, tmp_path):
+    """Gradio refuses the whole choice; the line must not suggest the chart got in."""
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG" + bytes(21 * 2**20))
+    page.locator("#chat-input input[type=file]").set_input_files([str(huge), str(CHART)])
+    expect(status(page)).to_contain_text("huge.png is larger than 20 MB")
+    expect(status(page)).to_contain_text(f"Not attached with it either: {CHART.name}")
+    expect(page.locator("#chat-input img")).to_have_count(0)
+
+
+def test_a_file_dropped_on_the_locked_input_leaves_the_status_line_to_the_answer(page, slow_decode):
+    set_max_new_tokens(page, "1000")
+    ask(page, "Tell me a long story.")
+    expect(prompt(page)).to_be_disabled()
+    assert not drop_file(page, "huge.png", 21 * 2**20)["noted"], "no note over the answer's line"
+    page.locator("#stop").click()
+    expect(prompt(page)).to_be_enabled()
 
 
 def paste_text_file(page) -> None:
