@@ -791,8 +791,10 @@ def vnni_section() -> str:
     if _cpu_kind(run) != "VNNI only":
         return ""
     ab = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("kernel_ab*.json"))]
-    modes_path = RESULTS / "decode_modes-vnni.json"
-    modes = json.loads(modes_path.read_text()) if modes_path.exists() else None
+    modes, pages = (
+        json.loads(path.read_text()) if path.exists() else None
+        for path in (RESULTS / f"decode_modes-{name}.json" for name in ("vnni", "bf16"))
+    )
     fast, genai = (median(run, "image", c, "ttft_s") for c in ("phi3v-fast", "genai-B"))
     vision, prefill = (median(run, "image", "phi3v-fast", m) for m in ("vision_s", "prefill_s"))
     row = next(
@@ -839,7 +841,7 @@ def vnni_section() -> str:
         "int8 Q·Kᵀ and P·V "
         f"on the VNNI GEMM {int8:.0f} ms ({gqa / int8:.2f}x), which the trained proxy rejects "
         "(the section on prefill attention numerics above).\n\n"
-        + kernel_effect(run, layers * (gqa - kernel) / 1000, ab, modes)
+        + kernel_effect(run, layers * (gqa - kernel) / 1000, ab, modes, pages)
         + f" 0.30x needs {fast - wanted:.0f} s less in all. In "
         f"the profiled runs the integer GEMMs took {gemm:.1f} s of vision and prefill and every "
         f"other operator {other:.1f} s"
@@ -919,7 +921,9 @@ def fast_paths(run: dict) -> dict[str, str]:
     return found
 
 
-def kernel_effect(run: dict, estimate: float, ab: list[dict], modes: dict | None) -> str:
+def kernel_effect(
+    run: dict, estimate: float, ab: list[dict], modes: dict | None, pages: dict | None
+) -> str:
     """What the fused attention kernel does to ``run``'s fast first answer: measured where the
     run timed both paths, else ``estimate`` from one layer's figures; then the decode checks."""
     paths, genai = fast_paths(run), median(run, "image", "genai-B", "ttft_s")
@@ -946,7 +950,8 @@ def kernel_effect(run: dict, estimate: float, ab: list[dict], modes: dict | None
         + "".join(kernel_ab_note(one) for one in ab)
         + decode_modes_note(modes, run)
         + kernel_cache_note()
-        + slow_tally([run, *ab], modes)
+        + decode_pages_note(pages)
+        + slow_tally([run, *ab], [found for found in (modes, pages) if found])
     )
 
 
@@ -1034,6 +1039,29 @@ def decode_modes_note(modes: dict | None, run: dict) -> str:
     )
 
 
+def decode_pages_note(result: dict | None) -> str:
+    """The three prompt attentions with the weights on 2 MB pages, as the app runs
+    (``bench/decode_modes.py --huge-pages``: ``decode_modes-bf16.json``), where it ran."""
+    if result is None:
+        return ""
+    found = decode_modes.summary(result)
+
+    def listed(name: str) -> str:
+        firsts = found[name]["first"]
+        slow = sum(ms > SLOW_DECODE_MS for ms in firsts)
+        return f"{', '.join(f'{ms:.0f}' for ms in firsts)} ms ({slow} of {len(firsts)} slow)"
+
+    return (
+        " Again with the weights on 2 MB pages, as the app runs "
+        f"(`bench/results/decode_modes-bf16.md`, "
+        f"{result['date'][:10]}, phi3v {result['commit']}, one process per path, alternated): "
+        f"decode right after the photo's prefill took {listed('GroupQueryAttention')} with "
+        f"GroupQueryAttention, {listed('fused kernel')} with the kernel in fp32 and "
+        f"{listed('fused kernel in bf16')} with it in bf16. So bf16 does not escape it, and "
+        "the kernel stays opt-in in both numerics."
+    )
+
+
 def kernel_cache_note() -> str:
     """Decode on the kernel's cache and on GroupQueryAttention's in one process
     (``bench/kernel_cache.py``), where there is a results file."""
@@ -1075,17 +1103,18 @@ def fisher_p(a: int, b: int, c: int, d: int) -> float:
     return min(1.0, sum(p for x in tables if (p := chance(x)) <= observed * (1 + 1e-9)))
 
 
-def slow_tally(runs: list[dict], modes: dict | None) -> str:
-    """How many processes of each fast path decoded the photo's answer in the slow mode, over
-    every results file that timed both."""
+def slow_tally(runs: list[dict], modes: list[dict]) -> str:
+    """How many processes of each fast path (the kernel in fp32, GroupQueryAttention) decoded
+    the photo's answer in the slow mode, over every results file that timed both: ``runs`` of
+    ``bench.py``, ``modes`` of ``decode_modes.py``."""
     counts = {"kernel": [0, 0], "gqa": [0, 0]}
     for run in runs:
         for path, results in _image_runs(run).items():
             counts[path][0] += sum(ms_per_token(r) > SLOW_DECODE_MS for r in results)
             counts[path][1] += len(results)
-    if modes is not None:
+    for found in modes:
         for path, name in (("kernel", "fused kernel"), ("gqa", "GroupQueryAttention")):
-            firsts = decode_modes.summary(modes)[name]["first"]
+            firsts = decode_modes.summary(found)[name]["first"]
             counts[path][0] += sum(ms > SLOW_DECODE_MS for ms in firsts)
             counts[path][1] += len(firsts)
     (slow, total), (slow_gqa, total_gqa) = counts["kernel"], counts["gqa"]
