@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from pathlib import Path
 
 import tables
@@ -51,15 +52,36 @@ def worker(model: str, image: str, path: str, repeats: int, huge_pages: bool = F
         return 1000 / timings.decode_tokens_per_second, timings.prefill, result.reused_tokens
 
     first, prefill, _ = ask()
+    before, start = thread_cpu(), time.perf_counter()
     again = [ask() for _ in range(repeats)]
+    wall, after = time.perf_counter() - start, thread_cpu()
     if any(reused == 0 for _, _, reused in again):
         raise RuntimeError("a repeated question did not reuse the prompt's KV cache")
+    busy = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
     return {
         "attention": attention,
         "prefill_s": prefill,
         "first_decode_ms": first,
         "repeat_decode_ms": [ms for ms, _, _ in again],
+        # who used the cores while the repeated questions decoded: each thread's CPU share of
+        # the wall clock, busiest first, and how many threads the process had
+        "thread_shares": [round(cpu / wall, 3) for cpu in busy if cpu > 0.01 * wall],
+        "threads": len(after),
     }
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user and system) each thread of this process has used, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except FileNotFoundError:  # ended since the listing
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the name, which may hold spaces
+        found[tid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return found
 
 
 def main() -> None:
@@ -122,6 +144,17 @@ def summary(result: dict) -> dict[str, dict[str, list[float]]]:
     }
 
 
+THREADS_NOTE = """ The last column counts, from `/proc/self/task`, every thread that used at
+least 1 % of the wall clock while the repeated questions decoded: a slow process with a third
+busy thread would be losing a core to it."""
+
+
+def busy_threads(run: dict) -> str:
+    """The threads that used a core while ``run``'s repeated questions decoded, as "1.00 +
+    0.99 of 41": each one's CPU time over the wall clock, of the process's thread count."""
+    return f"{' + '.join(f'{share:.2f}' for share in run['thread_shares'])} of {run['threads']}"
+
+
 def report(result: dict) -> str:
     def values(numbers: list[float]) -> str:
         return ", ".join(f"{n:.0f}" for n in numbers)
@@ -143,6 +176,11 @@ def report(result: dict) -> str:
         "decode asked again in the same process, ms/token (median per process)",
         "median",
     ]
+    threads = [run for runs in result["runs"].values() for run in runs if "thread_shares" in run]
+    if threads:  # recorded since 2026-12-08
+        header.append("threads using a core while it decoded again: CPU / wall clock, per process")
+        for row, runs in zip(rows, result["runs"].values(), strict=True):
+            row.append("; ".join(busy_threads(run) for run in runs))
     processes = len(next(iter(result["runs"].values())))
     pages = " The weights on 2 MB pages, as the app runs." if result.get("huge_pages") else ""
     load = f"{result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f}"
@@ -155,7 +193,9 @@ tokens per answer; load average {load}.{pages}
 {tables._table(header, rows)}
 
 The repeated questions reuse the prompt's KV cache, which the path named in the first column
-wrote: they decode on the same cache as the first answer, without its vision run and prefill."""
+wrote: they decode on the same cache as the first answer, without its vision run and prefill.{
+        THREADS_NOTE if threads else ""
+    }"""
 
 
 if __name__ == "__main__":
