@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -951,6 +952,7 @@ def kernel_effect(
         + decode_modes_note(modes, run)
         + kernel_cache_note()
         + decode_pages_note(pages)
+        + decode_threads_note()
         + slow_tally([run, *ab], [found for found in (modes, pages) if found])
     )
 
@@ -1059,6 +1061,36 @@ def decode_pages_note(result: dict | None) -> str:
         f"GroupQueryAttention, {listed('fused kernel')} with the kernel in fp32 and "
         f"{listed('fused kernel in bf16')} with it in bf16. So bf16 does not escape it, and "
         "the kernel stays opt-in in both numerics."
+    )
+
+
+def decode_threads_note() -> str:
+    """Which threads used the cores while a process decoded (``decode_modes.py`` since it
+    records them: ``decode_modes-threads.json``), where it ran."""
+    path = RESULTS / "decode_modes-threads.json"
+    if not path.exists():
+        return ""
+    result = json.loads(path.read_text())
+    runs = [run for found in result["runs"].values() for run in found]
+    busy = sorted({len(run["thread_shares"]) for run in runs})
+    medians = {
+        name: ", ".join(f"{statistics.median(run['repeat_decode_ms']):.0f}" for run in found)
+        for name, found in result["runs"].items()
+    }
+    repeats = "; ".join(f"{name} {values}" for name, values in medians.items())
+    return (
+        f" A third run (`bench/results/{path.stem}.md`, {result['date'][:10]}, phi3v "
+        f"{result['commit']}) also recorded which threads used a core while the repeated "
+        f"questions decoded: {' or '.join(map(str, busy))} in every process, of "
+        f"{min(run['threads'] for run in runs)} to {max(run['threads'] for run in runs)}, "
+        f"while decode took (ms per token, per process) {repeats}."
+        + (
+            " Those two are the one that calls onnxruntime and its pool's, each near a whole "
+            "core, in slow processes as in fast ones: a slow process does not lose a core to "
+            "another thread; its two threads compute slower."
+            if busy == [2]
+            else ""
+        )
     )
 
 
