@@ -502,10 +502,11 @@ def optional_sections() -> str:
                 json.loads(fidelity.read_text()) if fidelity.exists() else None,
             ),
         ]
-    # bench/layered_prefill.py and bench/huge_pages.py: their reports, each as a section
+    # bench/layered_prefill.py, huge_pages.py and kv_pages.py: their reports, each as a section
     for found in [
         *sorted(RESULTS.glob("layered_prefill*.md")),
         *sorted(RESULTS.glob("huge_pages*.md")),
+        *sorted(RESULTS.glob("kv_pages*.md")),
     ]:
         title, body = found.read_text().split("\n", 1)
         parts += [
