@@ -24,7 +24,10 @@ the process needs about twice one runtime's memory (11 GB at 1,935 positions on 
 set).
 
     python bench/decode_peer.py --model /tmp/scale [--length 1935] [--block 8] [--rounds 8]
-        [--processes 2] [--name decode_peer]
+        [--processes 2] [--name decode_peer] [--huge-pages]
+
+``--huge-pages``: phi3v's weights moved onto 2 MB pages once loaded, as the app runs
+(``phi3v/huge_pages.py``), only its own: onnxruntime-genai's memory is left as it allocates it.
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
 RUNTIMES = ("phi3v", "onnxruntime-genai")
 
 
-def measure(model: str, length: int, block: int, rounds: int, first: str) -> dict:
+def measure(
+    model: str, length: int, block: int, rounds: int, first: str, huge_pages: bool = False
+) -> dict:
     """One process: both runtimes loaded (``first`` loads and reads the prompt first), then
-    their decode steps in alternating blocks."""
+    their decode steps in alternating blocks; with ``huge_pages``, phi3v's weights moved onto
+    2 MB pages once loaded, as the app does, and only phi3v's."""
     import onnxruntime_genai as og
 
     from phi3v import Pipeline
+    from phi3v import huge_pages as pages
 
     ids = np.random.default_rng(length).integers(1000, 30000, length)
     steps = block * rounds
@@ -58,7 +65,11 @@ def measure(model: str, length: int, block: int, rounds: int, first: str) -> dic
     loaded: dict = {}
 
     def load_phi3v() -> None:
-        pipe = Pipeline.load(model, precision="exact")
+        smaps = Path("/proc/self/smaps")
+        others = {mapping.start for mapping in pages.mappings(smaps.read_text())}
+        pipe = Pipeline.load(model, precision="exact", huge_pages=False)
+        if huge_pages:  # as Pipeline.load would, leaving onnxruntime-genai's memory as it is
+            loaded["pages"] = pages.collapse(leave=others).describe()
         embeds = pipe.sessions.embed(ids[None], {})
         decoder = pipe.sessions.prefill_decoder  # in exact, the decoder itself
         cache, logits, prefill["phi3v"] = blocks.prefill(pipe, decoder, embeds, steps + 1)
@@ -100,6 +111,7 @@ def measure(model: str, length: int, block: int, rounds: int, first: str) -> dic
         "step_ms": ms,
         "same_tokens": ours[:same] == theirs[:same],
         "tokens_compared": same,
+        "phi3v_pages": loaded.get("pages", "4 KB pages: not asked"),
     }
 
 
@@ -152,7 +164,15 @@ def report(result: dict) -> str:
             + "; ".join(f"{by_first[name]:.2f}x with {name} loaded first" for name in RUNTIMES)
             + f". phi3v faster in {found['rounds_phi3v_faster']} of {found['rounds']} rounds; "
             f"the same tokens in every process ({found['tokens_compared']} compared): "
-            f"**{'yes' if found['same_tokens'] else 'no'}**.",
+            f"**{'yes' if found['same_tokens'] else 'no'}**."
+            + (
+                " phi3v's weights were moved onto 2 MB pages once loaded, as the app does "
+                "(`--huge-pages`; its own mappings only, onnxruntime-genai's left as they are): "
+                + "; ".join(p["phi3v_pages"] for p in result["processes"])
+                + "."
+                if result.get("huge_pages")
+                else ""
+            ),
         ]
     )
 
@@ -162,17 +182,23 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="model folder (the real-size set)")
     parser.add_argument("--length", type=int, default=1935, help="prompt ids (a photo's)")
     blocks.add_options(parser, "decode_peer", "load order")
+    parser.add_argument("--huge-pages", action="store_true", help="phi3v's as the app runs")
     args = parse_or_serve(parser, measure)
     if args is None:
         return
     shape = dict(model=args.model, length=args.length, block=args.block, rounds=args.rounds)
-    specs = {f"{first} first": {**shape, "first": first} for first in RUNTIMES}
+    specs = {
+        f"{first} first": {**shape, "first": first, "huge_pages": args.huge_pages}
+        for first in RUNTIMES
+    }
     command = (
         f"python bench/decode_peer.py --model {args.model} --length {args.length} "
         f"--block {args.block} --rounds {args.rounds} --processes {args.processes} "
-        f"--name {args.name}"
+        f"--name {args.name}" + (" --huge-pages" if args.huge_pages else "")
     )
     fields = {**shape, "genai_threads": B_THREADS, "name": args.name}
+    if args.huge_pages:
+        fields["huge_pages"] = True
     blocks.run_in_turn(
         __file__, specs, args, fields, command, FLAGS, summary, report, "--model", args.model
     )

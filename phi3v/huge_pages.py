@@ -33,6 +33,7 @@ import errno
 import os
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,11 +118,14 @@ def mappings(smaps: str) -> list[Mapping]:
     return found
 
 
-def candidates(found: list[Mapping]) -> list[tuple[int, int]]:
+def candidates(found: list[Mapping], leave: Collection[int] = ()) -> list[tuple[int, int]]:
     """The (address, length) of each mapping worth collapsing: private, anonymous, writable, at
-    least one whole 2 MB page, mostly resident, not all on huge pages already."""
+    least one whole 2 MB page, mostly resident, not all on huge pages already, and not starting
+    at an address in ``leave``."""
     chosen = []
     for mapping in found:
+        if mapping.start in leave:
+            continue
         first, last = mapping.span()
         size = mapping.end - mapping.start
         if not mapping.anonymous_private_writable or last - first < HUGE:
@@ -132,15 +136,17 @@ def candidates(found: list[Mapping]) -> list[tuple[int, int]]:
     return chosen
 
 
-def collapse() -> HugePages:
-    """Move this process's resident weights onto 2 MB pages (see the module's text)."""
+def collapse(leave: Collection[int] = ()) -> HugePages:
+    """Move this process's resident weights onto 2 MB pages (see the module's text), except the
+    mappings that start at an address in ``leave``: the memory of another runtime in the same
+    process, say (the starts of :func:`mappings` before this one's sessions were loaded)."""
     if not sys.platform.startswith("linux"):
         return HugePages(reason="only Linux has transparent huge pages")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int
     started = time.perf_counter()
-    regions = candidates(mappings(Path("/proc/self/smaps").read_text()))
+    regions = candidates(mappings(Path("/proc/self/smaps").read_text()), leave)
 
     results = []  # (bytes, errno) per mapping
     for address, length in regions:
