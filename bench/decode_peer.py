@@ -66,7 +66,7 @@ def measure(
 
     def load_phi3v() -> None:
         smaps = Path("/proc/self/smaps")
-        others = {mapping.start for mapping in pages.mappings(smaps.read_text())}
+        others = [(m.start, m.end) for m in pages.mappings(smaps.read_text())]
         pipe = Pipeline.load(model, precision="exact", huge_pages=False)
         if huge_pages:  # as Pipeline.load would, leaving onnxruntime-genai's memory as it is
             loaded["pages"] = pages.collapse(leave=others).describe()

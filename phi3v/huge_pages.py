@@ -33,7 +33,7 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,28 +118,44 @@ def mappings(smaps: str) -> list[Mapping]:
     return found
 
 
-def candidates(found: list[Mapping], leave: Collection[int] = ()) -> list[tuple[int, int]]:
-    """The (address, length) of each mapping worth collapsing: private, anonymous, writable, at
-    least one whole 2 MB page, mostly resident, not all on huge pages already, and not starting
-    at an address in ``leave``."""
+def candidates(
+    found: list[Mapping], leave: Sequence[tuple[int, int]] = ()
+) -> list[tuple[int, int]]:
+    """The (address, length) of each range worth collapsing: in a private, anonymous, writable
+    mapping that is mostly resident and not all on huge pages already, whole 2 MB pages, outside
+    the [start, end) ranges of ``leave``. (Linux merges neighbouring anonymous mappings, so
+    memory mapped later can extend a mapping that was there before: ranges, not mappings.)"""
     chosen = []
     for mapping in found:
-        if mapping.start in leave:
-            continue
-        first, last = mapping.span()
         size = mapping.end - mapping.start
-        if not mapping.anonymous_private_writable or last - first < HUGE:
+        if not mapping.anonymous_private_writable:
             continue
         if mapping.resident < MIN_RESIDENT * size or mapping.huge >= mapping.resident:
             continue
-        chosen.append((first, last - first))
+        for start, end in _outside(mapping.start, mapping.end, leave):
+            first, last = Mapping(start, end, 0, 0, True).span()
+            if last - first >= HUGE:
+                chosen.append((first, last - first))
     return chosen
 
 
-def collapse(leave: Collection[int] = ()) -> HugePages:
+def _outside(start: int, end: int, leave: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [start, end) outside every range of ``leave``, in order."""
+    parts = [(start, end)]
+    for gone_start, gone_end in leave:
+        parts = [
+            piece
+            for a, b in parts
+            for piece in ((a, min(b, gone_start)), (max(a, gone_end), b))
+            if piece[0] < piece[1]
+        ]
+    return parts
+
+
+def collapse(leave: Sequence[tuple[int, int]] = ()) -> HugePages:
     """Move this process's resident weights onto 2 MB pages (see the module's text), except the
-    mappings that start at an address in ``leave``: the memory of another runtime in the same
-    process, say (the starts of :func:`mappings` before this one's sessions were loaded)."""
+    [start, end) ranges of ``leave``: the memory of another runtime in the same process, say
+    (the ranges of :func:`mappings` before this one's sessions were loaded)."""
     if not sys.platform.startswith("linux"):
         return HugePages(reason="only Linux has transparent huge pages")
     libc = ctypes.CDLL(None, use_errno=True)
