@@ -167,9 +167,8 @@ def report(result: dict) -> str:
             f"**{'yes' if found['same_tokens'] else 'no'}**."
             + (
                 " phi3v's weights were moved onto 2 MB pages once loaded, as the app does "
-                "(`--huge-pages`; its own mappings only, onnxruntime-genai's left as they are): "
-                + "; ".join(p["phi3v_pages"] for p in result["processes"])
-                + "."
+                "(`--huge-pages`; its own address ranges only, onnxruntime-genai's left as "
+                "they are): " + "; ".join(p["phi3v_pages"] for p in result["processes"]) + "."
                 if result.get("huge_pages")
                 else ""
             ),

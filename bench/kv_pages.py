@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import mmap
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -64,21 +64,23 @@ def huge_page_buffers(mappings: list[mmap.mmap]):
 
 
 def huge_and_resident_mb(mappings: list[mmap.mmap]) -> tuple[float, float]:
-    """MB of ``mappings`` on huge pages and resident, from ``/proc/self/smaps``."""
+    """MB on huge pages and resident of the process's mappings that hold ``mappings``, from
+    ``/proc/self/smaps`` (Linux merges neighbouring buffers with the same flags into one
+    mapping, which then holds only these buffers: their ``MADV_HUGEPAGE`` sets them apart)."""
     import ctypes
 
-    starts = {ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in mappings}
-    huge = resident = 0
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):  # a mapping's first line: its address range
-            inside = int(head.split("-")[0], 16) in starts
-        elif inside and head == "AnonHugePages:":
-            huge += int(line.split()[1])
-        elif inside and head == "Rss:":
-            resident += int(line.split()[1])
-    return huge / 1024, resident / 1024
+    from phi3v import huge_pages
+
+    ranges = []
+    for memory in mappings:
+        start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        ranges.append((start, start + len(memory)))
+    held = [
+        found
+        for found in huge_pages.mappings(Path("/proc/self/smaps").read_text())
+        if any(found.start < end and start < found.end for start, end in ranges)
+    ]
+    return sum(m.huge for m in held) / 2**20, sum(m.resident for m in held) / 2**20
 
 
 def measure(model: str, block: int, rounds: int, first: str) -> dict:
@@ -92,7 +94,7 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
     steps = block * rounds
     caches, tokens, prefill, mappings = {}, {}, {}, []
     for side in (first, *(s for s in SIDES if s != first)):
-        with huge_page_buffers(mappings) if side == SIDES[0] else _nothing():
+        with huge_page_buffers(mappings) if side == SIDES[0] else nullcontext():
             cache, logits, prefill[side] = blocks.prefill(
                 pipe, sessions.prefill_decoder, embeds, steps + 1
             )
@@ -119,11 +121,6 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
         "huge_cache": {"written_mb": cache_mb, "huge_mb": huge_mb, "resident_mb": resident_mb},
         "same_tokens": tokens[SIDES[0]] == tokens[SIDES[1]],
     }
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def summary(result: dict) -> dict:
