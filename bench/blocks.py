@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from provenance import save
-from workers import alternate, stamp
+from workers import alternate, fast_copies_of, parse_or_serve, stamp
 
 
 def prefill(pipe, decoder, embeds, room: int):
@@ -153,3 +153,32 @@ def run_in_turn(
     text = report(result)
     save(args.name, result, text)
     print(text)
+
+
+def two_caches_main(
+    script: str,
+    doc: str,
+    measure: Callable[..., dict],
+    sides: tuple[str, str],
+    flags: set[str],
+    summary: Callable[[dict], dict],
+    report: Callable[[dict], str],
+) -> None:
+    """The command line of a script that prefills two KV caches in one process and decodes on
+    them in turns (``kernel_cache.py``, ``kv_pages.py``): ``--model`` (a real-size set, its fast
+    copies made first), the options of :func:`add_options`, and as many processes with either
+    side prefilled first (``measure(model, block, rounds, first)`` in each); then the results
+    file (:func:`run_in_turn`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a real-size set (python -m phi3v.testing)")
+    add_options(parser, Path(script).stem, "prefill order")
+    if (args := parse_or_serve(parser, measure)) is None:
+        return
+    model = str(fast_copies_of(parser, args.model))
+    shape = {"model": model, "block": args.block, "rounds": args.rounds}
+    specs = {f"{side} first": {**shape, "first": side} for side in sides}
+    command = (
+        f"python bench/{Path(script).name} --model {args.model} --block {args.block} "
+        f"--rounds {args.rounds} --processes {args.processes} --name {args.name}"
+    )
+    run_in_turn(script, specs, args, shape, command, flags, summary, report)

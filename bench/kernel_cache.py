@@ -20,14 +20,11 @@ About 14 GB: both prompt decoders, the int4 decoder and two caches of 1,935 posi
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
-from pathlib import Path
 
 import blocks
 import numpy as np
-from workers import fast_copies_of, parse_or_serve
 
 FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
 PATHS = ("fused kernel", "GroupQueryAttention")
@@ -104,19 +101,7 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="a real-size set (python -m phi3v.testing)")
-    blocks.add_options(parser, "kernel_cache", "prefill order")
-    if (args := parse_or_serve(parser, measure)) is None:
-        return
-    model = str(fast_copies_of(parser, args.model))
-    shape = {"model": model, "block": args.block, "rounds": args.rounds}
-    specs = {f"{path} first": {**shape, "first": path} for path in PATHS}
-    command = (
-        f"python bench/kernel_cache.py --model {args.model} --block {args.block} "
-        f"--rounds {args.rounds} --processes {args.processes} --name {args.name}"
-    )
-    blocks.run_in_turn(__file__, specs, args, shape, command, FLAGS, summary, report)
+    blocks.two_caches_main(__file__, __doc__, measure, PATHS, FLAGS, summary, report)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ of its mappings) and what the room cost in resident memory.
 
 from __future__ import annotations
 
-import argparse
 import math
 import mmap
 from contextlib import contextmanager, nullcontext
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import blocks
 import numpy as np
-from workers import fast_copies_of, parse_or_serve
 
 from phi3v.engine import FOLLOW_UP_ROOM
 
@@ -180,19 +178,7 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="a real-size set (python -m phi3v.testing)")
-    blocks.add_options(parser, "kv_pages", "prefill order")
-    if (args := parse_or_serve(parser, measure)) is None:
-        return
-    model = str(fast_copies_of(parser, args.model))
-    shape = {"model": model, "block": args.block, "rounds": args.rounds}
-    specs = {f"{side} first": {**shape, "first": side} for side in SIDES}
-    command = (
-        f"python bench/kv_pages.py --model {args.model} --block {args.block} "
-        f"--rounds {args.rounds} --processes {args.processes} --name {args.name}"
-    )
-    blocks.run_in_turn(__file__, specs, args, shape, command, FLAGS, summary, report)
+    blocks.two_caches_main(__file__, __doc__, measure, SIDES, FLAGS, summary, report)
 
 
 if __name__ == "__main__":
