@@ -105,6 +105,14 @@ def ratio_by_first(each: list[dict], firsts: list[str], names: tuple[str, ...]) 
     }
 
 
+def by_first_text(found: dict, digits: int = 3) -> str:
+    """The speed ratio for each side prefilled first, as a report's words."""
+    return "; ".join(
+        f"{ratio:.{digits}f}x with the {side} cache prefilled first"
+        for side, ratio in found["speed_ratio_by_first"].items()
+    )
+
+
 def process_rows(result: dict, found: dict, names: tuple[str, ...], digits: int = 2) -> list[str]:
     """One Markdown table row per process: its number, which side came first, each side's
     prefill seconds and median step, the speed ratio and the rounds won."""

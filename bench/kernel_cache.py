@@ -69,10 +69,7 @@ def summary(result: dict) -> dict:
 def report(result: dict) -> str:
     found = summary(result)
     rows = blocks.process_rows(result, found, PATHS, digits=3)
-    by_first = "; ".join(
-        f"{ratio:.3f}x with the {path} cache prefilled first"
-        for path, ratio in found["speed_ratio_by_first"].items()
-    )
+    by_first = blocks.by_first_text(found)
     return "\n".join(
         [
             "# Decode on the fused kernel's KV cache and on GroupQueryAttention's, in one process",

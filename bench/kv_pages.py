@@ -131,10 +131,7 @@ def summary(result: dict) -> dict:
 def report(result: dict) -> str:
     found = summary(result)
     rows = blocks.process_rows(result, found, SIDES, digits=3)
-    by_first = "; ".join(
-        f"{ratio:.3f}x with the {side} cache prefilled first"
-        for side, ratio in found["speed_ratio_by_first"].items()
-    )
+    by_first = blocks.by_first_text(found)
     pages = [
         f"{run['huge_cache']['huge_mb']:,.0f} of {run['huge_cache']['resident_mb']:,.0f} MB"
         for run in result["processes"]
