@@ -39,6 +39,21 @@ def prefill(pipe, decoder, embeds, room: int):
     return cache, logits, time.perf_counter() - started
 
 
+def greedy(pipe, decoder, cache, logits) -> tuple[Callable[[], None], list[int]]:
+    """Greedy decode steps on ``cache`` after a prefill's last ``logits``: the step (one token
+    through ``decoder``, as the engine's decode does, without the text) and the tokens so far,
+    the prefill's own first."""
+    import numpy as np
+
+    tokens = [int(np.argmax(logits[: pipe.vocab_limit]))]
+
+    def step() -> None:
+        step_logits = cache.run(decoder, pipe.sessions.embed_token(tokens[-1]))
+        tokens.append(int(np.argmax(step_logits[: pipe.vocab_limit])))
+
+    return step, tokens
+
+
 def take_turns(
     steps: dict[str, Callable[[], object]], block: int, rounds: int
 ) -> dict[str, list[list[float]]]:

@@ -92,15 +92,7 @@ def measure(
         loads[name]()
     pipe, cache, generator = loaded["pipe"], loaded["cache"], loaded["generator"]
 
-    token = int(np.argmax(loaded["logits"][: pipe.vocab_limit]))
-    ours = [token]
-
-    def phi3v_step() -> None:
-        nonlocal token
-        step_logits = cache.run(pipe.sessions.decoder, pipe.sessions.embed_token(token))
-        token = int(np.argmax(step_logits[: pipe.vocab_limit]))
-        ours.append(token)
-
+    phi3v_step, ours = blocks.greedy(pipe, pipe.sessions.decoder, cache, loaded["logits"])
     step = {"phi3v": phi3v_step, "onnxruntime-genai": generator.generate_next_token}
     ms = blocks.take_turns(step, block, rounds)
     theirs = generator.get_sequence(0)[length:].tolist()

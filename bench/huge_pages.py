@@ -20,7 +20,6 @@ Writes ``bench/results/huge_pages.{json,md}`` (``--name``: another stem, for ano
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 
 import blocks
@@ -45,16 +44,12 @@ def measure(model: str, block: int, rounds: int, positions: int) -> dict:
     decoders = dict(zip(SIDES, (pipe.sessions.decoder, small), strict=True))
     rng = np.random.default_rng(positions)
     embeds = rng.standard_normal((1, positions, config.decoder.hidden_size), np.float32) * 0.02
-    caches, tokens, prefill = {}, {}, {}
+    steps_of, tokens, prefill = {}, {}, {}
     for side, decoder in decoders.items():
         cache, logits, prefill[side] = blocks.prefill(pipe, decoder, embeds, block * rounds + 1)
-        caches[side], tokens[side] = cache, [int(np.argmax(logits[: pipe.vocab_limit]))]
+        steps_of[side], tokens[side] = blocks.greedy(pipe, decoder, cache, logits)
 
-    def step(side: str) -> None:
-        logits = caches[side].run(decoders[side], pipe.sessions.embed_token(tokens[side][-1]))
-        tokens[side].append(int(np.argmax(logits[: pipe.vocab_limit])))
-
-    ms = blocks.take_turns({side: partial(step, side) for side in SIDES}, block, rounds)
+    ms = blocks.take_turns(steps_of, block, rounds)
     same = tokens[SIDES[0]] == tokens[SIDES[1]]
     return {
         "first": SIDES[0],

@@ -21,7 +21,6 @@ About 14 GB: both prompt decoders, the int4 decoder and two caches of 1,935 posi
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import blocks
 import numpy as np
@@ -46,16 +45,12 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
     rng = np.random.default_rng(LENGTH)
     embeds = rng.standard_normal((1, LENGTH, config.decoder.hidden_size), np.float32) * 0.02
     steps = block * rounds
-    caches, tokens, prefill = {}, {}, {}
+    steps_of, prefill = {}, {}
     for path in (first, *(p for p in PATHS if p != first)):
         cache, logits, prefill[path] = blocks.prefill(pipe, writers[path], embeds, steps + 1)
-        caches[path], tokens[path] = cache, [int(np.argmax(logits[: pipe.vocab_limit]))]
+        steps_of[path], _ = blocks.greedy(pipe, sessions.decoder, cache, logits)
 
-    def step(path: str) -> None:
-        logits = caches[path].run(sessions.decoder, sessions.embed_token(tokens[path][-1]))
-        tokens[path].append(int(np.argmax(logits[: pipe.vocab_limit])))
-
-    ms = blocks.take_turns({path: partial(step, path) for path in PATHS}, block, rounds)
+    ms = blocks.take_turns({path: steps_of[path] for path in PATHS}, block, rounds)
     return {"first": first, "prefill_s": prefill, "step_ms": ms}
 
 

@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 import mmap
 from contextlib import contextmanager, nullcontext
-from functools import partial
 from pathlib import Path
 
 import blocks
 import numpy as np
 
 from phi3v.engine import FOLLOW_UP_ROOM
+from phi3v.kv_cache import bytes_per_position
 
 FLAGS = {"amx_tile", "avx2", "avx512f", "avx512_vnni"}
 SIDES = ("2 MB pages", "4 KB pages")
@@ -90,28 +90,17 @@ def measure(model: str, block: int, rounds: int, first: str) -> dict:
     rng = np.random.default_rng(LENGTH)
     embeds = rng.standard_normal((1, LENGTH, config.decoder.hidden_size), np.float32) * 0.02
     steps = block * rounds
-    caches, tokens, prefill, mappings = {}, {}, {}, []
+    steps_of, tokens, prefill, mappings = {}, {}, {}, []
     for side in (first, *(s for s in SIDES if s != first)):
         with huge_page_buffers(mappings) if side == SIDES[0] else nullcontext():
             cache, logits, prefill[side] = blocks.prefill(
                 pipe, sessions.prefill_decoder, embeds, steps + 1
             )
-        caches[side], tokens[side] = cache, [int(np.argmax(logits[: pipe.vocab_limit]))]
+        steps_of[side], tokens[side] = blocks.greedy(pipe, sessions.decoder, cache, logits)
     huge_mb, resident_mb = huge_and_resident_mb(mappings)
 
-    def step(side: str) -> None:
-        logits = caches[side].run(sessions.decoder, sessions.embed_token(tokens[side][-1]))
-        tokens[side].append(int(np.argmax(logits[: pipe.vocab_limit])))
-
-    ms = blocks.take_turns({side: partial(step, side) for side in SIDES}, block, rounds)
-    cache_mb = (
-        LENGTH
-        * config.decoder.num_hidden_layers
-        * 2
-        * 4
-        / 2**20
-        * (config.decoder.num_key_value_heads * config.decoder.head_size)
-    )
+    ms = blocks.take_turns({side: steps_of[side] for side in SIDES}, block, rounds)
+    cache_mb = LENGTH * bytes_per_position(config.decoder) / 2**20
     return {
         "first": first,
         "prefill_s": prefill,
