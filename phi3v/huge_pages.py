@@ -77,7 +77,12 @@ class Mapping:
 
     def span(self) -> tuple[int, int]:
         """The 2 MB-aligned part of the range: [first, last) rounded inwards."""
-        return -(-self.start // HUGE) * HUGE, self.end // HUGE * HUGE
+        return whole_pages(self.start, self.end)
+
+
+def whole_pages(start: int, end: int) -> tuple[int, int]:
+    """The 2 MB-aligned part of [start, end): rounded inwards."""
+    return -(-start // HUGE) * HUGE, end // HUGE * HUGE
 
 
 def wanted(default: bool) -> bool:
@@ -133,7 +138,7 @@ def candidates(
         if mapping.resident < MIN_RESIDENT * size or mapping.huge >= mapping.resident:
             continue
         for start, end in _outside(mapping.start, mapping.end, leave):
-            first, last = Mapping(start, end, 0, 0, True).span()
+            first, last = whole_pages(start, end)
             if last - first >= HUGE:
                 chosen.append((first, last - first))
     return chosen
@@ -164,7 +169,7 @@ def collapse(leave: Sequence[tuple[int, int]] = ()) -> HugePages:
     started = time.perf_counter()
     regions = candidates(mappings(Path("/proc/self/smaps").read_text()), leave)
 
-    results = []  # (bytes, errno) per mapping
+    results = []  # (bytes, errno) per range
     for address, length in regions:
         done = libc.madvise(address, length, MADV_COLLAPSE) == 0
         results.append((length, 0 if done else ctypes.get_errno()))

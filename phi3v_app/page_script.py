@@ -126,8 +126,8 @@ function refuseTooLarge(files) {
   let text = `⚠ Not attached: ${big.join(", ")} ${what} than ` +
              `${UPLOAD_LIMIT / 1048576} MB, the most a picture may be; downscale it first.`;
   if (others.length)
-    text += ` Not attached with it either: ${others.join(", ")}; attach ` +
-            `${others.length > 1 ? "them" : "it"} again.`;
+    text += ` Not attached with ${big.length > 1 ? "them" : "it"} either: ` +
+            `${others.join(", ")}; attach ${others.length > 1 ? "them" : "it"} again.`;
   showStatus("error", text);
 }
 document.addEventListener("change", (event) => {
