@@ -1,8 +1,9 @@
 """Our fused causal attention kernel (``phi3v/kernels/attention.c``) for the benchmarks.
 
-The product builds and calls the kernel through :mod:`phi3v.attention` (its fp32 variant); this
-module adds what the studies need: both variants, AMX bf16 too, over whole Q/K/V arrays in the
-prefill's chunks, and a count of the work each does. ``attention_forms.py`` measures it beside
+The product builds and calls the kernel through :mod:`phi3v.attention` (the variant this CPU
+runs best); this module adds what the studies need: every variant on a CPU that runs several,
+over whole Q/K/V arrays in the prefill's chunks (``attention``) or without a mask as the vision
+encoder's (``full``), and a count of the work each does. ``attention_forms.py`` measures it beside
 onnxruntime's GroupQueryAttention.
 
     out = attention(q, k, v, head=96, variant="fp32")  # or "amx": bf16 tiles
@@ -36,7 +37,7 @@ from phi3v.attention import (
     library,
 )
 
-__all__ = ["KernelUnavailable", "amx_ready", "attention", "library", "pairs", "tile"]
+__all__ = ["KernelUnavailable", "amx_ready", "attention", "full", "library", "pairs", "tile"]
 
 VARIANTS = {"fp32": FP32, "amx": AMX_BF16, "bf16": BF16}
 THREADS = 2  # as the timed onnxruntime sessions: the machine's two cores
@@ -75,6 +76,25 @@ def attention(
         )  # fmt: skip
         check_status(status)
     return out[None]
+
+
+def full(q: np.ndarray, k: np.ndarray, v: np.ndarray, head: int, variant: str) -> np.ndarray:
+    """Attention without a mask [T, heads * head] of q, k, v [T, heads * head] (one key/value
+    head per query head), as the vision encoder's: the kernel's ``full_attention`` in
+    ``variant``, whichever the product would pick here."""
+    lib = library()
+    rows, heads = q.shape[0], q.shape[1] // head
+    by_head = [np.ascontiguousarray(x.reshape(rows, heads, head).swapaxes(0, 1)) for x in (k, v)]
+    pitch = -(-rows // KEYS) * KEYS
+    packed = [aligned(heads * pitch * head, np.uint16) for _ in range(2)]
+    addresses = [x.ctypes.data for x in packed] if variant != "fp32" else [None, None]
+    out = np.empty_like(q)
+    status = lib.full_attention(
+        np.ascontiguousarray(q), *by_head, out, rows, heads, head, VARIANTS[variant], THREADS,
+        *addresses,
+    )  # fmt: skip
+    check_status(status)
+    return out
 
 
 def pairs(positions: int, chunk: int, variant: str) -> int:

@@ -1,6 +1,7 @@
-"""The fused causal attention kernel (``kernels/attention.c``): built on first use, run by ctypes.
+"""The fused attention kernel (``kernels/attention.c``): built on first use, run by ctypes.
 
-The fast prefill's attention where it is asked for (:mod:`phi3v.layered`). onnxruntime's
+The fast prefill's attention where it is asked for (:mod:`phi3v.layered`), and the same blocks
+without a mask for the vision encoder's attention (:meth:`AttentionKernel.full`). onnxruntime's
 GroupQueryAttention computes every (query, key) pair of a chunk's queries against the cache, the
 masked half too, and its tiled path stops late (blocks of ~680 keys); the kernel tiles the
 causal triangle in blocks of 64 keys and computes only the blocks that can see something. One
@@ -16,7 +17,7 @@ it takes AVX-512 where the CPU has it, else AVX2 and FMA. Where it cannot be bui
 compiler, another architecture, a CPU without AVX2) :func:`kernel` raises
 :class:`KernelUnavailable` with the reason, and the prefill keeps GroupQueryAttention.
 
-Two numerics (:class:`CausalAttention`): ``fp32``, the arithmetic above, and ``bf16``, which
+Two numerics (:class:`AttentionKernel`): ``fp32``, the arithmetic above, and ``bf16``, which
 rounds Q, K, V and the weights to bf16 and accumulates in fp32, as attention on a GPU does: on
 AMX tiles where the CPU has them, else on AVX-512 BF16 dot products (AMD Zen 4, Intel Cooper Lake
 and later), twice the fp32 FMA's multiply-adds per instruction. On the trained decoder proxy,
@@ -52,7 +53,7 @@ ERRORS = {
     -5: "the CPU lacks AVX2 and FMA (or the OS their registers), which the fp32 variant needs",
 }
 NO_AVX512, NO_AVX2 = -3, -5
-NUMERICS = ("fp32", "bf16")  # what CausalAttention computes in
+NUMERICS = ("fp32", "bf16")  # what AttentionKernel computes in
 HEADS = {"fp32": (16, 32, 64, 96), "bf16": (32, 64, 96)}  # the head sizes each takes (the C file)
 _BUILD_LOCK = threading.Lock()
 
@@ -96,6 +97,8 @@ def library() -> ctypes.CDLL:
     floats = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
     lib.causal_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 8 + [ctypes.c_void_p] * 2
     lib.causal_attention.restype = ctypes.c_int
+    lib.full_attention.argtypes = [floats] * 4 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
+    lib.full_attention.restype = ctypes.c_int
     lib.attention_amx_ready.restype = ctypes.c_int
     lib.attention_bf16_ready.restype = ctypes.c_int
     lib.attention_fp32_rows.restype = ctypes.c_int
@@ -133,8 +136,9 @@ def amx_ready() -> bool:
     return bool(library().attention_amx_ready())
 
 
-class CausalAttention:
-    """The kernel, ready to run with ``numerics``:
+class AttentionKernel:
+    """The kernel, ready to run causal attention over a KV cache (calling it: the decoder's
+    prompt) or attention without a mask (:meth:`full`: the vision encoder's) with ``numerics``:
 
     * ``fp32``: the arithmetic of onnxruntime's GroupQueryAttention, in blocks of ``rows`` query
       rows (32 with AVX-512, 16 with AVX2);
@@ -165,6 +169,7 @@ class CausalAttention:
             self.rows = AMX_ROWS
             self.variant = AMX_BF16 if lib.attention_amx_ready() else BF16
         self._packed: list[np.ndarray] = []  # bf16 K and V^T, [kv_heads, pitch, head] each
+        self._by_head_buffers: list[np.ndarray] = []  # full(): fp32 K and V, [heads, rows, head]
         self._lock = threading.Lock()
 
     def check(self, head: int) -> None:
@@ -177,12 +182,18 @@ class CausalAttention:
 
     @property
     def name(self) -> str:
-        """What runs, for a status line: e.g. ``fused causal fp32 (AVX-512)``."""
+        """What runs the prompt's attention, for a status line: e.g. ``fused causal fp32
+        (AVX-512)``."""
+        return f"fused causal {self.arithmetic}"
+
+    @property
+    def arithmetic(self) -> str:
+        """The numerics and the instructions: e.g. ``bf16 (AMX)``."""
         if self.variant == AMX_BF16:
-            return "fused causal bf16 (AMX)"
+            return "bf16 (AMX)"
         if self.variant == BF16:
-            return "fused causal bf16 (AVX-512)"
-        return f"fused causal fp32 ({'AVX-512' if self.rows == 32 else 'AVX2'})"
+            return "bf16 (AVX-512)"
+        return f"fp32 ({'AVX-512' if self.rows == 32 else 'AVX2'})"
 
     def __call__(
         self,
@@ -218,6 +229,32 @@ class CausalAttention:
             )  # fmt: skip
             check_status(status)
 
+    def full(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, heads: int):
+        """Attention without a mask, as the vision encoder's MultiHeadAttention (one key/value
+        head per query head): every query of q [rows, heads * head] attends to every key of k
+        and value of v [rows, heads * head]; the result into ``out`` [rows, heads * head]. The
+        keys and values are laid out by head first, in buffers kept from call to call."""
+        rows, width = q.shape
+        head = width // heads
+        lib = library()
+        with self._lock:  # one set of buffers: one call at a time
+            keys, values = self._by_head(heads, rows, head)
+            self.store(k, v, keys, values, 0)
+            packed = [None, None]
+            if self.variant != FP32:
+                packed = [x.ctypes.data for x in self._copies(heads, rows, head)]
+            status = lib.full_attention(
+                q, keys, values, out, rows, heads, head, self.variant, self.threads, *packed
+            )
+            check_status(status)
+
+    def _by_head(self, heads: int, rows: int, head: int) -> list[np.ndarray]:
+        """Buffers for keys and values [heads, rows, head]: the kept pair, or a larger one."""
+        size = heads * rows * head
+        if not self._by_head_buffers or self._by_head_buffers[0].size < size:
+            self._by_head_buffers = [aligned(size, np.float32) for _ in range(2)]
+        return [x[:size].reshape(heads, rows, head) for x in self._by_head_buffers]
+
     def _copies(self, kv_heads: int, capacity: int, head: int) -> list[np.ndarray]:
         """The bf16 copies for a cache of this shape: the kept pair, or a larger one."""
         pitch = -(-capacity // KEYS) * KEYS
@@ -248,7 +285,7 @@ def aligned(size: int, dtype) -> np.ndarray:
     return raw[skip : skip + nbytes].view(dtype)
 
 
-def kernel(threads: int, numerics: str = "fp32") -> CausalAttention:
+def kernel(threads: int, numerics: str = "fp32") -> AttentionKernel:
     """The kernel on this machine with ``threads`` threads and ``numerics`` (``fp32`` or
     ``bf16``), or :class:`KernelUnavailable` with the reason it cannot run here."""
-    return CausalAttention(numerics, threads)
+    return AttentionKernel(numerics, threads)

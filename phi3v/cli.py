@@ -123,18 +123,22 @@ def _show_progress(progress: Progress) -> None:
 
 def _print_precision(pipe: Pipeline, as_json: bool) -> None:
     choice = pipe.precision_choice
-    attention = pipe.sessions.prefill_attention if choice.precision == "fast" else None
+    fast = choice.precision == "fast"
+    attention = pipe.sessions.prefill_attention if fast else None
+    vision = pipe.sessions.vision_attention if fast else None
     if as_json:
         check = choice.check.to_json() if choice.check else None
         report = {"precision": choice.precision, "reason": choice.reason, "self_check": check}
-        if attention:
+        if fast:
             report["prompt_attention"] = attention
+            report["vision_attention"] = vision
         report["memory_pages"] = pipe.sessions.huge_pages.describe()
         print(json.dumps(report))
         return
     print(f"precision: {choice.precision} ({choice.reason})")
-    if attention:
+    if fast:
         print(f"prompt attention: {attention}")
+        print(f"vision attention: {vision}")
     print(f"memory pages: {pipe.sessions.huge_pages.describe()}")
 
 

@@ -58,10 +58,16 @@ from phi3v.integer_gemm import (
     layer_count,
     projection_role,
 )
-from phi3v.layered import NotLayerable, node_reads, subgraph_reads, write_stages
+from phi3v.layered import (
+    NotLayerable,
+    node_reads,
+    subgraph_reads,
+    write_stages,
+    write_vision_stages,
+)
 from phi3v.results import Progress
 
-CONVERTER_VERSION = 8  # bump when the rewrite changes: every cached copy is then rebuilt
+CONVERTER_VERSION = 9  # bump when the rewrite changes: every cached copy is then rebuilt
 CACHE_FOLDER = ".phi3v-cache"
 CACHE_ENV = "PHI3V_CACHE_DIR"
 MANIFEST = "manifest.json"
@@ -171,7 +177,10 @@ def fast_models(
             progress=report,
             what="decoder",
         )
-        layers = _write_stages(work / decoder.name, config)
+        layers = {
+            "decoder": _write_stages(write_stages, work / decoder.name, config.decoder),
+            "vision": _write_stages(write_vision_stages, work / vision.name, config.vision),
+        }
         _write_manifest(work, numerics, layers)
         os.replace(work, target)
     finally:
@@ -483,11 +492,12 @@ def _numerics_key(numerics: FastNumerics) -> str:
     return key
 
 
-def _write_stages(decoder: Path, config: ModelConfig) -> dict:
-    """The decoder copy's stages for the fused attention kernel (:mod:`phi3v.layered`), written
-    beside it; the manifest's record of them, or of why the copy has none."""
+def _write_stages(write: Callable, copy: Path, config) -> dict:
+    """A copy's stages for the fused attention kernel (:mod:`phi3v.layered`), written beside it
+    by ``write`` (``write_stages`` or ``write_vision_stages``); the manifest's record of them, or
+    of why the copy has none."""
     try:
-        plan = write_stages(decoder, config.decoder)
+        plan = write(copy, config)
     except NotLayerable as error:
         return {"stages": 0, "why_not": str(error)}
     return {"stages": len(plan.stages)}

@@ -13,9 +13,10 @@ The vision model reads one image per call in both layouts.
 With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
 prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
 steps, and both decoders write the same KV cache. With ``PHI3V_FUSED_ATTENTION=1`` (opt-in; or
-``fp32``, or ``bf16`` for the kernel's bf16 numerics) the prompt decoder runs in layers with our
-fused causal attention kernel between them (:mod:`phi3v.layered`) where the kernel can be built
-and run here; by default it runs whole, with onnxruntime's GroupQueryAttention. The kernel saves
+``fp32``, or ``bf16`` for the kernel's bf16 numerics) the prompt decoder and the vision copy run
+in layers with our fused attention kernel between them (:mod:`phi3v.layered`) where the kernel
+can be built and run here; by default they run whole, with onnxruntime's GroupQueryAttention
+and MultiHeadAttention. The kernel saves
 about 2.5 s of a photo's first answer on a 2-core EPYC with the same accuracy on the trained
 proxy, but the processes that ran it decoded slowly (about 150 instead of 110 ms per token) more
 often than those that did not, for a reason not found yet (``docs/PERFORMANCE.md``), so it is not
@@ -37,7 +38,7 @@ from phi3v.config import ModelConfig
 from phi3v.errors import ModelFolderError, PrecisionError, PromptError, first_line
 from phi3v.huge_pages import HugePages
 from phi3v.image import ProcessedImage
-from phi3v.layered import LayeredDecoder, NotLayerable, plan_path
+from phi3v.layered import LayeredDecoder, LayeredVision, NotLayerable, plan_path
 
 FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # "1": the prompt decoder runs in layers (opt-in)
 # its values: the kernel's numerics, or None for GroupQueryAttention
@@ -47,6 +48,7 @@ FUSED_ATTENTION_VALUES = {
     "bf16": "bf16",
 }
 GQA = "GroupQueryAttention (onnxruntime)"
+MHA = "MultiHeadAttention (onnxruntime)"
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,10 @@ class Sessions:
     session unless a fast copy is given). ``vision_path`` / ``prefill_path`` replace the model
     folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`),
     run in layers with the fused attention kernel where it can (``fused_attention``: False for
-    GroupQueryAttention, True or ``"fp32"`` for the kernel in fp32, ``"bf16"`` in bf16; None =
-    as ``PHI3V_FUSED_ATTENTION`` says, off by default). ``prefill_attention`` says what
-    computes the prompt's attention, and why, for a status line.
+    onnxruntime's attention, True or ``"fp32"`` for the kernel in fp32, ``"bf16"`` in bf16; None
+    = as ``PHI3V_FUSED_ATTENTION`` says, off by default): causal over the KV cache in the
+    prompt decoder, without a mask in the vision copy. ``prefill_attention`` and
+    ``vision_attention`` say what computes each attention, and why, for a status line.
     """
 
     def __init__(
@@ -83,8 +86,14 @@ class Sessions:
     ):
         self.config = config
         self.options = SessionSettings(num_threads, tuple(providers or ["CPUExecutionProvider"]))
-        vision_path = vision_path or config.path(config.vision.filename)
-        self.vision = open_session(vision_path, self.options)
+        self.vision: ort.InferenceSession | LayeredVision
+        if vision_path:
+            self.vision, self.vision_attention = _vision_copy(
+                vision_path, self.options, fused_attention
+            )
+        else:
+            self.vision = open_session(config.path(config.vision.filename), self.options)
+            self.vision_attention = MHA
         self.embedding = open_session(config.path(config.embedding.filename), self.options)
         self.decoder = open_session(config.path(config.decoder.filename), self.options)
         self.prefill_decoder: ort.InferenceSession | LayeredDecoder = self.decoder
@@ -260,6 +269,25 @@ def _prompt_decoder(
         return LayeredDecoder(path, settings, kernel), kernel.name
     except (attention.KernelUnavailable, NotLayerable) as error:
         return open_session(path, settings), f"{GQA}: {first_line(error)}"
+
+
+def _vision_copy(
+    path: Path, settings: SessionSettings, fused: bool | str | None
+) -> tuple[ort.InferenceSession | LayeredVision, str]:
+    """The vision copy at ``path``: in layers with the kernel's attention without a mask where
+    the copy has its stages and the kernel runs here, else whole; and what computes its
+    attention."""
+    numerics = fused_attention_numerics(fused)
+    if numerics is None:
+        return open_session(path, settings), f"{MHA}: the fused kernel is opt-in"
+    if not plan_path(path).exists():
+        return open_session(path, settings), f"{MHA}: the copy has no stages for the kernel"
+    try:
+        kernel = attention.kernel(settings.num_threads or machine.physical_cores(), numerics)
+        layered = LayeredVision(path, settings, kernel)
+        return layered, layered.name
+    except (attention.KernelUnavailable, NotLayerable) as error:
+        return open_session(path, settings), f"{MHA}: {first_line(error)}"
 
 
 def _check_io(config: ModelConfig, model: Sessions) -> None:

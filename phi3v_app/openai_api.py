@@ -114,8 +114,9 @@ def add_openai_routes(
             check = choice.check.to_json() if choice.check else None
             model["phi3v"] = {"precision": choice.precision, "reason": choice.reason}
             model["phi3v"]["self_check"] = check
-            if choice.precision == "fast":  # what computes the prompt's attention, and why
+            if choice.precision == "fast":  # what computes each attention, and why
                 model["phi3v"]["prompt_attention"] = pipe.sessions.prefill_attention
+                model["phi3v"]["vision_attention"] = pipe.sessions.vision_attention
         return model
 
     async def models(request: Request) -> Response:

@@ -1,5 +1,6 @@
-"""phi3v/kernels/attention.c, the fused causal attention kernel: its output is causal
-attention, as a float64 numpy reference computes it, chunk by chunk as the prefill runs it.
+"""phi3v/kernels/attention.c, the fused attention kernel: its output is causal attention, as a
+float64 numpy reference computes it, chunk by chunk as the prefill runs it; and attention without
+a mask, as the vision encoder's.
 
 Tolerances (inputs standard normal, outputs of order 0.1-1): fp32 accumulates in fp32 and its
 exp2 is good to 1e-8, so 2e-6 relative (Frobenius) and 1e-5 largest absolute; the bf16 variants
@@ -69,12 +70,12 @@ def inputs(positions: int, heads: int, kv_heads: int, head: int) -> list[np.ndar
     return [rng.standard_normal((1, positions, w)).astype(np.float32) for w in widths]
 
 
-def causal_attention(q, k, v, head: int) -> np.ndarray:
-    """float64 softmax(q kᵀ / sqrt(head)) v, position i over keys 0..i; query head h reads
-    key/value head h // (heads // kv_heads)."""
+def causal_attention(q, k, v, head: int, causal: bool = True) -> np.ndarray:
+    """float64 softmax(q kᵀ / sqrt(head)) v, position i over keys 0..i (every key where not
+    ``causal``); query head h reads key/value head h // (heads // kv_heads)."""
     positions, heads, kv_heads = q.shape[1], q.shape[2] // head, k.shape[2] // head
     q, k, v = (x[0].astype(np.float64).reshape(positions, -1, head) for x in (q, k, v))
-    later = np.triu(np.ones((positions, positions), bool), 1)
+    later = np.triu(np.ones((positions, positions), bool), 1) & causal
     out = np.empty((positions, heads, head))
     for h in range(heads):
         g = h // (heads // kv_heads)
@@ -167,3 +168,42 @@ def test_bf16_takes_heads_of_32_64_or_96_dims(kernel):
     run.check(96)
     with pytest.raises(phi3v_attention.KernelUnavailable, match="take heads of 32, 64, 96 dims"):
         run.check(16)
+
+
+# tokens, heads, head: a CLIP crop's 577 tokens (a partial last block of keys and of query rows),
+# a single token, and the tiny test models' heads (fp32 only)
+FULL_SHAPES = [(577, 3, 64), (1, 1, 32), (70, 2, 96), (33, 2, 16)]
+
+
+@pytest.mark.parametrize("variant", ["fp32", "amx", "bf16"])
+@pytest.mark.parametrize(("tokens", "heads", "head"), FULL_SHAPES)
+def test_full_attention_sees_every_key(kernel, variant, tokens, heads, head):
+    q, k, v = (x[0] for x in inputs(tokens, heads, heads, head))
+    if head == 16 and variant_or_skip(kernel, variant) != "fp32":
+        with pytest.raises(kernel.KernelUnavailable, match="shape not supported"):
+            kernel.full(q, k, v, head, variant)
+        return
+    out = kernel.full(q, k, v, head, variant_or_skip(kernel, variant))
+    exact = causal_attention(q[None], k[None], v[None], head, causal=False)[0]
+    relative, absolute = TOLERANCE[variant]
+    assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < relative
+    assert np.abs(out - exact).max() < absolute
+
+
+@pytest.mark.parametrize("numerics", ["fp32", "bf16"])
+def test_the_products_full_calls_reuse_their_buffers_across_sizes(kernel, numerics):
+    """AttentionKernel.full as the layered vision model calls it, crop after crop: its key and
+    value buffers (and in bf16 their copies) are kept and grow; a short call after a long one
+    reads none of the long one's keys."""
+    try:
+        run = phi3v_attention.kernel(2, numerics)
+    except phi3v_attention.KernelUnavailable as error:
+        pytest.skip(str(error))
+    relative, absolute = TOLERANCE[numerics]
+    for tokens in (100, 577, 40):
+        q, k, v = (x[0] for x in inputs(tokens, 4, 4, 64))
+        out = np.empty_like(q)
+        run.full(q, k, v, out, heads=4)
+        exact = causal_attention(q[None], k[None], v[None], 64, causal=False)[0]
+        assert np.linalg.norm(out - exact) / np.linalg.norm(exact) < relative
+        assert np.abs(out - exact).max() < absolute

@@ -87,7 +87,7 @@ def test_the_copy_has_a_stage_per_attention_and_one_after(folder, both):
         f"{config.vision.filename}.data",
     ]
     manifest = json.loads((copy / convert.MANIFEST).read_text())
-    assert manifest["layers"] == {"stages": len(plan["stages"])}
+    assert manifest["layers"]["decoder"] == {"stages": len(plan["stages"])}
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -227,10 +227,18 @@ def test_fast_answers_the_same_with_and_without_the_kernel(folder, monkeypatch):
     monkeypatch.setenv(FUSED_ATTENTION_ENV, "1")
     layered = Pipeline.load(folder, precision="fast")
     assert isinstance(layered.sessions.prefill_decoder, LayeredDecoder)
+    assert layered.sessions.vision_attention.startswith("fused fp32")
+    text = [p.generate(question, max_new_tokens=24).token_ids for p in (whole, layered)]
+    assert text[0] == text[1]
+    # With a picture the vision copy's attention is the kernel's too: the features move by a few
+    # flipped int8 steps (4e-3 relative, tests/test_layered_vision.py), and the random tiny
+    # model's near-tied logits turn that into another token after a while (at the 21st of 24
+    # here); a wrong attention changes the answer from its first tokens.
     picture = "data/examples/bar_chart.png"
-    for images in ((), (picture,)):
-        answers = [p.generate(question, images, max_new_tokens=24) for p in (whole, layered)]
-        assert answers[0].token_ids == answers[1].token_ids
+    answers = [
+        p.generate(question, [picture], max_new_tokens=24).token_ids for p in (whole, layered)
+    ]
+    assert answers[0][:12] == answers[1][:12]
 
 
 def test_without_a_compiler_the_prefill_keeps_group_query_attention(folder, monkeypatch):

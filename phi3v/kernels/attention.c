@@ -1,6 +1,7 @@
 /*
  * Fused causal attention for one prefill chunk: the fast prefill's attention (phi3v/layered.py,
- * built and called by phi3v/attention.py; measured in bench/attention_forms.py).
+ * built and called by phi3v/attention.py; measured in bench/attention_forms.py). The same blocks
+ * without the mask (full_attention, at the end) are the vision encoder's attention.
  *
  * The queries of one chunk, positions [start, start + rows), attend to the keys [0, position]
  * of a key/value cache that already holds the chunk's own keys and values, as the fast decoder's
@@ -160,6 +161,16 @@ INLINE __mmask16 visible(int key, int base) {
     return (__mmask16)(0xFFFF << hidden);
 }
 
+/* Where a block of n query rows (rows r0.. of the call's `rows`, the first at position
+ * start + r0) stands: `base`, the position of its first row (the lanes count up from it), and
+ * `last`, the last key any of its rows sees. Causal, each row sees the keys up to its own
+ * position. Not causal (full_attention), every row sees every key: each block stands as if at
+ * the last position, so no key is masked and the loops over keys run to the end. */
+INLINE void block_bounds(int causal, int start, int rows, int r0, int n, int *base, int *last) {
+    *base = causal ? start + r0 : start + rows - 1;
+    *last = causal ? start + r0 + n - 1 : start + rows - 1;
+}
+
 /* The first half of a step of the online softmax over a block of scores st[key][16 queries]
  * (nk keys, one vector each): masks keys after each query's position (-inf), raises the running
  * maximum m and returns the factor 2^(m_old - m_new) by which what was accumulated before (the
@@ -255,11 +266,12 @@ typedef struct { /* rows: FP32_ROWS (AVX-512) or AVX2_ROWS */
 /* One head: q and out point at the head's first column, rows `stride` floats apart; k and v
  * at its key/value head's [capacity][head]. */
 VEC static void head_fp32(const float *q, const float *k, const float *v, float *out, int stride,
-                          int rows, int start, int head, fp32_scratch *w) {
+                          int rows, int start, int head, int causal, fp32_scratch *w) {
     const float factor = (float)(LOG2E / sqrt((double)head));
     for (int r0 = 0; r0 < rows; r0 += FP32_ROWS) {
         int n = rows - r0 < FP32_ROWS ? rows - r0 : FP32_ROWS;
-        int base = start + r0, last = base + n - 1; /* positions of the block's first/last row */
+        int base, last;
+        block_bounds(causal, start, rows, r0, n, &base, &last);
         /* qt[d][i] = q[row i][d] * factor: each row's 16 dims scattered down a column */
         const __m512i down = _mm512_mullo_epi32(lanes(), _mm512_set1_epi32(FP32_ROWS));
         if (n < FP32_ROWS) memset(w->qt, 0, sizeof(float) * head * FP32_ROWS);
@@ -408,11 +420,12 @@ YMM INLINE void values_avx2(float *o, const float *p, const float *v, const floa
 
 /* head_fp32 on 8-lane vectors, blocks of AVX2_ROWS query rows; w's buffers sized for them. */
 YMM static void head_avx2(const float *q, const float *k, const float *v, float *out, int stride,
-                          int rows, int start, int head, fp32_scratch *w) {
+                          int rows, int start, int head, int causal, fp32_scratch *w) {
     const float factor = (float)(LOG2E / sqrt((double)head));
     for (int r0 = 0; r0 < rows; r0 += AVX2_ROWS) {
         int n = rows - r0 < AVX2_ROWS ? rows - r0 : AVX2_ROWS;
-        int base = start + r0, last = base + n - 1; /* positions of the block's first/last row */
+        int base, last;
+        block_bounds(causal, start, rows, r0, n, &base, &last);
         /* qt[d][i] = q[row i][d] * factor, one element at a time: AVX2 has no scatter, and this
          * is a small part of a block's work (each element then meets up to a chunk of keys) */
         if (n < AVX2_ROWS) memset(w->qt, 0, sizeof(float) * head * AVX2_ROWS);
@@ -637,12 +650,13 @@ static void prefetch_packed(const amx_scratch *w, int start, int head) {
     } while (0)
 
 TILES static void head_amx(const float *q, float *out, int stride, int rows, int start, int head,
-                           amx_scratch *w) {
+                           int causal, amx_scratch *w) {
     const float factor = (float)(LOG2E / sqrt((double)head));
     const int slices = head / 32;
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
         const int n = begin_rows(q, stride, rows, r0, head, factor, w);
-        const int base = start + r0, last = base + n - 1; /* the block's first and last position */
+        int base, last;
+        block_bounds(causal, start, rows, r0, n, &base, &last);
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
         for (int key0 = 0; key0 <= last; key0 += KEYS) {
             const uint16_t *kb = w->k + (size_t)key0 * head;
@@ -753,11 +767,12 @@ VEC INLINE void values_bf16(float *ot, const uint16_t *vt, const uint16_t *pp, c
  * constant in each copy (head_bf16), so that the broadcasts' addresses are one base register
  * and constant offsets. */
 VEC INLINE void head_bf16_of(const float *q, float *out, int stride, int rows, int start,
-                             amx_scratch *w, const int head) {
+                             int causal, amx_scratch *w, const int head) {
     const float factor = (float)(LOG2E / sqrt((double)head));
     for (int r0 = 0; r0 < rows; r0 += AMX_ROWS) {
         const int n = begin_rows(q, stride, rows, r0, head, factor, w);
-        const int base = start + r0, last = base + n - 1; /* the block's first and last position */
+        int base, last;
+        block_bounds(causal, start, rows, r0, n, &base, &last);
         __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps();
         for (int key0 = 0; key0 <= last; key0 += KEYS) {
             int nk = last + 1 - key0 < KEYS ? last + 1 - key0 : KEYS;
@@ -776,13 +791,13 @@ VEC INLINE void head_bf16_of(const float *q, float *out, int stride, int rows, i
 }
 
 VEC static void head_bf16(const float *q, float *out, int stride, int rows, int start, int head,
-                          amx_scratch *w) {
-    if (head == 32) head_bf16_of(q, out, stride, rows, start, w, 32);
-    else if (head == 64) head_bf16_of(q, out, stride, rows, start, w, 64);
-    else head_bf16_of(q, out, stride, rows, start, w, 96);
+                          int causal, amx_scratch *w) {
+    if (head == 32) head_bf16_of(q, out, stride, rows, start, causal, w, 32);
+    else if (head == 64) head_bf16_of(q, out, stride, rows, start, causal, w, 64);
+    else head_bf16_of(q, out, stride, rows, start, causal, w, 96);
 }
 
-/* --- the entry point ------------------------------------------------------------------------ */
+/* --- the entry points ----------------------------------------------------------------------- */
 
 /* Each thread's scratch memory, kept from call to call (OpenMP keeps its threads): fresh
  * allocations of this size would be new pages to fault in and zero on every call. */
@@ -823,9 +838,9 @@ TILES static void release_tiles(void) { _tile_release(); }
  * (each chunk adds its keys; pack_cache fills in earlier positions where the caller keeps none):
  * packed_k [kv_heads][pitch][head] and packed_vt [kv_heads][pitch / 32][head][32], pitch =
  * capacity rounded up to 64. The fp32 variant ignores them. */
-int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
+static int attention(const float *q, const float *k, const float *v, float *out, int rows,
                      int start, int capacity, int heads, int kv_heads, int head, int variant,
-                     int threads, uint16_t *packed_k, uint16_t *packed_vt) {
+                     int causal, int threads, uint16_t *packed_k, uint16_t *packed_vt) {
     /* head 16 (the tiny test models') only in fp32: the AMX variant works in slices of 32 dims */
     const int head_ok = head == 32 || head == 64 || head == 96 || (head == 16 && variant == FP32);
     if (!head_ok || rows <= 0 || start < 0 || kv_heads <= 0 || heads % kv_heads != 0 ||
@@ -870,10 +885,10 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
                 const size_t g = (size_t)(h / group) * capacity * head; /* its key/value head */
                 if (ready && fp32_rows == FP32_ROWS)
                     head_fp32(q + h * head, k + g, v + g, out + h * head, stride, rows, start,
-                              head, &f);
+                              head, causal, &f);
                 else if (ready)
                     head_avx2(q + h * head, k + g, v + g, out + h * head, stride, rows, start,
-                              head, &f);
+                              head, causal, &f);
             }
         } else {
             /* per key/value head: the chunk's keys and values in bf16, the earlier chunks'
@@ -889,15 +904,33 @@ int causal_attention(const float *q, const float *k, const float *v, float *out,
                 prefetch_packed(&a, start, head);
                 for (int h = g * group; h < (g + 1) * group; h++) {
                     if (variant == AMX_BF16)
-                        head_amx(q + h * head, out + h * head, stride, rows, start, head, &a);
+                        head_amx(q + h * head, out + h * head, stride, rows, start, head, causal, &a);
                     else
-                        head_bf16(q + h * head, out + h * head, stride, rows, start, head, &a);
+                        head_bf16(q + h * head, out + h * head, stride, rows, start, head, causal, &a);
                 }
             }
         }
         if (variant == AMX_BF16 && ready) release_tiles();
     }
     return status;
+}
+
+int causal_attention(const float *q, const float *k, const float *v, float *out, int rows,
+                     int start, int capacity, int heads, int kv_heads, int head, int variant,
+                     int threads, uint16_t *packed_k, uint16_t *packed_vt) {
+    return attention(q, k, v, out, rows, start, capacity, heads, kv_heads, head, variant, 1,
+                     threads, packed_k, packed_vt);
+}
+
+/* Attention without a mask, as the vision encoder's MultiHeadAttention computes it: each of the
+ * `rows` queries q [rows][heads * head] attends to all `rows` keys and values k, v
+ * [heads][rows][head] (one key/value head per query head, laid out as causal_attention's cache
+ * with capacity = rows); the same variants, blocks, packing and numerics. */
+int full_attention(const float *q, const float *k, const float *v, float *out, int rows,
+                   int heads, int head, int variant, int threads, uint16_t *packed_k,
+                   uint16_t *packed_vt) {
+    return attention(q, k, v, out, rows, 0, rows, heads, heads, head, variant, 0, threads,
+                     packed_k, packed_vt);
 }
 
 /* The chunk's keys and values into the cache, before causal_attention reads them: rows `start`
