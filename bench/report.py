@@ -505,11 +505,13 @@ def optional_sections() -> str:
                 json.loads(fidelity.read_text()) if fidelity.exists() else None,
             ),
         ]
-    # bench/layered_prefill.py, huge_pages.py and kv_pages.py: their reports, each as a section
+    # bench/layered_prefill.py, huge_pages.py, kv_pages.py and vision_attention.py: their
+    # reports, each as a section
     for found in [
         *sorted(RESULTS.glob("layered_prefill*.md")),
         *sorted(RESULTS.glob("huge_pages*.md")),
         *sorted(RESULTS.glob("kv_pages*.md")),
+        *sorted(RESULTS.glob("vision_attention*.md")),
     ]:
         title, body = found.read_text().split("\n", 1)
         parts += [

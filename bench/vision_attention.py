@@ -67,7 +67,7 @@ def with_bf16_attention(source: Path, target: Path) -> Path:
     for node in model.graph.node:
         if node.op_type == "MatMul" and not any(name in weights for name in node.input):
             for index, name in enumerate(node.input):
-                low, back = f"{name}/bf16/{node.name}", f"{name}/rounded/{node.name}"
+                low, back = f"{name}/bf16/{rounded}.{index}", f"{name}/rounded/{rounded}.{index}"
                 nodes.append(helper.make_node("Cast", [name], [low], to=TensorProto.BFLOAT16))
                 nodes.append(helper.make_node("Cast", [low], [back], to=TensorProto.FLOAT))
                 node.input[index] = back
