@@ -22,7 +22,8 @@ rounds Q, K, V and the weights to bf16 and accumulates in fp32, as attention on 
 AMX tiles where the CPU has them, else on AVX-512 BF16 dot products (AMD Zen 4, Intel Cooper Lake
 and later), twice the fp32 FMA's multiply-adds per instruction. On the trained decoder proxy,
 bf16 attention moves the fast copy's distance from truth by a few per cent
-(``bench/results/attention_fidelity.md``); it is chosen with ``PHI3V_FUSED_ATTENTION=bf16``.
+(``bench/results/attention_fidelity.md``); it runs with ``PHI3V_FUSED_ATTENTION=bf16``, and by
+default on a CPU with AMX tiles (:mod:`phi3v.sessions`).
 """
 
 from __future__ import annotations

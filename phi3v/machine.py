@@ -49,6 +49,11 @@ def has_amx() -> bool:
     return all(flag in cpu_flags() for flag in AMX_FLAGS)
 
 
+def has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (the fused attention kernel's fastest numerics)."""
+    return {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
 def describe_cpu() -> str:
     """The CPU's model name and its integer-GEMM flags, for benchmark results and status lines."""
     name = "unknown CPU"

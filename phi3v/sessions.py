@@ -12,15 +12,13 @@ The vision model reads one image per call in both layouts.
 
 With ``precision="fast"`` (see :mod:`phi3v.convert`) the vision model and a second decoder for
 prompt processing are the integer-GEMM copies; the int4 decoder still does the token-by-token
-steps, and both decoders write the same KV cache. With ``PHI3V_FUSED_ATTENTION=1`` (opt-in; or
-``fp32``, or ``bf16`` for the kernel's bf16 numerics) the prompt decoder and the vision copy run
-in layers with our fused attention kernel between them (:mod:`phi3v.layered`) where the kernel
-can be built and run here; by default they run whole, with onnxruntime's GroupQueryAttention
-and MultiHeadAttention. The kernel saves
-about 2.5 s of a photo's first answer on a 2-core EPYC with the same accuracy on the trained
-proxy, but the processes that ran it decoded slowly (about 150 instead of 110 ms per token) more
-often than those that did not, for a reason not found yet (``docs/PERFORMANCE.md``), so it is not
-the default.
+steps, and both decoders write the same KV cache. ``PHI3V_FUSED_ATTENTION`` chooses the copies'
+attention: ``1`` (or ``fp32``) or ``bf16`` runs the prompt decoder and the vision copy in layers
+with our fused attention kernel between them (:mod:`phi3v.layered`) in those numerics, where the
+kernel can be built and run here; ``0`` runs them whole, with onnxruntime's GroupQueryAttention
+and MultiHeadAttention; ``auto`` (the default) runs the prompt's attention on the kernel in
+bf16 on CPUs with AMX tiles, and onnxruntime's attention elsewhere and in the vision copy
+(:data:`AUTO_ON_AMX` says why).
 """
 
 from __future__ import annotations
@@ -40,12 +38,27 @@ from phi3v.huge_pages import HugePages
 from phi3v.image import ProcessedImage
 from phi3v.layered import LayeredDecoder, LayeredVision, NotLayerable, plan_path
 
-FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # "1": the prompt decoder runs in layers (opt-in)
-# its values: the kernel's numerics, or None for GroupQueryAttention
+FUSED_ATTENTION_ENV = "PHI3V_FUSED_ATTENTION"  # the fast copies' attention: our kernel or not
+AUTO = "auto"
+# its values: the kernel's numerics, None for onnxruntime's attention, or AUTO (by the CPU)
 FUSED_ATTENTION_VALUES = {
-    **dict.fromkeys(("", "0", "false", "no", "off"), None),
+    **dict.fromkeys(("", AUTO), AUTO),
+    **dict.fromkeys(("0", "false", "no", "off"), None),
     **dict.fromkeys(("1", "true", "yes", "on", "fp32"), "fp32"),
     "bf16": "bf16",
+}
+# What AUTO runs on a CPU with AMX tiles (docs/PERFORMANCE.md has the measurements): the
+# prompt's attention in bf16 on the tiles, which made a photo's first token a fifth sooner on a
+# 2-core Xeon with decode after it no slower, and keeps the trained decoder proxy within the
+# fidelity limits. The vision copy keeps onnxruntime's: bf16 there saved under a second and
+# moved the trained vision proxy's error from just under its limit to just over it. Elsewhere
+# both keep onnxruntime's: on a 2-core EPYC the processes that ran the kernel decoded slowly
+# more often.
+AUTO_ON_AMX = {"prompt": "bf16", "vision": None}
+WHY_NOT = {  # why AUTO leaves a part to onnxruntime, for a status line
+    "prompt": "by default the fused kernel runs on CPUs with AMX only",
+    "vision": "by default the vision copy keeps it (bf16 attention moved the trained vision "
+    "proxy's error past its limit)",
 }
 GQA = "GroupQueryAttention (onnxruntime)"
 MHA = "MultiHeadAttention (onnxruntime)"
@@ -68,10 +81,11 @@ class Sessions:
     session unless a fast copy is given). ``vision_path`` / ``prefill_path`` replace the model
     folder's vision model / add a prompt decoder (the integer-GEMM copies of :mod:`phi3v.convert`),
     run in layers with the fused attention kernel where it can (``fused_attention``: False for
-    onnxruntime's attention, True or ``"fp32"`` for the kernel in fp32, ``"bf16"`` in bf16; None
-    = as ``PHI3V_FUSED_ATTENTION`` says, off by default): causal over the KV cache in the
-    prompt decoder, without a mask in the vision copy. ``prefill_attention`` and
-    ``vision_attention`` say what computes each attention, and why, for a status line.
+    onnxruntime's attention, True or ``"fp32"`` for the kernel in fp32, ``"bf16"`` in bf16,
+    ``"auto"`` by the CPU; None = as ``PHI3V_FUSED_ATTENTION`` says, auto by default): causal
+    over the KV cache in the prompt decoder, without a mask in the vision copy.
+    ``prefill_attention`` and ``vision_attention`` say what computes each attention, and why,
+    for a status line.
     """
 
     def __init__(
@@ -238,9 +252,11 @@ def open_session(
         ) from err
 
 
-def fused_attention_numerics(fused: bool | str | None) -> str | None:
-    """The fused kernel's numerics that ``fused`` asks for (None: GroupQueryAttention); None
-    reads ``PHI3V_FUSED_ATTENTION``. Raises :class:`PrecisionError` for a value it does not know."""
+def fused_attention_numerics(fused: bool | str | None, part: str = "prompt") -> str | None:
+    """The fused kernel's numerics that ``fused`` asks for the ``part`` ("prompt" or "vision")
+    to run in (None: onnxruntime's attention); None reads ``PHI3V_FUSED_ATTENTION``, and
+    ``auto`` (its default) decides by the CPU (:data:`AUTO_ON_AMX`). Raises
+    :class:`PrecisionError` for a value it does not know."""
     if fused is None:
         fused = os.environ.get(FUSED_ATTENTION_ENV, "")
     if isinstance(fused, bool):
@@ -248,10 +264,23 @@ def fused_attention_numerics(fused: bool | str | None) -> str | None:
     choice = fused.strip().lower()
     if choice not in FUSED_ATTENTION_VALUES:
         raise PrecisionError(
-            f"{FUSED_ATTENTION_ENV}={fused!r} is not a choice: use 1 (or fp32) for the fused "
-            "kernel, bf16 for it in bf16, or 0 for onnxruntime's GroupQueryAttention"
+            f"{FUSED_ATTENTION_ENV}={fused!r} is not a choice: use auto (the default: by the "
+            "CPU), 1 (or fp32) for the fused kernel, bf16 for it in bf16, or 0 for onnxruntime's "
+            "attention"
         )
-    return FUSED_ATTENTION_VALUES[choice]
+    numerics = FUSED_ATTENTION_VALUES[choice]
+    if numerics == AUTO:
+        return AUTO_ON_AMX[part] if machine.has_amx_bf16() else None
+    return numerics
+
+
+def _not_asked(fused: bool | str | None, part: str) -> str:
+    """Why the kernel does not run the ``part``'s attention, where nothing asked for it, for a
+    status line."""
+    asked = fused if fused is not None else os.environ.get(FUSED_ATTENTION_ENV, "")
+    if isinstance(asked, str) and FUSED_ATTENTION_VALUES.get(asked.strip().lower()) == AUTO:
+        return WHY_NOT[part]
+    return "the fused kernel is off (asked)"
 
 
 def _prompt_decoder(
@@ -259,9 +288,9 @@ def _prompt_decoder(
 ) -> tuple[ort.InferenceSession | LayeredDecoder, str]:
     """The prompt decoder copy at ``path``: in layers with the fused attention kernel where the
     copy has its stages and the kernel runs here, else whole; and what computes its attention."""
-    numerics = fused_attention_numerics(fused)
+    numerics = fused_attention_numerics(fused, "prompt")
     if numerics is None:
-        return open_session(path, settings), f"{GQA}: the fused kernel is opt-in"
+        return open_session(path, settings), f"{GQA}: {_not_asked(fused, 'prompt')}"
     if not plan_path(path).exists():
         return open_session(path, settings), f"{GQA}: the copy has no stages for the kernel"
     try:
@@ -277,9 +306,9 @@ def _vision_copy(
     """The vision copy at ``path``: in layers with the kernel's attention without a mask where
     the copy has its stages and the kernel runs here, else whole; and what computes its
     attention."""
-    numerics = fused_attention_numerics(fused)
+    numerics = fused_attention_numerics(fused, "vision")
     if numerics is None:
-        return open_session(path, settings), f"{MHA}: the fused kernel is opt-in"
+        return open_session(path, settings), f"{MHA}: {_not_asked(fused, 'vision')}"
     if not plan_path(path).exists():
         return open_session(path, settings), f"{MHA}: the copy has no stages for the kernel"
     try:

@@ -147,6 +147,7 @@ def test_check_says_which_precision_runs_and_the_self_check(tiny_int4_model_dir)
     assert report["self_check"]["passed"] is True
     assert 0 <= report["self_check"]["fast"]["top1"] <= 1
     assert report["prompt_attention"].startswith(("fused causal fp32", "GroupQueryAttention"))
+    assert report["vision_attention"].startswith(("fused fp32", "MultiHeadAttention"))
     # one question per process: the weights are not moved to 2 MB pages unless asked
     assert report["memory_pages"] == "weights on 4 KB pages: " + NOT_ASKED
     plain = run_cli("--model", str(tiny_int4_model_dir), "--precision", "exact", "--check")

@@ -21,12 +21,17 @@ import onnx
 import pytest
 from onnx import helper
 
-from phi3v import Pipeline, attention, convert, load_config
+from phi3v import Pipeline, attention, convert, load_config, machine
 from phi3v.errors import PrecisionError
 from phi3v.fast_check import agreement, path_sessions, teacher_forced_logits
 from phi3v.kv_cache import KVCache
 from phi3v.layered import LayeredDecoder, NotLayerable, cut, plan_path
-from phi3v.sessions import FUSED_ATTENTION_ENV, Sessions, fused_attention_numerics
+from phi3v.sessions import (
+    AUTO_ON_AMX,
+    FUSED_ATTENTION_ENV,
+    Sessions,
+    fused_attention_numerics,
+)
 from phi3v.testing import build_model
 from phi3v.testing.proxies import ProxyUnavailable, build_decoder_proxy, evaluation_texts
 from phi3v.testing.sizes import TINY
@@ -184,19 +189,56 @@ def test_bf16_on_heads_of_16_dims_keeps_group_query_attention_and_says_why(folde
 
 @pytest.mark.parametrize(
     ("value", "numerics"),
-    [("", None), ("0", None), ("1", "fp32"), ("yes", "fp32"), ("fp32", "fp32"), (" BF16 ", "bf16")],
+    [
+        ("0", None),
+        ("off", None),
+        ("1", "fp32"),
+        ("yes", "fp32"),
+        ("fp32", "fp32"),
+        (" BF16 ", "bf16"),
+    ],
 )
 def test_the_fused_attention_setting_names_the_numerics(monkeypatch, value, numerics):
     monkeypatch.setenv(FUSED_ATTENTION_ENV, value)
     assert fused_attention_numerics(None) == numerics
+    assert fused_attention_numerics(None, "vision") == numerics
     assert fused_attention_numerics(True) == "fp32"
     assert fused_attention_numerics(False) is None
+
+
+@pytest.mark.parametrize("value", ["", "auto", " Auto "])
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_runs_the_kernel_on_a_cpu_with_amx_only(monkeypatch, value, amx):
+    monkeypatch.setenv(FUSED_ATTENTION_ENV, value)
+    monkeypatch.setattr(machine, "has_amx_bf16", lambda: amx)
+    for part in ("prompt", "vision"):
+        expected = AUTO_ON_AMX[part] if amx else None
+        assert fused_attention_numerics(None, part) == expected
+        assert fused_attention_numerics("auto", part) == expected
+    monkeypatch.delenv(FUSED_ATTENTION_ENV)
+    assert fused_attention_numerics(None) == (AUTO_ON_AMX["prompt"] if amx else None)
+
+
+def test_auto_without_amx_keeps_onnxruntimes_attention_and_says_why(folder, monkeypatch):
+    monkeypatch.setattr(machine, "has_amx_bf16", lambda: False)
+    config = load_config(folder)
+    fast = convert.fast_models(config)
+    sessions = Sessions(
+        config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention="auto"
+    )
+    assert not isinstance(sessions.prefill_decoder, LayeredDecoder)
+    assert sessions.prefill_attention == (
+        "GroupQueryAttention (onnxruntime): by default the fused kernel runs on CPUs with AMX only"
+    )
+    assert sessions.vision_attention.startswith(
+        "MultiHeadAttention (onnxruntime): by default the vision copy keeps it"
+    )
 
 
 def test_an_unknown_fused_attention_setting_is_refused_with_the_choices(monkeypatch):
     monkeypatch.setenv(FUSED_ATTENTION_ENV, "fp16")
     with pytest.raises(
-        PrecisionError, match=r"PHI3V_FUSED_ATTENTION='fp16' is not a choice: use 1"
+        PrecisionError, match=r"PHI3V_FUSED_ATTENTION='fp16' is not a choice: use auto"
     ):
         fused_attention_numerics(None)
 
@@ -222,8 +264,9 @@ def test_a_full_cache_is_refused_before_anything_runs(both):
 def test_fast_answers_the_same_with_and_without_the_kernel(folder, monkeypatch):
     kernel_or_skip()
     question = "Describe the history of computing machines in a few words. " * 4
-    whole = Pipeline.load(folder, precision="fast")  # the default: the copy whole, with GQA
-    assert whole.sessions.prefill_attention.endswith("the fused kernel is opt-in")
+    monkeypatch.setenv(FUSED_ATTENTION_ENV, "0")
+    whole = Pipeline.load(folder, precision="fast")  # the copies whole, onnxruntime's attention
+    assert whole.sessions.prefill_attention.endswith("the fused kernel is off (asked)")
     monkeypatch.setenv(FUSED_ATTENTION_ENV, "1")
     layered = Pipeline.load(folder, precision="fast")
     assert isinstance(layered.sessions.prefill_decoder, LayeredDecoder)

@@ -91,11 +91,11 @@ def test_layers_compute_what_the_whole_vision_copy_computes(both, picture, crops
     assert relative(expected, got) < FP32_CLOSE
 
 
-def test_the_whole_copy_is_the_default_and_says_so(folder):
+def test_the_whole_copy_runs_where_the_kernel_is_off_and_says_so(folder):
     _, sessions = opened(folder, False)
     assert not isinstance(sessions.vision, LayeredVision)
     assert sessions.vision_attention == (
-        "MultiHeadAttention (onnxruntime): the fused kernel is opt-in"
+        "MultiHeadAttention (onnxruntime): the fused kernel is off (asked)"
     )
 
 
