@@ -453,7 +453,7 @@ def amx_section(run: dict) -> str:
         f"{run['versions']['phi3v_commit']}; {run['machine']['cpu_model']}, "
         f"`{', '.join(run['machine']['simd'])}`; {_processes(run['runs'])}): the 1344x1008 "
         f"photo at 16 crops (1,935 ids), first token **{fast:.1f} s** in fast (as a user's "
-        f"default runs on this CPU) against {genai:.1f} s for "
+        f"default runs on this CPU{_attention_of(run, 'phi3v-fast')}) against {genai:.1f} s for "
         f"onnxruntime-genai with 2 threads (**{fast / genai:.2f}x**). {_one_time(setup)}"
     )
     if setup.get("check"):
@@ -465,6 +465,15 @@ def amx_section(run: dict) -> str:
         )
     floor = floor_note("AMX", genai, 0.12 * genai).strip()
     return f"{summary}\n\n{speed_table(run)}" + (f"\n\n{floor}" if floor else "")
+
+
+def _attention_of(run: dict, config: str) -> str:
+    """ ", its prompt's attention: <what computed it>" as ``config``'s runs recorded it."""
+    for entry in run["raw_runs"]:
+        attempts = entry["attempts"]
+        if entry["config"] == config and attempts and attempts[-1].get("prefill_attention"):
+            return f", its prompt's attention: {attempts[-1]['prefill_attention']}"
+    return ""
 
 
 def _processes(runs: int) -> str:

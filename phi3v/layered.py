@@ -20,6 +20,11 @@ stream, the cos/sin caches) are passed along by name.
 
 The stage graphs are small files beside the copy (:func:`write_stages`) whose weights point into
 the copy's own ``.onnx.data``: no weight is written twice, and each lives in one stage's session.
+
+The vision copy is cut the same way at each MultiHeadAttention of its CLIP encoder
+(:func:`write_vision_stages`), whose queries, keys and values leave a stage as they are; between
+two stages the kernel attends each crop's tokens to all of its tokens, without a mask
+(:class:`LayeredVision`, run as the vision session would be).
 """
 
 from __future__ import annotations

@@ -102,8 +102,8 @@ class Sessions:
         self.options = SessionSettings(num_threads, tuple(providers or ["CPUExecutionProvider"]))
         self.vision: ort.InferenceSession | LayeredVision
         if vision_path:
-            self.vision, self.vision_attention = _vision_copy(
-                vision_path, self.options, fused_attention
+            self.vision, self.vision_attention = _open_copy(
+                vision_path, self.options, fused_attention, "vision"
             )
         else:
             self.vision = open_session(config.path(config.vision.filename), self.options)
@@ -115,8 +115,8 @@ class Sessions:
         # what Pipeline.load did with the weights' pages, once every session is open
         self.huge_pages = HugePages(reason="not asked (Pipeline.load moves them)")
         if prefill_path:
-            self.prefill_decoder, self.prefill_attention = _prompt_decoder(
-                prefill_path, self.options, fused_attention
+            self.prefill_decoder, self.prefill_attention = _open_copy(
+                prefill_path, self.options, fused_attention, "prompt"
             )
         _check_io(config, self)
 
@@ -283,40 +283,28 @@ def _not_asked(fused: bool | str | None, part: str) -> str:
     return "the fused kernel is off (asked)"
 
 
-def _prompt_decoder(
-    path: Path, settings: SessionSettings, fused: bool | str | None
-) -> tuple[ort.InferenceSession | LayeredDecoder, str]:
-    """The prompt decoder copy at ``path``: in layers with the fused attention kernel where the
-    copy has its stages and the kernel runs here, else whole; and what computes its attention."""
-    numerics = fused_attention_numerics(fused, "prompt")
-    if numerics is None:
-        return open_session(path, settings), f"{GQA}: {_not_asked(fused, 'prompt')}"
-    if not plan_path(path).exists():
-        return open_session(path, settings), f"{GQA}: the copy has no stages for the kernel"
-    try:
-        kernel = attention.kernel(settings.num_threads or machine.physical_cores(), numerics)
-        return LayeredDecoder(path, settings, kernel), kernel.name
-    except (attention.KernelUnavailable, NotLayerable) as error:
-        return open_session(path, settings), f"{GQA}: {first_line(error)}"
+# Per part of the fast copies: the layered runner for the kernel, and what runs it otherwise.
+_PARTS = {"prompt": (LayeredDecoder, GQA), "vision": (LayeredVision, MHA)}
 
 
-def _vision_copy(
-    path: Path, settings: SessionSettings, fused: bool | str | None
-) -> tuple[ort.InferenceSession | LayeredVision, str]:
-    """The vision copy at ``path``: in layers with the kernel's attention without a mask where
-    the copy has its stages and the kernel runs here, else whole; and what computes its
-    attention."""
-    numerics = fused_attention_numerics(fused, "vision")
+def _open_copy(
+    path: Path, settings: SessionSettings, fused: bool | str | None, part: str
+) -> tuple[ort.InferenceSession | LayeredDecoder | LayeredVision, str]:
+    """The ``part``'s copy at ``path`` ("prompt": the decoder's, "vision": the vision model's):
+    in layers with the fused attention kernel where ``fused`` asks for it, the copy has its
+    stages and the kernel runs here, else whole; and what computes its attention, and why."""
+    layered, onnxruntime = _PARTS[part]
+    numerics = fused_attention_numerics(fused, part)
     if numerics is None:
-        return open_session(path, settings), f"{MHA}: {_not_asked(fused, 'vision')}"
+        return open_session(path, settings), f"{onnxruntime}: {_not_asked(fused, part)}"
     if not plan_path(path).exists():
-        return open_session(path, settings), f"{MHA}: the copy has no stages for the kernel"
+        return open_session(path, settings), f"{onnxruntime}: the copy has no stages for the kernel"
     try:
         kernel = attention.kernel(settings.num_threads or machine.physical_cores(), numerics)
-        layered = LayeredVision(path, settings, kernel)
-        return layered, layered.name
+        runner = layered(path, settings, kernel)
+        return runner, runner.name
     except (attention.KernelUnavailable, NotLayerable) as error:
-        return open_session(path, settings), f"{MHA}: {first_line(error)}"
+        return open_session(path, settings), f"{onnxruntime}: {first_line(error)}"
 
 
 def _check_io(config: ModelConfig, model: Sessions) -> None:

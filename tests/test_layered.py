@@ -64,6 +64,15 @@ def both(folder):
     return config, opened[False], opened[True]
 
 
+def fast_sessions(folder, fused) -> Sessions:
+    """The fast copies of ``folder`` opened with ``fused_attention=fused``."""
+    config = load_config(folder)
+    fast = convert.fast_models(config)
+    return Sessions(
+        config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention=fused
+    )
+
+
 def prefill(config, decoder, embeds, chunk, cache=None):
     """Run ``embeds`` through ``decoder`` in chunks; the cache and every chunk's last logits."""
     cache = cache or KVCache(config.decoder, 1400, True, config.vocab_size)
@@ -175,11 +184,7 @@ def test_bf16_on_heads_of_16_dims_keeps_group_query_attention_and_says_why(folde
         attention.kernel(2, "bf16")
     except attention.KernelUnavailable as error:
         pytest.skip(f"the kernel's bf16 numerics cannot run here: {error}")
-    config = load_config(folder)
-    fast = convert.fast_models(config)
-    sessions = Sessions(
-        config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention="bf16"
-    )
+    sessions = fast_sessions(folder, "bf16")
     assert not isinstance(sessions.prefill_decoder, LayeredDecoder)
     assert sessions.prefill_attention == (
         "GroupQueryAttention (onnxruntime): the kernel's bf16 numerics take heads of 32, 64, 96 "
@@ -221,11 +226,7 @@ def test_auto_runs_the_kernel_on_a_cpu_with_amx_only(monkeypatch, value, amx):
 
 def test_auto_without_amx_keeps_onnxruntimes_attention_and_says_why(folder, monkeypatch):
     monkeypatch.setattr(machine, "has_amx_bf16", lambda: False)
-    config = load_config(folder)
-    fast = convert.fast_models(config)
-    sessions = Sessions(
-        config, vision_path=fast.vision, prefill_path=fast.decoder, fused_attention="auto"
-    )
+    sessions = fast_sessions(folder, "auto")
     assert not isinstance(sessions.prefill_decoder, LayeredDecoder)
     assert sessions.prefill_attention == (
         "GroupQueryAttention (onnxruntime): by default the fused kernel runs on CPUs with AMX only"

@@ -45,6 +45,13 @@ def opened(folder, fused):
     )
 
 
+def bf16_or_skip() -> None:
+    try:
+        attention.kernel(2, "bf16")
+    except attention.KernelUnavailable as error:
+        pytest.skip(f"the kernel's bf16 numerics cannot run here: {error}")
+
+
 def features(sessions: Sessions, picture: str, crops: int = 4) -> np.ndarray:
     return sessions.encode_images([preprocess_image(picture, crops)])[0]
 
@@ -100,10 +107,7 @@ def test_the_whole_copy_runs_where_the_kernel_is_off_and_says_so(folder):
 
 
 def test_bf16_on_heads_of_16_dims_keeps_multi_head_attention_and_says_why(folder):
-    try:
-        attention.kernel(2, "bf16")
-    except attention.KernelUnavailable as error:
-        pytest.skip(f"the kernel's bf16 numerics cannot run here: {error}")
+    bf16_or_skip()
     _, sessions = opened(folder, "bf16")
     assert not isinstance(sessions.vision, LayeredVision)
     assert sessions.vision_attention == (
@@ -113,10 +117,7 @@ def test_bf16_on_heads_of_16_dims_keeps_multi_head_attention_and_says_why(folder
 
 
 def test_layers_in_bf16_compute_what_the_whole_vision_copy_computes(tmp_path_factory):
-    try:
-        attention.kernel(2, "bf16")
-    except attention.KernelUnavailable as error:
-        pytest.skip(f"the kernel's bf16 numerics cannot run here: {error}")
+    bf16_or_skip()
     size = dataclasses.replace(TINY, name="tiny-clip-head-32", clip_width=64)
     folder = build_model(tmp_path_factory.mktemp("vision-bf16") / "int4", size=size, weights="int4")
     _, whole = opened(folder, False)
