@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -206,6 +207,29 @@ class KVCache:
             self._past = binding.get_outputs()[1:]
         self.length += new
         return self._logits[0, -1]
+
+    def prefault(self, new: int, threads: int = 2) -> None:
+        """Write zeros over the positions the next ``new`` will take, in every layer's buffers,
+        before a prefill writes them there.
+
+        The first write to each page of the cache's memory is a page fault. Taken inside the
+        prefill, between its operators (onnxruntime writing the present keys and values, or
+        the layered prefill's copies), they cost seconds of a photo's first answer on these
+        VMs; in one pass beforehand, on ``threads`` threads, a fraction of that
+        (``bench/results/layered_prefill*.md``). The prefill writes these pages anyway, so no
+        memory is added; positions past the capacity are left to :meth:`run` to refuse.
+        """
+        if not self.share_buffer or self._frozen:
+            return
+        start, end = self.length, min(self.length + new, self.capacity)
+        if end <= start:
+            return
+
+        def zero(buffer: np.ndarray) -> None:
+            buffer[:, :, start:end] = 0
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(zero, self._buffers))
 
     def mask_for(self, new: int) -> np.ndarray:
         """The attention mask [1, length + new] of a run of ``new`` positions, which must fit."""

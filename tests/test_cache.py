@@ -195,3 +195,46 @@ def test_legacy_layout_reuses_too(tiny_legacy_model_dir, fresh, pictures):
     second = pipe.generate(messages, pictures[:1], max_new_tokens=12)
     assert second.reused_tokens > 1921
     assert second.token_ids == fresh.generate(messages, pictures[:1], max_new_tokens=12).token_ids
+
+
+# --- prefault: the prompt's pages written before the prefill writes them ---------------------
+
+
+def test_prefault_zeroes_exactly_the_positions_the_next_run_takes(pipe):
+    cache = KVCache(pipe.config.decoder, 40, True, pipe.config.vocab_size)
+    for buffer in cache._buffers:
+        buffer[...] = 7.0
+    cache.length = 10  # ten positions held: they must survive
+    cache.prefault(12, threads=2)
+    for buffer in cache._buffers:
+        assert (buffer[:, :, :10] == 7.0).all()
+        assert (buffer[:, :, 10:22] == 0.0).all()
+        assert (buffer[:, :, 22:] == 7.0).all()
+    cache.prefault(100)  # past the capacity: up to it, and run() still refuses the overflow
+    assert all((buffer[:, :, 10:] == 0.0).all() for buffer in cache._buffers)
+    cache.close()
+
+
+def test_prefault_leaves_a_frozen_prefix_alone(pipe):
+    cache = KVCache(pipe.config.decoder, 16, True, pipe.config.vocab_size)
+    for buffer in cache._buffers:
+        buffer[...] = 3.0
+    cache.freeze()
+    cache.prefault(8)
+    assert all((buffer == 3.0).all() for buffer in cache._buffers)
+    cache.close()
+
+
+def test_the_prefill_prefaults_its_prompt_and_answers_the_same(pipe, fresh, pictures, monkeypatch):
+    asked = []
+    original = KVCache.prefault
+
+    def recording(self, new, threads=2):
+        asked.append((self.length, new))
+        original(self, new, threads)
+
+    expected = fresh.generate("What is shown?", [pictures[1]], max_new_tokens=6).token_ids
+    monkeypatch.setattr(KVCache, "prefault", recording)
+    answer = pipe.generate("What is shown?", [pictures[1]], max_new_tokens=6)
+    assert asked and asked[0] == (0, len(answer.input_ids))
+    assert answer.token_ids == expected
