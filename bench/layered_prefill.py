@@ -232,7 +232,12 @@ def bf16_share(medians: dict) -> str:
     if (bf16 := medians.get("fused kernel, bf16")) is None:
         return ""
     touched, fresh = share_of(bf16, "touched"), share_of(bf16, "fresh")
-    return f" In bf16: {touched:.0%} touched, {fresh:.0%} fresh."
+    text = f" In bf16: {touched:.0%} touched, {fresh:.0%} fresh"
+    if "prefaulted_s" in bf16:
+        prefaulted = share_of(bf16, "prefaulted")
+        met = "met" if prefaulted <= TARGET_SHARE else "**not met**"
+        text += f", {prefaulted:.0%} as the engine runs (its prompt's pages written first): {met}"
+    return text + "."
 
 
 if __name__ == "__main__":
