@@ -214,8 +214,8 @@ class KVCache:
 
         The first write to each page of the cache's memory is a page fault. Taken inside the
         prefill, between its operators (onnxruntime writing the present keys and values, or
-        the layered prefill's copies), they cost seconds of a photo's first answer on these
-        VMs; in one pass beforehand, on ``threads`` threads, a fraction of that
+        the layered prefill's copies), a photo's prompt's faults cost seconds on a fresh cache
+        on these VMs; in one pass beforehand, on ``threads`` threads, a fraction of that
         (``bench/results/layered_prefill*.md``). The prefill writes these pages anyway, so no
         memory is added; positions past the capacity are left to :meth:`run` to refuse.
         """
