@@ -128,7 +128,7 @@ def fidelity(folder: Path, forms: list[str], answer_tokens: int) -> dict:
         paths[f"{FAST} {name}"] = _prefill_on(exact, emulate(fast, name, *FORMS[name]))
     not_run = {}
     write_stages(fast, config.decoder)
-    threads = exact.options.num_threads or machine.physical_cores()
+    threads = exact.options.threads
     for numerics, name in KERNELS.items():
         try:
             layered = LayeredDecoder(fast, exact.options, attention.kernel(threads, numerics))

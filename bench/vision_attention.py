@@ -26,16 +26,13 @@ AVX-512 BF16 runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import native
 import numpy as np
 import onnx
 import paired
@@ -146,13 +143,6 @@ def timing(model: str, image: str, threads: int, repeats: int) -> dict:
     }
 
 
-def without_amx(spec: dict) -> dict:
-    """:func:`timing` in a child process that Linux refuses the AMX tile state."""
-    command = [native.noamx_launcher(), sys.executable, __file__, "--worker", json.dumps(spec)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.split("RESULT ", 1)[1])
-
-
 # --- the report -----------------------------------------------------------------------------
 
 
@@ -234,7 +224,8 @@ def main() -> None:
         spec |= {"threads": args.threads, "repeats": args.repeats}
         result["speed"]["this CPU"] = run_worker(__file__, spec)
         if machine.has_amx():
-            result["speed"]["AMX refused (AVX-512 BF16)"] = without_amx(spec)
+            refused = run_worker(__file__, spec, without_amx=True)
+            result["speed"]["AMX refused (AVX-512 BF16)"] = refused
     command = "python bench/vision_attention.py " + " ".join(sys.argv[1:])
     result |= stamp(command, FLAGS, load_before)
     text = report(result)

@@ -23,14 +23,12 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import native
 import numpy as np
 import onnxruntime as ort
 import tables
@@ -109,7 +107,8 @@ def main() -> None:
         spec["repeats"] = args.repeats
         result["speed"] = {"this CPU": run_worker(__file__, spec)}
         if machine.has_amx():
-            result["speed"]["AMX refused (VNNI only)"] = _without_amx(spec)
+            refused = run_worker(__file__, spec, without_amx=True)
+            result["speed"]["AMX refused (VNNI only)"] = refused
         result["speed_detail"] = {k: v.pop("runs") for k, v in result["speed"].items()}
     else:
         result["speed"] = {}
@@ -180,13 +179,6 @@ def timing(spec: dict) -> dict:
             print(f"{name}: {runs[name][-1]:.2f} s", file=sys.stderr, flush=True)
     medians = {name: statistics.median(times) for name, times in runs.items()}
     return {**medians, "runs": runs}
-
-
-def _without_amx(spec: dict) -> dict:
-    """The same timing in a child process that the kernel refuses AMX tile state."""
-    command = [native.noamx_launcher(), sys.executable, __file__, "--worker", json.dumps(spec)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
 def _head(result: dict) -> str:

@@ -15,13 +15,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import native
+
 MARK = "RESULT "
 
 
-def run_worker(script: str | Path, spec: dict, *args: str) -> dict:
-    """Run ``script --worker SPEC`` (plus ``args``) in a new Python; return what it reported."""
+def run_worker(script: str | Path, spec: dict, *args: str, without_amx: bool = False) -> dict:
+    """Run ``script --worker SPEC`` (plus ``args``) in a new Python; return what it reported.
+    ``without_amx``: in a process that Linux refuses the AMX tile state (``bench/noamx.c``),
+    which then runs what a CPU without AMX runs."""
+    launcher = [native.noamx_launcher()] if without_amx else []
     out = subprocess.run(
-        [sys.executable, str(script), *args, "--worker", json.dumps(spec)],
+        [*launcher, sys.executable, str(script), *args, "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=True,

@@ -60,6 +60,7 @@ from phi3v.integer_gemm import (
 )
 from phi3v.layered import (
     NotLayerable,
+    node_attributes,
     node_reads,
     subgraph_reads,
     write_stages,
@@ -366,7 +367,7 @@ def _dequantize(
     node: onnx.NodeProto, initializers: dict[str, TensorProto], reader: _TensorReader
 ) -> np.ndarray:
     """The node's int4 weights as float32 [K, N]."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
     if bits != 4 or len(node.input) > 4 and node.input[4]:
         raise ModelFolderError(

@@ -446,7 +446,7 @@ class Pipeline:
         if total >= FAST_PREFILL_FROM:
             decoder = self.sessions.prefill_decoder
         started = time.perf_counter()
-        cache.prefault(total, self.sessions.options.num_threads or machine.physical_cores())
+        cache.prefault(total, self.sessions.options.threads)
         logits = None
         for start, end in _chunks(cache.length, total):
             run.progress = Progress("prefill", start, total)

@@ -186,9 +186,12 @@ def cut_vision(model: onnx.ModelProto, features: str) -> tuple[list[onnx.ModelPr
     for node in attentions:
         _check_unmasked(node)
 
+    made_by = {name: node for node in model.graph.node for name in node.output}
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+
     def unmasked(node, number):
-        heads = int(_attributes(node)["num_heads"])
-        width = _width(model.graph, node.input[0])
+        heads = int(node_attributes(node)["num_heads"])
+        width = _width(made_by, weights, node.input[0])
         if width % heads:
             raise NotLayerable(f"{node.name}: width {width} is not a multiple of {heads} heads")
         q, k, v = node.input[:3]
@@ -284,7 +287,7 @@ def _cut(
 def _check_attention(node: onnx.NodeProto) -> None:
     """Refuse an attention the kernel does not compute: separate K/V inputs, interleaved or no
     rotary, a window, a soft cap, a custom scale."""
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attributes = node_attributes(node)
     if len(node.input) < 9 or any(node.input[1:3]) or not all(node.input[7:9]):
         raise NotLayerable(f"{node.name}: not packed QKV with rotary caches")
     for name, default in _DEFAULTS.items():
@@ -303,44 +306,49 @@ def _check_unmasked(node: onnx.NodeProto) -> None:
         raise NotLayerable(f"{node.name}: not three separate inputs (queries, keys, values)")
     if any(node.output[1:]):
         raise NotLayerable(f"{node.name}: it returns its keys and values too")
-    attributes = _attributes(node)
+    attributes = node_attributes(node)
     if attributes.get("scale", 0.0) != 0.0:
         raise NotLayerable(f"{node.name}: a custom scale")
     if attributes.get("unidirectional", 0):
         raise NotLayerable(f"{node.name}: a causal mask (unidirectional)")
 
 
-def _attributes(node: onnx.NodeProto) -> dict:
+def node_attributes(node: onnx.NodeProto) -> dict:
+    """``node``'s attributes by name, as Python values."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _width(graph: onnx.GraphProto, tensor: str) -> int:
+def _width(made_by: dict[str, onnx.NodeProto], weights: dict[str, TensorProto], tensor: str) -> int:
     """The last dimension of ``tensor`` [..., width] as the weights that make it say: a bias
     added to it, a projection's weight, or a Split's size, found by walking back through
-    operators that keep it (reshapes, casts). :class:`NotLayerable` where none says."""
-    made_by = {name: node for node in graph.node for name in node.output}
-    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    operators that keep it (reshapes, casts); ``made_by`` maps each tensor to the node making
+    it, ``weights`` each initializer's name to it. :class:`NotLayerable` where none says."""
+
+    def dims(name: str) -> list[int]:
+        return list(weights[name].dims) if name in weights else []
+
     name = tensor
     for _ in range(16):  # a few operators between the projection and the attention at most
         node = made_by.get(name)
         if node is None:
             break
         if node.op_type == "Add":
-            biases = [shapes[i] for i in node.input if len(shapes.get(i, [])) == 1]
+            biases = [dims(i) for i in node.input if len(dims(i)) == 1]
             if biases:
                 return biases[0][0]
         elif node.op_type in ("MatMul", "MatMulInteger", "MatMulIntegerToFloat"):
-            if len(shapes.get(node.input[1], [])) == 2:
-                return shapes[node.input[1]][1]
+            if len(dims(node.input[1])) == 2:
+                return dims(node.input[1])[1]
         elif node.op_type == "MatMulNBits":
-            return int(_attributes(node)["N"])
-        elif node.op_type == "Split" and len(node.input) > 1 and node.input[1] in shapes:
-            sizes = onnx.numpy_helper.to_array(
-                next(t for t in graph.initializer if t.name == node.input[1])
-            )
-            return int(sizes[list(node.output).index(name)])
-        elif node.op_type == "Split" and "split" in _attributes(node):
-            return int(_attributes(node)["split"][list(node.output).index(name)])
+            return int(node_attributes(node)["N"])
+        elif node.op_type == "Split":
+            if len(node.input) > 1 and node.input[1] in weights:
+                sizes = onnx.numpy_helper.to_array(weights[node.input[1]])
+            else:
+                sizes = node_attributes(node).get("split")
+            if sizes is not None:
+                return int(sizes[list(node.output).index(name)])
+            break
         elif node.op_type not in ("Reshape", "Identity", "Cast"):
             break
         name = node.input[0]
@@ -352,7 +360,7 @@ def _rotations(
 ) -> tuple[list[onnx.NodeProto], TensorProto | None, Layer]:
     """Split + RotaryEmbedding in place of the attention ``node`` (layer ``number``), and the
     Split's sizes as an initializer (None below opset 13, where they are an attribute)."""
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attributes = node_attributes(node)
     heads, kv_heads = int(attributes["num_heads"]), int(attributes["kv_num_heads"])
     packed, cos, sin = node.input[0], node.input[7], node.input[8]
     base = f"phi3v/layer.{number}"

@@ -73,6 +73,12 @@ class SessionSettings:
     num_threads: int | None = None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
+    @property
+    def threads(self) -> int:
+        """How many threads each session runs on: ``num_threads``, else one per physical core
+        (onnxruntime's choice), for work beside the sessions that should use as many."""
+        return self.num_threads or machine.physical_cores()
+
 
 class Sessions:
     """Runs the vision and embedding models and holds the decoder sessions.
@@ -257,6 +263,12 @@ def fused_attention_numerics(fused: bool | str | None, part: str = "prompt") -> 
     to run in (None: onnxruntime's attention); None reads ``PHI3V_FUSED_ATTENTION``, and
     ``auto`` (its default) decides by the CPU (:data:`AUTO_ON_AMX`). Raises
     :class:`PrecisionError` for a value it does not know."""
+    return _numerics(_fused_choice(fused), part)
+
+
+def _fused_choice(fused: bool | str | None) -> str | None:
+    """What ``fused`` (None: ``PHI3V_FUSED_ATTENTION``) asks for: ``fp32``, ``bf16``,
+    :data:`AUTO`, or None for onnxruntime's attention."""
     if fused is None:
         fused = os.environ.get(FUSED_ATTENTION_ENV, "")
     if isinstance(fused, bool):
@@ -268,19 +280,14 @@ def fused_attention_numerics(fused: bool | str | None, part: str = "prompt") -> 
             "CPU), 1 (or fp32) for the fused kernel, bf16 for it in bf16, or 0 for onnxruntime's "
             "attention"
         )
-    numerics = FUSED_ATTENTION_VALUES[choice]
-    if numerics == AUTO:
+    return FUSED_ATTENTION_VALUES[choice]
+
+
+def _numerics(choice: str | None, part: str) -> str | None:
+    """The numerics a :func:`_fused_choice` runs the ``part`` in on this CPU."""
+    if choice == AUTO:
         return AUTO_ON_AMX[part] if machine.has_amx_bf16() else None
-    return numerics
-
-
-def _not_asked(fused: bool | str | None, part: str) -> str:
-    """Why the kernel does not run the ``part``'s attention, where nothing asked for it, for a
-    status line."""
-    asked = fused if fused is not None else os.environ.get(FUSED_ATTENTION_ENV, "")
-    if isinstance(asked, str) and FUSED_ATTENTION_VALUES.get(asked.strip().lower()) == AUTO:
-        return WHY_NOT[part]
-    return "the fused kernel is off (asked)"
+    return choice
 
 
 # Per part of the fast copies: the layered runner for the kernel, and what runs it otherwise.
@@ -294,13 +301,15 @@ def _open_copy(
     in layers with the fused attention kernel where ``fused`` asks for it, the copy has its
     stages and the kernel runs here, else whole; and what computes its attention, and why."""
     layered, onnxruntime = _PARTS[part]
-    numerics = fused_attention_numerics(fused, part)
+    choice = _fused_choice(fused)
+    numerics = _numerics(choice, part)
     if numerics is None:
-        return open_session(path, settings), f"{onnxruntime}: {_not_asked(fused, part)}"
+        why = WHY_NOT[part] if choice == AUTO else "the fused kernel is off (asked)"
+        return open_session(path, settings), f"{onnxruntime}: {why}"
     if not plan_path(path).exists():
         return open_session(path, settings), f"{onnxruntime}: the copy has no stages for the kernel"
     try:
-        kernel = attention.kernel(settings.num_threads or machine.physical_cores(), numerics)
+        kernel = attention.kernel(settings.threads, numerics)
         runner = layered(path, settings, kernel)
         return runner, runner.name
     except (attention.KernelUnavailable, NotLayerable) as error:
